@@ -1,0 +1,112 @@
+//! The observed state of an `SD35Deployment`, written by the operator.
+//!
+//! Conditions follow kstatus (`Ready`, `Reconciling`, `Stalled`) so that kubectl wait, Helm,
+//! Argo CD and Flux read the object's health without custom code; the other conditions and
+//! fields explain where in the cache → engine → rollout pipeline the object is.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Condition types the operator sets.
+pub mod condition {
+    /// True when the latest generation is observed and every desired, updated replica is
+    /// available.
+    pub const READY: &str = "Ready";
+    /// True while the operator is working towards the latest spec.
+    pub const RECONCILING: &str = "Reconciling";
+    /// True when the operator cannot make progress without a change to the spec or cluster.
+    pub const STALLED: &str = "Stalled";
+    /// True when the weights are completely cached and verified.
+    pub const CACHE_READY: &str = "CacheReady";
+    /// True when the engine for the current precision is built (or not needed).
+    pub const ENGINE_READY: &str = "EngineReady";
+    /// True when at least the minimum number of serving pods is available.
+    pub const AVAILABLE: &str = "Available";
+}
+
+/// Observed state of an SD35Deployment.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SD35DeploymentStatus {
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Ready, Reconciling and Stalled (kstatus), plus CacheReady, EngineReady and Available.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+
+    /// One word for where the object is: Pending, Caching, Building, Deploying, Ready,
+    /// Degraded, Failed or Paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+
+    /// Serving pods that exist.
+    #[serde(default)]
+    pub replicas: i32,
+
+    /// Serving pods that are ready to take requests.
+    #[serde(default)]
+    pub ready_replicas: i32,
+
+    /// Serving pods running the latest spec.
+    #[serde(default)]
+    pub updated_replicas: i32,
+
+    /// Serving pods available for at least the minimum ready time.
+    #[serde(default)]
+    pub available_replicas: i32,
+
+    /// Label selector of the serving pods, for the scale subresource (HPA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+
+    /// The weight cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheStatus>,
+
+    /// The serving engine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineStatus>,
+
+    /// In-cluster URL of the service, for example `http://name.namespace.svc:8080`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+}
+
+/// One word for where the object is.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Pending,
+    Caching,
+    Building,
+    Deploying,
+    Ready,
+    Degraded,
+    Failed,
+    Paused,
+}
+
+/// The weight cache.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheStatus {
+    /// PersistentVolumeClaim holding the cache.
+    pub claim_name: String,
+    /// Content-derived key of the cache (variant, source, revision).
+    pub key: String,
+    /// True when the cache is complete and verified.
+    pub ready: bool,
+}
+
+/// The serving engine.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EngineStatus {
+    /// Content-derived key of the engine (cache key, precision, engine format version).
+    pub key: String,
+    /// True when the engine is built.
+    pub ready: bool,
+}
