@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used)] // tests panic on purpose
+
 //! The generated CRD: committed copies match the types, the schema is one the apiserver
 //! accepts and documents every field, and the examples parse into the types.
 

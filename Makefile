@@ -1,0 +1,57 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Everything else is a helper.
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+CARGO ?= cargo
+# Where the control plane binaries live (built once per version into a per-user cache).
+CONTROLPLANE_BIN = $(shell bash tests/controlplane/build.sh)
+
+.PHONY: help
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+.PHONY: controlplane
+controlplane: ## Build etcd, kube-apiserver, controller-manager, scheduler, kubectl, kwok, helm (cached)
+	@bash tests/controlplane/build.sh
+
+.PHONY: lint
+lint: ## rustfmt and clippy, warnings are errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+.PHONY: unit
+unit: ## Tests that need no cluster: unit, snapshot and CRD drift tests
+	$(CARGO) test --locked
+
+.PHONY: e2e
+e2e: ## End-to-end tests on a real local control plane with kwok GPU nodes
+	bin="$$(bash tests/controlplane/build.sh)"; \
+	SD35_CONTROLPLANE_BIN="$$bin" $(CARGO) test --locked -p sd35-e2e
+
+.PHONY: test
+test: controlplane lint unit e2e ## Everything CI runs
+
+.PHONY: crds
+crds: ## Regenerate the CRD YAML from the Rust types
+	$(CARGO) run -q -p sd35-crds --bin crdgen -- --write
+
+.PHONY: demo
+demo: ## Start a local cluster with GPU nodes, install the CRD, apply an example, show it
+	bin="$$(bash tests/controlplane/build.sh)"; export SD35_CONTROLPLANE_BIN="$$bin"; \
+	$(CARGO) build -q -p sd35-e2e --bin sd35-localcluster; \
+	./target/debug/sd35-localcluster start; \
+	export KUBECONFIG="$$(./target/debug/sd35-localcluster kubeconfig)"; \
+	"$$bin/kubectl" apply -f crds/; \
+	"$$bin/kubectl" wait --for=condition=Established crd/sd35deployments.sd35.io --timeout=60s; \
+	"$$bin/kubectl" apply -f examples/large-bf16.yaml; \
+	"$$bin/kubectl" get nodes -L nvidia.com/gpu.product; \
+	"$$bin/kubectl" get sd35 -o wide; \
+	echo; echo "The cluster keeps running. Try:"; \
+	echo "  export KUBECONFIG=$$KUBECONFIG PATH=$$bin:\$$PATH"; \
+	echo "  kubectl explain sd35.spec"; \
+	echo "Stop it with: ./target/debug/sd35-localcluster stop"
+
+.PHONY: demo-stop
+demo-stop: ## Stop the demo cluster
+	./target/debug/sd35-localcluster stop

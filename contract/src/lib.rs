@@ -1,0 +1,15 @@
+//! The contract between the operator and `sd35-server`, kept in one place.
+//!
+//! The operator builds the command lines of its Jobs and serving pods from these types with
+//! `to_args`; `sd35-server` parses the same types with clap. A round-trip test proves that
+//! every command line the operator can build parses back to the same value, so the two sides
+//! cannot drift. The cache layout (where weights, markers and engines live on the volume) and
+//! the exit codes of `fetch` and `build-engine` are fixed here too.
+
+mod args;
+mod exit;
+mod layout;
+
+pub use args::*;
+pub use exit::*;
+pub use layout::*;

@@ -1,0 +1,20 @@
+//! The sd35-operator: reconciles `SD35Deployment`s into a cache claim filled by a fetch Job,
+//! an engine built by a Job, and a serving Deployment with its Service, and reports status
+//! that kubectl, Helm, Argo CD and Flux understand.
+//!
+//! Layout follows the reconcile pipeline: [`resolve`] (validate and default, pure) →
+//! [`build`] (children, pure) → [`apply`] (write only what differs) → [`status`] (pure) →
+//! [`reconcile`] (the client-side glue), plus [`leader`] election and the [`admin`] port.
+
+pub mod admin;
+pub mod apply;
+pub mod build;
+pub mod config;
+pub mod jobs;
+pub mod keys;
+pub mod labels;
+pub mod leader;
+pub mod metrics;
+pub mod reconcile;
+pub mod resolve;
+pub mod status;

@@ -1,0 +1,281 @@
+//! `sd35-operator`: wiring only. Flags and env, logging, the admin port, leader election,
+//! and the controller, each in its own task; SIGTERM/SIGINT stop it gracefully.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, ListParams};
+use kube::runtime::controller::{Config as ControllerConfig, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use sd35_crds::SD35Deployment;
+use sd35_operator::admin::{AdminState, router};
+use sd35_operator::config::OperatorConfig;
+use sd35_operator::labels;
+use sd35_operator::leader::{Elector, LeaseConfig};
+use sd35_operator::metrics::Metrics;
+use sd35_operator::reconcile::{Context, error_policy, reconcile, users_of_cache_key};
+use tracing::{Instrument, error, info, info_span, warn};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Reconciles SD35Deployments into cached models, prebuilt engines and GPU rollouts.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Address of the admin port (/healthz, /readyz, /metrics).
+    #[arg(long, env = "SD35_ADMIN_ADDR", default_value = "0.0.0.0:8081")]
+    admin_addr: SocketAddr,
+
+    /// Image of sd35-server used when an SD35Deployment names none.
+    #[arg(long, env = "SD35_SERVER_IMAGE", default_value_t = OperatorConfig::default().server_image)]
+    server_image: String,
+
+    /// Hugging Face endpoint used when a source names none.
+    #[arg(long, env = "SD35_HF_ENDPOINT", default_value = "https://huggingface.co")]
+    hf_endpoint: String,
+
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "SD35_WATCH_NAMESPACE")]
+    namespace: Option<String>,
+
+    /// Elect a leader through a Lease, so that several replicas can run.
+    #[arg(long, env = "SD35_LEADER_ELECT")]
+    leader_elect: bool,
+
+    /// Name of the leader election Lease.
+    #[arg(long, env = "SD35_LEASE_NAME", default_value = "sd35-operator")]
+    lease_name: String,
+
+    /// Namespace of the leader election Lease (default: the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+
+    /// Identity of this replica in the election (default: the pod name or host name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+
+    /// Seconds a leader's Lease lasts without renewal.
+    #[arg(long, env = "SD35_LEASE_DURATION_SECONDS", default_value_t = 15)]
+    lease_duration_seconds: u64,
+
+    /// Seconds a finished Job is kept for `kubectl logs`.
+    #[arg(long, env = "SD35_JOB_TTL_SECONDS", default_value_t = OperatorConfig::default().job_ttl_seconds)]
+    job_ttl_seconds: i32,
+
+    /// Seconds a serving pod may take to load the model before it is restarted.
+    #[arg(long, env = "SD35_STARTUP_SECONDS", default_value_t = OperatorConfig::default().startup_seconds)]
+    startup_seconds: i32,
+
+    /// SD35Deployments reconciled at once.
+    #[arg(long, env = "SD35_CONCURRENCY", default_value_t = 8)]
+    concurrency: u16,
+
+    /// Log format.
+    #[arg(long, env = "SD35_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Fails with a hint when the CRD is missing, instead of watching nothing.
+async fn check_crd(client: &Client) -> anyhow::Result<()> {
+    let api: Api<SD35Deployment> = Api::all(client.clone());
+    match api.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => anyhow::bail!(
+            "the SD35Deployment CRD (sd35deployments.sd35.io) is not installed in this cluster: \
+             install it with `kubectl apply -f crds/` or the Helm chart, then start the operator again"
+        ),
+        Err(e) => Err(e).context("cannot list SD35Deployments; check the operator's RBAC and the cluster connection"),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+async fn run_controller(client: Client, args: &Args, metrics: Arc<Metrics>, shutdown: tokio::sync::watch::Receiver<bool>) {
+    let config = OperatorConfig {
+        server_image: args.server_image.clone(),
+        hf_endpoint: args.hf_endpoint.clone(),
+        job_ttl_seconds: args.job_ttl_seconds,
+        startup_seconds: args.startup_seconds,
+    };
+    let sd35: Api<SD35Deployment> = match &args.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    fn api<K>(client: &Client, ns: Option<&String>) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let ns = args.namespace.as_ref();
+    let ours = watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGER));
+    let controller = Controller::new(sd35, watcher::Config::default().any_semantic())
+        .with_config(ControllerConfig::default().concurrency(args.concurrency));
+    let store = controller.store();
+    let (job_store, claim_store) = (store.clone(), store.clone());
+    let (job_config, claim_config) = (config.clone(), config.clone());
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        config,
+        metrics,
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: labels::MANAGER.into(),
+                instance: args.identity.clone(),
+            },
+        ),
+        store,
+    });
+    let mut shutdown = shutdown;
+    controller
+        .owns(api::<Deployment>(&client, ns), ours.clone())
+        .owns(api::<Service>(&client, ns), ours.clone())
+        .owns(api::<PodDisruptionBudget>(&client, ns), ours.clone())
+        .watches(api::<Job>(&client, ns), ours.clone(), move |job: Job| {
+            users_of_cache_key(&job_store, job.namespace().as_deref(), job.labels().get(labels::CACHE_KEY).map(String::as_str), &job_config)
+        })
+        .watches(api::<PersistentVolumeClaim>(&client, ns), ours, move |pvc: PersistentVolumeClaim| {
+            users_of_cache_key(&claim_store, pvc.namespace().as_deref(), pvc.labels().get(labels::CACHE_KEY).map(String::as_str), &claim_config)
+        })
+        .graceful_shutdown_on(async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                warn!(error = %e, "reconcile loop");
+            }
+        })
+        .await;
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(args.log_format);
+
+    let client = Client::try_default().await.context("cannot build a Kubernetes client (in-cluster config or KUBECONFIG)")?;
+    if let Err(e) = check_crd(&client).await {
+        error!("{e:#}");
+        std::process::exit(2);
+    }
+
+    let metrics = Arc::new(Metrics::default());
+    let admin_state = Arc::new(AdminState {
+        metrics: metrics.clone(),
+        ..Default::default()
+    });
+    let admin = admin_state.clone();
+    let listener = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("cannot listen on the admin address {}", args.admin_addr))?;
+    info!(addr = %args.admin_addr, "admin port listening");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut admin_stop = stop_rx.clone();
+    let admin_task = tokio::spawn(
+        async move {
+            let serve = axum::serve(listener, router(admin)).with_graceful_shutdown(async move {
+                let _ = admin_stop.wait_for(|stop| *stop).await;
+            });
+            if let Err(e) = serve.await {
+                error!(error = %e, "admin server failed");
+            }
+        }
+        .instrument(info_span!("admin")),
+    );
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        std::env::var("HOSTNAME").unwrap_or_else(|_| format!("sd35-operator-{}", std::process::id()))
+    });
+    let mut elector = args.leader_elect.then(|| {
+        Elector::new(
+            client.clone(),
+            LeaseConfig {
+                namespace: args.lease_namespace.clone(),
+                name: args.lease_name.clone(),
+                identity: identity.clone(),
+                lease_duration: Duration::from_secs(args.lease_duration_seconds),
+                retry_period: Duration::from_secs((args.lease_duration_seconds / 5).max(1)),
+            },
+        )
+    });
+    admin_state.ready.store(true, Ordering::Relaxed);
+
+    let mut stop = stop_rx.clone();
+    if let Some(e) = elector.as_mut() {
+        tokio::select! {
+            () = e.acquire() => {},
+            _ = stop.wait_for(|s| *s) => {
+                let _ = admin_task.await;
+                return Ok(());
+            }
+        }
+    }
+    let controller = run_controller(client, &args, metrics, stop_rx.clone()).instrument(info_span!("controller"));
+    match elector.as_mut() {
+        Some(e) => {
+            // The controller ends by itself on SIGTERM (graceful shutdown), then the Lease is
+            // released so another replica takes over at once.
+            tokio::select! {
+                () = controller => {},
+                () = e.keep() => {
+                    // Another replica leads now: stop at once so two never reconcile together.
+                    error!("lost leadership; exiting");
+                    std::process::exit(1);
+                }
+            }
+            e.release().await;
+        }
+        None => controller.await,
+    }
+    let _ = admin_task.await;
+    info!("stopped");
+    Ok(())
+}

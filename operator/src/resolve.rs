@@ -1,0 +1,304 @@
+//! Validate and default an SD35Deployment (pure): everything the builders need, decided once.
+//!
+//! The schema already rejects what it can express; this step checks what it cannot and fills
+//! in defaults that depend on other fields (the variant's official repository and cache size,
+//! the keys). Its output is the single input of every builder.
+
+use sd35_contract::{EnginePrecision, ModelVariant};
+use sd35_crds::{
+    AccessMode, EngineBuild, Precision, SD35Deployment, SD35DeploymentSpec, SecretKeyRef,
+    Variant,
+};
+
+use crate::config::OperatorConfig;
+use crate::keys::{self, SourceIdentity};
+use crate::labels;
+
+/// GPU product node label set by NVIDIA's GPU feature discovery.
+pub const GPU_PRODUCT_LABEL: &str = "nvidia.com/gpu.product";
+
+/// A spec the schema accepts but the operator cannot act on; the message names the field.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct InvalidSpec(pub String);
+
+/// Where the fetch Job gets the model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FetchSource {
+    HuggingFace { endpoint: String, repo: String, revision: String },
+    Http { url: String },
+    /// Copy from a claim mounted read-only at the import mount.
+    Pvc { claim: String, path: String },
+}
+
+/// The cache volume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CachePlan {
+    /// Claim name.
+    pub claim: String,
+    /// Whether the operator creates and owns the claim (false for `existingClaim`).
+    pub managed: bool,
+    pub size: String,
+    pub storage_class: Option<String>,
+    pub access_modes: Vec<String>,
+    pub retain: bool,
+}
+
+/// An SD35Deployment, validated and defaulted.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    pub name: String,
+    pub namespace: String,
+    pub generation: i64,
+    pub spec: SD35DeploymentSpec,
+    pub variant: ModelVariant,
+    pub precision: EnginePrecision,
+    pub source: FetchSource,
+    pub token: Option<SecretKeyRef>,
+    pub cache_key: String,
+    /// None when `engine.build` is `Never`.
+    pub engine_key: Option<String>,
+    pub cache: CachePlan,
+    pub image: String,
+}
+
+/// The contract's variant for an API variant.
+pub fn contract_variant(v: Variant) -> ModelVariant {
+    match v {
+        Variant::Large => ModelVariant::Large,
+        Variant::LargeTurbo => ModelVariant::LargeTurbo,
+        Variant::Medium => ModelVariant::Medium,
+    }
+}
+
+/// The contract's precision for an API precision.
+pub fn contract_precision(p: Precision) -> EnginePrecision {
+    match p {
+        Precision::Bf16 => EnginePrecision::Bf16,
+        Precision::Fp8 => EnginePrecision::Fp8,
+    }
+}
+
+/// Default cache size: weights of the variant's files plus one engine per precision.
+pub fn default_cache_size(v: ModelVariant) -> &'static str {
+    match v {
+        ModelVariant::Large | ModelVariant::LargeTurbo => "100Gi",
+        ModelVariant::Medium => "50Gi",
+    }
+}
+
+fn access_mode(m: AccessMode) -> &'static str {
+    match m {
+        AccessMode::ReadWriteOnce => "ReadWriteOnce",
+        AccessMode::ReadOnlyMany => "ReadOnlyMany",
+        AccessMode::ReadWriteMany => "ReadWriteMany",
+        AccessMode::ReadWriteOncePod => "ReadWriteOncePod",
+    }
+}
+
+/// Validate and default one object.
+pub fn resolve(obj: &SD35Deployment, config: &OperatorConfig) -> Result<Resolved, InvalidSpec> {
+    let name = obj.metadata.name.clone().ok_or_else(|| InvalidSpec("metadata.name is missing".into()))?;
+    let namespace = obj
+        .metadata
+        .namespace
+        .clone()
+        .ok_or_else(|| InvalidSpec("metadata.namespace is missing".into()))?;
+    let spec = obj.spec.clone();
+    let variant = contract_variant(spec.variant);
+    let precision = contract_precision(spec.precision);
+
+    let (source, token) = match &spec.model.source {
+        None => (
+            FetchSource::HuggingFace {
+                endpoint: config.hf_endpoint.clone(),
+                repo: variant.official_repo().to_owned(),
+                revision: "main".to_owned(),
+            },
+            None,
+        ),
+        Some(src) => match (&src.hugging_face, &src.http, &src.pvc) {
+            (Some(hf), None, None) => (
+                FetchSource::HuggingFace {
+                    endpoint: hf.endpoint.clone().unwrap_or_else(|| config.hf_endpoint.clone()),
+                    repo: hf.repo.clone(),
+                    revision: hf.revision.clone(),
+                },
+                hf.token_secret_ref.clone(),
+            ),
+            (None, Some(http), None) => (FetchSource::Http { url: http.url.clone() }, http.token_secret_ref.clone()),
+            (None, None, Some(pvc)) => (
+                FetchSource::Pvc {
+                    claim: pvc.claim_name.clone(),
+                    path: pvc.path.clone(),
+                },
+                None,
+            ),
+            _ => {
+                return Err(InvalidSpec(
+                    "spec.model.source must set exactly one of huggingFace, http or pvc".into(),
+                ));
+            }
+        },
+    };
+
+    if let Some(limits) = spec.server.resources.as_ref().and_then(|r| r.limits.as_ref())
+        && limits.contains_key(&spec.server.gpu.resource_name)
+    {
+        return Err(InvalidSpec(format!(
+            "spec.server.resources sets {0}: set GPUs with spec.server.gpu.count instead",
+            spec.server.gpu.resource_name
+        )));
+    }
+    if let (FetchSource::Pvc { claim, .. }, Some(existing)) = (&source, &spec.cache.existing_claim)
+        && claim == existing
+    {
+        return Err(InvalidSpec(format!(
+            "spec.model.source.pvc.claimName and spec.cache.existingClaim are both {claim}: the cache must be another claim, since the source is mounted read-only"
+        )));
+    }
+
+    let identity = match &source {
+        FetchSource::HuggingFace { endpoint, repo, revision } => SourceIdentity::HuggingFace {
+            endpoint: endpoint.clone(),
+            repo: repo.clone(),
+            revision: revision.clone(),
+        },
+        FetchSource::Http { url } => SourceIdentity::Http { url: url.clone() },
+        FetchSource::Pvc { claim, path } => SourceIdentity::Pvc {
+            claim: claim.clone(),
+            path: path.clone(),
+        },
+    };
+    let cache_key = keys::cache_key(variant.as_str(), &identity);
+    let gpu_product = spec.scheduling.node_selector.get(GPU_PRODUCT_LABEL).map(String::as_str);
+    let engine_key = match spec.engine.build {
+        EngineBuild::Auto => Some(keys::engine_key(&cache_key, precision.as_str(), gpu_product)),
+        EngineBuild::Never => None,
+    };
+
+    let cache = match &spec.cache.existing_claim {
+        Some(claim) => CachePlan {
+            claim: claim.clone(),
+            managed: false,
+            size: String::new(),
+            storage_class: None,
+            access_modes: Vec::new(),
+            retain: true,
+        },
+        None => CachePlan {
+            claim: labels::cache_claim(&cache_key),
+            managed: true,
+            size: spec.cache.size.clone().unwrap_or_else(|| default_cache_size(variant).to_owned()),
+            storage_class: spec.cache.storage_class_name.clone(),
+            access_modes: spec
+                .cache
+                .access_modes
+                .as_ref()
+                .map(|m| m.iter().map(|m| access_mode(*m).to_owned()).collect())
+                .unwrap_or_else(|| vec!["ReadWriteOnce".to_owned()]),
+            retain: spec.cache.retain,
+        },
+    };
+
+    Ok(Resolved {
+        name,
+        namespace,
+        generation: obj.metadata.generation.unwrap_or(0),
+        image: spec.server.image.clone().unwrap_or_else(|| config.server_image.clone()),
+        spec,
+        variant,
+        precision,
+        source,
+        token,
+        cache_key,
+        engine_key,
+        cache,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(spec_yaml: &str) -> SD35Deployment {
+        let indented: String = spec_yaml.lines().map(|l| format!("  {l}\n")).collect();
+        serde_yaml::from_str(&format!(
+            "apiVersion: sd35.io/v1alpha1\nkind: SD35Deployment\nmetadata: {{name: a, namespace: ns, generation: 3}}\nspec:\n{indented}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn no_source_means_the_official_repository_and_variant_cache_size() {
+        let r = resolve(&obj("variant: medium"), &OperatorConfig::default()).unwrap();
+        assert_eq!(
+            r.source,
+            FetchSource::HuggingFace {
+                endpoint: "https://huggingface.co".into(),
+                repo: "stabilityai/stable-diffusion-3.5-medium".into(),
+                revision: "main".into()
+            }
+        );
+        assert_eq!(r.cache.size, "50Gi");
+        assert!(r.cache.managed);
+        assert_eq!(r.cache.claim, format!("sd35-cache-{}", r.cache_key));
+        assert_eq!(r.cache.access_modes, ["ReadWriteOnce"]);
+        assert!(r.engine_key.is_some());
+        assert_eq!(r.generation, 3);
+    }
+
+    #[test]
+    fn the_same_model_shares_a_cache_but_not_an_engine_across_precisions() {
+        let c = OperatorConfig::default();
+        let a = resolve(&obj("variant: large\nprecision: bf16"), &c).unwrap();
+        let b = resolve(&obj("variant: large\nprecision: fp8\nreplicas: 3"), &c).unwrap();
+        assert_eq!(a.cache_key, b.cache_key);
+        assert_eq!(a.cache.claim, b.cache.claim);
+        assert_ne!(a.engine_key, b.engine_key);
+    }
+
+    #[test]
+    fn engine_never_has_no_engine_key() {
+        let r = resolve(&obj("variant: large\nengine: {build: Never}"), &OperatorConfig::default()).unwrap();
+        assert_eq!(r.engine_key, None);
+    }
+
+    #[test]
+    fn gpu_limits_in_resources_are_refused_with_the_field_to_use() {
+        let err = resolve(
+            &obj("variant: large\nserver:\n  resources: {limits: {nvidia.com/gpu: 2}}"),
+            &OperatorConfig::default(),
+        )
+        .unwrap_err();
+        assert!(err.0.contains("spec.server.gpu.count"), "{err}");
+    }
+
+    #[test]
+    fn existing_claim_is_not_managed_and_always_kept() {
+        let r = resolve(&obj("variant: large\ncache: {existingClaim: mine}"), &OperatorConfig::default()).unwrap();
+        assert_eq!(r.cache.claim, "mine");
+        assert!(!r.cache.managed);
+        assert!(r.cache.retain);
+    }
+
+    #[test]
+    fn importing_from_the_cache_claim_itself_is_refused() {
+        let err = resolve(
+            &obj("variant: large\nmodel: {source: {pvc: {claimName: w}}}\ncache: {existingClaim: w}"),
+            &OperatorConfig::default(),
+        )
+        .unwrap_err();
+        assert!(err.0.contains("existingClaim"), "{err}");
+    }
+
+    #[test]
+    fn token_comes_from_the_source() {
+        let r = resolve(
+            &obj("variant: large\nmodel: {source: {huggingFace: {repo: a/b, tokenSecretRef: {name: hf}}}}"),
+            &OperatorConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(r.token, Some(SecretKeyRef { name: "hf".into(), key: "token".into() }));
+    }
+}

@@ -1,0 +1,328 @@
+//! Compute the status of an SD35Deployment from what was observed (pure).
+//!
+//! Conditions follow kstatus: `Ready` is True only when the latest generation is observed and
+//! every desired replica runs the desired target and is available; `Reconciling` is True while
+//! work is in flight; `Stalled` is True when nothing will change without a change to the spec
+//! or the cluster. A condition keeps its transition time while its status does not change, so
+//! a steady state computes exactly the status it already has.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use sd35_crds::{CacheStatus, EngineStatus, Phase, SD35DeploymentStatus, condition};
+
+/// State of a fetch or build step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StepState {
+    /// Done; the reason says how (`Cached`, `Built`, `NotRequired`).
+    Done(&'static str),
+    /// In progress or waiting; reason and message say for what.
+    Pending(String, String),
+    /// Failed with its retries spent; reason and message name the cause and the fix.
+    Failed(String, String),
+}
+
+impl StepState {
+    pub fn is_done(&self) -> bool {
+        matches!(self, StepState::Done(_))
+    }
+}
+
+/// The serving Deployment as observed after this reconcile's apply.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rollout {
+    /// Whether the Deployment runs the desired target (cache and engine of the current spec).
+    pub runs_desired_target: bool,
+    /// Whether the Deployment controller has observed the Deployment's latest generation.
+    pub observed: bool,
+    pub replicas: i32,
+    pub ready: i32,
+    pub updated: i32,
+    pub available: i32,
+    /// The Deployment's own progress deadline was exceeded.
+    pub progress_deadline_exceeded: bool,
+}
+
+/// Everything the status is computed from.
+#[derive(Clone, Debug)]
+pub struct Observed {
+    pub generation: i64,
+    pub desired_replicas: i32,
+    pub paused: bool,
+    /// Set when the spec cannot be acted on; the message names the field.
+    pub invalid: Option<String>,
+    pub cache: StepState,
+    pub engine: StepState,
+    pub rollout: Option<Rollout>,
+    pub cache_claim: String,
+    pub cache_key: String,
+    pub engine_key: Option<String>,
+    pub selector: String,
+    pub endpoint: Option<String>,
+}
+
+fn cond(type_: &str, status: bool, reason: &str, message: &str, generation: i64, now: &Time) -> Condition {
+    Condition {
+        type_: type_.to_owned(),
+        status: if status { "True" } else { "False" }.to_owned(),
+        reason: reason.to_owned(),
+        message: message.chars().take(32 * 1024).collect(),
+        observed_generation: Some(generation),
+        last_transition_time: now.clone(),
+    }
+}
+
+fn step_condition(type_: &str, step: &StepState, generation: i64, now: &Time) -> Condition {
+    match step {
+        StepState::Done(reason) => cond(type_, true, reason, "", generation, now),
+        StepState::Pending(reason, message) | StepState::Failed(reason, message) => {
+            cond(type_, false, reason, message, generation, now)
+        }
+    }
+}
+
+/// The status for `o`, keeping transition times from `previous` where nothing changed.
+pub fn compute(o: &Observed, previous: Option<&SD35DeploymentStatus>, now: Time) -> SD35DeploymentStatus {
+    let g = o.generation;
+    let r = o.rollout.clone().unwrap_or_default();
+    let rolled_out = o.rollout.is_some()
+        && r.runs_desired_target
+        && r.observed
+        && r.updated == o.desired_replicas
+        && r.available == o.desired_replicas
+        && r.replicas == o.desired_replicas;
+
+    // What blocks Ready, first blocker first; None when Ready.
+    let stalled: Option<(String, String)> = if let Some(msg) = &o.invalid {
+        Some(("InvalidSpec".into(), msg.clone()))
+    } else if let StepState::Failed(reason, msg) = &o.cache {
+        Some((reason.clone(), msg.clone()))
+    } else if let StepState::Failed(reason, msg) = &o.engine {
+        Some((reason.clone(), msg.clone()))
+    } else if r.progress_deadline_exceeded && !rolled_out {
+        Some(("ProgressDeadlineExceeded".into(), "the serving pods did not become available within the progress deadline; see kubectl describe deployment".into()))
+    } else {
+        None
+    };
+    let not_ready: Option<(String, String)> = if o.paused {
+        Some(("Paused".into(), "spec.paused is true: the operator changes nothing".into()))
+    } else if let Some(s) = &stalled {
+        Some(s.clone())
+    } else if let StepState::Pending(reason, msg) = &o.cache {
+        Some((reason.clone(), msg.clone()))
+    } else if let StepState::Pending(reason, msg) = &o.engine {
+        Some((reason.clone(), msg.clone()))
+    } else if !rolled_out {
+        Some((
+            "RollingOut".into(),
+            format!("{} of {} replicas updated and available", r.available.min(r.updated), o.desired_replicas),
+        ))
+    } else {
+        None
+    };
+
+    let mut conditions = vec![
+        match &not_ready {
+            None => cond(condition::READY, true, "Ready", &format!("{} of {} replicas available", r.available, o.desired_replicas), g, &now),
+            Some((reason, msg)) => cond(condition::READY, false, reason, msg, g, &now),
+        },
+        match (&not_ready, &stalled, o.paused) {
+            (Some((reason, msg)), None, false) => cond(condition::RECONCILING, true, reason, msg, g, &now),
+            _ => cond(condition::RECONCILING, false, "Idle", "", g, &now),
+        },
+        match &stalled {
+            Some((reason, msg)) => cond(condition::STALLED, true, reason, msg, g, &now),
+            None => cond(condition::STALLED, false, "Progressing", "", g, &now),
+        },
+        step_condition(condition::CACHE_READY, &o.cache, g, &now),
+        step_condition(condition::ENGINE_READY, &o.engine, g, &now),
+    ];
+    conditions.push(match &o.rollout {
+        None => cond(condition::AVAILABLE, false, "NoDeployment", "the serving Deployment is created once cache and engine are ready", g, &now),
+        Some(_) if o.desired_replicas == 0 => cond(condition::AVAILABLE, true, "ScaledToZero", "", g, &now),
+        Some(r) if r.available > 0 => cond(condition::AVAILABLE, true, "ReplicasAvailable", &format!("{} of {} replicas available", r.available, o.desired_replicas), g, &now),
+        Some(_) => cond(condition::AVAILABLE, false, "NoReplicasAvailable", "no serving pod is available yet", g, &now),
+    });
+
+    // Keep the transition time of a condition whose status did not change.
+    if let Some(prev) = previous {
+        for c in &mut conditions {
+            if let Some(p) = prev.conditions.iter().find(|p| p.type_ == c.type_)
+                && p.status == c.status
+            {
+                c.last_transition_time = p.last_transition_time.clone();
+            }
+        }
+    }
+
+    let phase = if o.paused {
+        Phase::Paused
+    } else if stalled.is_some() {
+        Phase::Failed
+    } else if !o.cache.is_done() {
+        Phase::Caching
+    } else if !o.engine.is_done() {
+        Phase::Building
+    } else if rolled_out {
+        Phase::Ready
+    } else if r.runs_desired_target && r.observed && r.updated == o.desired_replicas && r.available < o.desired_replicas && r.replicas == o.desired_replicas {
+        Phase::Degraded
+    } else {
+        Phase::Deploying
+    };
+
+    SD35DeploymentStatus {
+        observed_generation: Some(g),
+        conditions,
+        phase: Some(phase),
+        replicas: r.replicas,
+        ready_replicas: r.ready,
+        updated_replicas: r.updated,
+        available_replicas: r.available,
+        selector: Some(o.selector.clone()),
+        cache: Some(CacheStatus {
+            claim_name: o.cache_claim.clone(),
+            key: o.cache_key.clone(),
+            ready: o.cache.is_done(),
+        }),
+        engine: o.engine_key.as_ref().map(|k| EngineStatus {
+            key: k.clone(),
+            ready: o.engine.is_done(),
+        }),
+        endpoint: o.endpoint.clone(),
+    }
+}
+
+/// (type, status, reason) of each condition that differs between two statuses: the
+/// transitions to report as events.
+pub fn transitions(old: Option<&SD35DeploymentStatus>, new: &SD35DeploymentStatus) -> Vec<Condition> {
+    new.conditions
+        .iter()
+        .filter(|c| {
+            let before = old.and_then(|o| o.conditions.iter().find(|p| p.type_ == c.type_));
+            before.is_none_or(|p| p.status != c.status || p.reason != c.reason)
+        })
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(secs: i64) -> Time {
+        Time(k8s_openapi::jiff::Timestamp::from_second(secs).unwrap())
+    }
+
+    fn observed() -> Observed {
+        Observed {
+            generation: 2,
+            desired_replicas: 2,
+            paused: false,
+            invalid: None,
+            cache: StepState::Done("Cached"),
+            engine: StepState::Done("Built"),
+            rollout: Some(Rollout {
+                runs_desired_target: true,
+                observed: true,
+                replicas: 2,
+                ready: 2,
+                updated: 2,
+                available: 2,
+                progress_deadline_exceeded: false,
+            }),
+            cache_claim: "sd35-cache-c".into(),
+            cache_key: "c".into(),
+            engine_key: Some("e".into()),
+            selector: "a=b".into(),
+            endpoint: Some("http://x.ns.svc:8080".into()),
+        }
+    }
+
+    fn get<'a>(s: &'a SD35DeploymentStatus, type_: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == type_).unwrap()
+    }
+
+    #[test]
+    fn all_done_and_rolled_out_is_ready_and_not_reconciling() {
+        let s = compute(&observed(), None, t(10));
+        assert_eq!(get(&s, "Ready").status, "True");
+        assert_eq!(get(&s, "Reconciling").status, "False");
+        assert_eq!(get(&s, "Stalled").status, "False");
+        assert_eq!(s.phase, Some(Phase::Ready));
+        assert_eq!(s.observed_generation, Some(2));
+        assert!(s.conditions.iter().all(|c| c.observed_generation == Some(2)));
+    }
+
+    #[test]
+    fn old_pods_still_running_is_not_ready() {
+        let mut o = observed();
+        o.rollout.as_mut().unwrap().replicas = 3; // a surge pod of the old template remains
+        let s = compute(&o, None, t(10));
+        assert_eq!(get(&s, "Ready").status, "False");
+        assert_eq!(get(&s, "Ready").reason, "RollingOut");
+        assert_eq!(get(&s, "Reconciling").status, "True");
+        assert_eq!(s.phase, Some(Phase::Deploying));
+    }
+
+    #[test]
+    fn serving_an_older_engine_while_the_new_one_builds_is_building() {
+        let mut o = observed();
+        o.engine = StepState::Pending("Building".into(), "Job sd35-build-x is running".into());
+        o.rollout.as_mut().unwrap().runs_desired_target = false;
+        let s = compute(&o, None, t(10));
+        assert_eq!(get(&s, "Ready").reason, "Building");
+        assert_eq!(get(&s, "EngineReady").status, "False");
+        assert_eq!(get(&s, "Available").status, "True", "old pods keep serving");
+        assert_eq!(s.phase, Some(Phase::Building));
+    }
+
+    #[test]
+    fn a_failed_fetch_stalls_with_its_reason() {
+        let mut o = observed();
+        o.cache = StepState::Failed("Unauthorized".into(), "401 from the Hub".into());
+        o.rollout = None;
+        let s = compute(&o, None, t(10));
+        for c in ["Ready", "CacheReady"] {
+            assert_eq!(get(&s, c).status, "False");
+            assert_eq!(get(&s, c).reason, "Unauthorized");
+        }
+        assert_eq!(get(&s, "Stalled").status, "True");
+        assert_eq!(get(&s, "Reconciling").status, "False");
+        assert_eq!(s.phase, Some(Phase::Failed));
+    }
+
+    #[test]
+    fn unchanged_conditions_keep_their_transition_time() {
+        let first = compute(&observed(), None, t(10));
+        let second = compute(&observed(), Some(&first), t(99));
+        assert_eq!(first, second, "a steady state computes the same status");
+        assert!(transitions(Some(&first), &second).is_empty());
+        let mut o = observed();
+        o.rollout.as_mut().unwrap().available = 1;
+        let third = compute(&o, Some(&second), t(200));
+        assert_eq!(get(&third, "Ready").last_transition_time, t(200));
+        assert_eq!(get(&third, "CacheReady").last_transition_time, t(10));
+        assert_eq!(third.phase, Some(Phase::Degraded));
+        let changed: Vec<_> = transitions(Some(&second), &third).into_iter().map(|c| c.type_).collect();
+        assert_eq!(changed, ["Ready", "Reconciling"]);
+    }
+
+    #[test]
+    fn paused_is_reported_and_nothing_is_reconciling() {
+        let mut o = observed();
+        o.paused = true;
+        let s = compute(&o, None, t(1));
+        assert_eq!(s.phase, Some(Phase::Paused));
+        assert_eq!(get(&s, "Ready").reason, "Paused");
+        assert_eq!(get(&s, "Reconciling").status, "False");
+    }
+
+    #[test]
+    fn scaled_to_zero_is_ready() {
+        let mut o = observed();
+        o.desired_replicas = 0;
+        o.rollout = Some(Rollout { runs_desired_target: true, observed: true, ..Default::default() });
+        let s = compute(&o, None, t(1));
+        assert_eq!(get(&s, "Ready").status, "True");
+        assert_eq!(get(&s, "Available").reason, "ScaledToZero");
+    }
+}
