@@ -166,6 +166,7 @@ pub struct ModelSource {
 #[serde(rename_all = "camelCase")]
 pub struct HuggingFaceSource {
     /// Repository id, `owner/name`, for example `stabilityai/stable-diffusion-3.5-large`.
+    #[schemars(length(min = 3, max = 200))]
     #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9][-A-Za-z0-9_.]*/[-A-Za-z0-9_.]+$')")
         .message("huggingFace.repo must look like owner/name, for example stabilityai/stable-diffusion-3.5-large"))]
     pub repo: String,
@@ -184,6 +185,7 @@ pub struct HuggingFaceSource {
 
     /// Hub endpoint, for a Hub mirror or proxy. Defaults to `https://huggingface.co`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
     #[x_kube(validation = Rule::new("isURL(self) && (self.startsWith('https://') || self.startsWith('http://'))")
         .message("huggingFace.endpoint must be an http:// or https:// URL"))]
     pub endpoint: Option<String>,
@@ -199,6 +201,7 @@ fn default_revision() -> String {
 pub struct HttpSource {
     /// Base URL of the mirrored tree, for example `https://models.internal/sd3.5-large/`.
     /// The directory must hold `sha256sums.txt` (`<sha256>  <path>` per line) listing every file.
+    #[schemars(length(min = 1, max = 2048))]
     #[x_kube(validation = Rule::new("isURL(self) && (self.startsWith('https://') || self.startsWith('http://'))")
         .message("http.url must be an http:// or https:// URL"))]
     pub url: String,
@@ -219,6 +222,7 @@ pub struct PvcSource {
     /// Directory inside the volume that holds the model (diffusers or single-file layout).
     /// Empty means the volume's root.
     #[serde(default)]
+    #[schemars(length(max = 512))]
     #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.split('/').exists(p, p == '..')")
         .message("pvc.path must be relative to the volume root and must not contain '..'"))]
     pub path: String,
@@ -284,6 +288,7 @@ pub struct CacheSpec {
     /// Size of the cache claim, for example `100Gi`. Defaults per variant: 100Gi for large and
     /// large-turbo, 50Gi for medium (weights plus one engine per precision).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 32))]
     #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).compareTo(quantity('1Gi')) >= 0")
         .message("cache.size must be a quantity of at least 1Gi, for example 100Gi"))]
     pub size: Option<String>,
@@ -464,6 +469,7 @@ pub struct GpuSpec {
     /// Extended resource name of the GPU, for example `nvidia.com/gpu` or a MIG profile such
     /// as `nvidia.com/mig-3g.40gb`.
     #[serde(default = "default_gpu_resource")]
+    #[schemars(length(min = 1, max = 253))]
     #[x_kube(validation = Rule::new("self.matches('^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$')")
         .message("gpu.resourceName must be a resource name such as nvidia.com/gpu"))]
     pub resource_name: String,

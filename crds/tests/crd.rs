@@ -55,10 +55,14 @@ fn schema_is_structural() {
     // value validations; none of our types need them.
     walk("", &spec_schema(), &mut |path, s| {
         for key in ["oneOf", "anyOf", "allOf", "$ref", "not"] {
-            assert!(s.get(key).is_none(), "{path} uses {key}: not a structural schema");
+            assert!(
+                s.get(key).is_none(),
+                "{path} uses {key}: not a structural schema"
+            );
         }
         assert!(
-            s.get("type").is_some() || s.get("x-kubernetes-int-or-string").is_some()
+            s.get("type").is_some()
+                || s.get("x-kubernetes-int-or-string").is_some()
                 || s.get("x-kubernetes-preserve-unknown-fields").is_some(),
             "{path} has no type"
         );
@@ -76,13 +80,19 @@ fn every_field_of_ours_is_documented_for_kubectl_explain() {
             let embedded = ["affinity", "tolerations", "resources", "conditions"]
                 .iter()
                 .any(|e| path.contains(&format!(".{e}.")) || path.contains(&format!(".{e}[]")));
-            let described = s.get("description").and_then(Value::as_str).is_some_and(|d| !d.trim().is_empty());
+            let described = s
+                .get("description")
+                .and_then(Value::as_str)
+                .is_some_and(|d| !d.trim().is_empty());
             if !embedded && !described && !path.ends_with("{}") && !path.ends_with("[]") {
                 undocumented.push(path.to_owned());
             }
         });
     }
-    assert!(undocumented.is_empty(), "fields without a description: {undocumented:?}");
+    assert!(
+        undocumented.is_empty(),
+        "fields without a description: {undocumented:?}"
+    );
 }
 
 #[test]
@@ -105,7 +115,10 @@ fn names_scale_and_columns_follow_the_design() {
         .filter(|c| c.get("priority").is_none())
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    assert_eq!(columns, ["Variant", "Precision", "Desired", "Ready", "Phase", "Age"]);
+    assert_eq!(
+        columns,
+        ["Variant", "Precision", "Desired", "Ready", "Phase", "Age"]
+    );
 }
 
 #[test]
@@ -142,7 +155,14 @@ fn schema_defaults_agree_with_serde_defaults() {
     )
     .unwrap();
     let serialised = serde_json::to_value(&minimal.spec).unwrap();
-    for field in ["model", "cache", "engine", "server", "scheduling", "rollout"] {
+    for field in [
+        "model",
+        "cache",
+        "engine",
+        "server",
+        "scheduling",
+        "rollout",
+    ] {
         assert_eq!(
             spec_props[field]["default"], serialised[field],
             "schema default of spec.{field} differs from the serde default"
@@ -165,7 +185,11 @@ fn every_example_parses_into_the_types() {
         // Round-tripping must not drop anything the example says.
         let original: Value = serde_yaml::from_str(&text).unwrap();
         let back = serde_json::to_value(&obj).unwrap();
-        assert_subset(&original["spec"], &back["spec"], &path.display().to_string());
+        assert_subset(
+            &original["spec"],
+            &back["spec"],
+            &path.display().to_string(),
+        );
         count += 1;
     }
     assert!(count >= 5, "expected the examples in {}", dir.display());
@@ -175,7 +199,9 @@ fn assert_subset(part: &Value, whole: &Value, at: &str) {
     match (part, whole) {
         (Value::Object(p), Value::Object(w)) => {
             for (k, v) in p {
-                let sub = w.get(k).unwrap_or_else(|| panic!("{at}: field {k} is lost by the types"));
+                let sub = w
+                    .get(k)
+                    .unwrap_or_else(|| panic!("{at}: field {k} is lost by the types"));
                 assert_subset(v, sub, &format!("{at}.{k}"));
             }
         }

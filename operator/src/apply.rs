@@ -24,7 +24,9 @@ pub fn is_subset(desired: &Value, live: &Value) -> bool {
             None => is_empty(dv),
         }),
         (Value::Object(d), Value::Null) => d.values().all(is_empty),
-        (Value::Array(d), Value::Array(l)) => d.len() == l.len() && d.iter().zip(l).all(|(a, b)| is_subset(a, b)),
+        (Value::Array(d), Value::Array(l)) => {
+            d.len() == l.len() && d.iter().zip(l).all(|(a, b)| is_subset(a, b))
+        }
         (Value::Array(d), Value::Null) => d.is_empty(),
         (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
         (a, b) => a == b || (is_empty(a) && b.is_null()),
@@ -54,7 +56,11 @@ pub fn needs_apply<K: Serialize>(desired: &K, live: Option<&K>) -> bool {
 }
 
 /// Server-side apply `desired` if it differs from `live`; returns the object as it is now.
-pub async fn apply_if_changed<K>(api: &Api<K>, desired: &K, live: Option<K>) -> kube::Result<(K, bool)>
+pub async fn apply_if_changed<K>(
+    api: &Api<K>,
+    desired: &K,
+    live: Option<K>,
+) -> kube::Result<(K, bool)>
 where
     K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
 {
@@ -64,7 +70,9 @@ where
         return Ok((live, false));
     }
     let params = PatchParams::apply(MANAGER).force();
-    let applied = api.patch(&desired.name_any(), &params, &Patch::Apply(desired)).await?;
+    let applied = api
+        .patch(&desired.name_any(), &params, &Patch::Apply(desired))
+        .await?;
     Ok((applied, true))
 }
 

@@ -7,13 +7,22 @@ use sd35_contract::ExitReason;
 /// The outcome of a Job.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum JobOutcome {
-    Running { active: i32, failed: i32 },
+    Running {
+        active: i32,
+        failed: i32,
+    },
     Succeeded,
     /// Failed with its retries spent: a reason word and a message with what to do.
-    Failed { reason: String, message: String },
+    Failed {
+        reason: String,
+        message: String,
+    },
 }
 
-fn condition_true<'a>(job: &'a Job, type_: &str) -> Option<&'a k8s_openapi::api::batch::v1::JobCondition> {
+fn condition_true<'a>(
+    job: &'a Job,
+    type_: &str,
+) -> Option<&'a k8s_openapi::api::batch::v1::JobCondition> {
     job.status
         .as_ref()?
         .conditions
@@ -41,8 +50,14 @@ pub fn outcome(job: &Job, what: &str) -> JobOutcome {
         let (reason, hint) = match exit_code_in(&job_message).and_then(ExitReason::from_code) {
             Some(r) => (r.as_str().to_owned(), r.hint().to_owned()),
             None => match job_reason.as_str() {
-                "DeadlineExceeded" => ("DeadlineExceeded".to_owned(), "raise the Job's activeDeadlineSeconds or check why it is slow".to_owned()),
-                "BackoffLimitExceeded" => (format!("{what}Failed"), "see kubectl logs job/".to_owned() + name),
+                "DeadlineExceeded" => (
+                    "DeadlineExceeded".to_owned(),
+                    "raise the Job's activeDeadlineSeconds or check why it is slow".to_owned(),
+                ),
+                "BackoffLimitExceeded" => (
+                    format!("{what}Failed"),
+                    "see kubectl logs job/".to_owned() + name,
+                ),
                 other => (format!("{what}Failed"), format!("Job reason {other}")),
             },
         };
@@ -74,8 +89,10 @@ mod tests {
 
     #[test]
     fn a_pod_failure_policy_exit_code_becomes_its_reason() {
-        let j = job(json!([{"type": "Failed", "status": "True", "reason": "PodFailurePolicy",
-            "message": "Container fetch for pod ns/sd35-fetch-k-abc failed with exit code 10 matching FailJob rule at index 0"}]));
+        let j = job(
+            json!([{"type": "Failed", "status": "True", "reason": "PodFailurePolicy",
+            "message": "Container fetch for pod ns/sd35-fetch-k-abc failed with exit code 10 matching FailJob rule at index 0"}]),
+        );
         match outcome(&j, "Fetch") {
             JobOutcome::Failed { reason, message } => {
                 assert_eq!(reason, "Unauthorized");
@@ -88,16 +105,36 @@ mod tests {
 
     #[test]
     fn retries_spent_and_deadlines_are_named() {
-        let j = job(json!([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]));
-        assert!(matches!(outcome(&j, "Fetch"), JobOutcome::Failed { reason, .. } if reason == "FetchFailed"));
-        let j = job(json!([{"type": "Failed", "status": "True", "reason": "DeadlineExceeded", "message": "Job was active longer than specified deadline"}]));
-        assert!(matches!(outcome(&j, "Build"), JobOutcome::Failed { reason, .. } if reason == "DeadlineExceeded"));
+        let j = job(
+            json!([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]),
+        );
+        assert!(
+            matches!(outcome(&j, "Fetch"), JobOutcome::Failed { reason, .. } if reason == "FetchFailed")
+        );
+        let j = job(
+            json!([{"type": "Failed", "status": "True", "reason": "DeadlineExceeded", "message": "Job was active longer than specified deadline"}]),
+        );
+        assert!(
+            matches!(outcome(&j, "Build"), JobOutcome::Failed { reason, .. } if reason == "DeadlineExceeded")
+        );
     }
 
     #[test]
     fn complete_and_running() {
-        assert_eq!(outcome(&job(json!([{"type": "Complete", "status": "True"}])), "Fetch"), JobOutcome::Succeeded);
-        assert_eq!(outcome(&job(json!([])), "Fetch"), JobOutcome::Running { active: 0, failed: 1 });
+        assert_eq!(
+            outcome(
+                &job(json!([{"type": "Complete", "status": "True"}])),
+                "Fetch"
+            ),
+            JobOutcome::Succeeded
+        );
+        assert_eq!(
+            outcome(&job(json!([])), "Fetch"),
+            JobOutcome::Running {
+                active: 0,
+                failed: 1
+            }
+        );
         // A FailureTarget alone is not yet Failed: pods are still terminating.
         let j = job(json!([{"type": "FailureTarget", "status": "True"}]));
         assert!(matches!(outcome(&j, "Fetch"), JobOutcome::Running { .. }));

@@ -20,7 +20,11 @@ fn digest(parts: &[(&str, &str)]) -> String {
         hasher.update((value.len() as u64).to_le_bytes());
         hasher.update(value.as_bytes());
     }
-    let hex: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let hex: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     hex[..KEY_LEN].to_owned()
 }
 
@@ -28,7 +32,11 @@ fn digest(parts: &[(&str, &str)]) -> String {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SourceIdentity {
     /// A Hugging Face repository at a revision, from an endpoint.
-    HuggingFace { endpoint: String, repo: String, revision: String },
+    HuggingFace {
+        endpoint: String,
+        repo: String,
+        revision: String,
+    },
     /// A plain HTTP mirror.
     Http { url: String },
     /// A claim in the namespace and a path inside it.
@@ -38,7 +46,11 @@ pub enum SourceIdentity {
 /// The cache key of a variant from a source.
 pub fn cache_key(variant: &str, source: &SourceIdentity) -> String {
     match source {
-        SourceIdentity::HuggingFace { endpoint, repo, revision } => digest(&[
+        SourceIdentity::HuggingFace {
+            endpoint,
+            repo,
+            revision,
+        } => digest(&[
             ("variant", variant),
             ("source", "huggingface"),
             ("endpoint", endpoint.trim_end_matches('/')),
@@ -92,8 +104,19 @@ mod tests {
             cache_key("medium", &hf("a/b", "main")),
             cache_key("large", &hf("a/c", "main")),
             cache_key("large", &hf("a/b", "v2")),
-            cache_key("large", &SourceIdentity::Http { url: "https://m/a/b".into() }),
-            cache_key("large", &SourceIdentity::Pvc { claim: "a".into(), path: "b".into() }),
+            cache_key(
+                "large",
+                &SourceIdentity::Http {
+                    url: "https://m/a/b".into(),
+                },
+            ),
+            cache_key(
+                "large",
+                &SourceIdentity::Pvc {
+                    claim: "a".into(),
+                    path: "b".into(),
+                },
+            ),
         ];
         for other in others {
             assert_ne!(base, other);
@@ -102,15 +125,37 @@ mod tests {
 
     #[test]
     fn trailing_slashes_do_not_split_a_cache() {
-        let a = cache_key("large", &SourceIdentity::Http { url: "https://m/x/".into() });
-        let b = cache_key("large", &SourceIdentity::Http { url: "https://m/x".into() });
+        let a = cache_key(
+            "large",
+            &SourceIdentity::Http {
+                url: "https://m/x/".into(),
+            },
+        );
+        let b = cache_key(
+            "large",
+            &SourceIdentity::Http {
+                url: "https://m/x".into(),
+            },
+        );
         assert_eq!(a, b);
     }
 
     #[test]
     fn parts_cannot_bleed_into_each_other() {
-        let a = cache_key("large", &SourceIdentity::Pvc { claim: "ab".into(), path: "c".into() });
-        let b = cache_key("large", &SourceIdentity::Pvc { claim: "a".into(), path: "bc".into() });
+        let a = cache_key(
+            "large",
+            &SourceIdentity::Pvc {
+                claim: "ab".into(),
+                path: "c".into(),
+            },
+        );
+        let b = cache_key(
+            "large",
+            &SourceIdentity::Pvc {
+                claim: "a".into(),
+                path: "bc".into(),
+            },
+        );
         assert_ne!(a, b);
     }
 

@@ -12,8 +12,8 @@ use std::time::Duration;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Api, ObjectMeta, PostParams};
 use kube::Client;
+use kube::api::{Api, ObjectMeta, PostParams};
 use tracing::{debug, info};
 
 /// Settings of the election.
@@ -46,7 +46,9 @@ fn may_take(lease: &Lease, identity: &str, now: Timestamp) -> bool {
             let duration = i64::from(spec.lease_duration_seconds.unwrap_or(15));
             match &spec.renew_time {
                 None => true,
-                Some(MicroTime(renewed)) => renewed.saturating_add(SignedDuration::from_secs(duration)).is_ok_and(|expiry| expiry < now),
+                Some(MicroTime(renewed)) => renewed
+                    .saturating_add(SignedDuration::from_secs(duration))
+                    .is_ok_and(|expiry| expiry < now),
             }
         }
     }
@@ -62,14 +64,25 @@ impl Elector {
     }
 
     fn spec(&self, previous: Option<&LeaseSpec>, now: Timestamp) -> LeaseSpec {
-        let same_holder = previous.and_then(|p| p.holder_identity.as_deref()) == Some(self.config.identity.as_str());
+        let same_holder = previous.and_then(|p| p.holder_identity.as_deref())
+            == Some(self.config.identity.as_str());
         let transitions = previous.and_then(|p| p.lease_transitions).unwrap_or(0);
         LeaseSpec {
             holder_identity: Some(self.config.identity.clone()),
-            lease_duration_seconds: Some(i32::try_from(self.config.lease_duration.as_secs()).unwrap_or(15)),
-            acquire_time: if same_holder { previous.and_then(|p| p.acquire_time.clone()) } else { Some(MicroTime(now)) },
+            lease_duration_seconds: Some(
+                i32::try_from(self.config.lease_duration.as_secs()).unwrap_or(15),
+            ),
+            acquire_time: if same_holder {
+                previous.and_then(|p| p.acquire_time.clone())
+            } else {
+                Some(MicroTime(now))
+            },
             renew_time: Some(MicroTime(now)),
-            lease_transitions: Some(if same_holder || previous.is_none() { transitions } else { transitions + 1 }),
+            lease_transitions: Some(if same_holder || previous.is_none() {
+                transitions
+            } else {
+                transitions + 1
+            }),
             ..Default::default()
         }
     }
@@ -95,7 +108,11 @@ impl Elector {
             Some(lease) if may_take(&lease, &self.config.identity, now) => {
                 let mut updated = lease.clone();
                 updated.spec = Some(self.spec(lease.spec.as_ref(), now));
-                match self.api.replace(&self.config.name, &PostParams::default(), &updated).await {
+                match self
+                    .api
+                    .replace(&self.config.name, &PostParams::default(), &updated)
+                    .await
+                {
                     Ok(_) => true,
                     Err(kube::Error::Api(e)) if e.code == 409 => false,
                     Err(e) => return Err(e),
@@ -138,7 +155,10 @@ impl Elector {
                 }
                 Err(e) => debug!(error = %e, "could not renew the lease"),
             }
-            if self.last_renew.is_none_or(|t| t.elapsed() > self.config.lease_duration) {
+            if self
+                .last_renew
+                .is_none_or(|t| t.elapsed() > self.config.lease_duration)
+            {
                 info!("could not renew the lease in time");
                 return;
             }
@@ -147,8 +167,14 @@ impl Elector {
 
     /// Gives the Lease up so another replica can take it at once.
     pub async fn release(&mut self) {
-        let Ok(Some(mut lease)) = self.api.get_opt(&self.config.name).await else { return };
-        let ours = lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(self.config.identity.as_str());
+        let Ok(Some(mut lease)) = self.api.get_opt(&self.config.name).await else {
+            return;
+        };
+        let ours = lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.as_deref())
+            == Some(self.config.identity.as_str());
         if !ours {
             return;
         }
@@ -157,7 +183,12 @@ impl Elector {
             spec.renew_time = None;
             spec.acquire_time = None;
         }
-        if self.api.replace(&self.config.name, &PostParams::default(), &lease).await.is_ok() {
+        if self
+            .api
+            .replace(&self.config.name, &PostParams::default(), &lease)
+            .await
+            .is_ok()
+        {
             info!("released the lease");
         }
     }

@@ -46,7 +46,11 @@ struct Args {
     server_image: String,
 
     /// Hugging Face endpoint used when a source names none.
-    #[arg(long, env = "SD35_HF_ENDPOINT", default_value = "https://huggingface.co")]
+    #[arg(
+        long,
+        env = "SD35_HF_ENDPOINT",
+        default_value = "https://huggingface.co"
+    )]
     hf_endpoint: String,
 
     /// Watch only this namespace (default: all namespaces).
@@ -93,7 +97,9 @@ struct Args {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -109,7 +115,9 @@ async fn check_crd(client: &Client) -> anyhow::Result<()> {
             "the SD35Deployment CRD (sd35deployments.sd35.io) is not installed in this cluster: \
              install it with `kubectl apply -f crds/` or the Helm chart, then start the operator again"
         ),
-        Err(e) => Err(e).context("cannot list SD35Deployments; check the operator's RBAC and the cluster connection"),
+        Err(e) => Err(e).context(
+            "cannot list SD35Deployments; check the operator's RBAC and the cluster connection",
+        ),
     }
 }
 
@@ -129,7 +137,12 @@ async fn shutdown_signal() {
     }
 }
 
-async fn run_controller(client: Client, args: &Args, metrics: Arc<Metrics>, shutdown: tokio::sync::watch::Receiver<bool>) {
+async fn run_controller(
+    client: Client,
+    args: &Args,
+    metrics: Arc<Metrics>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let config = OperatorConfig {
         server_image: args.server_image.clone(),
         hf_endpoint: args.hf_endpoint.clone(),
@@ -150,7 +163,8 @@ async fn run_controller(client: Client, args: &Args, metrics: Arc<Metrics>, shut
         }
     }
     let ns = args.namespace.as_ref();
-    let ours = watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGER));
+    let ours =
+        watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGER));
     let controller = Controller::new(sd35, watcher::Config::default().any_semantic())
         .with_config(ControllerConfig::default().concurrency(args.concurrency));
     let store = controller.store();
@@ -175,11 +189,25 @@ async fn run_controller(client: Client, args: &Args, metrics: Arc<Metrics>, shut
         .owns(api::<Service>(&client, ns), ours.clone())
         .owns(api::<PodDisruptionBudget>(&client, ns), ours.clone())
         .watches(api::<Job>(&client, ns), ours.clone(), move |job: Job| {
-            users_of_cache_key(&job_store, job.namespace().as_deref(), job.labels().get(labels::CACHE_KEY).map(String::as_str), &job_config)
+            users_of_cache_key(
+                &job_store,
+                job.namespace().as_deref(),
+                job.labels().get(labels::CACHE_KEY).map(String::as_str),
+                &job_config,
+            )
         })
-        .watches(api::<PersistentVolumeClaim>(&client, ns), ours, move |pvc: PersistentVolumeClaim| {
-            users_of_cache_key(&claim_store, pvc.namespace().as_deref(), pvc.labels().get(labels::CACHE_KEY).map(String::as_str), &claim_config)
-        })
+        .watches(
+            api::<PersistentVolumeClaim>(&client, ns),
+            ours,
+            move |pvc: PersistentVolumeClaim| {
+                users_of_cache_key(
+                    &claim_store,
+                    pvc.namespace().as_deref(),
+                    pvc.labels().get(labels::CACHE_KEY).map(String::as_str),
+                    &claim_config,
+                )
+            },
+        )
         .graceful_shutdown_on(async move {
             let _ = shutdown.wait_for(|stop| *stop).await;
         })
@@ -197,7 +225,15 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(args.log_format);
 
-    let client = Client::try_default().await.context("cannot build a Kubernetes client (in-cluster config or KUBECONFIG)")?;
+    let mut kube_config = kube::Config::infer().await.context(
+        "cannot find a Kubernetes configuration (in-cluster service account or KUBECONFIG)",
+    )?;
+    // A user agent of our own makes the operator's requests recognisable in audit logs.
+    kube_config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(concat!("sd35-operator/", env!("CARGO_PKG_VERSION"))),
+    ));
+    let client = Client::try_from(kube_config).context("cannot build a Kubernetes client")?;
     if let Err(e) = check_crd(&client).await {
         error!("{e:#}");
         std::process::exit(2);
@@ -232,7 +268,8 @@ async fn main() -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
     let identity = args.identity.clone().unwrap_or_else(|| {
-        std::env::var("HOSTNAME").unwrap_or_else(|_| format!("sd35-operator-{}", std::process::id()))
+        std::env::var("HOSTNAME")
+            .unwrap_or_else(|_| format!("sd35-operator-{}", std::process::id()))
     });
     let mut elector = args.leader_elect.then(|| {
         Elector::new(
@@ -258,7 +295,8 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    let controller = run_controller(client, &args, metrics, stop_rx.clone()).instrument(info_span!("controller"));
+    let controller = run_controller(client, &args, metrics, stop_rx.clone())
+        .instrument(info_span!("controller"));
     match elector.as_mut() {
         Some(e) => {
             // The controller ends by itself on SIGTERM (graceful shutdown), then the Lease is

@@ -38,11 +38,25 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("sd35_operator");
         let reconciliations = Counter::default();
         let failures = Family::<ErrorLabels, Counter>::default();
-        let duration = Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
+        let duration = Histogram::new([
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
         let by_phase = Family::<PhaseLabels, Gauge>::default();
-        registry.register("reconciliations", "Reconciliations started", reconciliations.clone());
-        registry.register("reconcile_errors", "Reconciliations that failed, by error kind", failures.clone());
-        registry.register("reconcile_duration_seconds", "Time spent in one reconciliation", duration.clone());
+        registry.register(
+            "reconciliations",
+            "Reconciliations started",
+            reconciliations.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "Reconciliations that failed, by error kind",
+            failures.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time spent in one reconciliation",
+            duration.clone(),
+        );
         registry.register("objects", "SD35Deployments by phase", by_phase.clone());
         Self {
             registry,
@@ -80,12 +94,18 @@ impl Metrics {
 
     /// Counts a failed reconciliation.
     pub fn reconcile_failed(&self, kind: &str) {
-        self.failures.get_or_create(&ErrorLabels { error: kind.to_owned() }).inc();
+        self.failures
+            .get_or_create(&ErrorLabels {
+                error: kind.to_owned(),
+            })
+            .inc();
     }
 
     /// Records an object's phase (None when the object is gone).
     pub fn set_phase(&self, object: &str, phase: Option<&str>) {
-        let Ok(mut phases) = self.phases.lock() else { return };
+        let Ok(mut phases) = self.phases.lock() else {
+            return;
+        };
         match phase {
             Some(p) => phases.insert(object.to_owned(), p.to_owned()),
             None => phases.remove(object),
@@ -96,7 +116,11 @@ impl Metrics {
         }
         self.by_phase.clear();
         for (p, n) in counts {
-            self.by_phase.get_or_create(&PhaseLabels { phase: p.to_owned() }).set(n);
+            self.by_phase
+                .get_or_create(&PhaseLabels {
+                    phase: p.to_owned(),
+                })
+                .set(n);
         }
     }
 
@@ -124,10 +148,22 @@ mod tests {
         m.set_phase("ns/c", Some("Caching"));
         m.set_phase("ns/c", None);
         let text = m.render();
-        assert!(text.contains("sd35_operator_reconciliations_total 1"), "{text}");
-        assert!(text.contains("sd35_operator_reconcile_errors_total{error=\"Kube\"} 1"), "{text}");
-        assert!(text.contains("sd35_operator_objects{phase=\"Ready\"} 2"), "{text}");
+        assert!(
+            text.contains("sd35_operator_reconciliations_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sd35_operator_reconcile_errors_total{error=\"Kube\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sd35_operator_objects{phase=\"Ready\"} 2"),
+            "{text}"
+        );
         assert!(!text.contains("phase=\"Caching\""), "{text}");
-        assert!(text.contains("sd35_operator_reconcile_duration_seconds_count 1"), "{text}");
+        assert!(
+            text.contains("sd35_operator_reconcile_duration_seconds_count 1"),
+            "{text}"
+        );
     }
 }

@@ -63,13 +63,22 @@ pub struct Context {
 
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Context").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Context")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
 /// The SD35Deployments a Job or claim belongs to, found by its cache key label.
-pub fn users_of_cache_key(store: &Store<SD35Deployment>, namespace: Option<&str>, key: Option<&str>, config: &OperatorConfig) -> Vec<ObjectRef<SD35Deployment>> {
-    let (Some(ns), Some(key)) = (namespace, key) else { return Vec::new() };
+pub fn users_of_cache_key(
+    store: &Store<SD35Deployment>,
+    namespace: Option<&str>,
+    key: Option<&str>,
+    config: &OperatorConfig,
+) -> Vec<ObjectRef<SD35Deployment>> {
+    let (Some(ns), Some(key)) = (namespace, key) else {
+        return Vec::new();
+    };
     store
         .state()
         .iter()
@@ -86,7 +95,10 @@ fn cache_owners(ctx: &Context, obj: &SD35Deployment, r: &Resolved) -> Vec<OwnerR
         .store
         .state()
         .into_iter()
-        .filter(|o| o.namespace().as_deref() == Some(r.namespace.as_str()) && o.metadata.deletion_timestamp.is_none())
+        .filter(|o| {
+            o.namespace().as_deref() == Some(r.namespace.as_str())
+                && o.metadata.deletion_timestamp.is_none()
+        })
         .filter(|o| resolve(o, &ctx.config).is_ok_and(|u| u.cache_key == r.cache_key))
         .collect();
     // The object being reconciled may be newer than the store.
@@ -108,7 +120,9 @@ fn cache_owners(ctx: &Context, obj: &SD35Deployment, r: &Resolved) -> Vec<OwnerR
 }
 
 fn same_owners(a: Option<&Vec<OwnerReference>>, b: &[OwnerReference]) -> bool {
-    let mut x: Vec<&str> = a.map(|v| v.iter().map(|o| o.uid.as_str()).collect()).unwrap_or_default();
+    let mut x: Vec<&str> = a
+        .map(|v| v.iter().map(|o| o.uid.as_str()).collect())
+        .unwrap_or_default();
     let mut y: Vec<&str> = b.iter().map(|o| o.uid.as_str()).collect();
     x.sort_unstable();
     y.sort_unstable();
@@ -139,11 +153,14 @@ impl Run<'_> {
     fn retry_requested(&self) -> bool {
         self.previous
             .and_then(|s| s.conditions.iter().find(|c| c.type_ == condition::STALLED))
-            .is_some_and(|c| c.status == "True" && c.observed_generation.unwrap_or(0) < self.r.generation)
+            .is_some_and(|c| {
+                c.status == "True" && c.observed_generation.unwrap_or(0) < self.r.generation
+            })
     }
 
     async fn ensure_claim(&self) -> Result<Option<PersistentVolumeClaim>, Error> {
-        let api: Api<PersistentVolumeClaim> = Api::namespaced(self.ctx.client.clone(), &self.r.namespace);
+        let api: Api<PersistentVolumeClaim> =
+            Api::namespaced(self.ctx.client.clone(), &self.r.namespace);
         let live = api.get_opt(&self.r.cache.claim).await?;
         if !self.r.cache.managed || !self.write {
             return Ok(live);
@@ -152,46 +169,91 @@ impl Run<'_> {
         match live {
             None => {
                 let desired = build::cache_claim(self.r, &owners);
-                match api.create(&PostParams { field_manager: Some(MANAGER.into()), ..Default::default() }, &desired).await {
+                match api
+                    .create(
+                        &PostParams {
+                            field_manager: Some(MANAGER.into()),
+                            ..Default::default()
+                        },
+                        &desired,
+                    )
+                    .await
+                {
                     Ok(created) => {
-                        self.event(EventType::Normal, "CacheClaimCreated", &format!("created cache claim {}", self.r.cache.claim)).await;
+                        self.event(
+                            EventType::Normal,
+                            "CacheClaimCreated",
+                            &format!("created cache claim {}", self.r.cache.claim),
+                        )
+                        .await;
                         Ok(Some(created))
                     }
-                    Err(kube::Error::Api(e)) if e.code == 409 => Ok(api.get_opt(&self.r.cache.claim).await?),
+                    Err(kube::Error::Api(e)) if e.code == 409 => {
+                        Ok(api.get_opt(&self.r.cache.claim).await?)
+                    }
                     Err(e) => Err(e.into()),
                 }
             }
             Some(live) if !same_owners(live.metadata.owner_references.as_ref(), &owners) => {
                 let patch = json!({"metadata": {"ownerReferences": owners}});
-                Ok(Some(api.patch(&self.r.cache.claim, &PatchParams::default(), &Patch::Merge(&patch)).await?))
+                Ok(Some(
+                    api.patch(
+                        &self.r.cache.claim,
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await?,
+                ))
             }
             Some(live) => Ok(Some(live)),
         }
     }
 
     async fn annotate_claim(&self, key: &str, value: &str) -> Result<(), Error> {
-        let api: Api<PersistentVolumeClaim> = Api::namespaced(self.ctx.client.clone(), &self.r.namespace);
+        let api: Api<PersistentVolumeClaim> =
+            Api::namespaced(self.ctx.client.clone(), &self.r.namespace);
         let patch = json!({"metadata": {"annotations": {key: value}}});
-        api.patch(&self.r.cache.claim, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        api.patch(
+            &self.r.cache.claim,
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
         Ok(())
     }
 
     /// Drive one Job-backed step (fetch or build) and say where it stands.
-    async fn job_step(&self, name: &str, what: &str, pending: &str, desired: impl FnOnce() -> Job) -> Result<(StepState, bool), Error> {
+    async fn job_step(
+        &self,
+        name: &str,
+        what: &str,
+        pending: &str,
+        desired: impl FnOnce() -> Job,
+    ) -> Result<(StepState, bool), Error> {
         let api: Api<Job> = Api::namespaced(self.ctx.client.clone(), &self.r.namespace);
         let live = api.get_opt(name).await?;
         let Some(job) = live else {
             if self.write {
                 apply_if_changed(&api, &desired(), None).await?;
-                self.event(EventType::Normal, &format!("{what}Started"), &format!("started Job {name}")).await;
+                self.event(
+                    EventType::Normal,
+                    &format!("{what}Started"),
+                    &format!("started Job {name}"),
+                )
+                .await;
             }
-            return Ok((StepState::Pending(pending.to_owned(), format!("Job {name} is running")), false));
+            return Ok((
+                StepState::Pending(pending.to_owned(), format!("Job {name} is running")),
+                false,
+            ));
         };
         match outcome(&job, what) {
             JobOutcome::Succeeded => Ok((StepState::Done(""), true)),
             JobOutcome::Running { active, failed } => {
                 let msg = if failed > 0 {
-                    format!("Job {name} is running ({active} active, {failed} failed attempts so far)")
+                    format!(
+                        "Job {name} is running ({active} active, {failed} failed attempts so far)"
+                    )
                 } else {
                     format!("Job {name} is running")
                 };
@@ -200,8 +262,16 @@ impl Run<'_> {
             JobOutcome::Failed { reason, message } => {
                 if self.write && self.retry_requested() {
                     api.delete(name, &DeleteParams::background()).await?;
-                    self.event(EventType::Normal, &format!("{what}Retried"), &format!("spec changed: retrying Job {name}")).await;
-                    return Ok((StepState::Pending("Retrying".into(), format!("retrying Job {name}")), false));
+                    self.event(
+                        EventType::Normal,
+                        &format!("{what}Retried"),
+                        &format!("spec changed: retrying Job {name}"),
+                    )
+                    .await;
+                    return Ok((
+                        StepState::Pending("Retrying".into(), format!("retrying Job {name}")),
+                        false,
+                    ));
                 }
                 Ok((StepState::Failed(reason, message), false))
             }
@@ -211,15 +281,26 @@ impl Run<'_> {
     async fn cache_step(&self, claim: Option<&PersistentVolumeClaim>) -> Result<StepState, Error> {
         let Some(claim) = claim else {
             return Ok(if self.r.cache.managed {
-                StepState::Pending("ClaimPending".into(), format!("cache claim {} is being created", self.r.cache.claim))
+                StepState::Pending(
+                    "ClaimPending".into(),
+                    format!("cache claim {} is being created", self.r.cache.claim),
+                )
             } else {
                 StepState::Failed(
                     "ClaimNotFound".into(),
-                    format!("spec.cache.existingClaim {} does not exist in this namespace; create it or unset the field", self.r.cache.claim),
+                    format!(
+                        "spec.cache.existingClaim {} does not exist in this namespace; create it or unset the field",
+                        self.r.cache.claim
+                    ),
                 )
             });
         };
-        if claim.annotations().get(labels::CACHE_COMPLETE).map(String::as_str) == Some("true") {
+        if claim
+            .annotations()
+            .get(labels::CACHE_COMPLETE)
+            .map(String::as_str)
+            == Some("true")
+        {
             return Ok(StepState::Done("Cached"));
         }
         let owner = match (self.r.cache.managed, claim_owner(claim)) {
@@ -228,30 +309,49 @@ impl Run<'_> {
         };
         let name = labels::fetch_job(&self.r.cache_key);
         let (state, succeeded) = self
-            .job_step(&name, "Fetch", "Fetching", || build::fetch_job(self.r, &self.ctx.config, &owner))
+            .job_step(&name, "Fetch", "Fetching", || {
+                build::fetch_job(self.r, &self.ctx.config, &owner)
+            })
             .await?;
         if succeeded {
             if self.write {
                 self.annotate_claim(labels::CACHE_COMPLETE, "true").await?;
-                self.event(EventType::Normal, "Cached", &format!("model cached in claim {}", self.r.cache.claim)).await;
+                self.event(
+                    EventType::Normal,
+                    "Cached",
+                    &format!("model cached in claim {}", self.r.cache.claim),
+                )
+                .await;
             }
             return Ok(StepState::Done("Cached"));
         }
-        if matches!(state, StepState::Pending(..)) && claim.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Pending") {
+        if matches!(state, StepState::Pending(..))
+            && claim.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Pending")
+        {
             return Ok(StepState::Pending(
                 "ClaimPending".into(),
-                format!("cache claim {} is not bound yet; check its StorageClass (kubectl describe pvc {})", self.r.cache.claim, self.r.cache.claim),
+                format!(
+                    "cache claim {} is not bound yet; check its StorageClass (kubectl describe pvc {})",
+                    self.r.cache.claim, self.r.cache.claim
+                ),
             ));
         }
         Ok(state)
     }
 
-    async fn engine_step(&self, claim: Option<&PersistentVolumeClaim>, cache: &StepState) -> Result<StepState, Error> {
+    async fn engine_step(
+        &self,
+        claim: Option<&PersistentVolumeClaim>,
+        cache: &StepState,
+    ) -> Result<StepState, Error> {
         let Some(key) = &self.r.engine_key else {
             return Ok(StepState::Done("NotRequired"));
         };
         let Some(claim) = claim.filter(|_| cache.is_done()) else {
-            return Ok(StepState::Pending("WaitingForCache".into(), "the engine is built once the cache is complete".into()));
+            return Ok(StepState::Pending(
+                "WaitingForCache".into(),
+                "the engine is built once the cache is complete".into(),
+            ));
         };
         let annotation = labels::engine_ready_annotation(key);
         if claim.annotations().get(&annotation).map(String::as_str) == Some("ready") {
@@ -263,12 +363,19 @@ impl Run<'_> {
         };
         let name = labels::build_job(key);
         let (state, succeeded) = self
-            .job_step(&name, "Build", "Building", || build::build_job(self.r, &self.ctx.config, &owner, key))
+            .job_step(&name, "Build", "Building", || {
+                build::build_job(self.r, &self.ctx.config, &owner, key)
+            })
             .await?;
         if succeeded {
             if self.write {
                 self.annotate_claim(&annotation, "ready").await?;
-                self.event(EventType::Normal, "EngineBuilt", &format!("{} engine {key} built", self.r.precision.as_str())).await;
+                self.event(
+                    EventType::Normal,
+                    "EngineBuilt",
+                    &format!("{} engine {key} built", self.r.precision.as_str()),
+                )
+                .await;
             }
             return Ok(StepState::Done("Built"));
         }
@@ -295,7 +402,12 @@ impl Run<'_> {
                     debug!("serving Deployment updated");
                 }
                 if !had {
-                    self.event(EventType::Normal, "DeploymentCreated", &format!("created serving Deployment {}", self.r.name)).await;
+                    self.event(
+                        EventType::Normal,
+                        "DeploymentCreated",
+                        &format!("created serving Deployment {}", self.r.name),
+                    )
+                    .await;
                 }
                 Some(now)
             }
@@ -313,7 +425,8 @@ impl Run<'_> {
                     apply_if_changed(&pdbs, &desired, live).await?;
                 }
                 None if live.is_some() => {
-                    pdbs.delete(&self.r.name, &DeleteParams::background()).await?;
+                    pdbs.delete(&self.r.name, &DeleteParams::background())
+                        .await?;
                 }
                 None => {}
             }
@@ -323,13 +436,16 @@ impl Run<'_> {
             let status = d.status.clone().unwrap_or_default();
             Rollout {
                 runs_desired_target: ServingTarget::of(&d).as_ref() == Some(&desired_target),
-                observed: status.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0),
+                observed: status.observed_generation.unwrap_or(0)
+                    >= d.metadata.generation.unwrap_or(0),
                 replicas: status.replicas.unwrap_or(0),
                 ready: status.ready_replicas.unwrap_or(0),
                 updated: status.updated_replicas.unwrap_or(0),
                 available: status.available_replicas.unwrap_or(0),
                 progress_deadline_exceeded: status.conditions.unwrap_or_default().iter().any(|c| {
-                    c.type_ == "Progressing" && c.status == "False" && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+                    c.type_ == "Progressing"
+                        && c.status == "False"
+                        && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
                 }),
             }
         }))
@@ -354,28 +470,66 @@ async fn publish(ctx: &Context, obj: &SD35Deployment, type_: EventType, reason: 
 }
 
 /// Write the status if it changed, and report each condition transition as an event.
-async fn write_status(ctx: &Context, obj: &SD35Deployment, status: SD35DeploymentStatus) -> Result<(), Error> {
-    let ns = obj.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+async fn write_status(
+    ctx: &Context,
+    obj: &SD35Deployment,
+    status: SD35DeploymentStatus,
+) -> Result<(), Error> {
+    let ns = obj
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
     let previous = obj.status.as_ref();
     ctx.metrics.set_phase(
         &format!("{ns}/{}", obj.name_any()),
-        status.phase.map(|p| serde_json::to_value(p).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()).as_deref(),
+        status
+            .phase
+            .map(|p| {
+                serde_json::to_value(p)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            })
+            .as_deref(),
     );
     if previous == Some(&status) {
         return Ok(());
     }
     for c in transitions(previous, &status) {
         let warning = (c.type_ == condition::STALLED && c.status == "True")
-            || (c.type_ != condition::STALLED && c.type_ != condition::RECONCILING && c.status == "False" && previous.is_some());
+            || (c.type_ != condition::STALLED
+                && c.type_ != condition::RECONCILING
+                && c.status == "False"
+                && previous.is_some());
         if c.type_ == condition::RECONCILING {
             continue;
         }
-        let note = if c.message.is_empty() { format!("{} is {}", c.type_, c.status) } else { format!("{} is {}: {}", c.type_, c.status, c.message) };
-        publish(ctx, obj, if warning { EventType::Warning } else { EventType::Normal }, &c.reason, &note).await;
+        let note = if c.message.is_empty() {
+            format!("{} is {}", c.type_, c.status)
+        } else {
+            format!("{} is {}: {}", c.type_, c.status, c.message)
+        };
+        publish(
+            ctx,
+            obj,
+            if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            &c.reason,
+            &note,
+        )
+        .await;
     }
     let api: Api<SD35Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let patch = json!({"apiVersion": "sd35.io/v1alpha1", "kind": "SD35Deployment", "status": status});
-    api.patch_status(&obj.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+    let patch =
+        json!({"apiVersion": "sd35.io/v1alpha1", "kind": "SD35Deployment", "status": status});
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
     Ok(())
 }
 
@@ -384,13 +538,18 @@ pub async fn reconcile(obj: Arc<SD35Deployment>, ctx: Arc<Context>) -> Result<Ac
     let _timer = ctx.metrics.reconcile_started();
     if obj.metadata.deletion_timestamp.is_some() {
         // Children carry owner references; the garbage collector removes them.
-        ctx.metrics.set_phase(&format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any()), None);
+        ctx.metrics.set_phase(
+            &format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any()),
+            None,
+        );
         return Ok(Action::await_change());
     }
     let generation = obj.metadata.generation.unwrap_or(0);
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let name = obj.name_any();
-    let ns = obj.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = obj
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
     let selector = labels::selector_string(&name);
 
     let r = match resolve(&obj, &ctx.config) {
@@ -414,7 +573,9 @@ pub async fn reconcile(obj: Arc<SD35Deployment>, ctx: Arc<Context>) -> Result<Ac
             return Ok(Action::await_change());
         }
     };
-    let owner = obj.controller_owner_ref(&()).ok_or(Error::MissingField("metadata.uid"))?;
+    let owner = obj
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingField("metadata.uid"))?;
     let run = Run {
         ctx: &ctx,
         obj: &obj,
@@ -427,8 +588,14 @@ pub async fn reconcile(obj: Arc<SD35Deployment>, ctx: Arc<Context>) -> Result<Ac
     let claim = run.ensure_claim().await?;
     let cache = run.cache_step(claim.as_ref()).await?;
     // Re-read the claim if this run just marked the cache complete.
-    let claim = if cache.is_done() && claim.as_ref().is_some_and(|c| !c.annotations().contains_key(labels::CACHE_COMPLETE)) {
-        Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &ns).get_opt(&r.cache.claim).await?
+    let claim = if cache.is_done()
+        && claim
+            .as_ref()
+            .is_some_and(|c| !c.annotations().contains_key(labels::CACHE_COMPLETE))
+    {
+        Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &ns)
+            .get_opt(&r.cache.claim)
+            .await?
     } else {
         claim
     };

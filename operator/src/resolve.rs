@@ -6,8 +6,7 @@
 
 use sd35_contract::{EnginePrecision, ModelVariant};
 use sd35_crds::{
-    AccessMode, EngineBuild, Precision, SD35Deployment, SD35DeploymentSpec, SecretKeyRef,
-    Variant,
+    AccessMode, EngineBuild, Precision, SD35Deployment, SD35DeploymentSpec, SecretKeyRef, Variant,
 };
 
 use crate::config::OperatorConfig;
@@ -25,10 +24,19 @@ pub struct InvalidSpec(pub String);
 /// Where the fetch Job gets the model.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FetchSource {
-    HuggingFace { endpoint: String, repo: String, revision: String },
-    Http { url: String },
+    HuggingFace {
+        endpoint: String,
+        repo: String,
+        revision: String,
+    },
+    Http {
+        url: String,
+    },
     /// Copy from a claim mounted read-only at the import mount.
-    Pvc { claim: String, path: String },
+    Pvc {
+        claim: String,
+        path: String,
+    },
 }
 
 /// The cache volume.
@@ -98,7 +106,11 @@ fn access_mode(m: AccessMode) -> &'static str {
 
 /// Validate and default one object.
 pub fn resolve(obj: &SD35Deployment, config: &OperatorConfig) -> Result<Resolved, InvalidSpec> {
-    let name = obj.metadata.name.clone().ok_or_else(|| InvalidSpec("metadata.name is missing".into()))?;
+    let name = obj
+        .metadata
+        .name
+        .clone()
+        .ok_or_else(|| InvalidSpec("metadata.name is missing".into()))?;
     let namespace = obj
         .metadata
         .namespace
@@ -120,13 +132,21 @@ pub fn resolve(obj: &SD35Deployment, config: &OperatorConfig) -> Result<Resolved
         Some(src) => match (&src.hugging_face, &src.http, &src.pvc) {
             (Some(hf), None, None) => (
                 FetchSource::HuggingFace {
-                    endpoint: hf.endpoint.clone().unwrap_or_else(|| config.hf_endpoint.clone()),
+                    endpoint: hf
+                        .endpoint
+                        .clone()
+                        .unwrap_or_else(|| config.hf_endpoint.clone()),
                     repo: hf.repo.clone(),
                     revision: hf.revision.clone(),
                 },
                 hf.token_secret_ref.clone(),
             ),
-            (None, Some(http), None) => (FetchSource::Http { url: http.url.clone() }, http.token_secret_ref.clone()),
+            (None, Some(http), None) => (
+                FetchSource::Http {
+                    url: http.url.clone(),
+                },
+                http.token_secret_ref.clone(),
+            ),
             (None, None, Some(pvc)) => (
                 FetchSource::Pvc {
                     claim: pvc.claim_name.clone(),
@@ -142,7 +162,11 @@ pub fn resolve(obj: &SD35Deployment, config: &OperatorConfig) -> Result<Resolved
         },
     };
 
-    if let Some(limits) = spec.server.resources.as_ref().and_then(|r| r.limits.as_ref())
+    if let Some(limits) = spec
+        .server
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.as_ref())
         && limits.contains_key(&spec.server.gpu.resource_name)
     {
         return Err(InvalidSpec(format!(
@@ -159,7 +183,11 @@ pub fn resolve(obj: &SD35Deployment, config: &OperatorConfig) -> Result<Resolved
     }
 
     let identity = match &source {
-        FetchSource::HuggingFace { endpoint, repo, revision } => SourceIdentity::HuggingFace {
+        FetchSource::HuggingFace {
+            endpoint,
+            repo,
+            revision,
+        } => SourceIdentity::HuggingFace {
             endpoint: endpoint.clone(),
             repo: repo.clone(),
             revision: revision.clone(),
@@ -171,9 +199,17 @@ pub fn resolve(obj: &SD35Deployment, config: &OperatorConfig) -> Result<Resolved
         },
     };
     let cache_key = keys::cache_key(variant.as_str(), &identity);
-    let gpu_product = spec.scheduling.node_selector.get(GPU_PRODUCT_LABEL).map(String::as_str);
+    let gpu_product = spec
+        .scheduling
+        .node_selector
+        .get(GPU_PRODUCT_LABEL)
+        .map(String::as_str);
     let engine_key = match spec.engine.build {
-        EngineBuild::Auto => Some(keys::engine_key(&cache_key, precision.as_str(), gpu_product)),
+        EngineBuild::Auto => Some(keys::engine_key(
+            &cache_key,
+            precision.as_str(),
+            gpu_product,
+        )),
         EngineBuild::Never => None,
     };
 
@@ -189,7 +225,11 @@ pub fn resolve(obj: &SD35Deployment, config: &OperatorConfig) -> Result<Resolved
         None => CachePlan {
             claim: labels::cache_claim(&cache_key),
             managed: true,
-            size: spec.cache.size.clone().unwrap_or_else(|| default_cache_size(variant).to_owned()),
+            size: spec
+                .cache
+                .size
+                .clone()
+                .unwrap_or_else(|| default_cache_size(variant).to_owned()),
             storage_class: spec.cache.storage_class_name.clone(),
             access_modes: spec
                 .cache
@@ -205,7 +245,11 @@ pub fn resolve(obj: &SD35Deployment, config: &OperatorConfig) -> Result<Resolved
         name,
         namespace,
         generation: obj.metadata.generation.unwrap_or(0),
-        image: spec.server.image.clone().unwrap_or_else(|| config.server_image.clone()),
+        image: spec
+            .server
+            .image
+            .clone()
+            .unwrap_or_else(|| config.server_image.clone()),
         spec,
         variant,
         precision,
@@ -260,7 +304,11 @@ mod tests {
 
     #[test]
     fn engine_never_has_no_engine_key() {
-        let r = resolve(&obj("variant: large\nengine: {build: Never}"), &OperatorConfig::default()).unwrap();
+        let r = resolve(
+            &obj("variant: large\nengine: {build: Never}"),
+            &OperatorConfig::default(),
+        )
+        .unwrap();
         assert_eq!(r.engine_key, None);
     }
 
@@ -276,7 +324,11 @@ mod tests {
 
     #[test]
     fn existing_claim_is_not_managed_and_always_kept() {
-        let r = resolve(&obj("variant: large\ncache: {existingClaim: mine}"), &OperatorConfig::default()).unwrap();
+        let r = resolve(
+            &obj("variant: large\ncache: {existingClaim: mine}"),
+            &OperatorConfig::default(),
+        )
+        .unwrap();
         assert_eq!(r.cache.claim, "mine");
         assert!(!r.cache.managed);
         assert!(r.cache.retain);
@@ -285,7 +337,9 @@ mod tests {
     #[test]
     fn importing_from_the_cache_claim_itself_is_refused() {
         let err = resolve(
-            &obj("variant: large\nmodel: {source: {pvc: {claimName: w}}}\ncache: {existingClaim: w}"),
+            &obj(
+                "variant: large\nmodel: {source: {pvc: {claimName: w}}}\ncache: {existingClaim: w}",
+            ),
             &OperatorConfig::default(),
         )
         .unwrap_err();
@@ -299,6 +353,12 @@ mod tests {
             &OperatorConfig::default(),
         )
         .unwrap();
-        assert_eq!(r.token, Some(SecretKeyRef { name: "hf".into(), key: "token".into() }));
+        assert_eq!(
+            r.token,
+            Some(SecretKeyRef {
+                name: "hf".into(),
+                key: "token".into()
+            })
+        );
     }
 }

@@ -59,7 +59,14 @@ pub struct Observed {
     pub endpoint: Option<String>,
 }
 
-fn cond(type_: &str, status: bool, reason: &str, message: &str, generation: i64, now: &Time) -> Condition {
+fn cond(
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+    generation: i64,
+    now: &Time,
+) -> Condition {
     Condition {
         type_: type_.to_owned(),
         status: if status { "True" } else { "False" }.to_owned(),
@@ -80,7 +87,11 @@ fn step_condition(type_: &str, step: &StepState, generation: i64, now: &Time) ->
 }
 
 /// The status for `o`, keeping transition times from `previous` where nothing changed.
-pub fn compute(o: &Observed, previous: Option<&SD35DeploymentStatus>, now: Time) -> SD35DeploymentStatus {
+pub fn compute(
+    o: &Observed,
+    previous: Option<&SD35DeploymentStatus>,
+    now: Time,
+) -> SD35DeploymentStatus {
     let g = o.generation;
     let r = o.rollout.clone().unwrap_or_default();
     let rolled_out = o.rollout.is_some()
@@ -103,7 +114,10 @@ pub fn compute(o: &Observed, previous: Option<&SD35DeploymentStatus>, now: Time)
         None
     };
     let not_ready: Option<(String, String)> = if o.paused {
-        Some(("Paused".into(), "spec.paused is true: the operator changes nothing".into()))
+        Some((
+            "Paused".into(),
+            "spec.paused is true: the operator changes nothing".into(),
+        ))
     } else if let Some(s) = &stalled {
         Some(s.clone())
     } else if let StepState::Pending(reason, msg) = &o.cache {
@@ -113,7 +127,11 @@ pub fn compute(o: &Observed, previous: Option<&SD35DeploymentStatus>, now: Time)
     } else if !rolled_out {
         Some((
             "RollingOut".into(),
-            format!("{} of {} replicas updated and available", r.available.min(r.updated), o.desired_replicas),
+            format!(
+                "{} of {} replicas updated and available",
+                r.available.min(r.updated),
+                o.desired_replicas
+            ),
         ))
     } else {
         None
@@ -121,11 +139,23 @@ pub fn compute(o: &Observed, previous: Option<&SD35DeploymentStatus>, now: Time)
 
     let mut conditions = vec![
         match &not_ready {
-            None => cond(condition::READY, true, "Ready", &format!("{} of {} replicas available", r.available, o.desired_replicas), g, &now),
+            None => cond(
+                condition::READY,
+                true,
+                "Ready",
+                &format!(
+                    "{} of {} replicas available",
+                    r.available, o.desired_replicas
+                ),
+                g,
+                &now,
+            ),
             Some((reason, msg)) => cond(condition::READY, false, reason, msg, g, &now),
         },
         match (&not_ready, &stalled, o.paused) {
-            (Some((reason, msg)), None, false) => cond(condition::RECONCILING, true, reason, msg, g, &now),
+            (Some((reason, msg)), None, false) => {
+                cond(condition::RECONCILING, true, reason, msg, g, &now)
+            }
             _ => cond(condition::RECONCILING, false, "Idle", "", g, &now),
         },
         match &stalled {
@@ -136,10 +166,36 @@ pub fn compute(o: &Observed, previous: Option<&SD35DeploymentStatus>, now: Time)
         step_condition(condition::ENGINE_READY, &o.engine, g, &now),
     ];
     conditions.push(match &o.rollout {
-        None => cond(condition::AVAILABLE, false, "NoDeployment", "the serving Deployment is created once cache and engine are ready", g, &now),
-        Some(_) if o.desired_replicas == 0 => cond(condition::AVAILABLE, true, "ScaledToZero", "", g, &now),
-        Some(r) if r.available > 0 => cond(condition::AVAILABLE, true, "ReplicasAvailable", &format!("{} of {} replicas available", r.available, o.desired_replicas), g, &now),
-        Some(_) => cond(condition::AVAILABLE, false, "NoReplicasAvailable", "no serving pod is available yet", g, &now),
+        None => cond(
+            condition::AVAILABLE,
+            false,
+            "NoDeployment",
+            "the serving Deployment is created once cache and engine are ready",
+            g,
+            &now,
+        ),
+        Some(_) if o.desired_replicas == 0 => {
+            cond(condition::AVAILABLE, true, "ScaledToZero", "", g, &now)
+        }
+        Some(r) if r.available > 0 => cond(
+            condition::AVAILABLE,
+            true,
+            "ReplicasAvailable",
+            &format!(
+                "{} of {} replicas available",
+                r.available, o.desired_replicas
+            ),
+            g,
+            &now,
+        ),
+        Some(_) => cond(
+            condition::AVAILABLE,
+            false,
+            "NoReplicasAvailable",
+            "no serving pod is available yet",
+            g,
+            &now,
+        ),
     });
 
     // Keep the transition time of a condition whose status did not change.
@@ -163,7 +219,12 @@ pub fn compute(o: &Observed, previous: Option<&SD35DeploymentStatus>, now: Time)
         Phase::Building
     } else if rolled_out {
         Phase::Ready
-    } else if r.runs_desired_target && r.observed && r.updated == o.desired_replicas && r.available < o.desired_replicas && r.replicas == o.desired_replicas {
+    } else if r.runs_desired_target
+        && r.observed
+        && r.updated == o.desired_replicas
+        && r.available < o.desired_replicas
+        && r.replicas == o.desired_replicas
+    {
         Phase::Degraded
     } else {
         Phase::Deploying
@@ -193,7 +254,10 @@ pub fn compute(o: &Observed, previous: Option<&SD35DeploymentStatus>, now: Time)
 
 /// (type, status, reason) of each condition that differs between two statuses: the
 /// transitions to report as events.
-pub fn transitions(old: Option<&SD35DeploymentStatus>, new: &SD35DeploymentStatus) -> Vec<Condition> {
+pub fn transitions(
+    old: Option<&SD35DeploymentStatus>,
+    new: &SD35DeploymentStatus,
+) -> Vec<Condition> {
     new.conditions
         .iter()
         .filter(|c| {
@@ -249,7 +313,11 @@ mod tests {
         assert_eq!(get(&s, "Stalled").status, "False");
         assert_eq!(s.phase, Some(Phase::Ready));
         assert_eq!(s.observed_generation, Some(2));
-        assert!(s.conditions.iter().all(|c| c.observed_generation == Some(2)));
+        assert!(
+            s.conditions
+                .iter()
+                .all(|c| c.observed_generation == Some(2))
+        );
     }
 
     #[test]
@@ -302,7 +370,10 @@ mod tests {
         assert_eq!(get(&third, "Ready").last_transition_time, t(200));
         assert_eq!(get(&third, "CacheReady").last_transition_time, t(10));
         assert_eq!(third.phase, Some(Phase::Degraded));
-        let changed: Vec<_> = transitions(Some(&second), &third).into_iter().map(|c| c.type_).collect();
+        let changed: Vec<_> = transitions(Some(&second), &third)
+            .into_iter()
+            .map(|c| c.type_)
+            .collect();
         assert_eq!(changed, ["Ready", "Reconciling"]);
     }
 
@@ -320,7 +391,11 @@ mod tests {
     fn scaled_to_zero_is_ready() {
         let mut o = observed();
         o.desired_replicas = 0;
-        o.rollout = Some(Rollout { runs_desired_target: true, observed: true, ..Default::default() });
+        o.rollout = Some(Rollout {
+            runs_desired_target: true,
+            observed: true,
+            ..Default::default()
+        });
         let s = compute(&o, None, t(1));
         assert_eq!(get(&s, "Ready").status, "True");
         assert_eq!(get(&s, "Available").reason, "ScaledToZero");

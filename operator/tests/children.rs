@@ -30,8 +30,11 @@ enum Command {
 }
 
 fn example(file: &str) -> SD35Deployment {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples").join(file);
-    let mut obj: SD35Deployment = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(file);
+    let mut obj: SD35Deployment =
+        serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     obj.metadata.namespace = Some("ml".into());
     obj.metadata.uid = Some(format!("uid-{file}"));
     obj.metadata.generation = Some(1);
@@ -61,19 +64,34 @@ fn pod_of_job(job: &k8s_openapi::api::batch::v1::Job) -> PodSpec {
 fn parse(command: &[String], args: &[String]) -> Command {
     assert_eq!(command, ["sd35-server"]);
     let argv = std::iter::once("sd35-server".to_owned()).chain(args.iter().cloned());
-    Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("the server would refuse {args:?}: {e}")).command
+    Cli::try_parse_from(argv)
+        .unwrap_or_else(|e| panic!("the server would refuse {args:?}: {e}"))
+        .command
 }
 
 fn assert_hardened(pod: &PodSpec) {
     let psc = pod.security_context.as_ref().unwrap();
     assert_eq!(psc.run_as_non_root, Some(true));
-    assert_eq!(psc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+    assert_eq!(
+        psc.seccomp_profile.as_ref().unwrap().type_,
+        "RuntimeDefault"
+    );
     for c in &pod.containers {
         let sc = c.security_context.as_ref().unwrap();
         assert_eq!(sc.read_only_root_filesystem, Some(true), "{}", c.name);
         assert_eq!(sc.allow_privilege_escalation, Some(false), "{}", c.name);
-        assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_owned()][..]));
-        assert!(c.volume_mounts.as_ref().unwrap().iter().any(|m| m.mount_path == "/tmp"), "writable /tmp");
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_owned()][..])
+        );
+        assert!(
+            c.volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|m| m.mount_path == "/tmp"),
+            "writable /tmp"
+        );
     }
 }
 
@@ -90,26 +108,48 @@ fn large_fp8_with_surge_on_h100_nodes() {
 
     // The contract: every command line the operator builds is one the server parses, and
     // points at the same cache paths.
-    let pod = deployment.spec.as_ref().unwrap().template.spec.clone().unwrap();
+    let pod = deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .clone()
+        .unwrap();
     let server = &pod.containers[0];
-    match parse(server.command.as_ref().unwrap(), server.args.as_ref().unwrap()) {
+    match parse(
+        server.command.as_ref().unwrap(),
+        server.args.as_ref().unwrap(),
+    ) {
         Command::Serve(s) => {
             assert_eq!(s.model, Path::new("/cache/models").join(&r.cache_key));
-            assert_eq!(s.engine.unwrap(), Path::new("/cache/engines").join(&engine_key));
+            assert_eq!(
+                s.engine.unwrap(),
+                Path::new("/cache/engines").join(&engine_key)
+            );
             assert_eq!(s.port, 8080);
         }
         other => panic!("{other:?}"),
     }
     let fetch_pod = pod_of_job(&fetch);
-    match parse(fetch_pod.containers[0].command.as_ref().unwrap(), fetch_pod.containers[0].args.as_ref().unwrap()) {
+    match parse(
+        fetch_pod.containers[0].command.as_ref().unwrap(),
+        fetch_pod.containers[0].args.as_ref().unwrap(),
+    ) {
         Command::Fetch(f) => {
-            assert_eq!(f.source.hf_repo.as_deref(), Some("stabilityai/stable-diffusion-3.5-large"));
+            assert_eq!(
+                f.source.hf_repo.as_deref(),
+                Some("stabilityai/stable-diffusion-3.5-large")
+            );
             assert_eq!(f.cache_key, r.cache_key);
         }
         other => panic!("{other:?}"),
     }
     let build_pod = pod_of_job(&build_job);
-    match parse(build_pod.containers[0].command.as_ref().unwrap(), build_pod.containers[0].args.as_ref().unwrap()) {
+    match parse(
+        build_pod.containers[0].command.as_ref().unwrap(),
+        build_pod.containers[0].args.as_ref().unwrap(),
+    ) {
         Command::BuildEngine(b) => {
             assert_eq!(b.engine_key, engine_key);
             assert_eq!(b.precision, sd35_contract::EnginePrecision::Fp8);
@@ -120,25 +160,73 @@ fn large_fp8_with_surge_on_h100_nodes() {
     // GPUs, placement, surge, read-only cache, hardening.
     let limits = server.resources.as_ref().unwrap().limits.as_ref().unwrap();
     assert_eq!(limits["nvidia.com/gpu"].0, "1");
-    assert_eq!(pod.node_selector.as_ref().unwrap()["nvidia.com/gpu.product"], "NVIDIA-H100-80GB-HBM3");
-    let rolling = deployment.spec.as_ref().unwrap().strategy.as_ref().unwrap().rolling_update.clone().unwrap();
-    assert_eq!(serde_json::to_value(&rolling).unwrap(), serde_json::json!({"maxSurge": 1, "maxUnavailable": 0}));
-    assert!(server.volume_mounts.as_ref().unwrap().iter().any(|m| m.mount_path == "/cache" && m.read_only == Some(true)));
+    assert_eq!(
+        pod.node_selector.as_ref().unwrap()["nvidia.com/gpu.product"],
+        "NVIDIA-H100-80GB-HBM3"
+    );
+    let rolling = deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .strategy
+        .as_ref()
+        .unwrap()
+        .rolling_update
+        .clone()
+        .unwrap();
+    assert_eq!(
+        serde_json::to_value(&rolling).unwrap(),
+        serde_json::json!({"maxSurge": 1, "maxUnavailable": 0})
+    );
+    assert!(
+        server
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|m| m.mount_path == "/cache" && m.read_only == Some(true))
+    );
     assert_hardened(&pod);
     assert_hardened(&fetch_pod);
-    assert!(server.startup_probe.as_ref().unwrap().failure_threshold.unwrap() * 10 >= 600, "startup budget for ~16 GB");
+    assert!(
+        server
+            .startup_probe
+            .as_ref()
+            .unwrap()
+            .failure_threshold
+            .unwrap()
+            * 10
+            >= 600,
+        "startup budget for ~16 GB"
+    );
     // The token reaches the fetch process from the Secret, never as a literal.
     let env = fetch_pod.containers[0].env.clone().unwrap();
-    let token = env.iter().find(|e| e.name == sd35_contract::TOKEN_ENV).unwrap();
+    let token = env
+        .iter()
+        .find(|e| e.name == sd35_contract::TOKEN_ENV)
+        .unwrap();
     assert!(token.value.is_none());
-    assert_eq!(token.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap().name, "hf-token");
+    assert_eq!(
+        token
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap()
+            .name,
+        "hf-token"
+    );
 
     insta::assert_yaml_snapshot!("large_fp8_deployment", deployment);
     insta::assert_yaml_snapshot!("large_fp8_fetch_job", fetch);
     insta::assert_yaml_snapshot!("large_fp8_build_job", build_job);
     insta::assert_yaml_snapshot!("large_fp8_service", build::service(&r, &owner));
     insta::assert_yaml_snapshot!("large_fp8_pdb", build::pdb(&r, &owner));
-    insta::assert_yaml_snapshot!("large_fp8_cache_claim", build::cache_claim(&r, std::slice::from_ref(&owner)));
+    insta::assert_yaml_snapshot!(
+        "large_fp8_cache_claim",
+        build::cache_claim(&r, std::slice::from_ref(&owner))
+    );
 }
 
 #[test]
@@ -147,15 +235,30 @@ fn pvc_source_mounts_the_claim_read_only_and_imports_from_it() {
     let (r, _) = resolved(&obj);
     let fetch = build::fetch_job(&r, &OperatorConfig::default(), &claim_owner());
     let pod = pod_of_job(&fetch);
-    let import = pod.volumes.as_ref().unwrap().iter().find(|v| v.name == "import").unwrap();
+    let import = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "import")
+        .unwrap();
     let claim = import.persistent_volume_claim.as_ref().unwrap();
     assert_eq!(claim.claim_name, "sd35-weights");
     assert_eq!(claim.read_only, Some(true));
-    match parse(pod.containers[0].command.as_ref().unwrap(), pod.containers[0].args.as_ref().unwrap()) {
-        Command::Fetch(f) => assert_eq!(f.source.import_dir.unwrap(), Path::new("/import/stable-diffusion-3.5-large")),
+    match parse(
+        pod.containers[0].command.as_ref().unwrap(),
+        pod.containers[0].args.as_ref().unwrap(),
+    ) {
+        Command::Fetch(f) => assert_eq!(
+            f.source.import_dir.unwrap(),
+            Path::new("/import/stable-diffusion-3.5-large")
+        ),
         other => panic!("{other:?}"),
     }
-    assert!(pod.containers[0].env.as_ref().is_none_or(Vec::is_empty), "no token for a pvc source");
+    assert!(
+        pod.containers[0].env.as_ref().is_none_or(Vec::is_empty),
+        "no token for a pvc source"
+    );
     insta::assert_yaml_snapshot!("pvc_fetch_job", fetch);
 }
 
@@ -163,9 +266,24 @@ fn pvc_source_mounts_the_claim_read_only_and_imports_from_it() {
 fn medium_clip_only_defaults_and_single_replica() {
     let obj = example("medium-bf16-clip-only.yaml");
     let (r, owner) = resolved(&obj);
-    let deployment = build::deployment(&r, &OperatorConfig::default(), &owner, &ServingTarget::desired(&r));
-    let pod = deployment.spec.as_ref().unwrap().template.spec.clone().unwrap();
-    match parse(pod.containers[0].command.as_ref().unwrap(), pod.containers[0].args.as_ref().unwrap()) {
+    let deployment = build::deployment(
+        &r,
+        &OperatorConfig::default(),
+        &owner,
+        &ServingTarget::desired(&r),
+    );
+    let pod = deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .clone()
+        .unwrap();
+    match parse(
+        pod.containers[0].command.as_ref().unwrap(),
+        pod.containers[0].args.as_ref().unwrap(),
+    ) {
         Command::Serve(s) => {
             assert!(s.no_t5);
             assert_eq!(s.default_steps, Some(40));
@@ -173,8 +291,20 @@ fn medium_clip_only_defaults_and_single_replica() {
         }
         other => panic!("{other:?}"),
     }
-    let rolling = deployment.spec.as_ref().unwrap().strategy.as_ref().unwrap().rolling_update.clone().unwrap();
-    assert_eq!(serde_json::to_value(&rolling).unwrap(), serde_json::json!({"maxSurge": 0, "maxUnavailable": 1}));
+    let rolling = deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .strategy
+        .as_ref()
+        .unwrap()
+        .rolling_update
+        .clone()
+        .unwrap();
+    assert_eq!(
+        serde_json::to_value(&rolling).unwrap(),
+        serde_json::json!({"maxSurge": 0, "maxUnavailable": 1})
+    );
     assert!(build::pdb(&r, &owner).is_none(), "no PDB for one replica");
     insta::assert_yaml_snapshot!("medium_deployment", deployment);
 }

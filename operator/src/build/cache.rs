@@ -45,7 +45,11 @@ pub fn cache_claim(r: &Resolved, owners: &[OwnerReference]) -> PersistentVolumeC
 /// Exit codes after which a retry cannot help: the Job fails at once instead of burning its
 /// retries, and the operator names the cause.
 fn fail_job_exit_codes() -> Vec<i32> {
-    ExitReason::ALL.into_iter().filter(|r| !r.retriable()).map(ExitReason::code).collect()
+    ExitReason::ALL
+        .into_iter()
+        .filter(|r| !r.retriable())
+        .map(ExitReason::code)
+        .collect()
 }
 
 /// What differs between the fetch and the build Job.
@@ -59,7 +63,14 @@ struct JobParts<'a> {
 }
 
 fn job(r: &Resolved, config: &OperatorConfig, parts: JobParts<'_>) -> Job {
-    let JobParts { name, component, owner, limits: job_spec, container, mut volumes } = parts;
+    let JobParts {
+        name,
+        component,
+        owner,
+        limits: job_spec,
+        container,
+        mut volumes,
+    } = parts;
     let mut labels = labels::common(component);
     labels.insert(labels::NAME.into(), format!("sd35-{component}"));
     labels.insert(labels::CACHE_KEY.into(), r.cache_key.clone());
@@ -76,7 +87,14 @@ fn job(r: &Resolved, config: &OperatorConfig, parts: JobParts<'_>) -> Job {
         pod[k] = v;
     }
     if !r.spec.server.image_pull_secrets.is_empty() {
-        pod["imagePullSecrets"] = json!(r.spec.server.image_pull_secrets.iter().map(|n| json!({"name": n})).collect::<Vec<_>>());
+        pod["imagePullSecrets"] = json!(
+            r.spec
+                .server
+                .image_pull_secrets
+                .iter()
+                .map(|n| json!({"name": n}))
+                .collect::<Vec<_>>()
+        );
     }
     typed(json!({
         "apiVersion": "batch/v1",
@@ -103,7 +121,13 @@ fn job(r: &Resolved, config: &OperatorConfig, parts: JobParts<'_>) -> Job {
     }))
 }
 
-fn container(r: &Resolved, name: &str, args: Vec<String>, resources: Value, env: Vec<Value>) -> Value {
+fn container(
+    r: &Resolved,
+    name: &str,
+    args: Vec<String>,
+    resources: Value,
+    env: Vec<Value>,
+) -> Value {
     let mut c = json!({
         "name": name,
         "image": r.image,
@@ -125,22 +149,35 @@ fn container(r: &Resolved, name: &str, args: Vec<String>, resources: Value, env:
 
 /// The fetch Job: downloads (or imports) the model into `<cache>/models/<cache-key>`.
 pub fn fetch_job(r: &Resolved, config: &OperatorConfig, owner: &OwnerReference) -> Job {
-    let mut source = SourceArgs { hf_repo: None, http_url: None, import_dir: None };
+    let mut source = SourceArgs {
+        hf_repo: None,
+        http_url: None,
+        import_dir: None,
+    };
     let (mut revision, mut endpoint) = ("main".to_owned(), config.hf_endpoint.clone());
     let mut volumes = Vec::new();
     let mut import_mount = None;
     match &r.source {
-        FetchSource::HuggingFace { endpoint: e, repo, revision: rev } => {
+        FetchSource::HuggingFace {
+            endpoint: e,
+            repo,
+            revision: rev,
+        } => {
             source.hf_repo = Some(repo.clone());
             revision = rev.clone();
             endpoint = e.clone();
         }
         FetchSource::Http { url } => source.http_url = Some(url.clone()),
         FetchSource::Pvc { claim, path } => {
-            let dir = if path.is_empty() { IMPORT_MOUNT.to_owned() } else { format!("{IMPORT_MOUNT}/{path}") };
+            let dir = if path.is_empty() {
+                IMPORT_MOUNT.to_owned()
+            } else {
+                format!("{IMPORT_MOUNT}/{path}")
+            };
             source.import_dir = Some(dir.into());
             volumes.push(json!({"name": "import", "persistentVolumeClaim": {"claimName": claim, "readOnly": true}}));
-            import_mount = Some(json!({"name": "import", "mountPath": IMPORT_MOUNT, "readOnly": true}));
+            import_mount =
+                Some(json!({"name": "import", "mountPath": IMPORT_MOUNT, "readOnly": true}));
         }
     }
     let args = FetchArgs {
@@ -156,44 +193,86 @@ pub fn fetch_job(r: &Resolved, config: &OperatorConfig, owner: &OwnerReference) 
         // The token travels from the Secret to the process only; the spec names the Secret.
         env.push(json!({"name": TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}}));
     }
-    let resources = r.spec.cache.fetch.resources.clone().unwrap_or_else(default_fetch_resources);
-    let mut c = container(r, "fetch", [vec!["fetch".to_owned()], args.to_args()].concat(), json!(resources), env);
+    let resources = r
+        .spec
+        .cache
+        .fetch
+        .resources
+        .clone()
+        .unwrap_or_else(default_fetch_resources);
+    let mut c = container(
+        r,
+        "fetch",
+        [vec!["fetch".to_owned()], args.to_args()].concat(),
+        json!(resources),
+        env,
+    );
     if let (Some(mount), Some(mounts)) = (import_mount, c["volumeMounts"].as_array_mut()) {
         mounts.push(mount);
     }
-    job(r, config, JobParts {
-        name: labels::fetch_job(&r.cache_key),
-        component: "fetch",
-        owner,
-        limits: &r.spec.cache.fetch,
-        container: c,
-        volumes,
-    })
+    job(
+        r,
+        config,
+        JobParts {
+            name: labels::fetch_job(&r.cache_key),
+            component: "fetch",
+            owner,
+            limits: &r.spec.cache.fetch,
+            container: c,
+            volumes,
+        },
+    )
 }
 
 /// The engine build Job: converts `<cache>/models/<cache-key>` into
 /// `<cache>/engines/<engine-key>` for the precision. Only built when there is an engine key.
-pub fn build_job(r: &Resolved, config: &OperatorConfig, owner: &OwnerReference, engine_key: &str) -> Job {
+pub fn build_job(
+    r: &Resolved,
+    config: &OperatorConfig,
+    owner: &OwnerReference,
+    engine_key: &str,
+) -> Job {
     let args = BuildEngineArgs {
         cache_root: CACHE_MOUNT.into(),
         cache_key: r.cache_key.clone(),
         engine_key: engine_key.to_owned(),
         precision: r.precision,
     };
-    let resources = r.spec.engine.job.resources.clone().unwrap_or_else(default_build_resources);
-    let c = container(r, "build", [vec!["build-engine".to_owned()], args.to_args()].concat(), json!(resources), Vec::new());
-    let mut j = job(r, config, JobParts {
-        name: labels::build_job(engine_key),
-        component: "build",
-        owner,
-        limits: &r.spec.engine.job,
-        container: c,
-        volumes: Vec::new(),
-    });
+    let resources = r
+        .spec
+        .engine
+        .job
+        .resources
+        .clone()
+        .unwrap_or_else(default_build_resources);
+    let c = container(
+        r,
+        "build",
+        [vec!["build-engine".to_owned()], args.to_args()].concat(),
+        json!(resources),
+        Vec::new(),
+    );
+    let mut j = job(
+        r,
+        config,
+        JobParts {
+            name: labels::build_job(engine_key),
+            component: "build",
+            owner,
+            limits: &r.spec.engine.job,
+            container: c,
+            volumes: Vec::new(),
+        },
+    );
     if let Some(l) = j.metadata.labels.as_mut() {
         l.insert(labels::ENGINE_KEY.into(), engine_key.to_owned());
     }
-    if let Some(l) = j.spec.as_mut().and_then(|s| s.template.metadata.as_mut()).and_then(|m| m.labels.as_mut()) {
+    if let Some(l) = j
+        .spec
+        .as_mut()
+        .and_then(|s| s.template.metadata.as_mut())
+        .and_then(|m| m.labels.as_mut())
+    {
         l.insert(labels::ENGINE_KEY.into(), engine_key.to_owned());
     }
     j

@@ -79,12 +79,20 @@ fn serve_args(r: &Resolved, target: &ServingTarget) -> ServeArgs {
         queue_size: u32::try_from(s.limits.queue_size).unwrap_or(16),
         max_batch_size: u32::try_from(s.limits.max_batch_size).unwrap_or(1),
         request_timeout_seconds: u32::try_from(s.limits.request_timeout_seconds).unwrap_or(300),
-        auth_token_file: s.auth.as_ref().map(|a| format!("/etc/sd35/auth/{}", a.secret_ref.key).into()),
+        auth_token_file: s
+            .auth
+            .as_ref()
+            .map(|a| format!("/etc/sd35/auth/{}", a.secret_ref.key).into()),
     }
 }
 
 /// The serving Deployment for a target.
-pub fn deployment(r: &Resolved, config: &OperatorConfig, owner: &OwnerReference, target: &ServingTarget) -> Deployment {
+pub fn deployment(
+    r: &Resolved,
+    config: &OperatorConfig,
+    owner: &OwnerReference,
+    target: &ServingTarget,
+) -> Deployment {
     let s = &r.spec.server;
     let selector = labels::server_selector(&r.name);
     let mut pod_labels = labels::common("server");
@@ -109,9 +117,7 @@ pub fn deployment(r: &Resolved, config: &OperatorConfig, owner: &OwnerReference,
         mounts.push(json!({"name": "auth", "mountPath": "/etc/sd35/auth", "readOnly": true}));
         volumes.push(json!({"name": "auth", "secret": {"secretName": auth.secret_ref.name, "items": [{"key": auth.secret_ref.key, "path": auth.secret_ref.key}]}}));
     }
-    let probe = |path: &str, period: i32, failures: i32| {
-        json!({"httpGet": {"path": path, "port": "http"}, "periodSeconds": period, "timeoutSeconds": 5, "failureThreshold": failures})
-    };
+    let probe = |path: &str, period: i32, failures: i32| json!({"httpGet": {"path": path, "port": "http"}, "periodSeconds": period, "timeoutSeconds": 5, "failureThreshold": failures});
     let mut container = json!({
         "name": "server",
         "image": r.image,
@@ -150,12 +156,19 @@ pub fn deployment(r: &Resolved, config: &OperatorConfig, owner: &OwnerReference,
         pod["runtimeClassName"] = json!(rc);
     }
     if !s.image_pull_secrets.is_empty() {
-        pod["imagePullSecrets"] = json!(s.image_pull_secrets.iter().map(|n| json!({"name": n})).collect::<Vec<_>>());
+        pod["imagePullSecrets"] = json!(
+            s.image_pull_secrets
+                .iter()
+                .map(|n| json!({"name": n}))
+                .collect::<Vec<_>>()
+        );
     }
     let strategy = match r.spec.rollout.strategy {
         // No spare GPU assumed: replace pods one at a time.
         RolloutStrategy::NoSurge => json!({"maxSurge": 0, "maxUnavailable": 1}),
-        RolloutStrategy::Surge => json!({"maxSurge": r.spec.rollout.max_surge.unwrap_or(1), "maxUnavailable": 0}),
+        RolloutStrategy::Surge => {
+            json!({"maxSurge": r.spec.rollout.max_surge.unwrap_or(1), "maxUnavailable": 0})
+        }
     };
     let mut meta_labels = labels::common("server");
     meta_labels.insert(labels::INSTANCE.into(), r.name.clone());

@@ -1,0 +1,109 @@
+//! `sd35-localcluster`: run the local control plane for development, and serve its
+//! default StorageClass.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use sd35_e2e::localcluster;
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "A local Kubernetes control plane with fake GPU nodes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Debug, clap::Args)]
+struct StateDir {
+    /// The cluster's state directory [default: ${XDG_CACHE_HOME:-~/.cache}/sd35-operator/localcluster].
+    #[arg(long, env = "SD35_LOCALCLUSTER_DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+impl StateDir {
+    fn resolve(self) -> Result<PathBuf> {
+        self.state_dir
+            .map_or_else(localcluster::default_state_dir, Ok)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Commands {
+    /// Start a cluster that keeps running after this command; prints its kubeconfig path.
+    Start {
+        #[command(flatten)]
+        state: StateDir,
+        /// How many fake GPU nodes (eight nvidia.com/gpu each) to create.
+        #[arg(long, default_value_t = 4)]
+        gpu_nodes: usize,
+    },
+    /// Stop the cluster and remove its state directory.
+    Stop {
+        #[command(flatten)]
+        state: StateDir,
+    },
+    /// Show the cluster's processes; exits non-zero unless all of them run.
+    Status {
+        #[command(flatten)]
+        state: StateDir,
+    },
+    /// Print the path of the cluster's kubeconfig.
+    Kubeconfig {
+        #[command(flatten)]
+        state: StateDir,
+    },
+    /// Run the volume provisioner of the default StorageClass (started by the cluster).
+    Provision {
+        /// The kubeconfig to act with.
+        #[arg(long)]
+        kubeconfig: PathBuf,
+        /// The directory that holds the volumes' directories.
+        #[arg(long)]
+        root: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<bool> {
+    match cli.command {
+        Commands::Start { state, gpu_nodes } => {
+            localcluster::start(&state.resolve()?, gpu_nodes)?;
+        }
+        Commands::Stop { state } => localcluster::stop(&state.resolve()?)?,
+        Commands::Status { state } => return localcluster::status(&state.resolve()?),
+        Commands::Kubeconfig { state } => {
+            println!(
+                "{}",
+                localcluster::kubeconfig_path(&state.resolve()?)?.display()
+            );
+        }
+        Commands::Provision { kubeconfig, root } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .with_ansi(std::io::stderr().is_terminal())
+                .init();
+            tokio::runtime::Runtime::new()?
+                .block_on(sd35_e2e::provisioner::run(&kubeconfig, &root))?;
+        }
+    }
+    Ok(true)
+}

@@ -1,0 +1,326 @@
+//! The command lines of the cluster's processes, in start order.
+//!
+//! Everything listens on 127.0.0.1 only, on the ports picked for this cluster; every file
+//! named here lives in the cluster's state directory. The functions are pure, so the
+//! command lines are tested without starting anything.
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use crate::binaries::Binaries;
+use crate::layout::Layout;
+use crate::pki::{self, CONTROLLER_MANAGER, KWOK, PROVISIONER, SCHEDULER};
+use crate::ports::Ports;
+use crate::process::ProcessSpec;
+
+/// The service-account token issuer, the same as a kubeadm cluster's.
+pub const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc";
+
+/// The range Service cluster IPs are allocated from; nothing is ever routed to it.
+pub const SERVICE_CLUSTER_IP_RANGE: &str = "10.96.0.0/16";
+
+/// The annotation (key=value) that hands a Node to kwok.
+pub const KWOK_NODE_ANNOTATION: (&str, &str) = ("kwok.x-k8s.io/node", "fake");
+
+/// The provisioner name of the default StorageClass, served by `sd35-localcluster provision`.
+pub const LOCAL_PROVISIONER: &str = "sd35.io/local-test";
+
+/// Controllers that need a cloud provider or node CIDRs, which this cluster has neither of.
+const DISABLED_CONTROLLERS: [&str; 4] = [
+    "cloud-node-lifecycle-controller",
+    "node-ipam-controller",
+    "node-route-controller",
+    "service-lb-controller",
+];
+
+/// The audit policy: one Metadata-level event per request, recorded when the response is
+/// complete (or has started, for watches), never also when it is received, so counting
+/// events counts requests.
+pub(crate) const AUDIT_POLICY: &str = "\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages:
+  - RequestReceived
+rules:
+  - level: Metadata
+";
+
+/// What the command lines are built from.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Inputs<'a> {
+    pub(crate) layout: &'a Layout,
+    pub(crate) ports: &'a Ports,
+    pub(crate) binaries: &'a Binaries,
+    /// The executable that has the `provision` subcommand.
+    pub(crate) provisioner: &'a Path,
+}
+
+/// The storage and the API server, started first.
+pub(crate) fn api(inputs: Inputs<'_>) -> Vec<ProcessSpec> {
+    vec![etcd(inputs), kube_apiserver(inputs)]
+}
+
+/// The API server's clients, started once it is ready: the controller-manager and
+/// scheduler read their delegated-auth configuration at start and exit if the RBAC
+/// bootstrap policy is not in place yet.
+pub(crate) fn clients(inputs: Inputs<'_>) -> Vec<ProcessSpec> {
+    vec![
+        kube_controller_manager(inputs),
+        kube_scheduler(inputs),
+        kwok(inputs),
+        provisioner(inputs),
+    ]
+}
+
+fn loopback_url(scheme: &str, port: u16) -> String {
+    format!("{scheme}://127.0.0.1:{port}")
+}
+
+/// The URL clients use to reach the API server.
+pub(crate) fn server_url(ports: &Ports) -> String {
+    loopback_url("https", ports.apiserver)
+}
+
+fn spec(name: &'static str, inputs: Inputs<'_>, args: Vec<OsString>) -> ProcessSpec {
+    ProcessSpec {
+        name,
+        program: inputs.binaries.path(name),
+        args,
+        envs: Vec::new(),
+    }
+}
+
+/// `--flag=value` as one argument.
+fn flag(name: &str, value: impl AsRef<std::ffi::OsStr>) -> OsString {
+    let mut arg = OsString::from(format!("--{name}="));
+    arg.push(value);
+    arg
+}
+
+fn etcd(inputs: Inputs<'_>) -> ProcessSpec {
+    let client = loopback_url("http", inputs.ports.etcd_client);
+    let peer = loopback_url("http", inputs.ports.etcd_peer);
+    spec(
+        "etcd",
+        inputs,
+        vec![
+            flag("name", "sd35-local"),
+            flag("data-dir", inputs.layout.etcd_data()),
+            flag("listen-client-urls", &client),
+            flag("advertise-client-urls", &client),
+            flag("listen-peer-urls", &peer),
+            flag("initial-advertise-peer-urls", &peer),
+            flag("initial-cluster", format!("sd35-local={peer}")),
+            flag("initial-cluster-state", "new"),
+            // The data dies with the cluster, so durability buys nothing but slowness.
+            "--unsafe-no-fsync".into(),
+            flag("log-level", "warn"),
+        ],
+    )
+}
+
+fn kube_apiserver(inputs: Inputs<'_>) -> ProcessSpec {
+    let layout = inputs.layout;
+    spec(
+        "kube-apiserver",
+        inputs,
+        vec![
+            flag("advertise-address", "127.0.0.1"),
+            flag("bind-address", "127.0.0.1"),
+            flag("secure-port", inputs.ports.apiserver.to_string()),
+            flag(
+                "etcd-servers",
+                loopback_url("http", inputs.ports.etcd_client),
+            ),
+            flag("cert-dir", layout.pki_dir()),
+            flag("client-ca-file", layout.cert(pki::CA)),
+            flag("tls-cert-file", layout.cert(pki::APISERVER)),
+            flag("tls-private-key-file", layout.key(pki::APISERVER)),
+            flag("service-account-issuer", SERVICE_ACCOUNT_ISSUER),
+            flag(
+                "service-account-key-file",
+                layout.service_account_public_key(),
+            ),
+            flag(
+                "service-account-signing-key-file",
+                layout.key(pki::SERVICE_ACCOUNT),
+            ),
+            flag("service-cluster-ip-range", SERVICE_CLUSTER_IP_RANGE),
+            flag("authorization-mode", "Node,RBAC"),
+            flag("allow-privileged", "true"),
+            // The `kubernetes` Service would list 127.0.0.1 as its endpoint, which
+            // Endpoints validation rejects as loopback; nothing here routes to it anyway.
+            flag("endpoint-reconciler-type", "none"),
+            flag("audit-policy-file", layout.audit_policy()),
+            flag("audit-log-path", layout.audit_log()),
+            flag("audit-log-format", "json"),
+            flag("profiling", "false"),
+        ],
+    )
+}
+
+/// The flags a component needs to talk to, and authenticate its own callers with, the API
+/// server as `kubeconfig`'s identity.
+fn component_auth(layout: &Layout, identity: &str) -> Vec<OsString> {
+    let kubeconfig = layout.component_kubeconfig(identity);
+    vec![
+        flag("kubeconfig", &kubeconfig),
+        flag("authentication-kubeconfig", &kubeconfig),
+        flag("authorization-kubeconfig", &kubeconfig),
+    ]
+}
+
+fn kube_controller_manager(inputs: Inputs<'_>) -> ProcessSpec {
+    let layout = inputs.layout;
+    let controllers = std::iter::once("*".to_owned())
+        .chain(DISABLED_CONTROLLERS.iter().map(|name| format!("-{name}")))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut args = component_auth(layout, CONTROLLER_MANAGER.name);
+    args.extend([
+        flag("bind-address", "127.0.0.1"),
+        flag("secure-port", inputs.ports.controller_manager.to_string()),
+        flag("leader-elect", "false"),
+        flag("controllers", controllers),
+        flag("use-service-account-credentials", "true"),
+        flag(
+            "service-account-private-key-file",
+            layout.key(pki::SERVICE_ACCOUNT),
+        ),
+        flag("root-ca-file", layout.cert(pki::CA)),
+        flag("cluster-signing-cert-file", layout.cert(pki::CA)),
+        flag("cluster-signing-key-file", layout.key(pki::CA)),
+        flag("service-cluster-ip-range", SERVICE_CLUSTER_IP_RANGE),
+    ]);
+    spec("kube-controller-manager", inputs, args)
+}
+
+fn kube_scheduler(inputs: Inputs<'_>) -> ProcessSpec {
+    let mut args = component_auth(inputs.layout, SCHEDULER.name);
+    args.extend([
+        flag("bind-address", "127.0.0.1"),
+        flag("secure-port", inputs.ports.scheduler.to_string()),
+        flag("leader-elect", "false"),
+    ]);
+    spec("kube-scheduler", inputs, args)
+}
+
+fn kwok(inputs: Inputs<'_>) -> ProcessSpec {
+    let (key, value) = KWOK_NODE_ANNOTATION;
+    let mut spec = spec(
+        "kwok",
+        inputs,
+        vec![
+            flag("kubeconfig", inputs.layout.component_kubeconfig(KWOK.name)),
+            flag("manage-all-nodes", "false"),
+            flag(
+                "manage-nodes-with-annotation-selector",
+                format!("{key}={value}"),
+            ),
+            flag("server-address", format!("127.0.0.1:{}", inputs.ports.kwok)),
+        ],
+    );
+    // kwok also reads ~/.kwok/kwok.yaml when it exists; its work dir keeps it hermetic, so
+    // only the built-in stages apply.
+    spec.envs
+        .push(("KWOK_WORKDIR", inputs.layout.kwok_workdir().into()));
+    spec
+}
+
+fn provisioner(inputs: Inputs<'_>) -> ProcessSpec {
+    ProcessSpec {
+        name: "provisioner",
+        program: inputs.provisioner.to_path_buf(),
+        args: vec![
+            "provision".into(),
+            "--kubeconfig".into(),
+            inputs.layout.component_kubeconfig(PROVISIONER.name).into(),
+            "--root".into(),
+            inputs.layout.volumes_dir().into(),
+        ],
+        envs: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn all_specs() -> Vec<ProcessSpec> {
+        let layout = Layout::new(PathBuf::from("/state"));
+        let ports = Ports {
+            etcd_client: 1001,
+            etcd_peer: 1002,
+            apiserver: 1003,
+            controller_manager: 1004,
+            scheduler: 1005,
+            kwok: 1006,
+        };
+        let binaries = Binaries::unchecked(PathBuf::from("/bin-dir"));
+        let inputs = Inputs {
+            layout: &layout,
+            ports: &ports,
+            binaries: &binaries,
+            provisioner: Path::new("/bin-dir/sd35-localcluster"),
+        };
+        let mut specs = api(inputs);
+        specs.extend(clients(inputs));
+        specs
+    }
+
+    fn args(spec: &ProcessSpec) -> Vec<String> {
+        spec.args
+            .iter()
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn every_address_is_loopback() {
+        for spec in all_specs() {
+            for arg in args(&spec) {
+                let value = arg.split_once('=').map_or("", |(_, value)| value);
+                let is_address_flag = ["address", "url", "cluster="]
+                    .iter()
+                    .any(|marker| arg.contains(marker));
+                if is_address_flag && arg.starts_with("--") {
+                    assert!(
+                        value.contains("127.0.0.1"),
+                        "{} listens beyond loopback: {arg}",
+                        spec.name
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_file_is_in_the_state_dir() {
+        for spec in all_specs() {
+            for arg in args(&spec) {
+                let value = arg.split_once('=').map_or(arg.as_str(), |(_, value)| value);
+                if value.starts_with('/') {
+                    assert!(
+                        value.starts_with("/state/") || value.starts_with("/bin-dir/"),
+                        "{} uses a file outside the state dir: {arg}",
+                        spec.name
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn etcd_skips_fsync_and_controllers_skip_cloud() {
+        let specs = all_specs();
+        assert!(args(&specs[0]).contains(&"--unsafe-no-fsync".to_owned()));
+        let controllers = args(&specs[2])
+            .into_iter()
+            .find(|arg| arg.starts_with("--controllers="))
+            .unwrap();
+        assert!(controllers.starts_with("--controllers=*,"));
+        assert!(controllers.contains("-cloud-node-lifecycle-controller"));
+    }
+}

@@ -1,0 +1,96 @@
+//! Helpers the end-to-end tests share: the repository root, installing the CRD once per
+//! cluster, and `kubectl apply` of a manifest given as text.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::sync::Mutex;
+
+use anyhow::{Context, Result, bail};
+
+use crate::Cluster;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Installs the CRD from `crds/` with `kubectl apply` (once per process; concurrent tests
+/// would race on its creation) and waits until it is Established.
+pub fn install_crd(cluster: &Cluster) -> Result<()> {
+    static INSTALLED: Mutex<bool> = Mutex::new(false);
+    let mut installed = INSTALLED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if *installed {
+        return Ok(());
+    }
+    let out = cluster
+        .kubectl()
+        .args(["apply", "-f"])
+        .arg(repo_root().join("crds"))
+        .output()
+        .context("run kubectl")?;
+    if !out.status.success() {
+        bail!(
+            "kubectl apply -f crds/ failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = cluster
+        .kubectl()
+        .args([
+            "wait",
+            "--for=condition=Established",
+            "crd/sd35deployments.sd35.io",
+            "--timeout=60s",
+        ])
+        .output()
+        .context("run kubectl")?;
+    if !out.status.success() {
+        bail!(
+            "the CRD did not become Established: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Established does not mean discovery serves it yet; kubectl needs discovery.
+    let started = std::time::Instant::now();
+    loop {
+        let out = cluster
+            .kubectl()
+            .args(["get", "sd35", "-A"])
+            .output()
+            .context("run kubectl")?;
+        if out.status.success() {
+            break;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(30) {
+            bail!(
+                "kubectl cannot find the sd35 resource: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    *installed = true;
+    Ok(())
+}
+
+/// `kubectl apply -n NAMESPACE -f -` with `yaml` on stdin.
+pub fn kubectl_apply(cluster: &Cluster, namespace: &str, yaml: &str) -> Result<Output> {
+    let mut child = cluster
+        .kubectl()
+        .args(["apply", "-n", namespace, "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("run kubectl")?;
+    child
+        .stdin
+        .take()
+        .context("kubectl stdin")?
+        .write_all(yaml.as_bytes())
+        .context("write manifest to kubectl")?;
+    child.wait_with_output().context("wait for kubectl")
+}

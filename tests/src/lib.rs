@@ -1,0 +1,45 @@
+//! End-to-end test support for the sd35 operator: a real Kubernetes control plane on
+//! loopback (etcd, kube-apiserver, kube-controller-manager, kube-scheduler built from the
+//! pinned Go modules in `tests/controlplane/`), kwok playing GPU nodes, and a static
+//! provisioner behind the default StorageClass.
+//!
+//! ```no_run
+//! # async fn example() -> anyhow::Result<()> {
+//! let cluster = sd35_e2e::shared_cluster();
+//! let namespace = cluster.temp_namespace("my-test").await;
+//! let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = namespace.api();
+//! # Ok(()) }
+//! ```
+
+mod binaries;
+mod bootstrap;
+mod cluster;
+mod components;
+mod fixtures;
+pub mod kubeconfig;
+mod layout;
+pub mod localcluster;
+mod namespace;
+mod nodes;
+mod operator;
+mod pki;
+mod ports;
+mod process;
+pub mod provisioner;
+mod shared;
+mod storage;
+mod supervisor;
+pub mod wait;
+
+pub use binaries::{BIN_DIR_ENV, Binaries};
+pub use cluster::{Cluster, ClusterOptions, LOCALCLUSTER_EXE};
+pub use components::{KWOK_NODE_ANNOTATION, LOCAL_PROVISIONER, SERVICE_ACCOUNT_ISSUER};
+pub use fixtures::{install_crd, kubectl_apply, repo_root};
+pub use namespace::{TEST_NAMESPACE_LABEL, TestNamespace};
+pub use nodes::{GPU_PRODUCT, GPU_RESOURCE, GPUS_PER_NODE, gpu_node_name, is_ready};
+pub use operator::{OPERATOR_BIN_ENV, OperatorProcess, operator_binary};
+pub use process::{Lifetime, runs_for_state_dir};
+pub use shared::shared_cluster;
+pub use storage::DEFAULT_STORAGE_CLASS;
+pub use supervisor::KEEP_STATE_ENV;
+pub use wait::{Probe, poll_until};

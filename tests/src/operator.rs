@@ -1,0 +1,134 @@
+//! The operator as a real process against the local cluster.
+//!
+//! Each test runs its own operator watching only the test's namespace, so tests running in
+//! parallel never reconcile each other's objects. The process is started through
+//! `setpriv --pdeathsig KILL` from the test's thread, so it dies with the test even on abort,
+//! and is killed when the guard drops.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::Cluster;
+
+/// Env var naming the operator binary; `make e2e` sets it.
+pub const OPERATOR_BIN_ENV: &str = "SD35_OPERATOR_BIN";
+
+/// The operator binary: from `SD35_OPERATOR_BIN`, else beside this test binary's target dir.
+pub fn operator_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(OPERATOR_BIN_ENV) {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().context("locate the test binary")?;
+    // target/<profile>/deps/<test> → target/<profile>/sd35-operator
+    let candidate = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join("sd35-operator"))
+        .context("locate the target directory")?;
+    if candidate.is_file() {
+        return Ok(candidate);
+    }
+    bail!(
+        "the operator binary is not built: run `cargo build -p sd35-operator` (or `make e2e`), or set {OPERATOR_BIN_ENV}; looked at {}",
+        candidate.display()
+    )
+}
+
+fn free_port() -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("pick a free port")?;
+    listener.local_addr().context("read the free port")
+}
+
+/// A running operator process.
+#[derive(Debug)]
+pub struct OperatorProcess {
+    child: Child,
+    admin: SocketAddr,
+    log: PathBuf,
+}
+
+impl OperatorProcess {
+    /// Starts the operator watching `namespace`, with `extra` flags.
+    pub fn start(cluster: &Cluster, namespace: &str, extra: &[&str]) -> Result<Self> {
+        let binary = operator_binary()?;
+        let admin = free_port()?;
+        let log = cluster
+            .state_dir()
+            .join(format!("operator-{namespace}-{}.log", admin.port()));
+        let file =
+            std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let child = Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "--"])
+            .arg(&binary)
+            .arg(format!("--admin-addr={admin}"))
+            .arg(format!("--namespace={namespace}"))
+            .arg("--server-image=sd35-server:e2e")
+            .args(extra)
+            .env("KUBECONFIG", cluster.kubeconfig_path())
+            .env("RUST_LOG", "info,sd35_operator=debug,kube=warn")
+            .env("POD_NAMESPACE", namespace)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().context("clone log handle")?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("start {}", binary.display()))?;
+        Ok(Self { child, admin, log })
+    }
+
+    /// Base URL of the admin port.
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the process logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the process has exited (and how).
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .context("send SIGTERM")?;
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().context("wait for the operator")? {
+                return Ok(status);
+            }
+            if started.elapsed() > timeout {
+                bail!(
+                    "the operator did not exit within {timeout:?} of SIGTERM; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills the process at once (like a crashed node).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
