@@ -45,7 +45,7 @@ demo: ## Start a local cluster with GPU nodes, install the CRD, apply an example
 	./target/debug/sd35-localcluster start; \
 	export KUBECONFIG="$$(./target/debug/sd35-localcluster kubeconfig)"; \
 	"$$bin/kubectl" apply -f crds/; \
-	"$$bin/kubectl" wait --for=condition=Established crd/sd35deployments.sd35.io --timeout=60s; \
+	for i in $$(seq 60); do "$$bin/kubectl" get sd35 >/dev/null 2>&1 && break; sleep 1; done; \
 	"$$bin/kubectl" apply -f examples/large-bf16.yaml; \
 	"$$bin/kubectl" get nodes -L nvidia.com/gpu.product; \
 	"$$bin/kubectl" get sd35 -o wide; \

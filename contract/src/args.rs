@@ -89,7 +89,11 @@ pub struct FetchArgs {
     pub revision: String,
 
     /// Hugging Face endpoint, for mirrors and proxies.
-    #[arg(long, env = "SD35_HF_ENDPOINT", default_value = "https://huggingface.co")]
+    #[arg(
+        long,
+        env = "SD35_HF_ENDPOINT",
+        default_value = "https://huggingface.co"
+    )]
     pub hf_endpoint: String,
 
     /// The variant, which decides the files a repository must provide.
@@ -201,7 +205,11 @@ impl FetchArgs {
         let mut a = Vec::new();
         push_opt(&mut a, "hf-repo", self.source.hf_repo.as_ref());
         push_opt(&mut a, "http-url", self.source.http_url.as_ref());
-        push_opt(&mut a, "import-dir", self.source.import_dir.as_ref().map(|p| p.display()));
+        push_opt(
+            &mut a,
+            "import-dir",
+            self.source.import_dir.as_ref().map(|p| p.display()),
+        );
         push(&mut a, "revision", &self.revision);
         push(&mut a, "hf-endpoint", &self.hf_endpoint);
         push(&mut a, "variant", self.variant.as_str());
@@ -241,8 +249,16 @@ impl ServeArgs {
         push_opt(&mut a, "default-height", self.default_height);
         push(&mut a, "queue-size", self.queue_size);
         push(&mut a, "max-batch-size", self.max_batch_size);
-        push(&mut a, "request-timeout-seconds", self.request_timeout_seconds);
-        push_opt(&mut a, "auth-token-file", self.auth_token_file.as_ref().map(|p| p.display()));
+        push(
+            &mut a,
+            "request-timeout-seconds",
+            self.request_timeout_seconds,
+        );
+        push_opt(
+            &mut a,
+            "auth-token-file",
+            self.auth_token_file.as_ref().map(|p| p.display()),
+        );
         a
     }
 }
@@ -268,8 +284,12 @@ mod tests {
     }
 
     fn parse(sub: &str, args: Vec<String>) -> Command {
-        let argv = ["sd35-server".to_owned(), sub.to_owned()].into_iter().chain(args);
-        Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{e}")).command
+        let argv = ["sd35-server".to_owned(), sub.to_owned()]
+            .into_iter()
+            .chain(args);
+        Cli::try_parse_from(argv)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .command
     }
 
     fn fetch(source: SourceArgs) -> FetchArgs {
@@ -286,9 +306,21 @@ mod tests {
     #[test]
     fn fetch_command_lines_parse_back_for_every_source() {
         let sources = [
-            SourceArgs { hf_repo: Some("stabilityai/stable-diffusion-3.5-large".into()), http_url: None, import_dir: None },
-            SourceArgs { hf_repo: None, http_url: Some("https://m.example/a b/?x=1".into()), import_dir: None },
-            SourceArgs { hf_repo: None, http_url: None, import_dir: Some("/import/some dir".into()) },
+            SourceArgs {
+                hf_repo: Some("stabilityai/stable-diffusion-3.5-large".into()),
+                http_url: None,
+                import_dir: None,
+            },
+            SourceArgs {
+                hf_repo: None,
+                http_url: Some("https://m.example/a b/?x=1".into()),
+                import_dir: None,
+            },
+            SourceArgs {
+                hf_repo: None,
+                http_url: None,
+                import_dir: Some("/import/some dir".into()),
+            },
         ];
         for source in sources {
             let args = fetch(source);
@@ -301,9 +333,16 @@ mod tests {
 
     #[test]
     fn fetch_refuses_two_sources() {
-        let mut args = fetch(SourceArgs { hf_repo: Some("a/b".into()), http_url: None, import_dir: None }).to_args();
+        let mut args = fetch(SourceArgs {
+            hf_repo: Some("a/b".into()),
+            http_url: None,
+            import_dir: None,
+        })
+        .to_args();
         args.push("--http-url=https://x.example/".into());
-        let argv = ["sd35-server".to_owned(), "fetch".to_owned()].into_iter().chain(args);
+        let argv = ["sd35-server".to_owned(), "fetch".to_owned()]
+            .into_iter()
+            .chain(args);
         let err = Cli::try_parse_from(argv).expect_err("two sources must be refused");
         assert!(err.to_string().contains("cannot be used with"), "{err}");
     }

@@ -80,14 +80,28 @@ impl ExitReason {
     /// What a person should do about it.
     pub const fn hint(self) -> &'static str {
         match self {
-            ExitReason::Usage => "this is a bug in the operator or a version mismatch between operator and server image",
-            ExitReason::Unauthorized => "check the token Secret and, for gated models, accept the licence on the model page with that account",
-            ExitReason::NotFound => "check the repository, revision, URL or path in spec.model.source",
+            ExitReason::Usage => {
+                "this is a bug in the operator or a version mismatch between operator and server image"
+            }
+            ExitReason::Unauthorized => {
+                "check the token Secret and, for gated models, accept the licence on the model page with that account"
+            }
+            ExitReason::NotFound => {
+                "check the repository, revision, URL or path in spec.model.source"
+            }
             ExitReason::DiskFull => "raise spec.cache.size (or use a larger existing claim)",
-            ExitReason::PermissionDenied => "the cache volume is not writable by the Job's user; check the StorageClass and fsGroup",
-            ExitReason::ChecksumMismatch => "the source serves files that do not match their manifest; check the mirror",
-            ExitReason::Network => "the source was unreachable or stalled; check network policies, proxies and the endpoint",
-            ExitReason::InvalidModel => "the files are not an SD3.5 model in the diffusers or single-file layout",
+            ExitReason::PermissionDenied => {
+                "the cache volume is not writable by the Job's user; check the StorageClass and fsGroup"
+            }
+            ExitReason::ChecksumMismatch => {
+                "the source serves files that do not match their manifest; check the mirror"
+            }
+            ExitReason::Network => {
+                "the source was unreachable or stalled; check network policies, proxies and the endpoint"
+            }
+            ExitReason::InvalidModel => {
+                "the files are not an SD3.5 model in the diffusers or single-file layout"
+            }
         }
     }
 }
@@ -100,7 +114,11 @@ mod tests {
     fn codes_are_distinct_and_round_trip() {
         let mut seen = std::collections::BTreeSet::new();
         for reason in ExitReason::ALL {
-            assert!(seen.insert(reason.code()), "{reason:?} reuses code {}", reason.code());
+            assert!(
+                seen.insert(reason.code()),
+                "{reason:?} reuses code {}",
+                reason.code()
+            );
             assert_eq!(ExitReason::from_code(reason.code()), Some(reason));
         }
         assert_eq!(ExitReason::from_code(0), None);

@@ -218,6 +218,9 @@ fn kwok(inputs: Inputs<'_>) -> ProcessSpec {
                 format!("{key}={value}"),
             ),
             flag("server-address", format!("127.0.0.1:{}", inputs.ports.kwok)),
+            // Node leases are the heartbeat the node lifecycle controller reads; without
+            // them every node is marked NotReady after its 50 s grace period.
+            flag("node-lease-duration-seconds", "40"),
         ],
     );
     // kwok also reads ~/.kwok/kwok.yaml when it exists; its work dir keeps it hermetic, so

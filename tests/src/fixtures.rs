@@ -37,23 +37,9 @@ pub fn install_crd(cluster: &Cluster) -> Result<()> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let out = cluster
-        .kubectl()
-        .args([
-            "wait",
-            "--for=condition=Established",
-            "crd/sd35deployments.sd35.io",
-            "--timeout=60s",
-        ])
-        .output()
-        .context("run kubectl")?;
-    if !out.status.success() {
-        bail!(
-            "the CRD did not become Established: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    // Established does not mean discovery serves it yet; kubectl needs discovery.
+    // Wait until the CRD is established and served by discovery, which kubectl needs.
+    // (`kubectl wait --for=condition=Established` fails outright on a CRD whose status is
+    // not written yet.)
     let started = std::time::Instant::now();
     loop {
         let out = cluster

@@ -84,6 +84,40 @@ impl OperatorProcess {
         format!("http://{}", self.admin)
     }
 
+    /// The body of `GET path` on the admin port.
+    pub async fn admin_get(&self, path: &str) -> Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.admin)
+            .await
+            .context("connect to the admin port")?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+            .await
+            .context("send request")?;
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .await
+            .context("read response")?;
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .context("malformed HTTP response")?;
+        if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+            bail!("GET {path}: {head}");
+        }
+        Ok(body.to_owned())
+    }
+
+    /// The operator's `sd35_operator_reconciliations_total`.
+    pub async fn reconciliations(&self) -> Result<u64> {
+        let text = self.admin_get("/metrics").await?;
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix("sd35_operator_reconciliations_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0))
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
