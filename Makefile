@@ -54,6 +54,14 @@ demo: ## Start a local cluster with GPU nodes, install the CRD, apply an example
 	echo "  kubectl explain sd35.spec"; \
 	echo "Stop it with: ./target/debug/sd35-localcluster stop"
 
+.PHONY: bench-operator
+bench-operator: ## Operator benchmark: N SD35Deployments to Ready, requests per object, RSS, CPU
+	bin="$$(bash tests/controlplane/build.sh)"; \
+	$(CARGO) build --locked -q --release -p sd35-operator --bin sd35-operator; \
+	$(CARGO) build --locked -q -p sd35-e2e --bin sd35-bench-operator --bin sd35-localcluster; \
+	SD35_CONTROLPLANE_BIN="$$bin" SD35_OPERATOR_BIN="$$PWD/target/release/sd35-operator" \
+	  ./target/debug/sd35-bench-operator --objects $${OBJECTS:-100,500}
+
 .PHONY: demo-stop
 demo-stop: ## Stop the demo cluster
 	./target/debug/sd35-localcluster stop
