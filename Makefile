@@ -4,12 +4,18 @@ SHELL := bash
 .DEFAULT_GOAL := help
 
 CARGO ?= cargo
+DOCKER ?= docker
+# Where `make images` tags the images, and with which version (the workspace's).
+REGISTRY ?= ghcr.io/sd35-operator
+VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
+# GPU generation the server's CUDA kernels are compiled for (see inference/server/Dockerfile).
+CUDA_COMPUTE_CAP ?= 89
 # Where the control plane binaries live (built once per version into a per-user cache).
 CONTROLPLANE_BIN = $(shell bash tests/controlplane/build.sh)
 
 .PHONY: help
 help: ## List the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 .PHONY: controlplane
 controlplane: ## Build etcd, kube-apiserver, controller-manager, scheduler, kubectl, kwok, helm (cached)
@@ -35,8 +41,22 @@ e2e: ## End-to-end tests on a real local control plane with kwok GPU nodes
 test: controlplane lint unit e2e ## Everything CI runs
 
 .PHONY: crds
-crds: ## Regenerate the CRD YAML from the Rust types
+crds: ## Regenerate the CRD YAML (crds/, the chart) and docs/api.md from the Rust types
 	$(CARGO) run -q -p sd35-crds --bin crdgen -- --write
+
+.PHONY: images
+images: ## Build the operator and server container images (Docker with BuildKit)
+	$(DOCKER) build -f operator/Dockerfile -t $(REGISTRY)/sd35-operator:$(VERSION) .
+	$(DOCKER) build -f inference/server/Dockerfile --build-arg CUDA_COMPUTE_CAP=$(CUDA_COMPUTE_CAP) \
+	  -t $(REGISTRY)/sd35-server:$(VERSION) .
+
+.PHONY: chart
+chart: ## Lint and render the Helm chart with every ci/ scenario
+	helm="$$(bash tests/controlplane/build.sh)/helm"; \
+	for values in charts/sd35-operator/ci/*-values.yaml; do \
+	  "$$helm" lint --strict --kube-version 1.34.0 charts/sd35-operator -f "$$values"; \
+	  "$$helm" template sd35 charts/sd35-operator --kube-version 1.34.0 -f "$$values" >/dev/null; \
+	done
 
 .PHONY: demo
 demo: ## Start a local cluster with GPU nodes, install the CRD, apply an example, show it

@@ -16,15 +16,62 @@ fn repo_root() -> PathBuf {
 #[test]
 fn committed_crds_match_the_types() {
     let expected = sd35_crds::crd_yaml();
-    for dir in ["crds", "charts/sd35-operator/crds"] {
+    for dir in sd35_crds::CRD_DIRS {
         let path = repo_root().join(dir).join(sd35_crds::CRD_FILE_NAME);
         let committed = std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
         assert!(
             committed == expected,
-            "{} is out of date with the types in crds/src; run `cargo run -p sd35-crds --bin crdgen -- --write` and commit",
+            "{} is out of date with the types in crds/src; run `make crds` and commit",
             path.display()
         );
+    }
+}
+
+#[test]
+fn committed_api_reference_matches_the_types() {
+    let path = repo_root().join(sd35_crds::API_REFERENCE_PATH);
+    let committed = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    assert!(
+        committed == sd35_crds::api_reference_markdown(),
+        "{} is out of date with the types in crds/src; run `make crds` and commit",
+        path.display()
+    );
+}
+
+#[test]
+fn api_reference_documents_every_field() {
+    // Every field of ours appears in the reference under its own name, in the table of the
+    // object that holds it.
+    let markdown = sd35_crds::api_reference_markdown();
+    let schema = spec_schema();
+    for root in ["spec", "status"] {
+        walk(root, &schema["properties"][root], &mut |path, _| {
+            let embedded = ["affinity", "tolerations", "resources", "conditions"]
+                .iter()
+                .any(|e| path.contains(&format!(".{e}.")) || path.contains(&format!(".{e}[]")));
+            if embedded || path.ends_with("{}") || path.ends_with("[]") || !path.contains('.') {
+                return;
+            }
+            let (parent, name) = path.rsplit_once('.').unwrap();
+            let parent = parent.trim_end_matches("[]");
+            let section = if parent.contains('.') {
+                markdown
+                    .split_once(&format!(" {parent}\n"))
+                    .map(|(_, rest)| rest)
+                    .unwrap_or_else(|| panic!("no section for {parent}"))
+            } else {
+                markdown
+                    .split_once(&format!("## {parent}\n"))
+                    .map(|(_, rest)| rest)
+                    .unwrap()
+            };
+            assert!(
+                section.contains(&format!("| `{name}`")),
+                "{path} is missing from the API reference"
+            );
+        });
     }
 }
 

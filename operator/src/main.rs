@@ -107,8 +107,12 @@ fn init_logging(format: LogFormat) {
 }
 
 /// Fails with a hint when the CRD is missing, instead of watching nothing.
-async fn check_crd(client: &Client) -> anyhow::Result<()> {
-    let api: Api<SD35Deployment> = Api::all(client.clone());
+async fn check_crd(client: &Client, namespace: Option<&str>) -> anyhow::Result<()> {
+    // Within the watched scope only, so a namespace-scoped install needs no cluster-wide read.
+    let api: Api<SD35Deployment> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
     match api.list(&ListParams::default().limit(1)).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 404 => anyhow::bail!(
@@ -234,7 +238,7 @@ async fn main() -> anyhow::Result<()> {
         http::HeaderValue::from_static(concat!("sd35-operator/", env!("CARGO_PKG_VERSION"))),
     ));
     let client = Client::try_from(kube_config).context("cannot build a Kubernetes client")?;
-    if let Err(e) = check_crd(&client).await {
+    if let Err(e) = check_crd(&client, args.namespace.as_deref()).await {
         error!("{e:#}");
         std::process::exit(2);
     }

@@ -210,6 +210,40 @@ impl Cluster {
         command
     }
 
+    /// Writes a kubeconfig that acts as ServiceAccount `namespace/name`, with a token from the
+    /// TokenRequest API (valid for an hour, bound to nothing), and returns its path. Clients
+    /// using it have exactly the permissions RBAC gives that ServiceAccount.
+    pub async fn service_account_kubeconfig(&self, namespace: &str, name: &str) -> Result<PathBuf> {
+        use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+        use k8s_openapi::api::core::v1::ServiceAccount;
+
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                expiration_seconds: Some(3600),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let accounts: kube::Api<ServiceAccount> = kube::Api::namespaced(self.client(), namespace);
+        let response = accounts
+            .create_token_request(name, &Default::default(), &request)
+            .await
+            .with_context(|| format!("requesting a token for ServiceAccount {namespace}/{name}"))?;
+        let token = response
+            .status
+            .map(|status| status.token)
+            .filter(|token| !token.is_empty())
+            .with_context(|| {
+                format!("the TokenRequest for {namespace}/{name} returned no token")
+            })?;
+        let path = self
+            .layout
+            .root()
+            .join(format!("kubeconfig-sa-{namespace}-{name}.yaml"));
+        kubeconfig::write_token(&self.layout, &self.server_url, &token, namespace, &path)?;
+        Ok(path)
+    }
+
     /// Creates a namespace named `<prefix>-<random>`, deleted when the guard is dropped.
     ///
     /// # Panics

@@ -15,14 +15,14 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// Installs the CRD from `crds/` with `kubectl apply` (once per process; concurrent tests
+/// Installs the CRD from `crds/` with `kubectl apply` (once per cluster; concurrent tests
 /// would race on its creation) and waits until it is Established.
 pub fn install_crd(cluster: &Cluster) -> Result<()> {
-    static INSTALLED: Mutex<bool> = Mutex::new(false);
+    static INSTALLED: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let mut installed = INSTALLED
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if *installed {
+    if installed.iter().any(|url| url == cluster.server_url()) {
         return Ok(());
     }
     let out = cluster
@@ -58,7 +58,7 @@ pub fn install_crd(cluster: &Cluster) -> Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
-    *installed = true;
+    installed.push(cluster.server_url().to_owned());
     Ok(())
 }
 

@@ -1,5 +1,5 @@
 //! Kubeconfig files: one per client identity, all pointing at the loopback API server and
-//! naming the certificate files under `pki/` by absolute path.
+//! naming the certificate files under `pki/` by absolute path; and ServiceAccount token ones.
 
 use std::path::Path;
 
@@ -22,6 +22,37 @@ pub(crate) fn write(
     identity: ClientIdentity,
     path: &Path,
 ) -> Result<()> {
+    let user = AuthInfo {
+        client_certificate: Some(path_string(&layout.cert(identity.name))?),
+        client_key: Some(path_string(&layout.key(identity.name))?),
+        ..Default::default()
+    };
+    write_with(layout, server_url, user, "default", path)
+}
+
+/// Writes a kubeconfig that authenticates with a bearer `token` (for example a
+/// ServiceAccount's, from the TokenRequest API) instead of a client certificate.
+pub(crate) fn write_token(
+    layout: &Layout,
+    server_url: &str,
+    token: &str,
+    namespace: &str,
+    path: &Path,
+) -> Result<()> {
+    let user = AuthInfo {
+        token: Some(token.to_owned().into()),
+        ..Default::default()
+    };
+    write_with(layout, server_url, user, namespace, path)
+}
+
+fn write_with(
+    layout: &Layout,
+    server_url: &str,
+    user: AuthInfo,
+    namespace: &str,
+    path: &Path,
+) -> Result<()> {
     let config = Kubeconfig {
         clusters: vec![NamedCluster {
             name: CONTEXT_NAME.to_owned(),
@@ -34,11 +65,7 @@ pub(crate) fn write(
         }],
         auth_infos: vec![NamedAuthInfo {
             name: CONTEXT_NAME.to_owned(),
-            auth_info: Some(AuthInfo {
-                client_certificate: Some(path_string(&layout.cert(identity.name))?),
-                client_key: Some(path_string(&layout.key(identity.name))?),
-                ..Default::default()
-            }),
+            auth_info: Some(user),
             other: Default::default(),
         }],
         contexts: vec![NamedContext {
@@ -46,7 +73,7 @@ pub(crate) fn write(
             context: Some(KubeconfigContext {
                 cluster: CONTEXT_NAME.to_owned(),
                 user: Some(CONTEXT_NAME.to_owned()),
-                namespace: Some("default".to_owned()),
+                namespace: Some(namespace.to_owned()),
                 ..Default::default()
             }),
             other: Default::default(),

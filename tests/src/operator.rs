@@ -6,7 +6,7 @@
 //! and is killed when the guard drops.
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -52,25 +52,63 @@ pub struct OperatorProcess {
 }
 
 impl OperatorProcess {
-    /// Starts the operator watching `namespace`, with `extra` flags.
+    /// Starts the operator watching `namespace`, with `extra` flags, as the cluster
+    /// administrator.
     pub fn start(cluster: &Cluster, namespace: &str, extra: &[&str]) -> Result<Self> {
+        let mut args = vec![
+            format!("--namespace={namespace}"),
+            "--server-image=sd35-server:e2e".to_owned(),
+        ];
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        Self::spawn(
+            cluster,
+            &cluster.kubeconfig_path(),
+            namespace,
+            &args,
+            &[("POD_NAMESPACE", namespace.to_owned())],
+        )
+    }
+
+    /// Starts the operator with another identity: `kubeconfig` (for example one from
+    /// [`Cluster::service_account_kubeconfig`]), exactly the flags `args` and the extra
+    /// environment `env` (as a pod spec would give them), plus a free `--admin-addr`.
+    pub fn start_with_kubeconfig(
+        cluster: &Cluster,
+        kubeconfig: &Path,
+        args: &[String],
+        env: &[(&str, String)],
+    ) -> Result<Self> {
+        let label = kubeconfig
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("custom")
+            .to_owned();
+        Self::spawn(cluster, kubeconfig, &label, args, env)
+    }
+
+    fn spawn(
+        cluster: &Cluster,
+        kubeconfig: &Path,
+        label: &str,
+        args: &[String],
+        env: &[(&str, String)],
+    ) -> Result<Self> {
         let binary = operator_binary()?;
         let admin = free_port()?;
         let log = cluster
             .state_dir()
-            .join(format!("operator-{namespace}-{}.log", admin.port()));
+            .join(format!("operator-{label}-{}.log", admin.port()));
         let file =
             std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
         let child = Command::new("setpriv")
             .args(["--pdeathsig", "KILL", "--"])
             .arg(&binary)
+            .args(args)
+            // Last, so that it wins over an admin address in `args`.
             .arg(format!("--admin-addr={admin}"))
-            .arg(format!("--namespace={namespace}"))
-            .arg("--server-image=sd35-server:e2e")
-            .args(extra)
-            .env("KUBECONFIG", cluster.kubeconfig_path())
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,sd35_operator=debug,kube=warn")
-            .env("POD_NAMESPACE", namespace)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(file.try_clone().context("clone log handle")?)
             .stderr(file)

@@ -1,0 +1,169 @@
+//! Linear layers whose weights are f32, bf16 or F8E4M3 with a scale, dequantised at use.
+//!
+//! candle has no F8E4M3 matmul on any backend and no BF16 matmul on CPU, so the stored weight
+//! is converted to the activations' dtype right before the product. For F8 the dequantised
+//! weight is `f8 as f32 * scale`, the same arithmetic a PyTorch consumer of ComfyUI's
+//! `fp8_scaled` files performs.
+
+use candle_core::{D, DType, Tensor};
+
+use crate::variant::Precision;
+use crate::weights::Weights;
+use crate::{Error, Result};
+
+/// Largest finite F8E4M3 value.
+const F8E4M3_MAX: f64 = 448.0;
+
+/// `y = x W^T + b` with a compactly stored `W`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    /// F8 only: a scalar or an `[out, 1]` column of per-output-channel scales (f32).
+    scale: Option<Tensor>,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Loads `{name}.weight` (and `{name}.bias` when `bias`).
+    pub fn load(w: &Weights, name: &str, bias: bool) -> Result<Self> {
+        Self::load_fused(w, &[name], bias)
+    }
+
+    /// Loads several linears sharing an input (q, k, v) as one, stacked along the output.
+    pub fn load_fused(w: &Weights, names: &[&str], bias: bool) -> Result<Self> {
+        let mut parts = Vec::with_capacity(names.len());
+        let mut scales = Vec::with_capacity(names.len());
+        let mut any_f8 = false;
+        for name in names {
+            let raw = w.raw(&format!("{name}.weight"))?;
+            if raw.rank() != 2 {
+                return Err(Error::Layout(format!(
+                    "`{name}.weight` should be a matrix, found shape {:?}",
+                    raw.dims()
+                )));
+            }
+            let out = raw.dim(0)?;
+            if raw.dtype() == DType::F8E4M3 {
+                any_f8 = true;
+                let scale_name = format!("{name}.scale_weight");
+                let s = if w.contains(&scale_name) {
+                    w.raw(&scale_name)?.to_dtype(DType::F32)?
+                } else {
+                    Tensor::ones((), DType::F32, w.device())?
+                };
+                let s = if s.elem_count() == 1 {
+                    s.reshape(())?.broadcast_as((out, 1))?.contiguous()?
+                } else {
+                    s.reshape((out, 1))?
+                };
+                scales.push(s);
+            } else {
+                scales.push(Tensor::ones((out, 1), DType::F32, w.device())?);
+            }
+            parts.push(raw);
+        }
+        let weight = if any_f8 {
+            // A checkpoint already in F8: keep it as stored.
+            let parts = parts
+                .into_iter()
+                .map(|p| {
+                    if p.dtype() == DType::F8E4M3 {
+                        Ok(p)
+                    } else {
+                        p.to_dtype(DType::F32)?.to_dtype(DType::F8E4M3)
+                    }
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&parts, 0)?
+        } else {
+            let parts = parts
+                .into_iter()
+                .map(|p| p.to_dtype(DType::F32))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let full = Tensor::cat(&parts, 0)?;
+            match w.precision() {
+                Precision::F32 => full,
+                Precision::Bf16 => full.to_dtype(DType::BF16)?,
+                Precision::Fp8 if w.prequantized() => full.to_dtype(DType::BF16)?,
+                Precision::Fp8 => {
+                    let (q, s) = quantize_per_channel(&full)?;
+                    scales = vec![s];
+                    q
+                }
+            }
+        };
+        let scale = if weight.dtype() == DType::F8E4M3 {
+            let s = Tensor::cat(&scales, 0)?;
+            Some(s)
+        } else {
+            None
+        };
+        let bias = if bias {
+            let b = names
+                .iter()
+                .map(|n| w.get(&format!("{n}.bias")))
+                .collect::<Result<Vec<_>>>()?;
+            Some(Tensor::cat(&b, 0)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            scale,
+            bias,
+        })
+    }
+
+    /// Output features.
+    pub fn out_features(&self) -> Result<usize> {
+        Ok(self.weight.dim(0)?)
+    }
+
+    /// The stored weight's dtype.
+    pub fn weight_dtype(&self) -> DType {
+        self.weight.dtype()
+    }
+
+    /// The weight as a `dtype` matrix, dequantised.
+    pub fn dequantized_weight(&self, dtype: DType) -> Result<Tensor> {
+        let w = match &self.scale {
+            None => self.weight.to_dtype(dtype)?,
+            Some(s) => self
+                .weight
+                .to_dtype(DType::F32)?
+                .broadcast_mul(s)?
+                .to_dtype(dtype)?,
+        };
+        Ok(w)
+    }
+
+    /// Applies the layer to `x` (`[..., in]`), computing in `x`'s dtype.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.dequantized_weight(x.dtype())?;
+        let y = match x.rank() {
+            2 => x.matmul(&w.t()?)?,
+            3 => {
+                let (b, n, k) = x.dims3()?;
+                x.reshape((b * n, k))?
+                    .matmul(&w.t()?)?
+                    .reshape((b, n, ()))?
+            }
+            _ => x.broadcast_matmul(&w.t()?)?,
+        };
+        match &self.bias {
+            None => Ok(y),
+            Some(b) => Ok(y.broadcast_add(&b.to_dtype(x.dtype())?)?),
+        }
+    }
+}
+
+/// Quantises an f32 matrix to F8E4M3 with one scale per output row (`amax / 448`).
+pub fn quantize_per_channel(w: &Tensor) -> Result<(Tensor, Tensor)> {
+    let amax = w.abs()?.max_keepdim(D::Minus1)?;
+    let scale = (amax / F8E4M3_MAX)?.maximum(1e-12)?;
+    let q = w
+        .broadcast_div(&scale)?
+        .clamp(-F8E4M3_MAX, F8E4M3_MAX)?
+        .to_dtype(DType::F8E4M3)?;
+    Ok((q, scale))
+}

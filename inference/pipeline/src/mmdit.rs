@@ -1,0 +1,563 @@
+//! MMDiT (SD3.5 large / large-turbo) and MMDiT-X (SD3.5 medium: a second, image-only attention
+//! in the first blocks), numerically equivalent to diffusers' `SD3Transformer2DModel`.
+//!
+//! Weights load from the diffusers names or the Stability single-file names (fused `qkv`, and
+//! (shift, scale) order in the last context adaLN and the final layer's adaLN).
+
+use candle_core::{D, DType, Tensor};
+use serde::Deserialize;
+
+use crate::linear::Linear;
+use crate::nn::{self, Conv2d};
+use crate::weights::Weights;
+use crate::{Error, Result};
+
+/// Architecture hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MmditConfig {
+    /// Latent patch size (2).
+    pub patch_size: usize,
+    /// Latent channels in (16).
+    pub in_channels: usize,
+    /// Latent channels out (16).
+    pub out_channels: usize,
+    /// Number of joint blocks.
+    pub depth: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Width of the token streams.
+    pub hidden: usize,
+    /// Side of the square position-embedding table, in patches.
+    pub pos_embed_max_size: usize,
+    /// Width of the text context (T5's width).
+    pub joint_attention_dim: usize,
+    /// Width of the pooled text vector (CLIP-L + CLIP-G projections).
+    pub pooled_projection_dim: usize,
+    /// Blocks with a second, image-only attention (MMDiT-X).
+    pub dual_attention_layers: Vec<usize>,
+    /// Whether queries and keys are RMS-normalised.
+    pub qk_norm: bool,
+}
+
+#[derive(Deserialize)]
+struct DiffusersConfig {
+    patch_size: usize,
+    in_channels: usize,
+    out_channels: Option<usize>,
+    num_layers: usize,
+    attention_head_dim: usize,
+    num_attention_heads: usize,
+    joint_attention_dim: usize,
+    pooled_projection_dim: usize,
+    pos_embed_max_size: usize,
+    #[serde(default)]
+    dual_attention_layers: Vec<usize>,
+    qk_norm: Option<String>,
+}
+
+impl MmditConfig {
+    /// Reads diffusers' `transformer/config.json`.
+    pub fn from_diffusers(path: &std::path::Path) -> Result<Self> {
+        let c: DiffusersConfig = crate::error::read_json(path)?;
+        if let Some(n) = c.qk_norm.as_deref()
+            && n != "rms_norm"
+        {
+            return Err(Error::Layout(format!(
+                "{}: qk_norm `{n}` is not supported (rms_norm or none)",
+                path.display()
+            )));
+        }
+        Ok(Self {
+            patch_size: c.patch_size,
+            in_channels: c.in_channels,
+            out_channels: c.out_channels.unwrap_or(c.in_channels),
+            depth: c.num_layers,
+            heads: c.num_attention_heads,
+            hidden: c.num_attention_heads * c.attention_head_dim,
+            pos_embed_max_size: c.pos_embed_max_size,
+            joint_attention_dim: c.joint_attention_dim,
+            pooled_projection_dim: c.pooled_projection_dim,
+            dual_attention_layers: c.dual_attention_layers,
+            qk_norm: c.qk_norm.is_some(),
+        })
+    }
+
+    /// Infers the configuration from Stability-layout weights (no config file exists there).
+    /// SD3 transformers have as many heads as blocks, which fixes the head count.
+    pub fn from_stability_weights(w: &Weights) -> Result<Self> {
+        let names = w.names();
+        let depth = names
+            .iter()
+            .filter_map(|n| n.strip_prefix("joint_blocks."))
+            .filter_map(|n| n.split('.').next()?.parse::<usize>().ok())
+            .max()
+            .map(|m| m + 1)
+            .ok_or_else(|| Error::Layout("no `joint_blocks` in the transformer weights".into()))?;
+        let x = w.shape("x_embedder.proj.weight")?;
+        let (hidden, in_channels, patch_size) = (x[0], x[1], x[2]);
+        let pos = w.shape("pos_embed")?;
+        let pos_embed_max_size = (pos[1] as f64).sqrt().round() as usize;
+        let final_out = w.shape("final_layer.linear.weight")?[0];
+        let dual_attention_layers = (0..depth)
+            .filter(|i| w.contains(&format!("joint_blocks.{i}.x_block.attn2.qkv.weight")))
+            .collect();
+        Ok(Self {
+            patch_size,
+            in_channels,
+            out_channels: final_out / (patch_size * patch_size),
+            depth,
+            heads: depth,
+            hidden,
+            pos_embed_max_size,
+            joint_attention_dim: w.shape("context_embedder.weight")?[1],
+            pooled_projection_dim: w.shape("y_embedder.mlp.0.weight")?[1],
+            dual_attention_layers,
+            qk_norm: w.contains("joint_blocks.0.x_block.attn.ln_q.weight"),
+        })
+    }
+}
+
+/// Which naming scheme the weights use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MmditNames {
+    /// diffusers `SD3Transformer2DModel` names.
+    Diffusers,
+    /// Stability single-file names (below `model.diffusion_model.`).
+    Stability,
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    qkv: Linear,
+    norm_q: Option<Tensor>,
+    norm_k: Option<Tensor>,
+    proj: Option<Linear>,
+}
+
+impl Attention {
+    fn qkv_heads(&self, x: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let qkv = self.qkv.forward(x)?;
+        let c = qkv.dim(D::Minus1)? / 3;
+        let q = nn::split_heads(&qkv.narrow(D::Minus1, 0, c)?, heads)?;
+        let k = nn::split_heads(&qkv.narrow(D::Minus1, c, c)?, heads)?;
+        let v = nn::split_heads(&qkv.narrow(D::Minus1, 2 * c, c)?, heads)?;
+        let q = match &self.norm_q {
+            Some(w) => nn::rms_norm(&q, w, 1e-6)?,
+            None => q,
+        };
+        let k = match &self.norm_k {
+            Some(w) => nn::rms_norm(&k, w, 1e-6)?,
+            None => k,
+        };
+        Ok((q, k, v))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&nn::gelu_tanh(&self.fc1.forward(x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    x_ada: Linear,
+    x_attn: Attention,
+    x_attn2: Option<Attention>,
+    x_mlp: Mlp,
+    c_ada: Linear,
+    /// Context adaLN of the last block: whether its two chunks are (shift, scale).
+    c_shift_first: bool,
+    c_attn: Attention,
+    c_mlp: Option<Mlp>,
+}
+
+/// `x` layer-normalised (no affine) and modulated: `ln(x) * (1 + scale) + shift`.
+fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    let n = nn::layer_norm(x, None, None, 1e-6)?;
+    Ok(n.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?)
+}
+
+/// The `i`-th of the `[B, k*C]` modulation chunks, as `[B, 1, C]`.
+fn chunk(m: &Tensor, i: usize, c: usize) -> Result<Tensor> {
+    Ok(m.narrow(1, i * c, c)?.unsqueeze(1)?)
+}
+
+impl Block {
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &Tensor,
+        temb_silu: &Tensor,
+        heads: usize,
+    ) -> Result<(Option<Tensor>, Tensor)> {
+        let c = x.dim(D::Minus1)?;
+        let xm = self.x_ada.forward(temb_silu)?;
+        let norm_x = modulate(x, &chunk(&xm, 0, c)?, &chunk(&xm, 1, c)?)?;
+        let pre_only = self.c_mlp.is_none();
+        let cm = self.c_ada.forward(temb_silu)?;
+        let norm_c = if pre_only {
+            let (shift, scale) = if self.c_shift_first {
+                (chunk(&cm, 0, c)?, chunk(&cm, 1, c)?)
+            } else {
+                (chunk(&cm, 1, c)?, chunk(&cm, 0, c)?)
+            };
+            modulate(ctx, &shift, &scale)?
+        } else {
+            modulate(ctx, &chunk(&cm, 0, c)?, &chunk(&cm, 1, c)?)?
+        };
+
+        // Joint attention over [image tokens, context tokens].
+        let n_x = x.dim(1)?;
+        let (qx, kx, vx) = self.x_attn.qkv_heads(&norm_x, heads)?;
+        let (qc, kc, vc) = self.c_attn.qkv_heads(&norm_c, heads)?;
+        let q = Tensor::cat(&[&qx, &qc], 2)?;
+        let k = Tensor::cat(&[&kx, &kc], 2)?;
+        let v = Tensor::cat(&[&vx, &vc], 2)?;
+        let scale = 1.0 / ((c / heads) as f64).sqrt();
+        let a = nn::merge_heads(&nn::attention(&q, &k, &v, scale, None)?)?;
+        let a_x = a.narrow(1, 0, n_x)?;
+        let a_c = a.narrow(1, n_x, a.dim(1)? - n_x)?;
+
+        let x_proj = self
+            .x_attn
+            .proj
+            .as_ref()
+            .ok_or_else(|| Error::Layout("image attention without output projection".into()))?;
+        let mut out_x = (x + x_proj.forward(&a_x)?.broadcast_mul(&chunk(&xm, 2, c)?)?)?;
+        if let Some(attn2) = &self.x_attn2 {
+            // MMDiT-X: image-only attention on the block input, modulated by chunks 6..9.
+            let norm_x2 = modulate(x, &chunk(&xm, 6, c)?, &chunk(&xm, 7, c)?)?;
+            let (q, k, v) = attn2.qkv_heads(&norm_x2, heads)?;
+            let a2 = nn::merge_heads(&nn::attention(&q, &k, &v, scale, None)?)?;
+            let proj2 = attn2
+                .proj
+                .as_ref()
+                .ok_or_else(|| Error::Layout("attn2 without output projection".into()))?;
+            out_x = (out_x + proj2.forward(&a2)?.broadcast_mul(&chunk(&xm, 8, c)?)?)?;
+        }
+        let ff_in = modulate(&out_x, &chunk(&xm, 3, c)?, &chunk(&xm, 4, c)?)?;
+        let out_x = (&out_x
+            + self
+                .x_mlp
+                .forward(&ff_in)?
+                .broadcast_mul(&chunk(&xm, 5, c)?)?)?;
+
+        let out_c = match &self.c_mlp {
+            None => None,
+            Some(mlp) => {
+                let proj =
+                    self.c_attn.proj.as_ref().ok_or_else(|| {
+                        Error::Layout("context attention without projection".into())
+                    })?;
+                let ctx = (ctx + proj.forward(&a_c)?.broadcast_mul(&chunk(&cm, 2, c)?)?)?;
+                let ff_in = modulate(&ctx, &chunk(&cm, 3, c)?, &chunk(&cm, 4, c)?)?;
+                Some((&ctx + mlp.forward(&ff_in)?.broadcast_mul(&chunk(&cm, 5, c)?)?)?)
+            }
+        };
+        Ok((out_c, out_x))
+    }
+}
+
+/// The SD3 transformer.
+#[derive(Debug, Clone)]
+pub struct Mmdit {
+    cfg: MmditConfig,
+    patch: Conv2d,
+    pos_embed: Tensor,
+    t_fc1: Linear,
+    t_fc2: Linear,
+    y_fc1: Linear,
+    y_fc2: Linear,
+    context_embedder: Linear,
+    blocks: Vec<Block>,
+    final_ada: Linear,
+    final_shift_first: bool,
+    final_linear: Linear,
+}
+
+fn attention(
+    w: &Weights,
+    qkv: &[&str],
+    norms: Option<(&str, &str)>,
+    proj: Option<&str>,
+    qk_norm: bool,
+) -> Result<Attention> {
+    let (norm_q, norm_k) = match (qk_norm, norms) {
+        (true, Some((q, k))) => (
+            Some(w.get(&format!("{q}.weight"))?),
+            Some(w.get(&format!("{k}.weight"))?),
+        ),
+        _ => (None, None),
+    };
+    Ok(Attention {
+        qkv: Linear::load_fused(w, qkv, true)?,
+        norm_q,
+        norm_k,
+        proj: proj.map(|p| Linear::load(w, p, true)).transpose()?,
+    })
+}
+
+impl Mmdit {
+    /// Loads the transformer from `w` (already prefixed to the transformer's root).
+    pub fn load(w: &Weights, cfg: MmditConfig, names: MmditNames) -> Result<Self> {
+        let mut blocks = Vec::with_capacity(cfg.depth);
+        for i in 0..cfg.depth {
+            let last = i + 1 == cfg.depth;
+            let dual = cfg.dual_attention_layers.contains(&i);
+            let block = match names {
+                MmditNames::Diffusers => {
+                    let b = w.pp(format!("transformer_blocks.{i}"));
+                    Block {
+                        x_ada: Linear::load(&b, "norm1.linear", true)?,
+                        x_attn: attention(
+                            &b,
+                            &["attn.to_q", "attn.to_k", "attn.to_v"],
+                            Some(("attn.norm_q", "attn.norm_k")),
+                            Some("attn.to_out.0"),
+                            cfg.qk_norm,
+                        )?,
+                        x_attn2: dual
+                            .then(|| {
+                                attention(
+                                    &b,
+                                    &["attn2.to_q", "attn2.to_k", "attn2.to_v"],
+                                    Some(("attn2.norm_q", "attn2.norm_k")),
+                                    Some("attn2.to_out.0"),
+                                    cfg.qk_norm,
+                                )
+                            })
+                            .transpose()?,
+                        x_mlp: Mlp {
+                            fc1: Linear::load(&b, "ff.net.0.proj", true)?,
+                            fc2: Linear::load(&b, "ff.net.2", true)?,
+                        },
+                        c_ada: Linear::load(&b, "norm1_context.linear", true)?,
+                        c_shift_first: false,
+                        c_attn: attention(
+                            &b,
+                            &["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+                            Some(("attn.norm_added_q", "attn.norm_added_k")),
+                            (!last).then_some("attn.to_add_out"),
+                            cfg.qk_norm,
+                        )?,
+                        c_mlp: (!last)
+                            .then(|| -> Result<Mlp> {
+                                Ok(Mlp {
+                                    fc1: Linear::load(&b, "ff_context.net.0.proj", true)?,
+                                    fc2: Linear::load(&b, "ff_context.net.2", true)?,
+                                })
+                            })
+                            .transpose()?,
+                    }
+                }
+                MmditNames::Stability => {
+                    let b = w.pp(format!("joint_blocks.{i}"));
+                    Block {
+                        x_ada: Linear::load(&b, "x_block.adaLN_modulation.1", true)?,
+                        x_attn: attention(
+                            &b,
+                            &["x_block.attn.qkv"],
+                            Some(("x_block.attn.ln_q", "x_block.attn.ln_k")),
+                            Some("x_block.attn.proj"),
+                            cfg.qk_norm,
+                        )?,
+                        x_attn2: dual
+                            .then(|| {
+                                attention(
+                                    &b,
+                                    &["x_block.attn2.qkv"],
+                                    Some(("x_block.attn2.ln_q", "x_block.attn2.ln_k")),
+                                    Some("x_block.attn2.proj"),
+                                    cfg.qk_norm,
+                                )
+                            })
+                            .transpose()?,
+                        x_mlp: Mlp {
+                            fc1: Linear::load(&b, "x_block.mlp.fc1", true)?,
+                            fc2: Linear::load(&b, "x_block.mlp.fc2", true)?,
+                        },
+                        c_ada: Linear::load(&b, "context_block.adaLN_modulation.1", true)?,
+                        c_shift_first: true,
+                        c_attn: attention(
+                            &b,
+                            &["context_block.attn.qkv"],
+                            Some(("context_block.attn.ln_q", "context_block.attn.ln_k")),
+                            (!last).then_some("context_block.attn.proj"),
+                            cfg.qk_norm,
+                        )?,
+                        c_mlp: (!last)
+                            .then(|| -> Result<Mlp> {
+                                Ok(Mlp {
+                                    fc1: Linear::load(&b, "context_block.mlp.fc1", true)?,
+                                    fc2: Linear::load(&b, "context_block.mlp.fc2", true)?,
+                                })
+                            })
+                            .transpose()?,
+                    }
+                }
+            };
+            blocks.push(block);
+        }
+        let p = cfg.patch_size;
+        let (patch, pos, t, y, ctx, fin_ada, fin_lin, shift_first) = match names {
+            MmditNames::Diffusers => (
+                "pos_embed.proj",
+                "pos_embed.pos_embed",
+                [
+                    "time_text_embed.timestep_embedder.linear_1",
+                    "time_text_embed.timestep_embedder.linear_2",
+                ],
+                [
+                    "time_text_embed.text_embedder.linear_1",
+                    "time_text_embed.text_embedder.linear_2",
+                ],
+                "context_embedder",
+                "norm_out.linear",
+                "proj_out",
+                false,
+            ),
+            MmditNames::Stability => (
+                "x_embedder.proj",
+                "pos_embed",
+                ["t_embedder.mlp.0", "t_embedder.mlp.2"],
+                ["y_embedder.mlp.0", "y_embedder.mlp.2"],
+                "context_embedder",
+                "final_layer.adaLN_modulation.1",
+                "final_layer.linear",
+                true,
+            ),
+        };
+        let m = cfg.pos_embed_max_size;
+        let pos_embed = w.get_shaped(pos, &[1, m * m, cfg.hidden])?;
+        Ok(Self {
+            patch: Conv2d::load(w, patch, p, 0)?,
+            pos_embed,
+            t_fc1: Linear::load(w, t[0], true)?,
+            t_fc2: Linear::load(w, t[1], true)?,
+            y_fc1: Linear::load(w, y[0], true)?,
+            y_fc2: Linear::load(w, y[1], true)?,
+            context_embedder: Linear::load(w, ctx, true)?,
+            blocks,
+            final_ada: Linear::load(w, fin_ada, true)?,
+            final_shift_first: shift_first,
+            final_linear: Linear::load(w, fin_lin, true)?,
+            cfg,
+        })
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &MmditConfig {
+        &self.cfg
+    }
+
+    /// Predicts the flow (velocity) for `latents` `[B, C, H, W]` at `timesteps` `[B]` (0..1000),
+    /// given the text context `[B, L, joint_dim]` and pooled vector `[B, pooled_dim]`.
+    /// Blocks listed in `skip_layers` are left out (skip-layer guidance).
+    pub fn forward(
+        &self,
+        latents: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        pooled: &Tensor,
+        skip_layers: &[usize],
+    ) -> Result<Tensor> {
+        let dtype = latents.dtype();
+        let (b, _, h, w) = latents.dims4()?;
+        let p = self.cfg.patch_size;
+        let (hp, wp) = (h / p, w / p);
+        let m = self.cfg.pos_embed_max_size;
+        if h % p != 0 || w % p != 0 || hp > m || wp > m {
+            return Err(Error::invalid(
+                "size",
+                format!(
+                    "latent {h}x{w} must be a multiple of {p} and at most {} per side",
+                    m * p
+                ),
+            ));
+        }
+        let x = self.patch.forward(latents)?; // [B, C, hp, wp]
+        let c = self.cfg.hidden;
+        let x = x.flatten_from(2)?.transpose(1, 2)?; // [B, hp*wp, C]
+        let top = (m - hp) / 2;
+        let left = (m - wp) / 2;
+        let pos = self
+            .pos_embed
+            .reshape((1, m, m, c))?
+            .narrow(1, top, hp)?
+            .narrow(2, left, wp)?
+            .reshape((1, hp * wp, c))?
+            .to_dtype(dtype)?;
+        let mut x = x.broadcast_add(&pos)?.contiguous()?;
+
+        let t_emb = timestep_embedding(timesteps, 256)?
+            .to_device(latents.device())?
+            .to_dtype(dtype)?;
+        let t_emb = self.t_fc2.forward(&self.t_fc1.forward(&t_emb)?.silu()?)?;
+        let y_emb = self.y_fc2.forward(&self.y_fc1.forward(pooled)?.silu()?)?;
+        let temb = (t_emb + y_emb)?;
+        let temb_silu = temb.silu()?;
+
+        let mut ctx = self.context_embedder.forward(context)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            if skip_layers.contains(&i) {
+                continue;
+            }
+            let (new_ctx, new_x) = block.forward(&x, &ctx, &temb_silu, self.cfg.heads)?;
+            x = new_x;
+            if let Some(nc) = new_ctx {
+                ctx = nc;
+            }
+        }
+
+        let fm = self.final_ada.forward(&temb_silu)?;
+        let (shift, scale) = if self.final_shift_first {
+            (chunk(&fm, 0, c)?, chunk(&fm, 1, c)?)
+        } else {
+            (chunk(&fm, 1, c)?, chunk(&fm, 0, c)?)
+        };
+        let x = self.final_linear.forward(&modulate(&x, &shift, &scale)?)?;
+        // Unpatchify: [B, hp*wp, p*p*C] -> [B, C, hp*p, wp*p].
+        let oc = self.cfg.out_channels;
+        let x = x
+            .reshape((b * hp, wp, p, p, oc))?
+            .permute((0, 4, 2, 1, 3))? // [b*hp, C, p, wp, q]
+            .contiguous()?
+            .reshape((b, hp, oc, p * wp * p))?
+            .transpose(1, 2)? // [b, C, hp, p*wp*q]
+            .contiguous()?
+            .reshape((b, oc, hp * p, wp * p))?;
+        Ok(x)
+    }
+}
+
+/// Sinusoidal timestep features `[cos | sin]` (diffusers' `Timesteps(256, flip_sin_to_cos=True,
+/// downscale_freq_shift=0)`), computed in f32.
+pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
+    let half = dim / 2;
+    let ln = -(10000f64.ln() as f32);
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| ((ln * i as f32) / half as f32).exp())
+        .collect();
+    let t = t
+        .to_dtype(DType::F32)?
+        .to_device(&candle_core::Device::Cpu)?
+        .to_vec1::<f32>()?;
+    let mut out = Vec::with_capacity(t.len() * dim);
+    for tv in &t {
+        let args: Vec<f32> = freqs.iter().map(|f| tv * f).collect();
+        out.extend(args.iter().map(|a| a.cos()));
+        out.extend(args.iter().map(|a| a.sin()));
+    }
+    Ok(Tensor::from_vec(
+        out,
+        (t.len(), dim),
+        &candle_core::Device::Cpu,
+    )?)
+}

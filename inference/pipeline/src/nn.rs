@@ -1,0 +1,227 @@
+//! Small building blocks shared by the models, written to match PyTorch's arithmetic.
+
+use candle_core::{D, DType, Tensor};
+
+use crate::Result;
+use crate::weights::Weights;
+
+/// Converts a stored weight to the compute dtype (a no-op when it already is).
+pub fn to(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    Ok(t.to_dtype(dtype)?)
+}
+
+/// LayerNorm over the last dimension, optionally affine.
+pub fn layer_norm(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let mut y = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+    if let Some(w) = weight {
+        y = y.broadcast_mul(&w.to_dtype(DType::F32)?)?;
+    }
+    if let Some(b) = bias {
+        y = y.broadcast_add(&b.to_dtype(DType::F32)?)?;
+    }
+    Ok(y.to_dtype(dtype)?)
+}
+
+/// RMSNorm over the last dimension with a learned scale (qk-norm, T5's layer norm).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    Ok(y.to_dtype(dtype)?.broadcast_mul(&weight.to_dtype(dtype)?)?)
+}
+
+/// GroupNorm of an NCHW tensor with affine parameters.
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let (b, c, h, w) = x.dims4()?;
+    let xg = x
+        .to_dtype(DType::F32)?
+        .reshape((b, groups, (c / groups) * h * w))?;
+    let mean = xg.mean_keepdim(D::Minus1)?;
+    let centered = xg.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = centered
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .reshape((b, c, h, w))?;
+    let wt = weight.to_dtype(DType::F32)?.reshape((1, c, 1, 1))?;
+    let bs = bias.to_dtype(DType::F32)?.reshape((1, c, 1, 1))?;
+    Ok(y.broadcast_mul(&wt)?.broadcast_add(&bs)?.to_dtype(dtype)?)
+}
+
+/// `x * sigmoid(1.702 x)`, CLIP-L's activation.
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    Ok((x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)
+}
+
+/// GELU with the tanh approximation (PyTorch's `approximate="tanh"`), written as
+/// `x * sigmoid(2u)` with `u = sqrt(2/pi) (x + 0.044715 x^3)`, which equals
+/// `0.5 x (1 + tanh(u))`. On CPU in f32 it runs on all threads; candle's own element-wise ops
+/// run on one.
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    if x.dtype() == DType::F32 && x.device().is_cpu() {
+        Ok(x.contiguous()?.apply_op1_no_bwd(&GeluTanh)?)
+    } else {
+        Ok(x.gelu()?)
+    }
+}
+
+struct GeluTanh;
+
+impl candle_core::CustomOp1 for GeluTanh {
+    fn name(&self) -> &'static str {
+        "gelu-tanh-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("gelu-tanh needs a contiguous input".into()))?;
+        let src = &storage.as_slice::<f32>()?[start..end];
+        let mut dst = vec![0f32; src.len()];
+        const C: f32 = 0.797_884_6; // sqrt(2 / pi)
+        dst.par_chunks_mut(4096)
+            .zip(src.par_chunks(4096))
+            .for_each(|(d, s)| {
+                for (o, &x) in d.iter_mut().zip(s) {
+                    let u = C * (x + 0.044715 * x * x * x);
+                    *o = x / (1.0 + (-2.0 * u).exp());
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(dst), layout.shape().clone()))
+    }
+}
+
+/// Scaled dot-product attention on `[B, H, N, D]` tensors with an optional additive bias.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    // Scaling the queries instead of the N x M scores saves a pass over the largest tensor.
+    let q = if scale == 1.0 {
+        q.contiguous()?
+    } else {
+        (q * scale)?
+    };
+    if bias.is_none() && q.device().is_cpu() && q.dtype() == DType::F32 {
+        return attention_blocked_cpu(&q, k, v);
+    }
+    let mut scores = q.matmul(&k.t()?.contiguous()?)?;
+    if let Some(b) = bias {
+        scores = scores.broadcast_add(b)?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    Ok(probs.matmul(&v.contiguous()?)?)
+}
+
+/// Query rows per block of the CPU attention: a block's scores (`rows x M` f32) stay in cache.
+const ATTENTION_BLOCK_ROWS: usize = 128;
+
+/// Exact attention computed head by head and query block by query block, so the scores of
+/// one block are produced, normalised and consumed while they are still in cache, with the
+/// heads spread over the CPU threads.
+fn attention_blocked_cpu(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let (b, h, n, d) = q.dims4()?;
+    let m = k.dim(2)?;
+    let qf = q.reshape((b * h, n, d))?;
+    let kf = k.contiguous()?.reshape((b * h, m, d))?;
+    let vf = v.contiguous()?.reshape((b * h, m, d))?;
+    let heads = (0..b * h)
+        .into_par_iter()
+        .map(|i| -> candle_core::Result<Tensor> {
+            let qi = qf.get(i)?;
+            let kt = kf.get(i)?.t()?;
+            let vi = vf.get(i)?;
+            let mut blocks = Vec::with_capacity(n.div_ceil(ATTENTION_BLOCK_ROWS));
+            for start in (0..n).step_by(ATTENTION_BLOCK_ROWS) {
+                let rows = ATTENTION_BLOCK_ROWS.min(n - start);
+                let scores = qi.narrow(0, start, rows)?.matmul(&kt)?;
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+                blocks.push(probs.matmul(&vi)?);
+            }
+            Tensor::cat(&blocks, 0)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&heads, 0)?.reshape((b, h, n, d))?)
+}
+
+/// Splits `[B, N, H*D]` into heads `[B, H, N, D]`.
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, c) = x.dims3()?;
+    Ok(x.reshape((b, n, heads, c / heads))?.transpose(1, 2)?)
+}
+
+/// Merges heads `[B, H, N, D]` back into `[B, N, H*D]`.
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, n, d) = x.dims4()?;
+    Ok(x.transpose(1, 2)?.reshape((b, n, h * d))?)
+}
+
+/// A 2-D convolution with bias.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Tensor,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    /// Loads `{name}.weight` / `{name}.bias`.
+    pub fn load(w: &Weights, name: &str, stride: usize, padding: usize) -> Result<Self> {
+        Ok(Self {
+            weight: w.get(&format!("{name}.weight"))?,
+            bias: w.get(&format!("{name}.bias"))?,
+            stride,
+            padding,
+        })
+    }
+
+    /// Output channels.
+    pub fn out_channels(&self) -> Result<usize> {
+        Ok(self.weight.dim(0)?)
+    }
+
+    /// Applies the convolution to an NCHW tensor.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let w = self.weight.to_dtype(dtype)?;
+        let y = if w.dim(2)? == 1 && w.dim(3)? == 1 && self.stride == 1 {
+            // 1x1 convolutions are matmuls over channels.
+            let (b, c, h, wd) = x.dims4()?;
+            let o = w.dim(0)?;
+            let w2 = w.reshape((o, c))?;
+            w2.broadcast_matmul(&x.reshape((b, c, h * wd))?)?
+                .reshape((b, o, h, wd))?
+        } else {
+            x.conv2d(&w, self.padding, self.stride, 1, 1)?
+        };
+        let c = self.bias.dim(0)?;
+        Ok(y.broadcast_add(&self.bias.to_dtype(dtype)?.reshape((1, c, 1, 1))?)?)
+    }
+}

@@ -1,0 +1,496 @@
+//! The text-to-image pipeline: load a model directory, encode prompts, sample, decode.
+//!
+//! Same request and seed give bit-identical images on one machine: noise comes from a seeded
+//! ChaCha8 generator and every step is deterministic on the CPU backend.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_distr::Distribution;
+
+use crate::clip::{ClipActivation, ClipConfig, ClipOutput, ClipTextModel};
+use crate::image::{self, RgbImage};
+use crate::mmdit::{Mmdit, MmditConfig, MmditNames};
+use crate::model_dir::{Layout, ModelDir, TextEncoderSource};
+use crate::scheduler::FlowMatchSchedule;
+use crate::t5::{T5Config, T5Encoder};
+use crate::tokenizer::PromptTokenizer;
+use crate::vae::{VaeConfig, VaeDecoder, VaeNames};
+use crate::variant::{Precision, SkipLayerGuidance, Variant};
+use crate::weights::{Weights, component_files};
+use crate::{Error, Result};
+
+/// Default T5 sequence length (diffusers' `max_sequence_length`).
+pub const DEFAULT_T5_LENGTH: usize = 256;
+/// Longest T5 sequence accepted.
+pub const MAX_T5_LENGTH: usize = 512;
+/// VAE downsampling factor times the transformer patch size: sizes must be multiples of it.
+pub const SIZE_MULTIPLE: usize = 16;
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    /// Weight storage precision.
+    pub precision: Precision,
+    /// Where to run.
+    pub device: Device,
+    /// Load T5 (otherwise its embedding is zeros, as the reference allows).
+    pub load_t5: bool,
+    /// T5 sequence length (≤ 512).
+    pub t5_max_length: usize,
+    /// Force a variant instead of detecting it.
+    pub variant: Option<Variant>,
+}
+
+impl Default for PipelineOptions {
+    fn default() -> Self {
+        Self {
+            precision: Precision::F32,
+            device: Device::Cpu,
+            load_t5: true,
+            t5_max_length: DEFAULT_T5_LENGTH,
+            variant: None,
+        }
+    }
+}
+
+/// One image to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// What to draw.
+    pub prompt: String,
+    /// What to steer away from (used only with guidance > 1).
+    pub negative_prompt: String,
+    /// Width in pixels (multiple of 16).
+    pub width: usize,
+    /// Height in pixels (multiple of 16).
+    pub height: usize,
+    /// Denoising steps.
+    pub steps: usize,
+    /// Classifier-free guidance scale; ≤ 1 runs a single, unguided pass per step.
+    pub guidance: f64,
+    /// Seed of the initial noise.
+    pub seed: u64,
+    /// Skip-layer guidance (applied only together with classifier-free guidance).
+    pub slg: Option<SkipLayerGuidance>,
+    /// Initial latents `[1, 16, H/8, W/8]` replacing the seeded noise.
+    pub init_latents: Option<Tensor>,
+}
+
+/// Per-encoder outputs for one prompt, as the reference computes them.
+#[derive(Debug, Clone)]
+pub struct PromptParts {
+    /// CLIP-L.
+    pub clip_l: ClipOutput,
+    /// CLIP-G.
+    pub clip_g: ClipOutput,
+    /// T5 hidden states, `[1, L, d]` (zeros when T5 is not loaded).
+    pub t5: Tensor,
+}
+
+/// Token ids of one prompt for each tokenizer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptTokens {
+    /// CLIP-L ids.
+    pub clip_l: Vec<u32>,
+    /// CLIP-G ids.
+    pub clip_g: Vec<u32>,
+    /// T5 ids, when T5 is loaded.
+    pub t5: Option<Vec<u32>>,
+}
+
+/// A loaded SD3.5 pipeline.
+#[derive(Debug)]
+pub struct Pipeline {
+    variant: Variant,
+    dtype: DType,
+    device: Device,
+    tok_l: PromptTokenizer,
+    tok_g: PromptTokenizer,
+    tok_t5: Option<PromptTokenizer>,
+    t5_length: usize,
+    clip_l: ClipTextModel,
+    clip_g: ClipTextModel,
+    t5: Option<T5Encoder>,
+    mmdit: Mmdit,
+    vae: VaeDecoder,
+    shift: f64,
+}
+
+fn weights_of(src: &TextEncoderSource, device: &Device, precision: Precision) -> Result<Weights> {
+    Ok(Weights::open(std::slice::from_ref(&src.file), device, precision)?.with_prefix(&src.prefix))
+}
+
+impl Pipeline {
+    /// Loads the model at `path` (diffusers or single-file layout).
+    pub fn load(path: &Path, opts: &PipelineOptions) -> Result<Self> {
+        if opts.t5_max_length == 0 || opts.t5_max_length > MAX_T5_LENGTH {
+            return Err(Error::invalid(
+                "t5_max_length",
+                format!("{} is outside 1..={MAX_T5_LENGTH}", opts.t5_max_length),
+            ));
+        }
+        let dir = ModelDir::open(path)?;
+        let (dev, prec) = (&opts.device, opts.precision);
+        // The CLIP encoders are small: in fp8 mode they stay bf16, as in fp8_scaled checkpoints.
+        let clip_prec = match prec {
+            Precision::Fp8 => Precision::Bf16,
+            p => p,
+        };
+        let tok_l = PromptTokenizer::clip(&dir.component("tokenizer")?)?;
+        let tok_g = PromptTokenizer::clip(&dir.component("tokenizer_2")?)?;
+        let (clip_l, clip_g, t5, mmdit, vae, shift) = match &dir.layout {
+            Layout::Diffusers => {
+                let te = |name: &str, prec: Precision| -> Result<(Weights, std::path::PathBuf)> {
+                    let d = dir.component(name)?;
+                    let w = Weights::open(&component_files(&d, "model")?, dev, prec)?;
+                    Ok((w, d.join("config.json")))
+                };
+                let (w, cfg) = te("text_encoder", clip_prec)?;
+                let clip_l = ClipTextModel::load(&w, ClipConfig::from_hf(&cfg)?)?;
+                let (w, cfg) = te("text_encoder_2", clip_prec)?;
+                let clip_g = ClipTextModel::load(&w, ClipConfig::from_hf(&cfg)?)?;
+                let t5 = if opts.load_t5 && dir.root.join("text_encoder_3").is_dir() {
+                    let (w, cfg) = te("text_encoder_3", prec)?;
+                    Some(T5Encoder::load(&w, T5Config::from_hf(&cfg)?)?)
+                } else {
+                    None
+                };
+                let td = dir.component("transformer")?;
+                let w =
+                    Weights::open(&component_files(&td, "diffusion_pytorch_model")?, dev, prec)?;
+                let cfg = MmditConfig::from_diffusers(&td.join("config.json"))?;
+                let mmdit = Mmdit::load(&w, cfg, MmditNames::Diffusers)?;
+                let vd = dir.component("vae")?;
+                let w =
+                    Weights::open(&component_files(&vd, "diffusion_pytorch_model")?, dev, prec)?;
+                let vae = VaeDecoder::load(
+                    &w,
+                    VaeConfig::from_diffusers(&vd.join("config.json"))?,
+                    VaeNames::Diffusers,
+                )?;
+                let shift = scheduler_shift(&dir.root.join("scheduler/scheduler_config.json"))?;
+                (clip_l, clip_g, t5, mmdit, vae, shift)
+            }
+            Layout::SingleFile {
+                checkpoint,
+                clip_l,
+                clip_g,
+                t5,
+            } => {
+                let w = weights_of(clip_l, dev, clip_prec)?;
+                let cl = ClipTextModel::load(
+                    &w,
+                    ClipConfig::infer(&w, ClipActivation::QuickGelu, tok_l.eos_id())?,
+                )?;
+                let w = weights_of(clip_g, dev, clip_prec)?;
+                let cg = ClipTextModel::load(
+                    &w,
+                    ClipConfig::infer(&w, ClipActivation::Gelu, tok_g.eos_id())?,
+                )?;
+                let t5 = match (opts.load_t5, t5) {
+                    (true, Some(src)) => {
+                        let w = weights_of(src, dev, prec)?;
+                        Some(T5Encoder::load(&w, T5Config::infer(&w)?)?)
+                    }
+                    _ => None,
+                };
+                let ckpt = Weights::open(std::slice::from_ref(checkpoint), dev, prec)?;
+                let w = ckpt.with_prefix("model.diffusion_model.");
+                let mmdit = Mmdit::load(
+                    &w,
+                    MmditConfig::from_stability_weights(&w)?,
+                    MmditNames::Stability,
+                )?;
+                let w = ckpt.with_prefix("first_stage_model.");
+                let vae =
+                    VaeDecoder::load(&w, VaeConfig::infer_stability(&w)?, VaeNames::Stability)?;
+                (cl, cg, t5, mmdit, vae, 3.0)
+            }
+        };
+        let tok_t5 = match &t5 {
+            Some(_) => Some(PromptTokenizer::t5(
+                &dir.component("tokenizer_3")?,
+                opts.t5_max_length,
+            )?),
+            None => None,
+        };
+        let variant = opts.variant.unwrap_or_else(|| {
+            if !mmdit.config().dual_attention_layers.is_empty() {
+                Variant::Medium
+            } else if dir.identity().contains("turbo") {
+                Variant::LargeTurbo
+            } else {
+                Variant::Large
+            }
+        });
+        let dtype = ckpt_compute_dtype(dev, prec);
+        Ok(Self {
+            variant,
+            dtype,
+            device: dev.clone(),
+            tok_l,
+            tok_g,
+            tok_t5,
+            t5_length: opts.t5_max_length,
+            clip_l,
+            clip_g,
+            t5,
+            mmdit,
+            vae,
+            shift,
+        })
+    }
+
+    /// The detected (or forced) variant.
+    pub fn variant(&self) -> Variant {
+        self.variant
+    }
+
+    /// The transformer.
+    pub fn mmdit(&self) -> &Mmdit {
+        &self.mmdit
+    }
+
+    /// The VAE decoder.
+    pub fn vae(&self) -> &VaeDecoder {
+        &self.vae
+    }
+
+    /// The dtype computations run in.
+    pub fn compute_dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Largest width or height in pixels the position embedding allows.
+    pub fn max_size(&self) -> usize {
+        let c = self.mmdit.config();
+        c.pos_embed_max_size * c.patch_size * 8
+    }
+
+    /// A request with the variant's defaults (size capped by the model).
+    pub fn default_request(&self, prompt: &str) -> GenerateRequest {
+        let d = self.variant.defaults();
+        let size = d.size.min(self.max_size());
+        GenerateRequest {
+            prompt: prompt.to_string(),
+            negative_prompt: String::new(),
+            width: size,
+            height: size,
+            steps: d.steps,
+            guidance: d.guidance,
+            seed: 0,
+            slg: d.slg,
+            init_latents: None,
+        }
+    }
+
+    /// Token ids of `prompt` for CLIP-L, CLIP-G and T5 (when loaded).
+    pub fn tokenize(&self, prompt: &str) -> Result<PromptTokens> {
+        Ok(PromptTokens {
+            clip_l: self.tok_l.encode(prompt)?,
+            clip_g: self.tok_g.encode(prompt)?,
+            t5: self.tok_t5.as_ref().map(|t| t.encode(prompt)).transpose()?,
+        })
+    }
+
+    /// Each encoder's output for `prompt`.
+    pub fn encode_parts(&self, prompt: &str) -> Result<PromptParts> {
+        let ids = self.tokenize(prompt)?;
+        let clip_l = self.clip_l.forward(&ids.clip_l, self.dtype)?;
+        let clip_g = self.clip_g.forward(&ids.clip_g, self.dtype)?;
+        let joint = self.mmdit.config().joint_attention_dim;
+        let t5 = match (&self.t5, &ids.t5) {
+            (Some(t5), Some(ids)) => t5.forward(ids, self.dtype)?,
+            _ => Tensor::zeros((1, self.t5_length, joint), self.dtype, &self.device)?,
+        };
+        Ok(PromptParts { clip_l, clip_g, t5 })
+    }
+
+    /// The transformer's context `[1, 77 + L, joint]` and pooled vector `[1, P]` for `prompt`.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<(Tensor, Tensor)> {
+        let p = self.encode_parts(prompt)?;
+        let clip = Tensor::cat(&[&p.clip_l.penultimate, &p.clip_g.penultimate], 2)?;
+        let joint = self.mmdit.config().joint_attention_dim;
+        let width = clip.dim(2)?;
+        if width > joint {
+            return Err(Error::Layout(format!(
+                "CLIP widths ({width}) exceed the transformer's context width {joint}"
+            )));
+        }
+        let clip = if width < joint {
+            let pad = Tensor::zeros(
+                (1, clip.dim(1)?, joint - width),
+                clip.dtype(),
+                clip.device(),
+            )?;
+            Tensor::cat(&[&clip, &pad], 2)?
+        } else {
+            clip
+        };
+        let context = Tensor::cat(&[&clip, &p.t5], 1)?;
+        let pooled = Tensor::cat(&[&p.clip_l.pooled, &p.clip_g.pooled], 1)?;
+        Ok((context, pooled))
+    }
+
+    fn validate(&self, req: &GenerateRequest) -> Result<()> {
+        let max = self.max_size();
+        for (field, v) in [("width", req.width), ("height", req.height)] {
+            if v == 0 || v % SIZE_MULTIPLE != 0 || v > max {
+                return Err(Error::invalid(
+                    field,
+                    format!("{v} must be a positive multiple of {SIZE_MULTIPLE} up to {max}"),
+                ));
+            }
+        }
+        if req.steps == 0 || req.steps > 1000 {
+            return Err(Error::invalid(
+                "steps",
+                format!("{} is outside 1..=1000", req.steps),
+            ));
+        }
+        if !req.guidance.is_finite() || req.guidance < 0.0 {
+            return Err(Error::invalid(
+                "guidance",
+                format!("{} must be ≥ 0", req.guidance),
+            ));
+        }
+        if let Some(slg) = &req.slg
+            && let Some(&bad) = slg.layers.iter().find(|&&l| l >= self.mmdit.config().depth)
+        {
+            return Err(Error::invalid(
+                "slg_layers",
+                format!(
+                    "layer {bad} does not exist (the transformer has {})",
+                    self.mmdit.config().depth
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The initial latents: the request's own, or seeded standard normal noise.
+    pub fn initial_latents(&self, req: &GenerateRequest) -> Result<Tensor> {
+        let c = self.mmdit.config().in_channels;
+        let shape = (1, c, req.height / 8, req.width / 8);
+        match &req.init_latents {
+            Some(t) => {
+                if t.dims() != [shape.0, shape.1, shape.2, shape.3] {
+                    return Err(Error::invalid(
+                        "init_latents",
+                        format!(
+                            "shape {:?}, expected {:?} for {}x{}",
+                            t.dims(),
+                            shape,
+                            req.width,
+                            req.height
+                        ),
+                    ));
+                }
+                Ok(t.to_dtype(DType::F32)?.to_device(&self.device)?)
+            }
+            None => {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(req.seed);
+                let n = shape.0 * shape.1 * shape.2 * shape.3;
+                let v: Vec<f32> = (0..n)
+                    .map(|_| rand_distr::StandardNormal.sample(&mut rng))
+                    .collect();
+                Ok(Tensor::from_vec(v, shape, &self.device)?)
+            }
+        }
+    }
+
+    /// Runs the sampler and returns the final latents `[1, 16, H/8, W/8]` (f32).
+    /// `progress(step, steps)` is called after each step.
+    pub fn sample(
+        &self,
+        req: &GenerateRequest,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        self.validate(req)?;
+        let mut latents = self.initial_latents(req)?;
+        let cfg = req.guidance > 1.0;
+        let (ctx, pooled) = self.encode_prompt(&req.prompt)?;
+        let (ctx_b, pooled_b) = if cfg {
+            let (nctx, npooled) = self.encode_prompt(&req.negative_prompt)?;
+            (
+                Tensor::cat(&[&nctx, &ctx], 0)?,
+                Tensor::cat(&[&npooled, &pooled], 0)?,
+            )
+        } else {
+            (ctx.clone(), pooled.clone())
+        };
+        let schedule = FlowMatchSchedule::new(req.steps, self.shift);
+        let steps = schedule.len();
+        for (i, &t) in schedule.timesteps.iter().enumerate() {
+            let x = latents.to_dtype(self.dtype)?;
+            let x_in = if cfg {
+                Tensor::cat(&[&x, &x], 0)?
+            } else {
+                x.clone()
+            };
+            let tt = Tensor::full(t, x_in.dim(0)?, &self.device)?;
+            let pred = self
+                .mmdit
+                .forward(&x_in, &tt, &ctx_b, &pooled_b, &[])?
+                .to_dtype(DType::F32)?;
+            let noise = if cfg {
+                let uncond = pred.narrow(0, 0, 1)?;
+                let text = pred.narrow(0, 1, 1)?;
+                let mut noise = (&uncond + ((&text - &uncond)? * req.guidance)?)?;
+                if let Some(slg) = &req.slg {
+                    let fi = i as f64;
+                    let n = steps as f64;
+                    if fi > n * slg.start && fi < n * slg.stop {
+                        let t1 = Tensor::full(t, 1, &self.device)?;
+                        let skip = self
+                            .mmdit
+                            .forward(&x, &t1, &ctx, &pooled, &slg.layers)?
+                            .to_dtype(DType::F32)?;
+                        noise = (noise + ((&text - &skip)? * slg.scale)?)?;
+                    }
+                }
+                noise
+            } else {
+                pred
+            };
+            latents = (latents + (noise * f64::from(schedule.dt(i)))?)?;
+            progress(i + 1, steps);
+        }
+        Ok(latents)
+    }
+
+    /// Decodes sampler latents into an image tensor `[1, 3, H, W]` in `[-1, 1]`.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let x = latents.to_dtype(self.dtype)?;
+        Ok(self.vae.decode_latents(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// Generates one image.
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<RgbImage> {
+        let latents = self.sample(req, progress)?;
+        image::to_rgb(&self.decode(&latents)?)
+    }
+}
+
+fn ckpt_compute_dtype(device: &Device, precision: Precision) -> DType {
+    match (device, precision) {
+        (Device::Cpu, _) | (_, Precision::F32) => DType::F32,
+        _ => DType::BF16,
+    }
+}
+
+fn scheduler_shift(path: &Path) -> Result<f64> {
+    if !path.is_file() {
+        return Ok(3.0);
+    }
+    let v: serde_json::Value = crate::error::read_json(path)?;
+    Ok(v.get("shift")
+        .and_then(serde_json::Value::as_f64)
+        .unwrap_or(3.0))
+}

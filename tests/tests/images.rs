@@ -1,0 +1,462 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic on purpose
+
+//! The container images, checked without a Docker engine: every path a Dockerfile copies
+//! from the build context exists and survives `.dockerignore`; every path copied from a
+//! build stage is what that stage's `cargo build` produces, for a package, binary and
+//! features the workspace has; nothing cargo needs to build is ignored; the images run as
+//! an unprivileged user an executable that they contain; `make images` builds both.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sd35_e2e::repo_root;
+use serde_json::Value;
+
+const DOCKERFILES: [&str; 2] = ["operator/Dockerfile", "inference/server/Dockerfile"];
+
+/// One instruction of a Dockerfile: its keyword (upper case) and the rest of the line.
+#[derive(Debug, Clone)]
+struct Instruction {
+    keyword: String,
+    rest: String,
+}
+
+/// A build stage: its `FROM` line, its name, and its instructions.
+#[derive(Debug, Default)]
+struct Stage {
+    base: String,
+    name: Option<String>,
+    instructions: Vec<Instruction>,
+}
+
+/// Splits a Dockerfile into stages (line continuations joined, comments dropped).
+fn parse(text: &str) -> Vec<Stage> {
+    let mut logical = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('#') || (trimmed.is_empty() && current.is_empty()) {
+            continue;
+        }
+        match trimmed.strip_suffix('\\') {
+            Some(head) => {
+                current.push_str(head);
+                current.push(' ');
+            }
+            None => {
+                current.push_str(trimmed);
+                logical.push(std::mem::take(&mut current));
+            }
+        }
+    }
+    let mut stages: Vec<Stage> = Vec::new();
+    for line in logical.into_iter().filter(|l| !l.trim().is_empty()) {
+        let (keyword, rest) = line.split_once(char::is_whitespace).unwrap_or((&line, ""));
+        let keyword = keyword.to_uppercase();
+        let rest = rest.trim().to_owned();
+        if keyword == "FROM" {
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            let words: Vec<&str> = words.into_iter().filter(|w| !w.starts_with("--")).collect();
+            stages.push(Stage {
+                base: words[0].to_owned(),
+                name: (words.len() == 3 && words[1].eq_ignore_ascii_case("as"))
+                    .then(|| words[2].to_owned()),
+                instructions: Vec::new(),
+            });
+        } else if let Some(stage) = stages.last_mut() {
+            stage.instructions.push(Instruction { keyword, rest });
+        }
+    }
+    stages
+}
+
+/// The flags (`--from=x`) and the words of a COPY instruction.
+fn copy_parts(rest: &str) -> (BTreeMap<String, String>, Vec<String>) {
+    let mut flags = BTreeMap::new();
+    let mut words = Vec::new();
+    for word in rest.split_whitespace() {
+        match word.strip_prefix("--") {
+            Some(flag) => {
+                let (k, v) = flag.split_once('=').unwrap_or((flag, ""));
+                flags.insert(k.to_owned(), v.to_owned());
+            }
+            None => words.push(word.to_owned()),
+        }
+    }
+    (flags, words)
+}
+
+/// `.dockerignore` as Docker reads it: patterns in order, the last one matching a path (or
+/// one of its parent directories) decides, `!` re-includes.
+struct DockerIgnore {
+    patterns: Vec<(bool, Vec<String>)>,
+}
+
+impl DockerIgnore {
+    fn load(root: &Path) -> Self {
+        let text = std::fs::read_to_string(root.join(".dockerignore")).unwrap_or_default();
+        let patterns = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| {
+                let (negated, pattern) = match l.strip_prefix('!') {
+                    Some(p) => (true, p.trim()),
+                    None => (false, l),
+                };
+                let segments = pattern
+                    .trim_start_matches('/')
+                    .trim_end_matches('/')
+                    .split('/')
+                    .filter(|s| !s.is_empty() && *s != ".")
+                    .map(str::to_owned)
+                    .collect();
+                (negated, segments)
+            })
+            .collect();
+        Self { patterns }
+    }
+
+    fn is_ignored(&self, relative: &str) -> bool {
+        let path: Vec<&str> = relative.split('/').filter(|s| !s.is_empty()).collect();
+        let mut ignored = false;
+        for (negated, pattern) in &self.patterns {
+            let hit = (1..=path.len()).any(|n| glob(pattern, &path[..n]));
+            if hit {
+                ignored = !negated;
+            }
+        }
+        ignored
+    }
+}
+
+/// Whether path segments match pattern segments (`**` spans any number of segments).
+fn glob(pattern: &[String], path: &[&str]) -> bool {
+    match pattern.split_first() {
+        None => path.is_empty(),
+        Some((first, rest)) if first == "**" => (0..=path.len()).any(|n| glob(rest, &path[n..])),
+        Some((first, rest)) => match path.split_first() {
+            Some((segment, tail)) => {
+                wildcard(first.as_bytes(), segment.as_bytes()) && glob(rest, tail)
+            }
+            None => false,
+        },
+    }
+}
+
+/// `*` and `?` within one segment.
+fn wildcard(pattern: &[u8], text: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => text.is_empty(),
+        Some((b'*', rest)) => (0..=text.len()).any(|n| wildcard(rest, &text[n..])),
+        Some((b'?', rest)) => !text.is_empty() && wildcard(rest, &text[1..]),
+        Some((c, rest)) => text.first() == Some(c) && wildcard(rest, &text[1..]),
+    }
+}
+
+fn cargo_metadata() -> Value {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let out = Command::new(cargo)
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cargo metadata: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn relative(path: &str) -> String {
+    let root = repo_root().canonicalize().unwrap();
+    let path = PathBuf::from(path);
+    let path = path.canonicalize().unwrap_or(path);
+    path.strip_prefix(&root)
+        .unwrap_or_else(|_| panic!("{} is outside the repository", path.display()))
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files_under(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+#[test]
+fn nothing_cargo_needs_is_ignored_by_dockerignore() {
+    let ignore = DockerIgnore::load(&repo_root());
+    let metadata = cargo_metadata();
+    let mut needed = vec!["Cargo.toml".to_owned(), "Cargo.lock".to_owned()];
+    for package in metadata["packages"].as_array().unwrap() {
+        let manifest = package["manifest_path"].as_str().unwrap();
+        needed.push(relative(manifest));
+        // Every source file of the package's library, binaries and build script, plus
+        // anything they include.
+        let package_dir = Path::new(manifest).parent().unwrap();
+        for target in package["targets"].as_array().unwrap() {
+            let kinds: Vec<&str> = target["kind"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|k| k.as_str().unwrap())
+                .collect();
+            if kinds
+                .iter()
+                .all(|k| matches!(*k, "test" | "bench" | "example"))
+            {
+                continue;
+            }
+            needed.push(relative(target["src_path"].as_str().unwrap()));
+        }
+        let mut sources = Vec::new();
+        files_under(&package_dir.join("src"), &mut sources);
+        for source in sources {
+            let text = std::fs::read_to_string(&source).unwrap_or_default();
+            needed.push(relative(source.to_str().unwrap()));
+            for macro_name in ["include_str!(\"", "include_bytes!(\""] {
+                for (at, _) in text.match_indices(macro_name) {
+                    let tail = &text[at + macro_name.len()..];
+                    let included = tail.split('"').next().unwrap();
+                    let path = source.parent().unwrap().join(included);
+                    needed.push(relative(path.to_str().unwrap()));
+                }
+            }
+        }
+    }
+    let ignored: Vec<&String> = needed.iter().filter(|p| ignore.is_ignored(p)).collect();
+    assert!(
+        ignored.is_empty(),
+        ".dockerignore leaves out what the image build needs: {ignored:?}"
+    );
+    // And it does keep the big things out.
+    for heavy in [
+        "target/debug/sd35-operator",
+        ".git/HEAD",
+        "inference/testdata/golden",
+    ] {
+        assert!(ignore.is_ignored(heavy), ".dockerignore sends {heavy}");
+    }
+}
+
+#[test]
+fn every_copied_path_exists_or_is_built() {
+    let root = repo_root();
+    let ignore = DockerIgnore::load(&root);
+    let metadata = cargo_metadata();
+    let packages: BTreeMap<&str, &Value> = metadata["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap(), p))
+        .collect();
+    for dockerfile in DOCKERFILES {
+        let text = std::fs::read_to_string(root.join(dockerfile))
+            .unwrap_or_else(|e| panic!("{dockerfile}: {e}"));
+        let stages = parse(&text);
+        assert!(
+            stages.len() >= 2,
+            "{dockerfile}: expected a build stage and a runtime stage"
+        );
+        for (index, stage) in stages.iter().enumerate() {
+            for copy in stage
+                .instructions
+                .iter()
+                .filter(|i| i.keyword == "COPY" || i.keyword == "ADD")
+            {
+                assert_eq!(copy.keyword, "COPY", "{dockerfile}: use COPY, not ADD");
+                let (flags, words) = copy_parts(&copy.rest);
+                let (sources, _dest) = words.split_at(words.len() - 1);
+                match flags.get("from") {
+                    None => {
+                        for source in sources {
+                            let path = source.trim_start_matches("./");
+                            assert!(
+                                root.join(path).exists(),
+                                "{dockerfile}: COPY {source}: no such path in the repository"
+                            );
+                            if !path.is_empty() && path != "." {
+                                assert!(
+                                    !ignore.is_ignored(path),
+                                    "{dockerfile}: COPY {source} is in .dockerignore"
+                                );
+                            }
+                        }
+                    }
+                    Some(from) => {
+                        let producer = stages[..index]
+                            .iter()
+                            .find(|s| s.name.as_deref() == Some(from.as_str()))
+                            .unwrap_or_else(|| {
+                                panic!("{dockerfile}: COPY --from={from}: no earlier stage {from}")
+                            });
+                        for source in sources {
+                            assert_built(dockerfile, producer, source, &packages);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `source` is installed in `stage` from the output of a `cargo build` of a binary the
+/// workspace has, with features that package has.
+fn assert_built(dockerfile: &str, stage: &Stage, source: &str, packages: &BTreeMap<&str, &Value>) {
+    let run = stage
+        .instructions
+        .iter()
+        .find(|i| i.keyword == "RUN" && i.rest.contains(source))
+        .unwrap_or_else(|| panic!("{dockerfile}: nothing in the build stage writes {source}"));
+    let words: Vec<&str> = run.rest.split_whitespace().collect();
+    let value_of = |flag: &str| -> Option<&str> {
+        words
+            .iter()
+            .position(|w| *w == flag)
+            .and_then(|i| words.get(i + 1).copied())
+    };
+    assert!(
+        run.rest.contains("cargo build"),
+        "{dockerfile}: {source} is not built by cargo"
+    );
+    assert!(
+        words.contains(&"--locked"),
+        "{dockerfile}: cargo build without --locked"
+    );
+    let package = value_of("-p").unwrap_or_else(|| panic!("{dockerfile}: cargo build without -p"));
+    let binary =
+        value_of("--bin").unwrap_or_else(|| panic!("{dockerfile}: cargo build without --bin"));
+    let meta = packages
+        .get(package)
+        .unwrap_or_else(|| panic!("{dockerfile}: the workspace has no package {package}"));
+    let has_bin =
+        meta["targets"].as_array().unwrap().iter().any(|t| {
+            t["name"] == binary && t["kind"].as_array().unwrap().iter().any(|k| k == "bin")
+        });
+    assert!(
+        has_bin,
+        "{dockerfile}: package {package} has no binary {binary}"
+    );
+    if let Some(features) = value_of("--features") {
+        for feature in features.split(',') {
+            assert!(
+                meta["features"].get(feature).is_some(),
+                "{dockerfile}: package {package} has no feature {feature}"
+            );
+        }
+    }
+    let profile = if words.contains(&"--release") {
+        "release"
+    } else {
+        "debug"
+    };
+    let built = format!("target/{profile}/{binary}");
+    assert!(
+        run.rest.contains(&format!("{built} {source}")),
+        "{dockerfile}: {source} is not installed from {built}"
+    );
+}
+
+#[test]
+fn images_run_their_binary_as_an_unprivileged_user() {
+    let root = repo_root();
+    for dockerfile in DOCKERFILES {
+        let text = std::fs::read_to_string(root.join(dockerfile)).unwrap();
+        let stages = parse(&text);
+        let last = stages.last().unwrap();
+        let user = last
+            .instructions
+            .iter()
+            .rfind(|i| i.keyword == "USER")
+            .unwrap_or_else(|| panic!("{dockerfile}: the image runs as root (no USER)"));
+        let uid = user.rest.split(':').next().unwrap();
+        assert!(
+            uid.parse::<u32>().is_ok_and(|u| u != 0),
+            "{dockerfile}: USER {} must be a numeric non-root uid (runAsNonRoot checks it)",
+            user.rest
+        );
+        let entrypoint = last
+            .instructions
+            .iter()
+            .rfind(|i| i.keyword == "ENTRYPOINT")
+            .unwrap_or_else(|| panic!("{dockerfile}: no ENTRYPOINT"));
+        let exec: Vec<String> = serde_json::from_str(&entrypoint.rest)
+            .unwrap_or_else(|_| panic!("{dockerfile}: ENTRYPOINT must be in exec (JSON) form"));
+        let copied = last
+            .instructions
+            .iter()
+            .any(|i| i.keyword == "COPY" && copy_parts(&i.rest).1.last() == Some(&exec[0]));
+        assert!(
+            copied,
+            "{dockerfile}: ENTRYPOINT {} is not copied into the image",
+            exec[0]
+        );
+    }
+    // The operator's pods run `sd35-server` by name: it must be on the PATH of the server
+    // image.
+    let server = std::fs::read_to_string(root.join("inference/server/Dockerfile")).unwrap();
+    assert!(server.contains("/usr/local/bin/sd35-server"));
+    let operator = parse(&std::fs::read_to_string(root.join("operator/Dockerfile")).unwrap());
+    assert!(
+        operator.last().unwrap().base.contains("static"),
+        "the operator image is a static binary on a static base"
+    );
+    assert!(parse(&server).last().unwrap().base.contains("-runtime-"));
+}
+
+#[test]
+fn make_images_builds_both_dockerfiles() {
+    let makefile = std::fs::read_to_string(repo_root().join("Makefile")).unwrap();
+    let target = makefile
+        .split("\nimages:")
+        .nth(1)
+        .expect("a Makefile target `images`");
+    let recipe: String = target
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with('\t') || l.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n");
+    for dockerfile in DOCKERFILES {
+        assert!(
+            recipe.contains(&format!("-f {dockerfile}")),
+            "make images does not build {dockerfile}"
+        );
+    }
+}
+
+#[test]
+fn dockerignore_matching_follows_docker() {
+    let ignore = DockerIgnore {
+        patterns: vec![
+            (false, vec!["**".into(), "target".into()]),
+            (false, vec!["docs".into()]),
+            (false, vec!["*.md".into()]),
+            (true, vec!["README.md".into()]),
+        ],
+    };
+    assert!(ignore.is_ignored("target/debug/x"));
+    assert!(ignore.is_ignored("crds/target/x"));
+    assert!(ignore.is_ignored("docs/api.md"));
+    assert!(ignore.is_ignored("CHANGELOG.md"));
+    assert!(!ignore.is_ignored("README.md"));
+    assert!(!ignore.is_ignored("operator/src/main.rs"));
+    assert!(
+        !ignore.is_ignored("crds/README.md"),
+        "*.md matches the root only"
+    );
+}
