@@ -62,6 +62,19 @@ impl ServingTarget {
     }
 }
 
+/// Metadata of the serving Deployment, Service and PDB: named after the object, labelled as
+/// its server, owned by it.
+fn server_metadata(r: &Resolved, owner: &OwnerReference) -> serde_json::Value {
+    let mut meta_labels = labels::common("server");
+    meta_labels.extend(labels::server_selector(&r.name));
+    json!({
+        "name": r.name,
+        "namespace": r.namespace,
+        "labels": meta_labels,
+        "ownerReferences": [owner],
+    })
+}
+
 fn serve_args(r: &Resolved, target: &ServingTarget) -> ServeArgs {
     let root = std::path::Path::new(CACHE_MOUNT);
     let s = &r.spec.server;
@@ -170,18 +183,10 @@ pub fn deployment(
             json!({"maxSurge": r.spec.rollout.max_surge.unwrap_or(1), "maxUnavailable": 0})
         }
     };
-    let mut meta_labels = labels::common("server");
-    meta_labels.insert(labels::INSTANCE.into(), r.name.clone());
-    meta_labels.insert(labels::NAME.into(), labels::SERVER_NAME.into());
     typed(json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {
-            "name": r.name,
-            "namespace": r.namespace,
-            "labels": meta_labels,
-            "ownerReferences": [owner],
-        },
+        "metadata": server_metadata(r, owner),
         "spec": {
             "replicas": r.spec.replicas,
             "selector": {"matchLabels": selector},
@@ -205,18 +210,10 @@ pub fn deployment(
 
 /// The Service in front of the serving pods.
 pub fn service(r: &Resolved, owner: &OwnerReference) -> Service {
-    let mut meta_labels = labels::common("server");
-    meta_labels.insert(labels::INSTANCE.into(), r.name.clone());
-    meta_labels.insert(labels::NAME.into(), labels::SERVER_NAME.into());
     typed(json!({
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {
-            "name": r.name,
-            "namespace": r.namespace,
-            "labels": meta_labels,
-            "ownerReferences": [owner],
-        },
+        "metadata": server_metadata(r, owner),
         "spec": {
             "type": "ClusterIP",
             "selector": labels::server_selector(&r.name),
@@ -231,17 +228,10 @@ pub fn pdb(r: &Resolved, owner: &OwnerReference) -> Option<PodDisruptionBudget> 
     if r.spec.replicas <= 1 {
         return None;
     }
-    let mut meta_labels = labels::common("server");
-    meta_labels.insert(labels::INSTANCE.into(), r.name.clone());
     Some(typed(json!({
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": {
-            "name": r.name,
-            "namespace": r.namespace,
-            "labels": meta_labels,
-            "ownerReferences": [owner],
-        },
+        "metadata": server_metadata(r, owner),
         "spec": {
             "maxUnavailable": 1,
             "selector": {"matchLabels": labels::server_selector(&r.name)},
