@@ -41,6 +41,14 @@ pub enum Error {
         /// Why it was rejected and what is accepted.
         message: String,
     },
+    /// A prebuilt engine is incomplete, corrupt or of another format version.
+    #[error("engine {path}: {message}")]
+    Engine {
+        /// The engine directory.
+        path: PathBuf,
+        /// What is wrong and what to do about it.
+        message: String,
+    },
     /// Writing the PNG failed.
     #[error("png: {0}")]
     Png(String),

@@ -8,6 +8,7 @@
 //! checkpoints, memory-mapped, in f32, bf16 or fp8 storage.
 
 pub mod clip;
+pub mod engine;
 pub mod error;
 pub mod image;
 pub mod linear;

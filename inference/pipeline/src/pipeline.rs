@@ -123,7 +123,8 @@ fn weights_of(src: &TextEncoderSource, device: &Device, precision: Precision) ->
 }
 
 impl Pipeline {
-    /// Loads the model at `path` (diffusers or single-file layout).
+    /// Loads the model at `path` (diffusers or single-file layout, or an engine directory
+    /// built by [`crate::engine::build`], which brings its own precision).
     pub fn load(path: &Path, opts: &PipelineOptions) -> Result<Self> {
         if opts.t5_max_length == 0 || opts.t5_max_length > MAX_T5_LENGTH {
             return Err(Error::invalid(
@@ -131,8 +132,15 @@ impl Pipeline {
                 format!("{} is outside 1..={MAX_T5_LENGTH}", opts.t5_max_length),
             ));
         }
+        // A prebuilt engine is stored in its own precision: it is loaded as built, checked
+        // against its manifest first, and never converted again.
+        let prec = if crate::engine::is_engine(path) {
+            crate::engine::open(path, false)?.precision()?
+        } else {
+            opts.precision
+        };
         let dir = ModelDir::open(path)?;
-        let (dev, prec) = (&opts.device, opts.precision);
+        let (dev, prec) = (&opts.device, prec);
         // The CLIP encoders are small: in fp8 mode they stay bf16, as in fp8_scaled checkpoints.
         let clip_prec = match prec {
             Precision::Fp8 => Precision::Bf16,

@@ -2,6 +2,8 @@
 
 use clap::{Parser, Subcommand};
 
+mod engine;
+mod fetch;
 mod generate;
 
 /// Stable Diffusion 3.5 inference server and tools.
@@ -16,17 +18,33 @@ struct Cli {
 enum Command {
     /// Generate one image from the command line.
     Generate(generate::GenerateArgs),
+    /// Download or import a model into the cache, verified and resumable.
+    Fetch(fetch::FetchCommand),
+    /// Convert a cached model into the serving engine of one precision.
+    BuildEngine(engine::BuildEngineCommand),
+    /// Serve the model over HTTP (text-to-image API, health, metrics, playground).
+    Serve(Box<sd35_http::ServeConfig>),
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // `serve` installs its own logging (JSON lines when asked, request ids).
+    if let Command::Serve(config) = cli.command {
+        return sd35_http::run(*config);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Plain text when not on a terminal, so `kubectl logs` of the Jobs stays readable.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match Cli::parse().command {
+    match cli.command {
         Command::Generate(args) => generate::run(&args),
+        Command::Fetch(args) => fetch::main(&args),
+        Command::BuildEngine(args) => engine::main(&args),
+        Command::Serve(_) => unreachable!("handled above"),
     }
 }

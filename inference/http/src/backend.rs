@@ -1,0 +1,240 @@
+//! The model behind the queue: a trait the scheduler drives one batch at a time, and a
+//! deterministic fake backend for scheduling tests.
+//!
+//! A backend only sees validated parameters; it reports each step so the caller can count,
+//! time, and cancel work at step boundaries.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Everything that decides one image. Two requests with equal [`GenParams::batch_key`] can
+/// be sampled together.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GenParams {
+    /// What to draw.
+    pub prompt: String,
+    /// What to steer away from.
+    pub negative_prompt: String,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Denoising steps.
+    pub steps: u32,
+    /// Classifier-free guidance scale.
+    pub guidance_scale: f64,
+    /// Seed of the initial noise.
+    pub seed: u64,
+}
+
+/// What must match for two requests to share a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BatchKey {
+    width: u32,
+    height: u32,
+    steps: u32,
+    guidance_bits: u64,
+}
+
+impl GenParams {
+    /// The shape of the work: size, steps and guidance.
+    pub fn batch_key(&self) -> BatchKey {
+        BatchKey {
+            width: self.width,
+            height: self.height,
+            steps: self.steps,
+            guidance_bits: self.guidance_scale.to_bits(),
+        }
+    }
+}
+
+/// Sampling defaults the server applies to fields a request leaves out.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Defaults {
+    /// Steps.
+    pub steps: u32,
+    /// Guidance scale.
+    pub guidance_scale: f64,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+}
+
+/// What the loaded model is and accepts.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelInfo {
+    /// Model id (the model directory's name).
+    pub id: String,
+    /// `large`, `large-turbo` or `medium`.
+    pub variant: String,
+    /// Weight precision.
+    pub precision: String,
+    /// Engine key of a prebuilt engine, when one is served.
+    pub engine_key: Option<String>,
+    /// Whether the T5 text encoder is loaded.
+    pub t5_loaded: bool,
+    /// Largest width or height the model accepts.
+    pub max_size: u32,
+    /// Defaults the model card gives (before the server's overrides).
+    pub defaults: Defaults,
+}
+
+/// Why a generation did not produce an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GenFailure {
+    /// The caller stopped wanting it (client gone, deadline passed).
+    Cancelled,
+    /// The model failed; the message says why.
+    Failed(String),
+}
+
+/// What happens between steps: progress reports, and whether each batch item is still wanted.
+pub trait StepControl {
+    /// Whether batch item `index` is still wanted; unwanted items are dropped at the next step.
+    fn wanted(&mut self, index: usize) -> bool;
+    /// One step finished for `batch` items.
+    fn step_done(&mut self, step: u32, steps: u32, batch: usize, seconds: f64);
+}
+
+/// A loaded text-to-image model.
+pub trait Backend: Send {
+    /// What the model is.
+    fn info(&self) -> ModelInfo;
+    /// Generates one PNG per item; every item has the same [`GenParams::batch_key`].
+    fn generate(
+        &mut self,
+        batch: &[GenParams],
+        control: &mut dyn StepControl,
+    ) -> Vec<Result<Vec<u8>, GenFailure>>;
+}
+
+/// A model that sleeps per step and paints a deterministic picture of its parameters; it makes
+/// scheduling observable (steps, batches, cancellation) without the cost of a real model.
+#[derive(Debug, Clone)]
+pub struct FakeBackend {
+    /// Time each step takes.
+    pub step_time: Duration,
+    /// Batch sizes seen, in order.
+    pub batches: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+impl FakeBackend {
+    /// A fake whose steps take `step_time`.
+    pub fn new(step_time: Duration) -> Self {
+        Self {
+            step_time,
+            batches: Default::default(),
+        }
+    }
+}
+
+/// A PNG whose pixels are a hash of the parameters (same parameters, same bytes).
+pub fn fake_png(p: &GenParams) -> Vec<u8> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (&p.prompt, &p.negative_prompt, p.width, p.height, p.steps).hash(&mut h);
+    (p.guidance_scale.to_bits(), p.seed).hash(&mut h);
+    let mut state = h.finish() | 1;
+    let n = (p.width * p.height * 3) as usize;
+    let pixels: Vec<u8> = (0..n)
+        .map(|_| {
+            // xorshift64: cheap, deterministic noise.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 56) as u8
+        })
+        .collect();
+    encode_png(p.width, p.height, &pixels).unwrap_or_default()
+}
+
+/// Encodes 8-bit RGB pixels as PNG.
+pub fn encode_png(width: u32, height: u32, rgb: &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, width, height);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut w = enc.write_header().map_err(|e| e.to_string())?;
+        w.write_image_data(rgb).map_err(|e| e.to_string())?;
+    }
+    Ok(out)
+}
+
+/// Decodes a PNG into its 8-bit pixels (`None` when it is not a PNG).
+pub fn decode_png(bytes: &[u8]) -> Option<Vec<u8>> {
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
+        .read_info()
+        .ok()?;
+    let mut buf = vec![0; reader.output_buffer_size()?];
+    let info = reader.next_frame(&mut buf).ok()?;
+    buf.truncate(info.buffer_size());
+    Some(buf)
+}
+
+/// Largest per-byte difference and number of differing bytes between two images' pixels.
+pub fn pixel_difference(a: &[u8], b: &[u8]) -> (u8, usize) {
+    let max = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0);
+    let count = a.iter().zip(b).filter(|(x, y)| x != y).count() + a.len().abs_diff(b.len());
+    (max, count)
+}
+
+impl Backend for FakeBackend {
+    fn info(&self) -> ModelInfo {
+        ModelInfo {
+            id: "fake".into(),
+            variant: "large".into(),
+            precision: "f32".into(),
+            engine_key: None,
+            t5_loaded: false,
+            max_size: 256,
+            defaults: Defaults {
+                steps: 4,
+                guidance_scale: 3.5,
+                width: 64,
+                height: 64,
+            },
+        }
+    }
+
+    fn generate(
+        &mut self,
+        batch: &[GenParams],
+        control: &mut dyn StepControl,
+    ) -> Vec<Result<Vec<u8>, GenFailure>> {
+        if let Ok(mut seen) = self.batches.lock() {
+            seen.push(batch.len());
+        }
+        let mut alive = vec![true; batch.len()];
+        let steps = batch.first().map_or(0, |p| p.steps);
+        for step in 1..=steps {
+            for (i, a) in alive.iter_mut().enumerate() {
+                *a = *a && control.wanted(i);
+            }
+            let live = alive.iter().filter(|a| **a).count();
+            if live == 0 {
+                break;
+            }
+            std::thread::sleep(self.step_time);
+            control.step_done(step, steps, live, self.step_time.as_secs_f64());
+        }
+        batch
+            .iter()
+            .zip(alive)
+            .map(|(p, a)| {
+                if a {
+                    Ok(fake_png(p))
+                } else {
+                    Err(GenFailure::Cancelled)
+                }
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,194 @@
+//! The one configuration struct of `sd35-server serve`: the operator's contract flags
+//! ([`ServeArgs`], unchanged) plus the server's own operational flags.
+
+use sd35_contract::ServeArgs;
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceKind {
+    /// The CPU (f32 compute).
+    Cpu,
+    /// The first CUDA GPU (needs a build with the `cuda` feature).
+    Cuda,
+}
+
+/// Everything `sd35-server serve` is configured by, from flags or `SD35_*` variables.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeConfig {
+    /// The flags the operator sets on serving pods.
+    #[command(flatten)]
+    pub args: ServeArgs,
+
+    /// Log line format.
+    #[arg(long, env = "SD35_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log prompts (off by default: prompts may carry personal data).
+    #[arg(long, env = "SD35_LOG_PROMPTS")]
+    pub log_prompts: bool,
+
+    /// Largest accepted request body in bytes.
+    #[arg(long, env = "SD35_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Longest accepted prompt (and negative prompt) in bytes.
+    #[arg(long, env = "SD35_MAX_PROMPT_BYTES", default_value_t = 4096)]
+    pub max_prompt_bytes: usize,
+
+    /// Most sampling steps a request may ask for (unset: 100, or 16 for large-turbo).
+    #[arg(long, env = "SD35_MAX_STEPS")]
+    pub max_steps: Option<u32>,
+
+    /// Seconds to finish accepted requests after SIGTERM before exiting anyway.
+    #[arg(long, env = "SD35_DRAIN_SECONDS", default_value_t = 60)]
+    pub drain_seconds: u64,
+
+    /// Accepted bearer tokens, comma separated (adds to --auth-token-file).
+    #[arg(long, env = "SD35_AUTH_TOKENS", hide_env_values = true)]
+    pub auth_tokens: Option<String>,
+
+    /// Weight precision when serving a model directory: f32, bf16 or fp8.
+    #[arg(long, env = "SD35_PRECISION", default_value = "f32")]
+    pub precision: sd35_pipeline::Precision,
+
+    /// Where the model runs.
+    #[arg(long, env = "SD35_DEVICE", value_enum, default_value_t = DeviceKind::Cpu)]
+    pub device: DeviceKind,
+
+    /// Skip the warm-up generation before reporting ready.
+    #[arg(long, env = "SD35_NO_WARMUP")]
+    pub no_warmup: bool,
+}
+
+impl ServeConfig {
+    /// The accepted bearer tokens from the token file and the token list; empty turns auth off.
+    pub fn load_tokens(&self) -> anyhow::Result<Vec<String>> {
+        let usable = |t: &&str| !t.is_empty() && !t.starts_with('#');
+        let mut tokens = Vec::new();
+        if let Some(path) = &self.args.auth_token_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                anyhow::anyhow!("cannot read the auth token file {}: {e}", path.display())
+            })?;
+            tokens.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(usable)
+                    .map(str::to_owned),
+            );
+            if tokens.is_empty() {
+                // Serving without auth because a mounted secret is empty would be a surprise.
+                anyhow::bail!(
+                    "the auth token file {} holds no token; put one token per line",
+                    path.display()
+                );
+            }
+        }
+        if let Some(list) = &self.auth_tokens {
+            tokens.extend(
+                list.split(',')
+                    .map(str::trim)
+                    .filter(usable)
+                    .map(str::to_owned),
+            );
+        }
+        Ok(tokens)
+    }
+
+    /// The step cap for a variant.
+    pub fn max_steps_for(&self, variant: sd35_pipeline::Variant) -> u32 {
+        self.max_steps.unwrap_or(match variant {
+            sd35_pipeline::Variant::LargeTurbo => 16,
+            _ => 100,
+        })
+    }
+}
+
+/// `ServeConfig` as a whole command line, for parsing it outside the binary.
+#[derive(Debug, clap::Parser)]
+struct Standalone {
+    #[command(flatten)]
+    config: ServeConfig,
+}
+
+impl ServeConfig {
+    /// Parses `serve`'s flags (the first item is the program name), with env fallbacks.
+    pub fn try_parse_from<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        <Standalone as clap::Parser>::try_parse_from(args).map(|s| s.config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_operators_command_line_parses_into_the_server_config() {
+        let args = ServeArgs {
+            model: "/cache/models/c".into(),
+            engine: Some("/cache/engines/e".into()),
+            host: "0.0.0.0".into(),
+            port: 9000,
+            no_t5: true,
+            t5_max_tokens: 512,
+            default_steps: Some(4),
+            default_guidance: Some(0.5),
+            default_width: Some(768),
+            default_height: Some(1344),
+            queue_size: 64,
+            max_batch_size: 4,
+            request_timeout_seconds: 30,
+            auth_token_file: Some("/etc/sd35/auth/tokens".into()),
+        };
+        let argv = std::iter::once("serve".to_owned()).chain(args.to_args());
+        let config = ServeConfig::try_parse_from(argv).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.args, args);
+        // The server's own flags have safe defaults when the operator sets none.
+        assert_eq!(config.log_format, LogFormat::Text);
+        assert!(!config.log_prompts);
+        assert_eq!(config.max_body_bytes, 64 * 1024);
+        assert_eq!(config.precision, sd35_pipeline::Precision::F32);
+        assert_eq!(config.max_steps_for(sd35_pipeline::Variant::LargeTurbo), 16);
+    }
+
+    #[test]
+    fn tokens_come_from_the_file_and_the_list() {
+        let dir = std::env::temp_dir().join(format!("sd35-http-tokens-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let file = dir.join("tokens");
+        std::fs::write(&file, "one\n\n# note\n two \n").unwrap_or_else(|e| panic!("{e}"));
+        let path = file.display().to_string();
+        let argv = [
+            "serve",
+            "--model",
+            "m",
+            "--auth-token-file",
+            &path,
+            "--auth-tokens",
+            "x, y",
+        ];
+        let config = ServeConfig::try_parse_from(argv).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            config.load_tokens().unwrap_or_default(),
+            ["one", "two", "x", "y"]
+        );
+        std::fs::write(&file, "\n# only a comment\n").unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            config.load_tokens().is_err(),
+            "an empty token file is an error"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,0 +1,27 @@
+//! HTTP serving of the Stable Diffusion 3.5 pipeline (`sd35-server serve`).
+//!
+//! Three layers, each usable on its own:
+//! - [`backend`]: the model behind a small trait, with the candle pipeline ([`candle`]) and a
+//!   deterministic fake for scheduling tests;
+//! - [`queue`]: one dedicated model thread behind a bounded queue — admission control (429),
+//!   per-request deadlines, dropping requests whose client went away, batching of same-shape
+//!   requests;
+//! - [`routes`]: the axum edge — request types and validation ([`api`]), one error→status
+//!   table, auth, request ids, metrics, OpenAPI and the playground page.
+//!
+//! [`server::run`] wires them from one [`config::ServeConfig`].
+
+pub mod api;
+pub mod auth;
+pub mod backend;
+pub mod candle;
+pub mod client;
+pub mod config;
+pub mod metrics;
+pub mod openapi;
+pub mod queue;
+pub mod routes;
+pub mod server;
+
+pub use config::ServeConfig;
+pub use server::run;

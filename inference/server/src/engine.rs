@@ -1,0 +1,121 @@
+//! `sd35-server build-engine`: converts a complete cached model into the engine of one
+//! precision under `<cache-root>/engines/<engine-key>/`, with progress in the logs.
+//!
+//! An engine whose manifest already matches (format version, source, precision, every file's
+//! size and sha256) is kept; anything else in the directory is rebuilt.
+
+use std::time::Instant;
+
+use sd35_contract::{BuildEngineArgs, EnginePrecision, ExitReason, engine_dir, model_dir};
+use sd35_pipeline::Precision;
+use sd35_pipeline::engine::{BuildOptions, Fp8Scale};
+
+use crate::fetch::error::{JobError, exit_on_error};
+use crate::fetch::manifest::CacheManifest;
+
+/// `sd35-server build-engine`: the contract's flags plus the fp8 scaling choice.
+#[derive(Debug, clap::Args)]
+pub struct BuildEngineCommand {
+    #[command(flatten)]
+    pub args: BuildEngineArgs,
+
+    /// fp8 only: absmax scale per output channel or per tensor.
+    #[arg(long, env = "SD35_FP8_SCALE", default_value = "per-channel")]
+    pub fp8_scale: Fp8Scale,
+}
+
+/// Runs `build-engine` and exits with its documented exit code.
+pub fn main(cmd: &BuildEngineCommand) -> ! {
+    exit_on_error("build-engine", run(cmd))
+}
+
+fn pipeline_error(e: sd35_pipeline::Error) -> JobError {
+    match e {
+        sd35_pipeline::Error::Io { path, source } => JobError::io(&path, &source),
+        other => JobError::new(ExitReason::InvalidModel, other.to_string()),
+    }
+}
+
+/// Builds (or confirms) the engine.
+pub fn run(cmd: &BuildEngineCommand) -> Result<(), JobError> {
+    let a = &cmd.args;
+    let model = model_dir(&a.cache_root, &a.cache_key);
+    let out = engine_dir(&a.cache_root, &a.engine_key);
+    let Some(cache) = CacheManifest::read(&model)? else {
+        return Err(JobError::new(
+            ExitReason::NotFound,
+            format!(
+                "{} is not a complete cache (no completion marker); run fetch first",
+                model.display()
+            ),
+        ));
+    };
+    if !cache.files_present(&model) {
+        return Err(JobError::new(
+            ExitReason::InvalidModel,
+            format!(
+                "{}: files listed in the completion marker are missing or truncated; fetch again",
+                model.display()
+            ),
+        ));
+    }
+    let precision = match a.precision {
+        EnginePrecision::Bf16 => Precision::Bf16,
+        EnginePrecision::Fp8 => Precision::Fp8,
+    };
+    if let Ok(m) = sd35_pipeline::engine::open(&out, true)
+        && m.source_cache_key == a.cache_key
+        && m.precision == precision.as_str()
+        && m.fp8_scale == (precision == Precision::Fp8).then_some(cmd.fp8_scale)
+    {
+        tracing::info!(engine = %out.display(), "engine already built, nothing to do");
+        return Ok(());
+    }
+    let opts = BuildOptions {
+        precision,
+        fp8_scale: cmd.fp8_scale,
+        source_cache_key: a.cache_key.clone(),
+        source_revision: cache.resolved_revision.clone().or(Some(cache.revision)),
+        tool_version: concat!("sd35-server ", env!("CARGO_PKG_VERSION")).to_owned(),
+    };
+    tracing::info!(
+        model = %model.display(),
+        engine = %out.display(),
+        precision = precision.as_str(),
+        "building engine"
+    );
+    let started = Instant::now();
+    let mut last = Instant::now();
+    let manifest = sd35_pipeline::engine::build(&model, &out, &opts, &mut |p| {
+        if last.elapsed().as_secs() >= 10 || p.done_bytes == p.total_bytes {
+            last = Instant::now();
+            let secs = started.elapsed().as_secs_f64().max(1e-3);
+            let rate = p.done_bytes as f64 / secs;
+            let eta = (p.total_bytes.saturating_sub(p.done_bytes)) as f64 / rate.max(1.0);
+            tracing::info!(
+                file = p.file,
+                "progress: {} of {} MB ({:.1} MB/s, ETA {eta:.0}s)",
+                p.done_bytes / 1_000_000,
+                p.total_bytes / 1_000_000,
+                rate / 1e6
+            );
+        }
+    })
+    .map_err(pipeline_error)?;
+    tracing::info!(
+        files = manifest.files.len(),
+        bytes = manifest.files.iter().map(|f| f.size).sum::<u64>(),
+        seconds = started.elapsed().as_secs_f64(),
+        peak_rss_bytes = peak_rss_bytes().unwrap_or(0),
+        "engine complete"
+    );
+    Ok(())
+}
+
+/// The process's peak resident set (`VmHWM`), from `/proc/self/status`.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -1,0 +1,566 @@
+//! `sd35-server fetch` against local HTTP servers: an HTTP mirror and a fake Hub API serving
+//! the tiny diffusers model, with cut, corrupted, stalled and refused transfers.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use common::{Server, State, read_tree, server, sha256_hex, stderr, testdata};
+use sd35_contract::{COMPLETE_MARKER, ExitReason};
+
+const MODEL: &str = "sd35-tiny-large";
+const SHARD: &str = "transformer/diffusion_pytorch_model-00002-of-00003.safetensors";
+const VAE: &str = "vae/diffusion_pytorch_model.safetensors";
+
+/// The tiny model plus files a fetch must skip (another layout's checkpoint, a README).
+fn model_tree() -> BTreeMap<String, Vec<u8>> {
+    let mut tree = read_tree(&testdata(MODEL));
+    tree.insert("sd3.5_large.safetensors".into(), vec![7u8; 4096]);
+    tree.insert("README.md".into(), b"# tiny".to_vec());
+    tree
+}
+
+/// A mirror at `/mirror/` with its `sha256sums.txt`.
+fn mirror() -> Server {
+    let mut state = State::default();
+    let mut sums = String::new();
+    for (path, body) in model_tree() {
+        sums.push_str(&format!("{}  {path}\n", sha256_hex(&body)));
+        state.files.insert(format!("/mirror/{path}"), body);
+    }
+    state
+        .files
+        .insert("/mirror/sha256sums.txt".into(), sums.into_bytes());
+    Server::start(state)
+}
+
+fn fetch(
+    cache: &Path,
+    source: &[&str],
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> std::process::Output {
+    let root = cache.to_str().unwrap();
+    let mut args = vec![
+        "fetch",
+        "--variant=large",
+        "--cache-root",
+        root,
+        "--cache-key=k1",
+        "--retry-backoff-ms=20",
+        "--progress-seconds=1",
+    ];
+    args.extend_from_slice(source);
+    args.extend_from_slice(extra);
+    server(&args, envs)
+}
+
+/// The cache holds exactly the diffusers files of the tiny model, byte for byte, and a marker
+/// listing them.
+fn assert_complete(cache: &Path) {
+    let dir = cache.join("models/k1");
+    let got = read_tree(&dir);
+    let want = read_tree(&testdata(MODEL));
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "fetched files"
+    );
+    for (k, v) in &want {
+        assert!(got[k] == *v, "{k} differs from the source");
+    }
+    let marker: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(COMPLETE_MARKER)).unwrap()).unwrap();
+    let files = marker["files"].as_array().unwrap();
+    assert_eq!(files.len(), want.len());
+    for f in files {
+        let path = f["path"].as_str().unwrap();
+        assert_eq!(f["sha256"].as_str().unwrap(), sha256_hex(&want[path]));
+        assert_eq!(f["size"].as_u64().unwrap(), want[path].len() as u64);
+    }
+}
+
+#[test]
+fn mirror_download_is_complete_and_a_second_run_is_a_no_op() {
+    let srv = mirror();
+    let cache = tempfile::tempdir().unwrap();
+    let url = format!("--http-url={}/mirror/", srv.base);
+    let out = fetch(cache.path(), &[&url], &[], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_complete(cache.path());
+    assert!(srv.requests_for("sd3.5_large.safetensors").is_empty());
+    assert!(srv.requests_for("README.md").is_empty());
+
+    let before = srv.request_count();
+    let started = Instant::now();
+    let out = fetch(cache.path(), &[&url], &[], &[]);
+    let secs = started.elapsed().as_secs_f64();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("already complete"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        srv.request_count(),
+        before,
+        "a complete cache makes no requests"
+    );
+    assert!(secs < 1.0, "second run took {secs:.2} s");
+}
+
+#[test]
+fn transfer_cut_halfway_resumes_with_a_range_request() {
+    let srv = mirror();
+    let shard_len = srv.state.lock().unwrap().files[&format!("/mirror/{SHARD}")].len();
+    srv.state
+        .lock()
+        .unwrap()
+        .cut_once
+        .insert(format!("/mirror/{SHARD}"));
+    let cache = tempfile::tempdir().unwrap();
+    let url = format!("--http-url={}/mirror", srv.base);
+    let out = fetch(cache.path(), &[&url], &[], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_complete(cache.path());
+    let seen = srv.requests_for(SHARD);
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[0].range, None);
+    assert_eq!(
+        seen[1].range.as_deref(),
+        Some(format!("bytes={}-", shard_len / 2).as_str()),
+        "the retry continues where the cut left off"
+    );
+}
+
+#[test]
+fn partial_file_of_a_killed_run_is_continued() {
+    let srv = mirror();
+    let body = srv.state.lock().unwrap().files[&format!("/mirror/{VAE}")].clone();
+    let cache = tempfile::tempdir().unwrap();
+    let vae_dir = cache.path().join("models/k1/vae");
+    std::fs::create_dir_all(&vae_dir).unwrap();
+    let third = body.len() / 3;
+    std::fs::write(
+        vae_dir.join(".diffusion_pytorch_model.safetensors.partial"),
+        &body[..third],
+    )
+    .unwrap();
+    let url = format!("--http-url={}/mirror", srv.base);
+    let out = fetch(cache.path(), &[&url], &[], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_complete(cache.path());
+    let seen = srv.requests_for(VAE);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(
+        seen[0].range.as_deref(),
+        Some(format!("bytes={third}-").as_str())
+    );
+    assert!(stderr(&out).contains("resuming"), "{}", stderr(&out));
+}
+
+#[test]
+fn corrupted_transfer_and_corrupted_cache_file_are_fetched_again() {
+    let srv = mirror();
+    srv.state
+        .lock()
+        .unwrap()
+        .corrupt_once
+        .insert(format!("/mirror/{VAE}"));
+    let cache = tempfile::tempdir().unwrap();
+    let url = format!("--http-url={}/mirror", srv.base);
+    let out = fetch(cache.path(), &[&url], &[], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("sha256"), "{}", stderr(&out));
+    assert_eq!(srv.requests_for(VAE).len(), 2);
+    assert_complete(cache.path());
+
+    // A file damaged on the volume (marker gone, as after an interrupted run) is re-verified
+    // and fetched again; intact files are kept.
+    let dir = cache.path().join("models/k1");
+    std::fs::remove_file(dir.join(COMPLETE_MARKER)).unwrap();
+    let mut bytes = std::fs::read(dir.join(VAE)).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(dir.join(VAE), bytes).unwrap();
+    let before_shard = srv.requests_for(SHARD).len();
+    let out = fetch(cache.path(), &[&url], &[], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(srv.requests_for(VAE).len(), 3);
+    assert_eq!(srv.requests_for(SHARD).len(), before_shard);
+    assert_complete(cache.path());
+}
+
+#[test]
+fn a_mirror_that_always_corrupts_fails_with_checksum_mismatch() {
+    let srv = mirror();
+    let cache = tempfile::tempdir().unwrap();
+    // Serve a wrong file under the right name.
+    srv.state
+        .lock()
+        .unwrap()
+        .files
+        .insert(format!("/mirror/{VAE}"), vec![0u8; 64]);
+    let url = format!("--http-url={}/mirror", srv.base);
+    let out = fetch(cache.path(), &[&url], &["--retries=1"], &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(ExitReason::ChecksumMismatch.code()),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !cache
+            .path()
+            .join("models/k1")
+            .join(COMPLETE_MARKER)
+            .exists()
+    );
+}
+
+#[test]
+fn not_found_and_unauthorized_exit_with_their_codes() {
+    let srv = mirror();
+    let cache = tempfile::tempdir().unwrap();
+    let url = format!("--http-url={}/nothing-here", srv.base);
+    let out = fetch(cache.path(), &[&url], &[], &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(ExitReason::NotFound.code()),
+        "{}",
+        stderr(&out)
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains("HTTP 404") && err.contains("spec.model.source"),
+        "{err}"
+    );
+
+    srv.state.lock().unwrap().token = Some("s3cret".into());
+    let url = format!("--http-url={}/mirror", srv.base);
+    let out = fetch(cache.path(), &[&url], &[], &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(ExitReason::Unauthorized.code()),
+        "{}",
+        stderr(&out)
+    );
+    let err = stderr(&out);
+    assert!(err.contains("HTTP 401") && err.contains("token"), "{err}");
+
+    let out = fetch(
+        cache.path(),
+        &[&url],
+        &[],
+        &[("SD35_SOURCE_TOKEN", "wrong")],
+    );
+    assert_eq!(out.status.code(), Some(ExitReason::Unauthorized.code()));
+    let out = fetch(
+        cache.path(),
+        &[&url],
+        &[],
+        &[("SD35_SOURCE_TOKEN", "s3cret")],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_complete(cache.path());
+}
+
+#[test]
+fn stalled_transfer_hits_the_timeout() {
+    let srv = mirror();
+    srv.state
+        .lock()
+        .unwrap()
+        .stall
+        .insert(format!("/mirror/{VAE}"));
+    let cache = tempfile::tempdir().unwrap();
+    let url = format!("--http-url={}/mirror", srv.base);
+    let started = Instant::now();
+    let out = fetch(
+        cache.path(),
+        &[&url],
+        &["--stall-timeout-seconds=1", "--retries=1"],
+        &[],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(ExitReason::Network.code()),
+        "{}",
+        stderr(&out)
+    );
+    let err = stderr(&out);
+    assert!(err.contains("stalled"), "{err}");
+    // The run lasts over a second: progress lines with bytes, rate and ETA were logged.
+    assert!(
+        err.contains("progress: ") && err.contains(" MB/s, ETA "),
+        "{err}"
+    );
+    assert!(started.elapsed().as_secs() < 20);
+    assert_eq!(srv.requests_for(VAE).len(), 2, "one retry");
+}
+
+/// A fake Hub: `/api/models/{repo}/revision/{rev}` (with LFS sha256 for weights when
+/// `lfs_in_info`), the tree API, files under `/{repo}/resolve/{commit}/`, behind a token.
+fn hub_with(lfs_in_info: bool) -> (Server, String) {
+    let commit = "0123456789abcdef0123456789abcdef01234567".to_owned();
+    let mut state = State {
+        token: Some("hf_test".into()),
+        ..State::default()
+    };
+    let (mut siblings, mut tree) = (Vec::new(), Vec::new());
+    for (path, body) in model_tree() {
+        let lfs = path
+            .ends_with(".safetensors")
+            .then(|| serde_json::json!({"sha256": sha256_hex(&body), "size": body.len()}));
+        let tree_lfs = path.ends_with(".safetensors").then(|| {
+            serde_json::json!({"oid": sha256_hex(&body), "size": body.len(), "pointerSize": 134})
+        });
+        siblings.push(if lfs_in_info {
+            serde_json::json!({"rfilename": path, "size": body.len(), "lfs": lfs})
+        } else {
+            serde_json::json!({"rfilename": path})
+        });
+        tree.push(
+            serde_json::json!({"type": "file", "path": path, "size": body.len(), "lfs": tree_lfs}),
+        );
+        state
+            .files
+            .insert(format!("/org/tiny/resolve/{commit}/{path}"), body);
+    }
+    let info = serde_json::json!({"id": "org/tiny", "sha": commit, "siblings": siblings});
+    state.files.insert(
+        "/api/models/org/tiny/revision/main".into(),
+        serde_json::to_vec(&info).unwrap(),
+    );
+    state.files.insert(
+        format!("/api/models/org/tiny/tree/{commit}"),
+        serde_json::to_vec(&tree).unwrap(),
+    );
+    (Server::start(state), commit)
+}
+
+fn hub() -> (Server, String) {
+    hub_with(true)
+}
+
+#[test]
+fn hub_without_lfs_metadata_falls_back_to_the_tree_api() {
+    let (srv, commit) = hub_with(false);
+    let endpoint = format!("--hf-endpoint={}", srv.base);
+    let token = [("SD35_SOURCE_TOKEN", "hf_test")];
+    let cache = tempfile::tempdir().unwrap();
+    let out = fetch(
+        cache.path(),
+        &["--hf-repo=org/tiny", &endpoint],
+        &[],
+        &token,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_complete(cache.path());
+    assert_eq!(srv.requests_for(&format!("tree/{commit}")).len(), 1);
+
+    // The hashes from the tree are enforced: same size, other content.
+    srv.state
+        .lock()
+        .unwrap()
+        .corrupt_once
+        .insert(format!("/org/tiny/resolve/{commit}/{VAE}"));
+    let other = tempfile::tempdir().unwrap();
+    let out = fetch(
+        other.path(),
+        &["--hf-repo=org/tiny", &endpoint],
+        &["--retries=0"],
+        &token,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(ExitReason::ChecksumMismatch.code()),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn hub_source_uses_the_api_listing_token_file_and_pinned_commit() {
+    let (srv, commit) = hub();
+    let cache = tempfile::tempdir().unwrap();
+    let token = cache.path().join("token");
+    std::fs::write(&token, "hf_test\n").unwrap();
+    let endpoint = format!("--hf-endpoint={}", srv.base);
+    let token_arg = format!("--token-file={}", token.display());
+    let out = fetch(
+        cache.path(),
+        &["--hf-repo=org/tiny", &endpoint],
+        &[&token_arg],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_complete(cache.path());
+    let marker: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(cache.path().join("models/k1").join(COMPLETE_MARKER)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(marker["resolvedRevision"], commit.as_str());
+    assert_eq!(marker["source"]["kind"], "huggingFace");
+    assert!(srv.requests_for(SHARD)[0].path.contains(&commit));
+    assert!(
+        srv.state
+            .lock()
+            .unwrap()
+            .log
+            .iter()
+            .all(|s| s.auth.as_deref() == Some("Bearer hf_test"))
+    );
+
+    let other = tempfile::tempdir().unwrap();
+    let out = fetch(other.path(), &["--hf-repo=org/tiny", &endpoint], &[], &[]);
+    assert_eq!(out.status.code(), Some(ExitReason::Unauthorized.code()));
+    let out = fetch(
+        other.path(),
+        &["--hf-repo=org/missing", &endpoint],
+        &[],
+        &[("SD35_SOURCE_TOKEN", "hf_test")],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(ExitReason::NotFound.code()),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn import_dir_copies_and_verifies() {
+    let cache = tempfile::tempdir().unwrap();
+    let src = testdata(MODEL);
+    let arg = format!("--import-dir={}", src.display());
+    let out = fetch(cache.path(), &[&arg], &[], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_complete(cache.path());
+
+    let missing = format!("--import-dir={}", cache.path().join("nope").display());
+    let other = tempfile::tempdir().unwrap();
+    let out = fetch(other.path(), &[&missing], &[], &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(ExitReason::NotFound.code()),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn unwritable_cache_is_permission_denied() {
+    let cache = tempfile::tempdir().unwrap();
+    // A file where the models directory should be: nothing can be created below it.
+    std::fs::write(cache.path().join("models"), b"").unwrap();
+    let arg = format!("--import-dir={}", testdata(MODEL).display());
+    let out = fetch(cache.path(), &[&arg], &[], &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(ExitReason::PermissionDenied.code()),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn full_volume_is_disk_full() {
+    // `/dev/full` fails every write with ENOSPC: put it where a file is being written.
+    let cache = tempfile::tempdir().unwrap();
+    let vae_dir = cache.path().join("models/k1/vae");
+    std::fs::create_dir_all(&vae_dir).unwrap();
+    std::os::unix::fs::symlink(
+        "/dev/full",
+        vae_dir.join(".diffusion_pytorch_model.safetensors.partial"),
+    )
+    .unwrap();
+    let arg = format!("--import-dir={}", testdata(MODEL).display());
+    let out = fetch(cache.path(), &[&arg], &["--parallel=1"], &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(ExitReason::DiskFull.code()),
+        "{}",
+        stderr(&out)
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains("no space left") && err.contains("spec.cache.size"),
+        "{err}"
+    );
+}
+
+#[test]
+fn fetch_killed_mid_transfer_resumes_on_the_next_run() {
+    let srv = mirror();
+    let shard = format!("/mirror/{SHARD}");
+    let shard_len = srv.state.lock().unwrap().files[&shard].len();
+    srv.state.lock().unwrap().stall.insert(shard.clone());
+    let cache = tempfile::tempdir().unwrap();
+    let root = cache.path().to_str().unwrap().to_owned();
+    let url = format!("--http-url={}/mirror", srv.base);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sd35-server"))
+        .args([
+            "fetch",
+            "--variant=large",
+            "--cache-root",
+            &root,
+            "--cache-key=k1",
+            &url,
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until half the shard sits in its partial file, then kill the process.
+    let part = cache
+        .path()
+        .join("models/k1/transformer/.diffusion_pytorch_model-00002-of-00003.safetensors.partial");
+    let started = Instant::now();
+    while std::fs::metadata(&part).map_or(0, |m| m.len()) < (shard_len / 2) as u64 {
+        assert!(started.elapsed().as_secs() < 20, "no partial file appeared");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !cache
+            .path()
+            .join("models/k1")
+            .join(COMPLETE_MARKER)
+            .exists()
+    );
+
+    srv.state.lock().unwrap().stall.clear();
+    let out = fetch(cache.path(), &[&url], &[], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_complete(cache.path());
+    let seen = srv.requests_for(SHARD);
+    assert_eq!(
+        seen.last().unwrap().range.as_deref(),
+        Some(format!("bytes={}-", shard_len / 2).as_str())
+    );
+}
+
+#[test]
+fn single_file_layout_from_a_mirror() {
+    let mut state = State::default();
+    let mut sums = String::new();
+    let tree = read_tree(&testdata("sd35-tiny-large-single"));
+    for (path, body) in &tree {
+        sums.push_str(&format!("{}  {path}\n", sha256_hex(body)));
+        state.files.insert(format!("/m/{path}"), body.clone());
+    }
+    state
+        .files
+        .insert("/m/sha256sums.txt".into(), sums.into_bytes());
+    let srv = Server::start(state);
+    let cache = tempfile::tempdir().unwrap();
+    let url = format!("--http-url={}/m", srv.base);
+    let out = fetch(cache.path(), &[&url], &[], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let got = read_tree(&cache.path().join("models/k1"));
+    assert_eq!(got, tree);
+}
