@@ -33,9 +33,9 @@ unit: ## Tests that need no cluster: unit, snapshot and CRD drift tests
 .PHONY: e2e
 e2e: ## End-to-end tests on a real local control plane with kwok GPU nodes
 	bin="$$(bash tests/controlplane/build.sh)"; \
-	$(CARGO) build --locked -q -p sd35-operator --bin sd35-operator; \
+	$(CARGO) build --locked -q -p sd35-operator --bin sd35-operator -p sd35-server --bin sd35-server; \
 	SD35_CONTROLPLANE_BIN="$$bin" SD35_OPERATOR_BIN="$$PWD/target/debug/sd35-operator" \
-	  $(CARGO) test --locked -p sd35-e2e
+	  SD35_SERVER_BIN="$$PWD/target/debug/sd35-server" $(CARGO) test --locked -p sd35-e2e
 
 .PHONY: test
 test: controlplane lint unit e2e ## Everything CI runs

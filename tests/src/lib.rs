@@ -38,7 +38,9 @@ pub use components::{KWOK_NODE_ANNOTATION, LOCAL_PROVISIONER, SERVICE_ACCOUNT_IS
 pub use fixtures::{install_crd, kubectl_apply, repo_root};
 pub use namespace::{TEST_NAMESPACE_LABEL, TestNamespace};
 pub use nodes::{GPU_PRODUCT, GPU_RESOURCE, GPUS_PER_NODE, gpu_node_name, is_ready};
-pub use operator::{OPERATOR_BIN_ENV, OperatorProcess, operator_binary};
+pub use operator::{
+    OPERATOR_BIN_ENV, OperatorProcess, SERVER_BIN_ENV, operator_binary, server_binary,
+};
 pub use process::{Lifetime, runs_for_state_dir};
 pub use sd35::{condition, has_condition, summary, wait_for, wait_ready};
 pub use shared::shared_cluster;

@@ -17,25 +17,38 @@ use crate::Cluster;
 /// Env var naming the operator binary; `make e2e` sets it.
 pub const OPERATOR_BIN_ENV: &str = "SD35_OPERATOR_BIN";
 
-/// The operator binary: from `SD35_OPERATOR_BIN`, else beside this test binary's target dir.
-pub fn operator_binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os(OPERATOR_BIN_ENV) {
+/// Env var naming the `sd35-server` binary; `make e2e` sets it.
+pub const SERVER_BIN_ENV: &str = "SD35_SERVER_BIN";
+
+/// A binary of this workspace: from `env`, else beside this test binary's target dir.
+fn workspace_binary(name: &str, env: &str, package: &str) -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(env) {
         return Ok(PathBuf::from(path));
     }
     let exe = std::env::current_exe().context("locate the test binary")?;
-    // target/<profile>/deps/<test> → target/<profile>/sd35-operator
+    // target/<profile>/deps/<test> → target/<profile>/<name>
     let candidate = exe
         .parent()
         .and_then(|deps| deps.parent())
-        .map(|profile| profile.join("sd35-operator"))
+        .map(|profile| profile.join(name))
         .context("locate the target directory")?;
     if candidate.is_file() {
         return Ok(candidate);
     }
     bail!(
-        "the operator binary is not built: run `cargo build -p sd35-operator` (or `make e2e`), or set {OPERATOR_BIN_ENV}; looked at {}",
+        "{name} is not built: run `cargo build -p {package}` (or `make e2e`), or set {env}; looked at {}",
         candidate.display()
     )
+}
+
+/// The operator binary: from `SD35_OPERATOR_BIN`, else beside this test binary's target dir.
+pub fn operator_binary() -> Result<PathBuf> {
+    workspace_binary("sd35-operator", OPERATOR_BIN_ENV, "sd35-operator")
+}
+
+/// The `sd35-server` binary: from `SD35_SERVER_BIN`, else beside this test binary's target dir.
+pub fn server_binary() -> Result<PathBuf> {
+    workspace_binary("sd35-server", SERVER_BIN_ENV, "sd35-server")
 }
 
 fn free_port() -> Result<SocketAddr> {
