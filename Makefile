@@ -59,20 +59,28 @@ chart: ## Lint and render the Helm chart with every ci/ scenario
 	done
 
 .PHONY: demo
-demo: ## Start a local cluster with GPU nodes, install the CRD, apply an example, show it
+demo: ## Local cluster with GPU nodes, the CRD and the operator; apply an example and watch it get Ready
 	bin="$$(bash tests/controlplane/build.sh)"; export SD35_CONTROLPLANE_BIN="$$bin"; \
-	$(CARGO) build -q -p sd35-e2e --bin sd35-localcluster; \
+	$(CARGO) build -q -p sd35-e2e --bin sd35-localcluster -p sd35-operator --bin sd35-operator; \
 	./target/debug/sd35-localcluster start; \
 	export KUBECONFIG="$$(./target/debug/sd35-localcluster kubeconfig)"; \
+	state="$$(dirname "$$KUBECONFIG")"; \
 	"$$bin/kubectl" apply -f crds/; \
 	for i in $$(seq 60); do "$$bin/kubectl" get sd35 >/dev/null 2>&1 && break; sleep 1; done; \
+	nohup ./target/debug/sd35-operator --admin-addr=127.0.0.1:18081 >"$$state/operator.log" 2>&1 & \
+	echo $$! >"$$state/operator.pid"; \
+	"$$bin/kubectl" create secret generic hf-token --from-literal=token=hf_demo --dry-run=client -o yaml | "$$bin/kubectl" apply -f -; \
 	"$$bin/kubectl" apply -f examples/large-bf16.yaml; \
 	"$$bin/kubectl" get nodes -L nvidia.com/gpu.product; \
-	"$$bin/kubectl" get sd35 -o wide; \
-	echo; echo "The cluster keeps running. Try:"; \
+	for i in $$(seq 90); do \
+	  [ "$$("$$bin/kubectl" get sd35 sd35-large -o jsonpath='{.status.phase}')" = Ready ] && break; sleep 1; \
+	done; \
+	"$$bin/kubectl" get sd35,jobs,deployments,pods,pvc -o wide; \
+	echo; echo "The cluster and the operator keep running (kwok nodes run no processes: pods go"; \
+	echo "Running and Job pods succeed without running the server). Try:"; \
 	echo "  export KUBECONFIG=$$KUBECONFIG PATH=$$bin:\$$PATH"; \
-	echo "  kubectl explain sd35.spec"; \
-	echo "Stop it with: ./target/debug/sd35-localcluster stop"
+	echo "  kubectl describe sd35 sd35-large; kubectl explain sd35.spec"; \
+	echo "Stop it with: make demo-stop"
 
 .PHONY: bench-operator
 bench-operator: ## Operator benchmark: N SD35Deployments to Ready, requests per object, RSS, CPU
@@ -83,5 +91,7 @@ bench-operator: ## Operator benchmark: N SD35Deployments to Ready, requests per 
 	  ./target/debug/sd35-bench-operator --objects $${OBJECTS:-100,500}
 
 .PHONY: demo-stop
-demo-stop: ## Stop the demo cluster
+demo-stop: ## Stop the demo operator and cluster
+	state="$$(dirname "$$(./target/debug/sd35-localcluster kubeconfig)")"; \
+	if [ -f "$$state/operator.pid" ]; then kill "$$(cat "$$state/operator.pid")" 2>/dev/null || true; fi; \
 	./target/debug/sd35-localcluster stop
