@@ -16,7 +16,8 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, Store, reflector};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use sd35_crds::SD35Deployment;
 use sd35_operator::admin::{AdminState, router};
@@ -24,7 +25,7 @@ use sd35_operator::config::OperatorConfig;
 use sd35_operator::labels;
 use sd35_operator::leader::{Elector, LeaseConfig};
 use sd35_operator::metrics::Metrics;
-use sd35_operator::reconcile::{Context, error_policy, reconcile, users_of_cache_key};
+use sd35_operator::reconcile::{ChildStores, Context, error_policy, reconcile, users_of_cache_key};
 use tracing::{Instrument, error, info, info_span, warn};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -169,6 +170,35 @@ async fn run_controller(
     let ns = args.namespace.as_ref();
     let ours =
         watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGER));
+    // One watch per child type feeds both the controller's triggers and a cache that the
+    // reconciler reads instead of asking the API server.
+    fn cached<K>(
+        api: Api<K>,
+        config: watcher::Config,
+    ) -> (
+        Store<K>,
+        impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+    )
+    where
+        K: kube::Resource<DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let (store, writer) = reflector::store();
+        let stream = reflector(writer, watcher(api, config))
+            .default_backoff()
+            .touched_objects();
+        (store, stream)
+    }
+    let (deployments, deployment_events) = cached(api::<Deployment>(&client, ns), ours.clone());
+    let (services, service_events) = cached(api::<Service>(&client, ns), ours.clone());
+    let (pdbs, pdb_events) = cached(api::<PodDisruptionBudget>(&client, ns), ours.clone());
+    let (jobs, job_events) = cached(api::<Job>(&client, ns), ours.clone());
+    let (claims, claim_events) = cached(api::<PersistentVolumeClaim>(&client, ns), ours);
     let controller = Controller::new(sd35, watcher::Config::default().any_semantic())
         .with_config(ControllerConfig::default().concurrency(args.concurrency));
     let store = controller.store();
@@ -186,13 +216,20 @@ async fn run_controller(
             },
         ),
         store,
+        children: ChildStores {
+            claims,
+            jobs,
+            deployments,
+            services,
+            pdbs,
+        },
     });
     let mut shutdown = shutdown;
     controller
-        .owns(api::<Deployment>(&client, ns), ours.clone())
-        .owns(api::<Service>(&client, ns), ours.clone())
-        .owns(api::<PodDisruptionBudget>(&client, ns), ours.clone())
-        .watches(api::<Job>(&client, ns), ours.clone(), move |job: Job| {
+        .owns_stream(deployment_events)
+        .owns_stream(service_events)
+        .owns_stream(pdb_events)
+        .watches_stream(job_events, move |job: Job| {
             users_of_cache_key(
                 &job_store,
                 job.namespace().as_deref(),
@@ -200,18 +237,14 @@ async fn run_controller(
                 &job_config,
             )
         })
-        .watches(
-            api::<PersistentVolumeClaim>(&client, ns),
-            ours,
-            move |pvc: PersistentVolumeClaim| {
-                users_of_cache_key(
-                    &claim_store,
-                    pvc.namespace().as_deref(),
-                    pvc.labels().get(labels::CACHE_KEY).map(String::as_str),
-                    &claim_config,
-                )
-            },
-        )
+        .watches_stream(claim_events, move |pvc: PersistentVolumeClaim| {
+            users_of_cache_key(
+                &claim_store,
+                pvc.namespace().as_deref(),
+                pvc.labels().get(labels::CACHE_KEY).map(String::as_str),
+                &claim_config,
+            )
+        })
         .graceful_shutdown_on(async move {
             let _ = shutdown.wait_for(|stop| *stop).await;
         })

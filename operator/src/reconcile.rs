@@ -59,6 +59,36 @@ pub struct Context {
     pub recorder: Recorder,
     /// All SD35Deployments, for finding the users of a shared cache.
     pub store: Store<SD35Deployment>,
+    /// The children the operator watches, read instead of asking the API server.
+    pub children: ChildStores,
+}
+
+/// Caches of the operator's children, filled by the controller's watches.
+#[derive(Clone)]
+#[allow(missing_debug_implementations)] // Store has no Debug
+pub struct ChildStores {
+    pub claims: Store<PersistentVolumeClaim>,
+    pub jobs: Store<Job>,
+    pub deployments: Store<Deployment>,
+    pub services: Store<Service>,
+    pub pdbs: Store<PodDisruptionBudget>,
+}
+
+/// An object from the watch cache, or from the API server when the cache does not have it
+/// (yet): a cache can lag behind, but a missing child must never be assumed missing.
+async fn lookup<K>(
+    store: &Store<K>,
+    api: &Api<K>,
+    namespace: &str,
+    name: &str,
+) -> kube::Result<Option<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match store.get(&ObjectRef::new(name).within(namespace)) {
+        Some(cached) => Ok(Some(cached.as_ref().clone())),
+        None => api.get_opt(name).await,
+    }
 }
 
 impl std::fmt::Debug for Context {
@@ -161,7 +191,13 @@ impl Run<'_> {
     async fn ensure_claim(&self) -> Result<Option<PersistentVolumeClaim>, Error> {
         let api: Api<PersistentVolumeClaim> =
             Api::namespaced(self.ctx.client.clone(), &self.r.namespace);
-        let live = api.get_opt(&self.r.cache.claim).await?;
+        let live = lookup(
+            &self.ctx.children.claims,
+            &api,
+            &self.r.namespace,
+            &self.r.cache.claim,
+        )
+        .await?;
         if !self.r.cache.managed || !self.write {
             return Ok(live);
         }
@@ -231,7 +267,7 @@ impl Run<'_> {
         desired: impl FnOnce() -> Job,
     ) -> Result<(StepState, bool), Error> {
         let api: Api<Job> = Api::namespaced(self.ctx.client.clone(), &self.r.namespace);
-        let live = api.get_opt(name).await?;
+        let live = lookup(&self.ctx.children.jobs, &api, &self.r.namespace, name).await?;
         let Some(job) = live else {
             if self.write {
                 apply_if_changed(&api, &desired(), None).await?;
@@ -386,7 +422,13 @@ impl Run<'_> {
         let client = self.ctx.client.clone();
         let ns = &self.r.namespace;
         let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-        let live = deployments.get_opt(&self.r.name).await?;
+        let live = lookup(
+            &self.ctx.children.deployments,
+            &deployments,
+            ns,
+            &self.r.name,
+        )
+        .await?;
         let desired_target = ServingTarget::desired(self.r);
         let target = if ready_for_desired {
             Some(desired_target.clone())
@@ -416,10 +458,10 @@ impl Run<'_> {
 
         if self.write {
             let services: Api<Service> = Api::namespaced(client.clone(), ns);
-            let live = services.get_opt(&self.r.name).await?;
+            let live = lookup(&self.ctx.children.services, &services, ns, &self.r.name).await?;
             apply_if_changed(&services, &build::service(self.r, &self.owner), live).await?;
             let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client, ns);
-            let live = pdbs.get_opt(&self.r.name).await?;
+            let live = lookup(&self.ctx.children.pdbs, &pdbs, ns, &self.r.name).await?;
             match build::pdb(self.r, &self.owner) {
                 Some(desired) => {
                     apply_if_changed(&pdbs, &desired, live).await?;
