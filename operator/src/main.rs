@@ -189,9 +189,11 @@ async fn run_controller(
             + 'static,
     {
         let (store, writer) = reflector::store();
-        let stream = reflector(writer, watcher(api, config))
+        // managedFields are never read; dropping them keeps the caches small.
+        let events = watcher(api, config)
             .default_backoff()
-            .touched_objects();
+            .modify(|o| o.managed_fields_mut().clear());
+        let stream = reflector(writer, events).touched_objects();
         (store, stream)
     }
     let (deployments, deployment_events) = cached(api::<Deployment>(&client, ns), ours.clone());
