@@ -35,10 +35,11 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   stamp+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
 done
 
-log "building kube-apiserver, kube-controller-manager, kube-scheduler, kubectl $k8s_version"
+log "building kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet, kube-proxy $k8s_version"
 (cd "$here/kubernetes" && go build "${common[@]}" -ldflags "-s -w$stamp" -o "$tmp/" \
   k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-  k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl)
+  k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl \
+  k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy)
 log "building etcd"
 (cd "$here/etcd" && go build "${common[@]}" -ldflags "-s -w" -o "$tmp/etcd" .)
 log "building kwok"
