@@ -8,8 +8,8 @@ pub enum Error {
     /// A tensor operation failed (shape mismatch, unsupported dtype on this device, ...).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-    /// A file could not be read.
-    #[error("cannot read {path}: {source}")]
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
     Io {
         /// The file.
         path: PathBuf,

@@ -273,9 +273,38 @@ fn end_to_end_f32_matches_reference() {
         ("sd35-tiny-medium-single", "medium_noguidance"),
         ("sd35-tiny-medium", "medium_slg"),
         ("sd35-tiny-medium-single", "medium_slg"),
+        ("sd35-tiny-large", "turbo_default"),
+        ("sd35-tiny-medium", "medium_default"),
     ] {
         run_case(model, case, Precision::F32, 1e-3);
     }
+}
+
+#[test]
+fn skip_layer_guidance_at_the_model_card_defaults_is_really_active() {
+    // The model card's layers 7, 8, 9 exist in the tiny medium model, and the default case
+    // has steps where they are skipped: leaving SLG out must change the result visibly.
+    let m = manifest();
+    let case = m["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "medium_default")
+        .unwrap()
+        .clone();
+    let p = load("sd35-tiny-medium", Precision::F32);
+    let mut req = request(&p, &case);
+    assert_eq!(
+        req.slg,
+        p.default_request("x").slg,
+        "the case is the model card"
+    );
+    req.slg = None;
+    let without = p.sample(&req, &mut |_, _| {}).unwrap();
+    let g = golden("e2e_medium_default.safetensors");
+    let err = rel_err(&without, &g["latents"]);
+    eprintln!("medium_default without SLG: relative error {err:.3e}");
+    assert!(err > 1e-2, "SLG made no difference ({err:.3e})");
 }
 
 #[test]
