@@ -78,6 +78,17 @@ struct Args {
     #[arg(long, env = "SD35_LEASE_DURATION_SECONDS", default_value_t = 15)]
     lease_duration_seconds: u64,
 
+    /// Shifts the wall clock this replica writes into the Lease by this many seconds, to test
+    /// the election under clock skew.
+    #[arg(
+        long,
+        env = "SD35_CLOCK_OFFSET_SECONDS",
+        default_value_t = 0,
+        hide = true,
+        allow_negative_numbers = true
+    )]
+    clock_offset_seconds: i64,
+
     /// Seconds a finished Job is kept for `kubectl logs`.
     #[arg(long, env = "SD35_JOB_TTL_SECONDS", default_value_t = OperatorConfig::default().job_ttl_seconds)]
     job_ttl_seconds: i32,
@@ -217,6 +228,7 @@ async fn run_controller(
     let store = controller.store();
     let (job_store, claim_store) = (store.clone(), store.clone());
     let (job_config, claim_config) = (config.clone(), config.clone());
+    let (job_metrics, claim_metrics) = (metrics.clone(), metrics.clone());
     let ctx = Arc::new(Context {
         client: client.clone(),
         config,
@@ -249,6 +261,7 @@ async fn run_controller(
                 job.namespace().as_deref(),
                 job.labels().get(labels::CACHE_KEY).map(String::as_str),
                 &job_config,
+                &job_metrics,
             )
         })
         .watches_stream(pod_events, |pod: Pod| {
@@ -271,6 +284,7 @@ async fn run_controller(
                 pvc.namespace().as_deref(),
                 pvc.labels().get(labels::CACHE_KEY).map(String::as_str),
                 &claim_config,
+                &claim_metrics,
             )
         })
         .graceful_shutdown_on(async move {
@@ -345,6 +359,9 @@ async fn main() -> anyhow::Result<()> {
                 identity: identity.clone(),
                 lease_duration: Duration::from_secs(args.lease_duration_seconds),
                 retry_period: Duration::from_secs((args.lease_duration_seconds / 5).max(1)),
+                clock_offset: k8s_openapi::jiff::SignedDuration::from_secs(
+                    args.clock_offset_seconds,
+                ),
             },
         )
     });

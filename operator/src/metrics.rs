@@ -29,6 +29,7 @@ pub struct Metrics {
     reconciliations: Counter,
     failures: Family<ErrorLabels, Counter>,
     duration: Histogram,
+    resolutions: Counter,
     by_phase: Family<PhaseLabels, Gauge>,
     phases: Mutex<HashMap<String, String>>,
 }
@@ -42,6 +43,12 @@ impl Default for Metrics {
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ]);
         let by_phase = Family::<PhaseLabels, Gauge>::default();
+        let resolutions = Counter::default();
+        registry.register(
+            "spec_resolutions",
+            "SD35Deployment specs validated and defaulted: the operator's work per event",
+            resolutions.clone(),
+        );
         registry.register(
             "reconciliations",
             "Reconciliations started",
@@ -63,6 +70,7 @@ impl Default for Metrics {
             reconciliations,
             failures,
             duration,
+            resolutions,
             by_phase,
             phases: Mutex::new(HashMap::new()),
         }
@@ -90,6 +98,11 @@ impl Metrics {
             start: Instant::now(),
             duration: &self.duration,
         }
+    }
+
+    /// Counts one spec validated and defaulted.
+    pub fn spec_resolved(&self) {
+        self.resolutions.inc();
     }
 
     /// Counts a failed reconciliation.

@@ -144,6 +144,7 @@ pub fn users_of_cache_key(
     namespace: Option<&str>,
     key: Option<&str>,
     config: &OperatorConfig,
+    metrics: &Metrics,
 ) -> Vec<ObjectRef<SD35Deployment>> {
     let (Some(ns), Some(key)) = (namespace, key) else {
         return Vec::new();
@@ -152,7 +153,10 @@ pub fn users_of_cache_key(
         .state()
         .iter()
         .filter(|o| o.namespace().as_deref() == Some(ns))
-        .filter(|o| resolve(o, config).is_ok_and(|r| r.cache_key == key))
+        .filter(|o| {
+            metrics.spec_resolved();
+            resolve(o, config).is_ok_and(|r| r.cache_key == key)
+        })
         .map(|o| ObjectRef::from_obj(o.as_ref()))
         .collect()
 }
@@ -168,7 +172,10 @@ fn cache_owners(ctx: &Context, obj: &SD35Deployment, r: &Resolved) -> Vec<OwnerR
             o.namespace().as_deref() == Some(r.namespace.as_str())
                 && o.metadata.deletion_timestamp.is_none()
         })
-        .filter(|o| resolve(o, &ctx.config).is_ok_and(|u| u.cache_key == r.cache_key))
+        .filter(|o| {
+            ctx.metrics.spec_resolved();
+            resolve(o, &ctx.config).is_ok_and(|u| u.cache_key == r.cache_key)
+        })
         .collect();
     // The object being reconciled may be newer than the store.
     users.retain(|u| u.uid() != obj.uid());
@@ -655,6 +662,7 @@ pub async fn reconcile(obj: Arc<SD35Deployment>, ctx: Arc<Context>) -> Result<Ac
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let selector = labels::selector_string(&name);
 
+    ctx.metrics.spec_resolved();
     let r = match resolve(&obj, &ctx.config) {
         Ok(r) => r,
         Err(invalid) => {
