@@ -10,6 +10,7 @@ pub mod admin;
 pub mod apply;
 pub mod build;
 pub mod config;
+pub mod index;
 pub mod jobs;
 pub mod keys;
 pub mod labels;

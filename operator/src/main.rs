@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
@@ -25,7 +25,11 @@ use sd35_operator::config::OperatorConfig;
 use sd35_operator::labels;
 use sd35_operator::leader::{Elector, LeaseConfig};
 use sd35_operator::metrics::Metrics;
-use sd35_operator::reconcile::{ChildStores, Context, error_policy, reconcile, users_of_cache_key};
+use sd35_operator::index::{self, Index};
+use sd35_operator::reconcile::{
+    ChildStores, Context, Owned, cache_key_of, error_policy, instance_of, reconcile,
+    users_of_cache_key,
+};
 use tracing::{Instrument, error, info, info_span, warn};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -181,11 +185,12 @@ async fn run_controller(
     let ns = args.namespace.as_ref();
     let ours =
         watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGER));
-    // One watch per child type feeds both the controller's triggers and a cache that the
-    // reconciler reads instead of asking the API server.
+    // One watch per child type feeds the controller's triggers, a cache that the reconciler
+    // reads instead of asking the API server, and an index of that cache.
     fn cached<K>(
         api: Api<K>,
         config: watcher::Config,
+        index: Option<Index<K>>,
     ) -> (
         Store<K>,
         impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
@@ -200,19 +205,47 @@ async fn run_controller(
             + 'static,
     {
         let (store, writer) = reflector::store();
-        // managedFields are never read; dropping them keeps the caches small.
+        // managedFields are never read; dropping them keeps the caches small. The index sees
+        // each event before the store, so an object that triggers a reconcile is indexed.
         let events = watcher(api, config)
             .default_backoff()
-            .modify(|o| o.managed_fields_mut().clear());
+            .modify(|o| o.managed_fields_mut().clear())
+            .inspect_ok(move |event| {
+                if let Some(index) = &index {
+                    index.apply_watcher_event(event);
+                }
+            });
         let stream = reflector(writer, events).touched_objects();
         (store, stream)
     }
-    let (deployments, deployment_events) = cached(api::<Deployment>(&client, ns), ours.clone());
-    let (services, service_events) = cached(api::<Service>(&client, ns), ours.clone());
-    let (pdbs, pdb_events) = cached(api::<PodDisruptionBudget>(&client, ns), ours.clone());
-    let (jobs, job_events) = cached(api::<Job>(&client, ns), ours.clone());
-    let (claims, claim_events) = cached(api::<PersistentVolumeClaim>(&client, ns), ours.clone());
+    fn owned<K>(
+        api: Api<K>,
+        config: watcher::Config,
+    ) -> (
+        Owned<K>,
+        impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+    )
+    where
+        K: kube::Resource<DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let by_owner = Index::new(index::controller_uid::<K>);
+        let (store, stream) = cached(api, config, Some(by_owner.clone()));
+        (Owned { store, by_owner }, stream)
+    }
+    let (deployments, deployment_events) = owned(api::<Deployment>(&client, ns), ours.clone());
+    let (services, service_events) = owned(api::<Service>(&client, ns), ours.clone());
+    let (pdbs, pdb_events) = owned(api::<PodDisruptionBudget>(&client, ns), ours.clone());
+    let (jobs, job_events) = cached(api::<Job>(&client, ns), ours.clone(), None);
+    let (claims, claim_events) =
+        cached(api::<PersistentVolumeClaim>(&client, ns), ours.clone(), None);
     // Serving pods only: their exit codes say why a server could not start.
+    let pods_by_instance = Index::new(instance_of);
     let (pods, pod_events) = cached(
         api::<Pod>(&client, ns),
         watcher::Config::default().labels(&format!(
@@ -222,13 +255,26 @@ async fn run_controller(
             labels::NAME,
             labels::SERVER_NAME
         )),
+        Some(pods_by_instance.clone()),
     );
-    let controller = Controller::new(sd35, watcher::Config::default().any_semantic())
+    // SD35Deployments, indexed by cache key: a Job or claim event finds its users there.
+    let users = {
+        let (config, metrics) = (config.clone(), metrics.clone());
+        Index::new(move |o: &SD35Deployment| cache_key_of(o, &config, &metrics))
+    };
+    let (store, writer) = reflector::store();
+    let user_index = users.clone();
+    let sd35_events = reflector(
+        writer,
+        watcher(sd35, watcher::Config::default().any_semantic())
+            .default_backoff()
+            .modify(|o| o.managed_fields_mut().clear())
+            .inspect_ok(move |event| user_index.apply_watcher_event(event)),
+    )
+    .applied_objects();
+    let controller = Controller::for_stream(sd35_events, store.clone())
         .with_config(ControllerConfig::default().concurrency(args.concurrency));
-    let store = controller.store();
-    let (job_store, claim_store) = (store.clone(), store.clone());
-    let (job_config, claim_config) = (config.clone(), config.clone());
-    let (job_metrics, claim_metrics) = (metrics.clone(), metrics.clone());
+    let (job_users, claim_users) = (users.clone(), users.clone());
     let ctx = Arc::new(Context {
         client: client.clone(),
         config,
@@ -241,6 +287,7 @@ async fn run_controller(
             },
         ),
         store,
+        users,
         children: ChildStores {
             claims,
             jobs,
@@ -248,6 +295,7 @@ async fn run_controller(
             services,
             pdbs,
             pods,
+            pods_by_instance,
         },
     });
     let mut shutdown = shutdown;
@@ -257,11 +305,9 @@ async fn run_controller(
         .owns_stream(pdb_events)
         .watches_stream(job_events, move |job: Job| {
             users_of_cache_key(
-                &job_store,
+                &job_users,
                 job.namespace().as_deref(),
                 job.labels().get(labels::CACHE_KEY).map(String::as_str),
-                &job_config,
-                &job_metrics,
             )
         })
         .watches_stream(pod_events, |pod: Pod| {
@@ -280,11 +326,9 @@ async fn run_controller(
         })
         .watches_stream(claim_events, move |pvc: PersistentVolumeClaim| {
             users_of_cache_key(
-                &claim_store,
+                &claim_users,
                 pvc.namespace().as_deref(),
                 pvc.labels().get(labels::CACHE_KEY).map(String::as_str),
-                &claim_config,
-                &claim_metrics,
             )
         })
         .graceful_shutdown_on(async move {
@@ -377,7 +421,8 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    let controller = run_controller(client, &args, metrics, stop_rx.clone())
+    metrics.set_leader(true);
+    let controller = run_controller(client, &args, metrics.clone(), stop_rx.clone())
         .instrument(info_span!("controller"));
     match elector.as_mut() {
         Some(e) => {
@@ -391,6 +436,7 @@ async fn main() -> anyhow::Result<()> {
                     std::process::exit(1);
                 }
             }
+            metrics.set_leader(false);
             e.release().await;
         }
         None => controller.await,

@@ -30,6 +30,7 @@ pub struct Metrics {
     failures: Family<ErrorLabels, Counter>,
     duration: Histogram,
     resolutions: Counter,
+    leader: Gauge,
     by_phase: Family<PhaseLabels, Gauge>,
     phases: Mutex<HashMap<String, String>>,
 }
@@ -44,6 +45,12 @@ impl Default for Metrics {
         ]);
         let by_phase = Family::<PhaseLabels, Gauge>::default();
         let resolutions = Counter::default();
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica leads (or runs without leader election), else 0",
+            leader.clone(),
+        );
         registry.register(
             "spec_resolutions",
             "SD35Deployment specs validated and defaulted: the operator's work per event",
@@ -71,6 +78,7 @@ impl Default for Metrics {
             failures,
             duration,
             resolutions,
+            leader,
             by_phase,
             phases: Mutex::new(HashMap::new()),
         }
@@ -98,6 +106,11 @@ impl Metrics {
             start: Instant::now(),
             duration: &self.duration,
         }
+    }
+
+    /// Records whether this replica leads.
+    pub fn set_leader(&self, leads: bool) {
+        self.leader.set(i64::from(leads));
     }
 
     /// Counts one spec validated and defaulted.

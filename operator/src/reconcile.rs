@@ -1,10 +1,14 @@
 //! The reconciler: dereference (client) → validate (pure) → build (pure) → apply (client) →
 //! status (client), for one SD35Deployment at a time.
 //!
-//! Guarantees: children are only written when they differ from what is live, so a steady
-//! state makes no write calls; the serving pods are switched to a new cache or engine only once
-//! it is ready; shared caches are owned by all their users (or none, when one asks to retain),
-//! so Kubernetes' garbage collector deletes them with their last user.
+//! Guarantees: every write goes through one [`Applier`], whose strategy is `Observe` while the
+//! object is paused; children are only written when they differ from what is live, so a
+//! steady state makes no write calls; children the spec no longer wants are swept by label
+//! and owner; the serving pods are switched to a new cache or engine only once it is ready.
+//! Shared caches and their Jobs are owned by all their users, so Kubernetes' garbage collector
+//! deletes them with their last user; a newcomer of the same model waits for a claim being
+//! deleted to go, and says so. Lookups of related objects go through indexes, never a scan of
+//! a whole cache, so the work of a reconcile does not grow with the number of objects.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,24 +18,24 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
-use sd35_contract::ExitReason;
 use sd35_crds::{SD35Deployment, SD35DeploymentStatus, condition};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use crate::apply::apply_if_changed;
+use crate::apply::{Applier, Strategy};
 use crate::build::{self, ServingTarget};
 use crate::config::OperatorConfig;
+use crate::index::{Index, namespaced};
 use crate::jobs::{JobOutcome, outcome};
 use crate::labels::{self, MANAGER};
 use crate::metrics::Metrics;
 use crate::resolve::{Resolved, resolve};
-use crate::status::{Observed, Rollout, StepState, compute, transitions};
+use crate::status::{Observed, Rollout, StepState, compute, is_warning, transitions};
 
 /// Errors of a reconciliation; the variant names are the `error` label of the metrics.
 #[derive(Debug, thiserror::Error)]
@@ -54,63 +58,84 @@ impl Error {
 
 /// What every reconciliation shares.
 pub struct Context {
+    /// The API client.
     pub client: Client,
+    /// The operator's settings.
     pub config: OperatorConfig,
+    /// The operator's metrics.
     pub metrics: Arc<Metrics>,
+    /// Publishes the events of transitions.
     pub recorder: Recorder,
-    /// All SD35Deployments, for finding the users of a shared cache.
+    /// All SD35Deployments.
     pub store: Store<SD35Deployment>,
+    /// SD35Deployments by `namespace/cache key`: the users of a shared cache.
+    pub users: Index<SD35Deployment>,
     /// The children the operator watches, read instead of asking the API server.
     pub children: ChildStores,
+}
+
+/// A watch cache of children controlled by an SD35Deployment, and the same children by the
+/// UID of their controller (for the sweep).
+#[allow(missing_debug_implementations)] // Store has no Debug
+#[derive(Clone)]
+pub struct Owned<K: Resource<DynamicType = ()> + 'static> {
+    /// The children.
+    pub store: Store<K>,
+    /// The children by controller UID.
+    pub by_owner: Index<K>,
 }
 
 /// Caches of the operator's children, filled by the controller's watches.
 #[derive(Clone)]
 #[allow(missing_debug_implementations)] // Store has no Debug
 pub struct ChildStores {
+    /// Cache claims (shared by cache key).
     pub claims: Store<PersistentVolumeClaim>,
+    /// Fetch and build Jobs (shared by cache and engine key).
     pub jobs: Store<Job>,
-    pub deployments: Store<Deployment>,
-    pub services: Store<Service>,
-    pub pdbs: Store<PodDisruptionBudget>,
+    /// Serving Deployments.
+    pub deployments: Owned<Deployment>,
+    /// Serving Services.
+    pub services: Owned<Service>,
+    /// Serving PodDisruptionBudgets.
+    pub pdbs: Owned<PodDisruptionBudget>,
     /// Serving pods, read for the exit codes of containers that could not start.
     pub pods: Store<Pod>,
+    /// Serving pods by `namespace/instance`.
+    pub pods_by_instance: Index<Pod>,
 }
 
-/// The first serving container of these pods that ended with one of the server's documented
-/// exit codes: its reason word and a message quoting its termination message.
-pub fn server_failure<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Option<(String, String)> {
-    pods.into_iter().find_map(|pod| {
-        let status = pod.status.as_ref()?;
-        status.container_statuses.iter().flatten().find_map(|c| {
-            // A container running now has recovered; what ended it before is history.
-            if c.state.as_ref().is_some_and(|s| s.running.is_some()) {
-                return None;
-            }
-            let ended = c
-                .state
-                .as_ref()
-                .and_then(|s| s.terminated.as_ref())
-                .or_else(|| c.last_state.as_ref().and_then(|s| s.terminated.as_ref()))?;
-            let reason = ExitReason::from_code(ended.exit_code)?;
-            let said = ended
-                .message
-                .as_deref()
-                .map(str::trim)
-                .filter(|m| !m.is_empty())
-                .unwrap_or("(no termination message)");
-            Some((
-                reason.as_str().to_owned(),
-                format!(
-                    "pod {} exited with code {} ({}): {said}; {}",
-                    pod.metadata.name.as_deref().unwrap_or("?"),
-                    ended.exit_code,
-                    reason.as_str(),
-                    reason.hint()
-                ),
-            ))
-        })
-    })
+/// The index key of an SD35Deployment: `namespace/cache key`, when its spec resolves.
+pub fn cache_key_of(
+    obj: &SD35Deployment,
+    config: &OperatorConfig,
+    metrics: &Metrics,
+) -> Vec<String> {
+    metrics.spec_resolved();
+    match (obj.namespace(), resolve(obj, config)) {
+        (Some(ns), Ok(r)) => vec![namespaced(&ns, &r.cache_key)],
+        _ => Vec::new(),
+    }
+}
+
+/// The index key of a serving pod: `namespace/instance`.
+pub fn instance_of(pod: &Pod) -> Vec<String> {
+    match (pod.namespace(), pod.labels().get(labels::INSTANCE)) {
+        (Some(ns), Some(instance)) => vec![namespaced(&ns, instance)],
+        _ => Vec::new(),
+    }
+}
+
+/// The SD35Deployments a Job or claim belongs to, found by its cache key label.
+pub fn users_of_cache_key(
+    users: &Index<SD35Deployment>,
+    namespace: Option<&str>,
+    key: Option<&str>,
+) -> Vec<ObjectRef<SD35Deployment>> {
+    match (namespace, key) {
+        (Some(ns), Some(key)) => users.get(&namespaced(ns, key)),
+        _ => Vec::new(),
+    }
 }
 
 /// An object from the watch cache, or from the API server when the cache does not have it
@@ -138,61 +163,27 @@ impl std::fmt::Debug for Context {
     }
 }
 
-/// The SD35Deployments a Job or claim belongs to, found by its cache key label.
-pub fn users_of_cache_key(
-    store: &Store<SD35Deployment>,
-    namespace: Option<&str>,
-    key: Option<&str>,
-    config: &OperatorConfig,
-    metrics: &Metrics,
-) -> Vec<ObjectRef<SD35Deployment>> {
-    let (Some(ns), Some(key)) = (namespace, key) else {
-        return Vec::new();
-    };
-    store
-        .state()
-        .iter()
-        .filter(|o| o.namespace().as_deref() == Some(ns))
-        .filter(|o| {
-            metrics.spec_resolved();
-            resolve(o, config).is_ok_and(|r| r.cache_key == key)
-        })
-        .map(|o| ObjectRef::from_obj(o.as_ref()))
-        .collect()
+/// A non-controller owner reference to `obj`.
+fn shared_owner(obj: &SD35Deployment) -> Option<OwnerReference> {
+    let mut o = obj.controller_owner_ref(&())?;
+    o.controller = Some(false);
+    o.block_owner_deletion = Some(false);
+    Some(o)
 }
 
-/// Owner references for a shared cache claim: every live user, or none when a user asks to
-/// retain the cache.
-fn cache_owners(ctx: &Context, obj: &SD35Deployment, r: &Resolved) -> Vec<OwnerReference> {
+/// The live users of this object's cache (itself included, as reconciled now), by UID.
+fn cache_users(ctx: &Context, obj: &SD35Deployment, r: &Resolved) -> Vec<Arc<SD35Deployment>> {
     let mut users: Vec<Arc<SD35Deployment>> = ctx
-        .store
-        .state()
-        .into_iter()
-        .filter(|o| {
-            o.namespace().as_deref() == Some(r.namespace.as_str())
-                && o.metadata.deletion_timestamp.is_none()
-        })
-        .filter(|o| {
-            ctx.metrics.spec_resolved();
-            resolve(o, &ctx.config).is_ok_and(|u| u.cache_key == r.cache_key)
-        })
+        .users
+        .get(&namespaced(&r.namespace, &r.cache_key))
+        .iter()
+        .filter_map(|u| ctx.store.get(u))
+        .filter(|o| o.metadata.deletion_timestamp.is_none() && o.uid() != obj.uid())
         .collect();
     // The object being reconciled may be newer than the store.
-    users.retain(|u| u.uid() != obj.uid());
     users.push(Arc::new(obj.clone()));
-    if users.iter().any(|u| u.spec.cache.retain) {
-        return Vec::new();
-    }
     users.sort_by_key(|u| u.uid());
     users
-        .iter()
-        .filter_map(|u| {
-            let mut o = u.controller_owner_ref(&())?;
-            o.controller = Some(false);
-            o.block_owner_deletion = Some(false);
-            Some(o)
-        })
-        .collect()
 }
 
 fn same_owners(a: Option<&Vec<OwnerReference>>, b: &[OwnerReference]) -> bool {
@@ -205,22 +196,19 @@ fn same_owners(a: Option<&Vec<OwnerReference>>, b: &[OwnerReference]) -> bool {
     x == y
 }
 
-/// A non-controller owner reference to a claim, so Jobs go with their cache.
-fn claim_owner(pvc: &PersistentVolumeClaim) -> Option<OwnerReference> {
-    let mut o = pvc.controller_owner_ref(&())?;
-    o.controller = Some(false);
-    o.block_owner_deletion = Some(false);
-    Some(o)
-}
-
-/// One reconciliation's client-side work, with writes switched off when paused.
+/// One reconciliation's client-side work; its writes go through `apply`.
 struct Run<'a> {
     ctx: &'a Context,
     obj: &'a SD35Deployment,
     r: &'a Resolved,
     owner: OwnerReference,
-    write: bool,
+    apply: Applier,
     previous: Option<&'a SD35DeploymentStatus>,
+    /// Owners of the cache claim: every user, or none when one asks to retain it.
+    claim_owners: Vec<OwnerReference>,
+    /// Owners of the fetch and build Jobs: every user, so that no Job (and no completed pod
+    /// of one, which holds the volume) outlives the last user of its cache.
+    job_owners: Vec<OwnerReference>,
 }
 
 impl Run<'_> {
@@ -244,24 +232,16 @@ impl Run<'_> {
             &self.r.cache.claim,
         )
         .await?;
-        if !self.r.cache.managed || !self.write {
+        if !self.r.cache.managed {
             return Ok(live);
         }
-        let owners = cache_owners(self.ctx, self.obj, self.r);
         match live {
+            // Being deleted: nothing is added to it; the cache step waits for it to go.
+            Some(live) if live.metadata.deletion_timestamp.is_some() => Ok(Some(live)),
             None => {
-                let desired = build::cache_claim(self.r, &owners);
-                match api
-                    .create(
-                        &PostParams {
-                            field_manager: Some(MANAGER.into()),
-                            ..Default::default()
-                        },
-                        &desired,
-                    )
-                    .await
-                {
-                    Ok(created) => {
+                let desired = build::cache_claim(self.r, &self.claim_owners);
+                match self.apply.create(&desired).await? {
+                    Some((created, true)) => {
                         self.event(
                             EventType::Normal,
                             "CacheClaimCreated",
@@ -270,53 +250,50 @@ impl Run<'_> {
                         .await;
                         Ok(Some(created))
                     }
-                    Err(kube::Error::Api(e)) if e.code == 409 => {
-                        Ok(api.get_opt(&self.r.cache.claim).await?)
-                    }
-                    Err(e) => Err(e.into()),
+                    Some((existing, false)) => Ok(Some(existing)),
+                    None => Ok(None),
                 }
             }
-            Some(live) if !same_owners(live.metadata.owner_references.as_ref(), &owners) => {
-                let patch = json!({"metadata": {"ownerReferences": owners}});
-                Ok(Some(
-                    api.patch(
-                        &self.r.cache.claim,
-                        &PatchParams::default(),
-                        &Patch::Merge(&patch),
-                    )
-                    .await?,
-                ))
+            Some(live) if !same_owners(live.metadata.owner_references.as_ref(), &self.claim_owners) => {
+                let patch = json!({"metadata": {"ownerReferences": self.claim_owners}});
+                let patched = self
+                    .apply
+                    .merge_patch(&self.r.cache.claim, &patch)
+                    .await?;
+                Ok(Some(patched.unwrap_or(live)))
             }
             Some(live) => Ok(Some(live)),
         }
     }
 
-    async fn annotate_claim(&self, key: &str, value: &str) -> Result<(), Error> {
-        let api: Api<PersistentVolumeClaim> =
-            Api::namespaced(self.ctx.client.clone(), &self.r.namespace);
+    async fn annotate_claim(
+        &self,
+        claim: &PersistentVolumeClaim,
+        key: &str,
+        value: &str,
+    ) -> Result<PersistentVolumeClaim, Error> {
         let patch = json!({"metadata": {"annotations": {key: value}}});
-        api.patch(
-            &self.r.cache.claim,
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await?;
-        Ok(())
+        let patched = self
+            .apply
+            .merge_patch::<PersistentVolumeClaim>(&self.r.cache.claim, &patch)
+            .await?;
+        Ok(patched.unwrap_or_else(|| claim.clone()))
     }
 
-    /// Drive one Job-backed step (fetch or build) and say where it stands.
+    /// Drive one Job-backed step (fetch or build) on `claim` and say where it stands.
     async fn job_step(
         &self,
         name: &str,
         what: &str,
         pending: &str,
+        claim: &PersistentVolumeClaim,
         desired: impl FnOnce() -> Job,
     ) -> Result<(StepState, bool), Error> {
         let api: Api<Job> = Api::namespaced(self.ctx.client.clone(), &self.r.namespace);
         let live = lookup(&self.ctx.children.jobs, &api, &self.r.namespace, name).await?;
         let Some(job) = live else {
-            if self.write {
-                apply_if_changed(&api, &desired(), None).await?;
+            let (_, written) = self.apply.apply(desired(), None).await?;
+            if written {
                 self.event(
                     EventType::Normal,
                     &format!("{what}Started"),
@@ -329,7 +306,31 @@ impl Run<'_> {
                 false,
             ));
         };
-        match outcome(&job, what) {
+        let claim_uid = claim.uid().unwrap_or_default();
+        let for_claim = job.annotations().get(labels::CLAIM_UID);
+        if job.metadata.deletion_timestamp.is_some()
+            || for_claim.is_some_and(|uid| *uid != claim_uid)
+        {
+            // A Job of an earlier claim of this name: it says nothing about this one.
+            if job.metadata.deletion_timestamp.is_none() {
+                self.apply.delete::<Job>(name).await?;
+            }
+            return Ok((
+                StepState::Pending(
+                    "Waiting".into(),
+                    format!("Job {name} of an earlier cache claim is being deleted"),
+                ),
+                false,
+            ));
+        }
+        let outcome = outcome(&job, what);
+        if matches!(outcome, JobOutcome::Running { .. })
+            && !same_owners(job.metadata.owner_references.as_ref(), &self.job_owners)
+        {
+            let patch = json!({"metadata": {"ownerReferences": self.job_owners}});
+            self.apply.merge_patch::<Job>(name, &patch).await?;
+        }
+        match outcome {
             JobOutcome::Succeeded => Ok((StepState::Done("", String::new()), true)),
             JobOutcome::Running { active, failed } => {
                 let msg = if failed > 0 {
@@ -342,8 +343,7 @@ impl Run<'_> {
                 Ok((StepState::Pending(pending.to_owned(), msg), false))
             }
             JobOutcome::Failed { reason, message } => {
-                if self.write && self.retry_requested() {
-                    api.delete(name, &DeleteParams::background()).await?;
+                if self.retry_requested() && self.apply.delete::<Job>(name).await? {
                     self.event(
                         EventType::Normal,
                         &format!("{what}Retried"),
@@ -360,65 +360,89 @@ impl Run<'_> {
         }
     }
 
-    async fn cache_step(&self, claim: Option<&PersistentVolumeClaim>) -> Result<StepState, Error> {
+    /// The cache step, and the claim as it is after it.
+    async fn cache_step(
+        &self,
+        claim: Option<PersistentVolumeClaim>,
+    ) -> Result<(StepState, Option<PersistentVolumeClaim>), Error> {
         let Some(claim) = claim else {
-            return Ok(if self.r.cache.managed {
-                StepState::Pending(
-                    "ClaimPending".into(),
-                    format!("cache claim {} is being created", self.r.cache.claim),
-                )
-            } else {
-                StepState::Failed(
-                    "ClaimNotFound".into(),
-                    format!(
-                        "spec.cache.existingClaim {} does not exist in this namespace; create it or unset the field",
-                        self.r.cache.claim
-                    ),
-                )
-            });
+            return Ok((
+                if self.r.cache.managed {
+                    StepState::Pending(
+                        "ClaimPending".into(),
+                        format!("cache claim {} is being created", self.r.cache.claim),
+                    )
+                } else {
+                    StepState::Failed(
+                        "ClaimNotFound".into(),
+                        format!(
+                            "spec.cache.existingClaim {} does not exist in this namespace; create it or unset the field",
+                            self.r.cache.claim
+                        ),
+                    )
+                },
+                None,
+            ));
         };
+        if claim.metadata.deletion_timestamp.is_some() {
+            let name = &self.r.cache.claim;
+            return Ok((
+                StepState::Pending(
+                    "ClaimTerminating".into(),
+                    format!(
+                        "cache claim {name} is being deleted (its last user went away); a new one is created once it is gone (kubectl describe pvc {name} shows what holds it)"
+                    ),
+                ),
+                Some(claim),
+            ));
+        }
         if claim
             .annotations()
             .get(labels::CACHE_COMPLETE)
             .map(String::as_str)
             == Some("true")
         {
-            return Ok(StepState::Done("Cached", String::new()));
+            return Ok((StepState::Done("Cached", String::new()), Some(claim)));
         }
-        let owner = match (self.r.cache.managed, claim_owner(claim)) {
-            (true, Some(o)) => o,
-            _ => self.owner.clone(),
-        };
         let name = labels::fetch_job(&self.r.cache_key);
+        let claim_uid = claim.uid().unwrap_or_default();
         let (state, succeeded) = self
-            .job_step(&name, "Fetch", "Fetching", || {
-                build::fetch_job(self.r, &self.ctx.config, &owner)
+            .job_step(&name, "Fetch", "Fetching", &claim, || {
+                build::fetch_job(self.r, &self.ctx.config, &self.job_owners, &claim_uid)
             })
             .await?;
         if succeeded {
-            if self.write {
-                self.annotate_claim(labels::CACHE_COMPLETE, "true").await?;
+            let claim = if self.apply.writes() {
+                let claim = self
+                    .annotate_claim(&claim, labels::CACHE_COMPLETE, "true")
+                    .await?;
                 self.event(
                     EventType::Normal,
                     "Cached",
                     &format!("model cached in claim {}", self.r.cache.claim),
                 )
                 .await;
-            }
-            return Ok(StepState::Done("Cached", String::new()));
+                claim
+            } else {
+                claim
+            };
+            return Ok((StepState::Done("Cached", String::new()), Some(claim)));
         }
         if matches!(state, StepState::Pending(..))
             && claim.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Pending")
         {
-            return Ok(StepState::Pending(
-                "ClaimPending".into(),
-                format!(
-                    "cache claim {} is not bound yet; check its StorageClass (kubectl describe pvc {})",
-                    self.r.cache.claim, self.r.cache.claim
+            return Ok((
+                StepState::Pending(
+                    "ClaimPending".into(),
+                    format!(
+                        "cache claim {} is not bound yet; check its StorageClass (kubectl describe pvc {})",
+                        self.r.cache.claim, self.r.cache.claim
+                    ),
                 ),
+                Some(claim),
             ));
         }
-        Ok(state)
+        Ok((state, Some(claim)))
     }
 
     async fn engine_step(
@@ -447,19 +471,16 @@ impl Run<'_> {
         if claim.annotations().get(&annotation).map(String::as_str) == Some("ready") {
             return Ok(StepState::Done("Built", String::new()));
         }
-        let owner = match (self.r.cache.managed, claim_owner(claim)) {
-            (true, Some(o)) => o,
-            _ => self.owner.clone(),
-        };
         let name = labels::build_job(key);
+        let claim_uid = claim.uid().unwrap_or_default();
         let (state, succeeded) = self
-            .job_step(&name, "Build", "Building", || {
-                build::build_job(self.r, &self.ctx.config, &owner, key)
+            .job_step(&name, "Build", "Building", claim, || {
+                build::build_job(self.r, &self.ctx.config, &self.job_owners, &claim_uid, key)
             })
             .await?;
         if succeeded {
-            if self.write {
-                self.annotate_claim(&annotation, "ready").await?;
+            if self.apply.writes() {
+                self.annotate_claim(claim, &annotation, "ready").await?;
                 self.event(
                     EventType::Normal,
                     "EngineBuilt",
@@ -475,90 +496,70 @@ impl Run<'_> {
     async fn serving(&self, ready_for_desired: bool) -> Result<Option<Rollout>, Error> {
         let client = self.ctx.client.clone();
         let ns = &self.r.namespace;
+        let name = self.r.name.as_str();
+        let children = &self.ctx.children;
+        let uid = self.owner.uid.as_str();
         let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-        let live = lookup(
-            &self.ctx.children.deployments,
-            &deployments,
-            ns,
-            &self.r.name,
-        )
-        .await?;
+        let live = lookup(&children.deployments.store, &deployments, ns, name).await?;
         let desired_target = ServingTarget::desired(self.r);
         let target = if ready_for_desired {
             Some(desired_target.clone())
         } else {
             live.as_ref().and_then(ServingTarget::of)
         };
-        let deployment = match (&target, self.write) {
-            (Some(t), true) => {
+        let deployment = match &target {
+            Some(t) => {
                 let desired = build::deployment(self.r, &self.ctx.config, &self.owner, t);
                 let had = live.is_some();
-                let (now, changed) = apply_if_changed(&deployments, &desired, live).await?;
-                if changed && had && ServingTarget::of(&now).as_ref() == Some(&desired_target) {
-                    debug!("serving Deployment updated");
-                }
-                if !had {
+                let (now, written) = self.apply.apply(desired, live).await?;
+                if written && !had {
                     self.event(
                         EventType::Normal,
                         "DeploymentCreated",
-                        &format!("created serving Deployment {}", self.r.name),
+                        &format!("created serving Deployment {name}"),
                     )
                     .await;
+                } else if written {
+                    debug!("serving Deployment updated");
                 }
-                Some(now)
+                now
             }
-            _ => live,
+            None => live,
         };
 
-        if self.write {
-            let services: Api<Service> = Api::namespaced(client.clone(), ns);
-            let live = lookup(&self.ctx.children.services, &services, ns, &self.r.name).await?;
-            apply_if_changed(&services, &build::service(self.r, &self.owner), live).await?;
+        let services: Api<Service> = Api::namespaced(client.clone(), ns);
+        let live = lookup(&children.services.store, &services, ns, name).await?;
+        self.apply
+            .apply(build::service(self.r, &self.owner), live)
+            .await?;
+        let pdb = build::pdb(self.r, &self.owner);
+        if let Some(desired) = pdb.clone() {
             let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client, ns);
-            let live = lookup(&self.ctx.children.pdbs, &pdbs, ns, &self.r.name).await?;
-            match build::pdb(self.r, &self.owner) {
-                Some(desired) => {
-                    apply_if_changed(&pdbs, &desired, live).await?;
-                }
-                None if live.is_some() => {
-                    pdbs.delete(&self.r.name, &DeleteParams::background())
-                        .await?;
-                }
-                None => {}
-            }
+            let live = lookup(&children.pdbs.store, &pdbs, ns, name).await?;
+            self.apply.apply(desired, live).await?;
         }
 
-        let selector = labels::server_selector(&self.r.name);
-        let pods: Vec<Arc<Pod>> = self
-            .ctx
-            .children
-            .pods
-            .state()
-            .into_iter()
-            .filter(|p| {
-                p.metadata.namespace.as_deref() == Some(ns.as_str())
-                    && selector.iter().all(|(k, v)| p.labels().get(k) == Some(v))
-            })
+        // One sweep, by the operator's label and this object's UID, of every child kind it
+        // controls: whatever the current spec does not want goes.
+        let mut swept = Vec::new();
+        let c = &children.deployments;
+        swept.extend(self.apply.sweep(&c.store, &c.by_owner, uid, &[name]).await?);
+        let c = &children.services;
+        swept.extend(self.apply.sweep(&c.store, &c.by_owner, uid, &[name]).await?);
+        let wanted: &[&str] = if pdb.is_some() { &[name] } else { &[] };
+        let c = &children.pdbs;
+        swept.extend(self.apply.sweep(&c.store, &c.by_owner, uid, wanted).await?);
+        if !swept.is_empty() {
+            info!(?swept, "deleted children the spec no longer wants");
+        }
+
+        let pods: Vec<Arc<Pod>> = children
+            .pods_by_instance
+            .get(&namespaced(ns, name))
+            .iter()
+            .filter_map(|p| children.pods.get(p))
             .collect();
-        let failure = server_failure(pods.iter().map(AsRef::as_ref));
-        Ok(deployment.map(|d| {
-            let status = d.status.clone().unwrap_or_default();
-            Rollout {
-                server_failure: failure,
-                runs_desired_target: ServingTarget::of(&d).as_ref() == Some(&desired_target),
-                observed: status.observed_generation.unwrap_or(0)
-                    >= d.metadata.generation.unwrap_or(0),
-                replicas: status.replicas.unwrap_or(0),
-                ready: status.ready_replicas.unwrap_or(0),
-                updated: status.updated_replicas.unwrap_or(0),
-                available: status.available_replicas.unwrap_or(0),
-                progress_deadline_exceeded: status.conditions.unwrap_or_default().iter().any(|c| {
-                    c.type_ == "Progressing"
-                        && c.status == "False"
-                        && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
-                }),
-            }
-        }))
+        Ok(deployment.map(|d| Rollout::of(&d, &desired_target, pods.iter().map(AsRef::as_ref))))
     }
 
     async fn event(&self, type_: EventType, reason: &str, note: &str) {
@@ -605,11 +606,6 @@ async fn write_status(
         return Ok(());
     }
     for c in transitions(previous, &status) {
-        let warning = (c.type_ == condition::STALLED && c.status == "True")
-            || (c.type_ != condition::STALLED
-                && c.type_ != condition::RECONCILING
-                && c.status == "False"
-                && previous.is_some());
         if c.type_ == condition::RECONCILING {
             continue;
         }
@@ -618,18 +614,12 @@ async fn write_status(
         } else {
             format!("{} is {}: {}", c.type_, c.status, c.message)
         };
-        publish(
-            ctx,
-            obj,
-            if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            &c.reason,
-            &note,
-        )
-        .await;
+        let type_ = if is_warning(&c, previous.is_some()) {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        publish(ctx, obj, type_, &c.reason, &note).await;
     }
     let api: Api<SD35Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     let patch =
@@ -687,29 +677,31 @@ pub async fn reconcile(obj: Arc<SD35Deployment>, ctx: Arc<Context>) -> Result<Ac
     let owner = obj
         .controller_owner_ref(&())
         .ok_or(Error::MissingField("metadata.uid"))?;
+    let users = cache_users(&ctx, &obj, &r);
+    let job_owners: Vec<OwnerReference> = users.iter().filter_map(|u| shared_owner(u)).collect();
+    let claim_owners = if users.iter().any(|u| u.spec.cache.retain) {
+        Vec::new()
+    } else {
+        job_owners.clone()
+    };
+    let strategy = if obj.spec.paused {
+        Strategy::Observe
+    } else {
+        Strategy::Apply
+    };
     let run = Run {
         ctx: &ctx,
         obj: &obj,
         r: &r,
         owner,
-        write: !obj.spec.paused,
+        apply: Applier::new(ctx.client.clone(), &ns, strategy),
         previous: obj.status.as_ref(),
+        claim_owners,
+        job_owners,
     };
 
     let claim = run.ensure_claim().await?;
-    let cache = run.cache_step(claim.as_ref()).await?;
-    // Re-read the claim if this run just marked the cache complete.
-    let claim = if cache.is_done()
-        && claim
-            .as_ref()
-            .is_some_and(|c| !c.annotations().contains_key(labels::CACHE_COMPLETE))
-    {
-        Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &ns)
-            .get_opt(&r.cache.claim)
-            .await?
-    } else {
-        claim
-    };
+    let (cache, claim) = run.cache_step(claim).await?;
     let engine = run.engine_step(claim.as_ref(), &cache).await?;
     let rollout = run.serving(cache.is_done() && engine.is_done()).await?;
 
@@ -745,53 +737,4 @@ pub fn error_policy(obj: Arc<SD35Deployment>, error: &Error, ctx: Arc<Context>) 
     warn!(name = %obj.name_any(), namespace = ?obj.namespace(), %error, "reconcile failed");
     ctx.metrics.reconcile_failed(error.kind());
     Action::requeue(Duration::from_secs(10))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pod(name: &str, state: serde_json::Value, last: serde_json::Value) -> Pod {
-        serde_json::from_value(json!({
-            "metadata": {"name": name},
-            "status": {"containerStatuses": [{
-                "name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 3,
-                "state": state, "lastState": last,
-            }]},
-        }))
-        .unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    #[test]
-    fn a_documented_exit_code_of_a_server_becomes_the_reason_with_its_message() {
-        let crashing = pod(
-            "tiny-1",
-            json!({"waiting": {"reason": "CrashLoopBackOff"}}),
-            json!({"terminated": {"exitCode": 17, "message": "GPUUnavailable: --device cuda: no usable GPU: no CUDA driver\n"}}),
-        );
-        let (reason, message) = server_failure([&crashing]).unwrap_or_default();
-        assert_eq!(reason, "GPUUnavailable");
-        assert!(
-            message.contains("pod tiny-1 exited with code 17")
-                && message.contains("no CUDA driver")
-                && message.contains("device plugin"),
-            "{message}"
-        );
-        // Running again: what ended it before is history. Unknown codes are not ours to name.
-        let recovered = pod(
-            "tiny-2",
-            json!({"running": {}}),
-            json!({"terminated": {"exitCode": 17}}),
-        );
-        let oom = pod(
-            "tiny-3",
-            json!({"terminated": {"exitCode": 137, "reason": "OOMKilled"}}),
-            json!({}),
-        );
-        assert_eq!(server_failure([&recovered, &oom]), None);
-        let mismatch = pod("tiny-4", json!({"terminated": {"exitCode": 18}}), json!({}));
-        let (reason, message) = server_failure([&recovered, &mismatch]).unwrap_or_default();
-        assert_eq!(reason, "EngineMismatch");
-        assert!(message.contains("(no termination message)"), "{message}");
-    }
 }

@@ -6,8 +6,13 @@
 //! or the cluster. A condition keeps its transition time while its status does not change, so
 //! a steady state computes exactly the status it already has.
 
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use sd35_contract::ExitReason;
 use sd35_crds::{CacheStatus, EngineStatus, Phase, SD35DeploymentStatus, condition};
+
+use crate::build::ServingTarget;
 
 /// State of a fetch or build step.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,6 +49,68 @@ pub struct Rollout {
     /// reason word (`GPUUnavailable`, `EngineMismatch`, …) and a message quoting the
     /// container's termination message.
     pub server_failure: Option<(String, String)>,
+}
+
+impl Rollout {
+    /// The rollout of `deployment` towards `desired`, with the failure of any of its `pods`.
+    pub fn of<'a>(
+        deployment: &Deployment,
+        desired: &ServingTarget,
+        pods: impl IntoIterator<Item = &'a Pod>,
+    ) -> Self {
+        let status = deployment.status.clone().unwrap_or_default();
+        Rollout {
+            server_failure: server_failure(pods),
+            runs_desired_target: ServingTarget::of(deployment).as_ref() == Some(desired),
+            observed: status.observed_generation.unwrap_or(0)
+                >= deployment.metadata.generation.unwrap_or(0),
+            replicas: status.replicas.unwrap_or(0),
+            ready: status.ready_replicas.unwrap_or(0),
+            updated: status.updated_replicas.unwrap_or(0),
+            available: status.available_replicas.unwrap_or(0),
+            progress_deadline_exceeded: status.conditions.unwrap_or_default().iter().any(|c| {
+                c.type_ == "Progressing"
+                    && c.status == "False"
+                    && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+            }),
+        }
+    }
+}
+
+/// The first serving container of these pods that ended with one of the server's documented
+/// exit codes: its reason word and a message quoting its termination message.
+pub fn server_failure<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Option<(String, String)> {
+    pods.into_iter().find_map(|pod| {
+        let status = pod.status.as_ref()?;
+        status.container_statuses.iter().flatten().find_map(|c| {
+            // A container running now has recovered; what ended it before is history.
+            if c.state.as_ref().is_some_and(|s| s.running.is_some()) {
+                return None;
+            }
+            let ended = c
+                .state
+                .as_ref()
+                .and_then(|s| s.terminated.as_ref())
+                .or_else(|| c.last_state.as_ref().and_then(|s| s.terminated.as_ref()))?;
+            let reason = ExitReason::from_code(ended.exit_code)?;
+            let said = ended
+                .message
+                .as_deref()
+                .map(str::trim)
+                .filter(|m| !m.is_empty())
+                .unwrap_or("(no termination message)");
+            Some((
+                reason.as_str().to_owned(),
+                format!(
+                    "pod {} exited with code {} ({}): {said}; {}",
+                    pod.metadata.name.as_deref().unwrap_or("?"),
+                    ended.exit_code,
+                    reason.as_str(),
+                    reason.hint()
+                ),
+            ))
+        })
+    })
 }
 
 /// Everything the status is computed from.
@@ -279,9 +346,65 @@ pub fn transitions(
         .collect()
 }
 
+/// Whether the transition to `c` is reported as a Warning event: Stalled turning True, or
+/// another condition (but Reconciling) turning False after the object had a status.
+pub fn is_warning(c: &Condition, had_status: bool) -> bool {
+    (c.type_ == condition::STALLED && c.status == "True")
+        || (c.type_ != condition::STALLED
+            && c.type_ != condition::RECONCILING
+            && c.status == "False"
+            && had_status)
+}
+
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
+
+    fn pod(name: &str, state: serde_json::Value, last: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "status": {"containerStatuses": [{
+                "name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 3,
+                "state": state, "lastState": last,
+            }]},
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_documented_exit_code_of_a_server_becomes_the_reason_with_its_message() {
+        let crashing = pod(
+            "tiny-1",
+            json!({"waiting": {"reason": "CrashLoopBackOff"}}),
+            json!({"terminated": {"exitCode": 17, "message": "GPUUnavailable: --device cuda: no usable GPU: no CUDA driver\n"}}),
+        );
+        let (reason, message) = server_failure([&crashing]).unwrap_or_default();
+        assert_eq!(reason, "GPUUnavailable");
+        assert!(
+            message.contains("pod tiny-1 exited with code 17")
+                && message.contains("no CUDA driver")
+                && message.contains("device plugin"),
+            "{message}"
+        );
+        // Running again: what ended it before is history. Unknown codes are not ours to name.
+        let recovered = pod(
+            "tiny-2",
+            json!({"running": {}}),
+            json!({"terminated": {"exitCode": 17}}),
+        );
+        let oom = pod(
+            "tiny-3",
+            json!({"terminated": {"exitCode": 137, "reason": "OOMKilled"}}),
+            json!({}),
+        );
+        assert_eq!(server_failure([&recovered, &oom]), None);
+        let mismatch = pod("tiny-4", json!({"terminated": {"exitCode": 18}}), json!({}));
+        let (reason, message) = server_failure([&recovered, &mismatch]).unwrap_or_default();
+        assert_eq!(reason, "EngineMismatch");
+        assert!(message.contains("(no termination message)"), "{message}");
+    }
 
     fn t(secs: i64) -> Time {
         Time(k8s_openapi::jiff::Timestamp::from_second(secs).unwrap())

@@ -56,7 +56,8 @@ fn fail_job_exit_codes() -> Vec<i32> {
 struct JobParts<'a> {
     name: String,
     component: &'a str,
-    owner: &'a OwnerReference,
+    owners: &'a [OwnerReference],
+    claim_uid: &'a str,
     limits: &'a sd35_crds::JobSpec,
     container: Value,
     volumes: Vec<Value>,
@@ -66,7 +67,8 @@ fn job(r: &Resolved, config: &OperatorConfig, parts: JobParts<'_>) -> Job {
     let JobParts {
         name,
         component,
-        owner,
+        owners,
+        claim_uid,
         limits: job_spec,
         container,
         mut volumes,
@@ -103,7 +105,8 @@ fn job(r: &Resolved, config: &OperatorConfig, parts: JobParts<'_>) -> Job {
             "name": name,
             "namespace": r.namespace,
             "labels": labels,
-            "ownerReferences": [owner],
+            "annotations": {labels::CLAIM_UID: claim_uid},
+            "ownerReferences": owners,
         },
         "spec": {
             "backoffLimit": job_spec.backoff_limit,
@@ -148,7 +151,15 @@ fn container(
 }
 
 /// The fetch Job: downloads (or imports) the model into `<cache>/models/<cache-key>`.
-pub fn fetch_job(r: &Resolved, config: &OperatorConfig, owner: &OwnerReference) -> Job {
+///
+/// `owners` are the SD35Deployments using the cache, so the Job (and its completed pod, which
+/// holds the volume) goes with the last of them; `claim_uid` names the claim it fills.
+pub fn fetch_job(
+    r: &Resolved,
+    config: &OperatorConfig,
+    owners: &[OwnerReference],
+    claim_uid: &str,
+) -> Job {
     let mut source = SourceArgs {
         hf_repo: None,
         http_url: None,
@@ -216,7 +227,8 @@ pub fn fetch_job(r: &Resolved, config: &OperatorConfig, owner: &OwnerReference) 
         JobParts {
             name: labels::fetch_job(&r.cache_key),
             component: "fetch",
-            owner,
+            owners,
+            claim_uid,
             limits: &r.spec.cache.fetch,
             container: c,
             volumes,
@@ -226,10 +238,12 @@ pub fn fetch_job(r: &Resolved, config: &OperatorConfig, owner: &OwnerReference) 
 
 /// The engine build Job: converts `<cache>/models/<cache-key>` into
 /// `<cache>/engines/<engine-key>` for the precision. Only built when there is an engine key.
+/// Owned like the fetch Job.
 pub fn build_job(
     r: &Resolved,
     config: &OperatorConfig,
-    owner: &OwnerReference,
+    owners: &[OwnerReference],
+    claim_uid: &str,
     engine_key: &str,
 ) -> Job {
     let args = BuildEngineArgs {
@@ -259,7 +273,8 @@ pub fn build_job(
         JobParts {
             name: labels::build_job(engine_key),
             component: "build",
-            owner,
+            owners,
+            claim_uid,
             limits: &r.spec.engine.job,
             container: c,
             volumes: Vec::new(),
