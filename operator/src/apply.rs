@@ -245,10 +245,12 @@ impl Applier {
             let unwanted = r.namespace.as_deref() == Some(self.namespace.as_str())
                 && !wanted.contains(&r.name.as_str());
             let ours = store.get(&r).is_some_and(|o| {
-                o.labels().get(crate::labels::MANAGED_BY).map(String::as_str) == Some(MANAGER)
+                o.labels()
+                    .get(crate::labels::MANAGED_BY)
+                    .map(String::as_str)
+                    == Some(MANAGER)
                     && o.meta().deletion_timestamp.is_none()
-                    && o
-                        .owner_references()
+                    && o.owner_references()
                         .iter()
                         .any(|x| x.uid == owner_uid && x.controller == Some(true))
             });
@@ -334,7 +336,10 @@ mod tests {
             operator: Some("Exists".into()),
             ..Default::default()
         }])));
-        assert!(!needs_apply(&same, Some(&live)), "a steady state sends nothing");
+        assert!(
+            !needs_apply(&same, Some(&live)),
+            "a steady state sends nothing"
+        );
         // The toleration is gone from the spec: every remaining field matches the live
         // object, but the hash does not, so the apply is sent and removes it.
         let without = with_applied_hash(pod(None));

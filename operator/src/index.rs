@@ -62,7 +62,10 @@ impl<K: Resource<DynamicType = ()>> Inner<K> {
     fn insert(&mut self, r: ObjectRef<K>, keys: Vec<String>) {
         self.remove(&r);
         for key in &keys {
-            self.by_key.entry(key.clone()).or_default().insert(r.clone());
+            self.by_key
+                .entry(key.clone())
+                .or_default()
+                .insert(r.clone());
         }
         if !keys.is_empty() {
             self.keys_of.insert(r, keys);

@@ -313,8 +313,14 @@ mod tests {
         let r = record(Some("a"), i64::from(i32::MAX));
         let o = Observation::update(None, Some(&r), start);
         let o = Observation::update(Some(o), Some(&r), start + Duration::from_secs(5));
-        assert_eq!(o.decide("b", start + Duration::from_secs(5)), Decision::Wait);
-        assert_eq!(o.decide("b", start + Duration::from_secs(7)), Decision::Take);
+        assert_eq!(
+            o.decide("b", start + Duration::from_secs(5)),
+            Decision::Wait
+        );
+        assert_eq!(
+            o.decide("b", start + Duration::from_secs(7)),
+            Decision::Take
+        );
         // The holder renews it itself.
         assert_eq!(o.decide("a", start), Decision::Renew);
     }

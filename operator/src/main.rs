@@ -22,10 +22,10 @@ use kube::{Client, ResourceExt};
 use sd35_crds::SD35Deployment;
 use sd35_operator::admin::{AdminState, router};
 use sd35_operator::config::OperatorConfig;
+use sd35_operator::index::{self, Index};
 use sd35_operator::labels;
 use sd35_operator::leader::{Elector, LeaseConfig};
 use sd35_operator::metrics::Metrics;
-use sd35_operator::index::{self, Index};
 use sd35_operator::reconcile::{
     ChildStores, Context, Owned, cache_key_of, error_policy, instance_of, reconcile,
     users_of_cache_key,
@@ -242,8 +242,11 @@ async fn run_controller(
     let (services, service_events) = owned(api::<Service>(&client, ns), ours.clone());
     let (pdbs, pdb_events) = owned(api::<PodDisruptionBudget>(&client, ns), ours.clone());
     let (jobs, job_events) = cached(api::<Job>(&client, ns), ours.clone(), None);
-    let (claims, claim_events) =
-        cached(api::<PersistentVolumeClaim>(&client, ns), ours.clone(), None);
+    let (claims, claim_events) = cached(
+        api::<PersistentVolumeClaim>(&client, ns),
+        ours.clone(),
+        None,
+    );
     // Serving pods only: their exit codes say why a server could not start.
     let pods_by_instance = Index::new(instance_of);
     let (pods, pod_events) = cached(

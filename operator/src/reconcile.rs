@@ -254,12 +254,11 @@ impl Run<'_> {
                     None => Ok(None),
                 }
             }
-            Some(live) if !same_owners(live.metadata.owner_references.as_ref(), &self.claim_owners) => {
+            Some(live)
+                if !same_owners(live.metadata.owner_references.as_ref(), &self.claim_owners) =>
+            {
                 let patch = json!({"metadata": {"ownerReferences": self.claim_owners}});
-                let patched = self
-                    .apply
-                    .merge_patch(&self.r.cache.claim, &patch)
-                    .await?;
+                let patched = self.apply.merge_patch(&self.r.cache.claim, &patch).await?;
                 Ok(Some(patched.unwrap_or(live)))
             }
             Some(live) => Ok(Some(live)),
@@ -543,9 +542,17 @@ impl Run<'_> {
         // controls: whatever the current spec does not want goes.
         let mut swept = Vec::new();
         let c = &children.deployments;
-        swept.extend(self.apply.sweep(&c.store, &c.by_owner, uid, &[name]).await?);
+        swept.extend(
+            self.apply
+                .sweep(&c.store, &c.by_owner, uid, &[name])
+                .await?,
+        );
         let c = &children.services;
-        swept.extend(self.apply.sweep(&c.store, &c.by_owner, uid, &[name]).await?);
+        swept.extend(
+            self.apply
+                .sweep(&c.store, &c.by_owner, uid, &[name])
+                .await?,
+        );
         let wanted: &[&str] = if pdb.is_some() { &[name] } else { &[] };
         let c = &children.pdbs;
         swept.extend(self.apply.sweep(&c.store, &c.by_owner, uid, wanted).await?);
