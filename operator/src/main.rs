@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -12,6 +12,7 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
@@ -21,6 +22,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use sd35_crds::SD35Deployment;
 use sd35_operator::admin::{AdminState, router};
+use sd35_operator::build::ServiceMonitor;
 use sd35_operator::config::OperatorConfig;
 use sd35_operator::index::{self, Index};
 use sd35_operator::labels;
@@ -141,6 +143,23 @@ async fn check_crd(client: &Client, namespace: Option<&str>) -> anyhow::Result<(
     }
 }
 
+/// Returns once the ServiceMonitor CRD is served, checking at once and then every minute.
+async fn wait_for_service_monitor_crd(client: &Client) {
+    loop {
+        match client
+            .list_api_group_resources("monitoring.coreos.com/v1")
+            .await
+        {
+            Ok(list) if list.resources.iter().any(|r| r.name == "servicemonitors") => {
+                info!("the ServiceMonitor CRD is installed: ServiceMonitors are managed");
+                return;
+            }
+            Ok(_) | Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+}
+
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     let term = async {
@@ -241,6 +260,23 @@ async fn run_controller(
     let (deployments, deployment_events) = owned(api::<Deployment>(&client, ns), ours.clone());
     let (services, service_events) = owned(api::<Service>(&client, ns), ours.clone());
     let (pdbs, pdb_events) = owned(api::<PodDisruptionBudget>(&client, ns), ours.clone());
+    let (network_policies, network_policy_events) =
+        owned(api::<NetworkPolicy>(&client, ns), ours.clone());
+    // ServiceMonitors are watched once their CRD is there; until then the reconciler says
+    // that it skips them.
+    let service_monitor_crd = Arc::new(AtomicBool::new(false));
+    let (service_monitors, service_monitor_events) =
+        owned(api::<ServiceMonitor>(&client, ns), ours.clone());
+    let service_monitor_events = {
+        let (client, installed) = (client.clone(), service_monitor_crd.clone());
+        let mut events = Some(service_monitor_events);
+        futures::stream::once(async move {
+            wait_for_service_monitor_crd(&client).await;
+            installed.store(true, Ordering::Relaxed);
+        })
+        .filter_map(move |()| std::future::ready(events.take()))
+        .flatten()
+    };
     let (jobs, job_events) = cached(api::<Job>(&client, ns), ours.clone(), None);
     let (claims, claim_events) = cached(
         api::<PersistentVolumeClaim>(&client, ns),
@@ -297,6 +333,9 @@ async fn run_controller(
             deployments,
             services,
             pdbs,
+            network_policies,
+            service_monitors,
+            service_monitor_crd,
             pods,
             pods_by_instance,
         },
@@ -306,6 +345,8 @@ async fn run_controller(
         .owns_stream(deployment_events)
         .owns_stream(service_events)
         .owns_stream(pdb_events)
+        .owns_stream(network_policy_events)
+        .owns_stream(service_monitor_events)
         .watches_stream(job_events, move |job: Job| {
             users_of_cache_key(
                 &job_users,

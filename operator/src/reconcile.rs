@@ -11,12 +11,15 @@
 //! a whole cache, so the work of a reconcile does not grow with the number of objects.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -28,14 +31,14 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::apply::{Applier, Strategy};
-use crate::build::{self, ServingTarget};
+use crate::build::{self, ServiceMonitor, ServingTarget};
 use crate::config::OperatorConfig;
 use crate::index::{Index, namespaced};
 use crate::jobs::{JobOutcome, outcome};
 use crate::labels::{self, MANAGER};
 use crate::metrics::Metrics;
-use crate::resolve::{Resolved, resolve};
-use crate::status::{Observed, Rollout, StepState, compute, is_warning, transitions};
+use crate::resolve::{Resolved, resolve, storage_bytes};
+use crate::status::{Addons, Observed, Rollout, StepState, compute, is_warning, transitions};
 
 /// Errors of a reconciliation; the variant names are the `error` label of the metrics.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +102,12 @@ pub struct ChildStores {
     pub services: Owned<Service>,
     /// Serving PodDisruptionBudgets.
     pub pdbs: Owned<PodDisruptionBudget>,
+    /// Serving NetworkPolicies.
+    pub network_policies: Owned<NetworkPolicy>,
+    /// Serving ServiceMonitors (watched once their CRD is installed).
+    pub service_monitors: Owned<ServiceMonitor>,
+    /// Whether the ServiceMonitor CRD (monitoring.coreos.com/v1) is installed.
+    pub service_monitor_crd: Arc<AtomicBool>,
     /// Serving pods, read for the exit codes of containers that could not start.
     pub pods: Store<Pod>,
     /// Serving pods by `namespace/instance`.
@@ -265,6 +274,96 @@ impl Run<'_> {
         }
     }
 
+    /// Grows a managed claim to `spec.cache.size` when its StorageClass allows expansion.
+    /// Returns the claim as it is now and, while its size is not what the spec asks for, a
+    /// reason and a message for the CacheReady condition.
+    async fn grow_claim(
+        &self,
+        claim: PersistentVolumeClaim,
+    ) -> Result<(PersistentVolumeClaim, Option<(&'static str, String)>), Error> {
+        let size = |q: Option<&k8s_openapi::apimachinery::pkg::api::resource::Quantity>| {
+            q.map(|q| q.0.clone()).unwrap_or_default()
+        };
+        let requested = size(
+            claim
+                .spec
+                .as_ref()
+                .and_then(|s| s.resources.as_ref())
+                .and_then(|r| r.requests.as_ref())
+                .and_then(|r| r.get("storage")),
+        );
+        let capacity = size(
+            claim
+                .status
+                .as_ref()
+                .and_then(|s| s.capacity.as_ref())
+                .and_then(|c| c.get("storage")),
+        );
+        let name = &self.r.cache.claim;
+        let want = &self.r.cache.size;
+        let (Some(want_bytes), Some(requested_bytes)) =
+            (storage_bytes(want), storage_bytes(&requested))
+        else {
+            return Ok((claim, None));
+        };
+        if want_bytes <= requested_bytes {
+            let growing = storage_bytes(&capacity).is_some_and(|c| c < requested_bytes);
+            return Ok((
+                claim,
+                growing.then(|| {
+                    (
+                        "Expanding",
+                        format!(
+                            "cache claim {name} is being expanded to {requested} (now {capacity})"
+                        ),
+                    )
+                }),
+            ));
+        }
+        let class = claim
+            .spec
+            .as_ref()
+            .and_then(|s| s.storage_class_name.clone())
+            .unwrap_or_default();
+        let classes: Api<StorageClass> = Api::all(self.ctx.client.clone());
+        let allowed = match classes.get_opt(&class).await {
+            Ok(sc) => sc.and_then(|sc| sc.allow_volume_expansion) == Some(true),
+            Err(kube::Error::Api(e)) if e.code == 403 => false,
+            Err(e) => return Err(e.into()),
+        };
+        if !allowed {
+            return Ok((
+                claim,
+                Some((
+                    "ExpansionNotAllowed",
+                    format!(
+                        "spec.cache.size is {want}, but StorageClass {class:?} of cache claim {name} does not allow volume expansion (allowVolumeExpansion is not true): the claim stays at {requested}; the cache is usable as it is"
+                    ),
+                )),
+            ));
+        }
+        let patch = json!({"spec": {"resources": {"requests": {"storage": want}}}});
+        let grown = self
+            .apply
+            .merge_patch::<PersistentVolumeClaim>(name, &patch)
+            .await?;
+        if grown.is_some() {
+            self.event(
+                EventType::Normal,
+                "CacheClaimExpanding",
+                &format!("growing cache claim {name} from {requested} to {want}"),
+            )
+            .await;
+        }
+        Ok((
+            grown.unwrap_or(claim),
+            Some((
+                "Expanding",
+                format!("cache claim {name} is growing from {requested} to {want}"),
+            )),
+        ))
+    }
+
     async fn annotate_claim(
         &self,
         claim: &PersistentVolumeClaim,
@@ -395,13 +494,22 @@ impl Run<'_> {
                 Some(claim),
             ));
         }
+        let (claim, growth) = if self.r.cache.managed {
+            self.grow_claim(claim).await?
+        } else {
+            (claim, None)
+        };
+        let done = |growth: Option<(&'static str, String)>| match growth {
+            Some((reason, message)) => StepState::Done(reason, message),
+            None => StepState::Done("Cached", String::new()),
+        };
         if claim
             .annotations()
             .get(labels::CACHE_COMPLETE)
             .map(String::as_str)
             == Some("true")
         {
-            return Ok((StepState::Done("Cached", String::new()), Some(claim)));
+            return Ok((done(growth), Some(claim)));
         }
         let name = labels::fetch_job(&self.r.cache_key);
         let claim_uid = claim.uid().unwrap_or_default();
@@ -425,7 +533,7 @@ impl Run<'_> {
             } else {
                 claim
             };
-            return Ok((StepState::Done("Cached", String::new()), Some(claim)));
+            return Ok((done(growth), Some(claim)));
         }
         if matches!(state, StepState::Pending(..))
             && claim.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Pending")
@@ -492,6 +600,61 @@ impl Run<'_> {
         Ok(state)
     }
 
+    /// The add-ons the spec asks for, applied; those that cannot be are skipped and said so.
+    async fn addons(&self) -> Result<Addons, Error> {
+        let ns = &self.r.namespace;
+        let name = self.r.name.as_str();
+        let children = &self.ctx.children;
+        let uid = self.owner.uid.as_str();
+        let mut addons = Addons::default();
+        let policy = build::network_policy(self.r, &self.owner);
+        if let Some(desired) = policy.clone() {
+            let api: Api<NetworkPolicy> = Api::namespaced(self.ctx.client.clone(), ns);
+            let live = lookup(&children.network_policies.store, &api, ns, name).await?;
+            if self.apply.apply(desired, live).await?.0.is_some() {
+                addons.applied.push("NetworkPolicy");
+            }
+        }
+        let wanted: &[&str] = if policy.is_some() { &[name] } else { &[] };
+        let c = &children.network_policies;
+        self.apply.sweep(&c.store, &c.by_owner, uid, wanted).await?;
+
+        let monitor = build::service_monitor(self.r, &self.owner);
+        let not_installed = || {
+            "ServiceMonitor skipped: the Prometheus Operator's ServiceMonitor CRD \
+             (servicemonitors.monitoring.coreos.com) is not installed; the operator creates it \
+             once the CRD is there"
+                .to_owned()
+        };
+        if !children.service_monitor_crd.load(Ordering::Relaxed) {
+            if monitor.is_some() {
+                addons.skipped.push(not_installed());
+            }
+            return Ok(addons);
+        }
+        if let Some(desired) = monitor.clone() {
+            let api: Api<ServiceMonitor> = Api::namespaced(self.ctx.client.clone(), ns);
+            let applied = match lookup(&children.service_monitors.store, &api, ns, name).await {
+                Ok(live) => self.apply.apply(desired, live).await,
+                Err(e) => Err(e),
+            };
+            match applied {
+                Ok((Some(_), _)) => addons.applied.push("ServiceMonitor"),
+                Ok((None, _)) => {}
+                // The CRD went away since it was seen.
+                Err(kube::Error::Api(e)) if e.code == 404 => {
+                    addons.skipped.push(not_installed());
+                    return Ok(addons);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let wanted: &[&str] = if monitor.is_some() { &[name] } else { &[] };
+        let c = &children.service_monitors;
+        self.apply.sweep(&c.store, &c.by_owner, uid, wanted).await?;
+        Ok(addons)
+    }
+
     async fn serving(&self, ready_for_desired: bool) -> Result<Option<Rollout>, Error> {
         let client = self.ctx.client.clone();
         let ns = &self.r.namespace;
@@ -538,15 +701,10 @@ impl Run<'_> {
             self.apply.apply(desired, live).await?;
         }
 
-        // One sweep, by the operator's label and this object's UID, of every child kind it
-        // controls: whatever the current spec does not want goes.
+        // One sweep, by the operator's label and this object's UID, of each child kind the
+        // spec can stop wanting: whatever it does not want now goes. (The serving Deployment
+        // is always wanted, under the object's name.)
         let mut swept = Vec::new();
-        let c = &children.deployments;
-        swept.extend(
-            self.apply
-                .sweep(&c.store, &c.by_owner, uid, &[name])
-                .await?,
-        );
         let c = &children.services;
         swept.extend(
             self.apply
@@ -671,6 +829,7 @@ pub async fn reconcile(obj: Arc<SD35Deployment>, ctx: Arc<Context>) -> Result<Ac
                 cache: StepState::Pending("InvalidSpec".into(), invalid.0.clone()),
                 engine: StepState::Pending("InvalidSpec".into(), invalid.0),
                 rollout: None,
+                addons: Addons::default(),
                 cache_claim: String::new(),
                 cache_key: String::new(),
                 engine_key: None,
@@ -711,6 +870,7 @@ pub async fn reconcile(obj: Arc<SD35Deployment>, ctx: Arc<Context>) -> Result<Ac
     let (cache, claim) = run.cache_step(claim).await?;
     let engine = run.engine_step(claim.as_ref(), &cache).await?;
     let rollout = run.serving(cache.is_done() && engine.is_done()).await?;
+    let addons = run.addons().await?;
 
     let observed = Observed {
         generation,
@@ -720,6 +880,7 @@ pub async fn reconcile(obj: Arc<SD35Deployment>, ctx: Arc<Context>) -> Result<Ac
         cache,
         engine,
         rollout,
+        addons,
         cache_claim: r.cache.claim.clone(),
         cache_key: r.cache_key.clone(),
         engine_key: r.engine_key.clone(),

@@ -113,6 +113,48 @@ pub fn server_failure<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Option<(St
     })
 }
 
+/// The add-ons the spec asks for (ServiceMonitor, NetworkPolicy) and what became of them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Addons {
+    /// Add-ons in place, by kind.
+    pub applied: Vec<&'static str>,
+    /// Add-ons skipped, each with why (for example, its CRD is not installed).
+    pub skipped: Vec<String>,
+}
+
+impl Addons {
+    fn condition(&self, generation: i64, now: &Time) -> Condition {
+        if !self.skipped.is_empty() {
+            cond(
+                condition::ADDONS_READY,
+                false,
+                "Skipped",
+                &self.skipped.join("; "),
+                generation,
+                now,
+            )
+        } else if self.applied.is_empty() {
+            cond(
+                condition::ADDONS_READY,
+                true,
+                "NoneRequested",
+                "",
+                generation,
+                now,
+            )
+        } else {
+            cond(
+                condition::ADDONS_READY,
+                true,
+                "Applied",
+                &format!("{} in place", self.applied.join(" and ")),
+                generation,
+                now,
+            )
+        }
+    }
+}
+
 /// Everything the status is computed from.
 #[derive(Clone, Debug)]
 pub struct Observed {
@@ -124,6 +166,8 @@ pub struct Observed {
     pub cache: StepState,
     pub engine: StepState,
     pub rollout: Option<Rollout>,
+    /// The add-ons; they never hold up Ready.
+    pub addons: Addons,
     pub cache_claim: String,
     pub cache_key: String,
     pub engine_key: Option<String>,
@@ -275,6 +319,8 @@ pub fn compute(
             &now,
         ),
     });
+
+    conditions.push(o.addons.condition(g, &now));
 
     // Keep the transition time of a condition whose status did not change.
     if let Some(prev) = previous {
@@ -428,6 +474,7 @@ mod tests {
                 progress_deadline_exceeded: false,
                 server_failure: None,
             }),
+            addons: Addons::default(),
             cache_claim: "sd35-cache-c".into(),
             cache_key: "c".into(),
             engine_key: Some("e".into()),
@@ -542,6 +589,31 @@ mod tests {
         (r.ready, r.available) = (2, 2);
         let s = compute(&o, None, t(2));
         assert_eq!(get(&s, "Ready").status, "True");
+    }
+
+    #[test]
+    fn a_skipped_add_on_is_reported_without_holding_up_ready() {
+        let mut o = observed();
+        o.addons = Addons {
+            applied: vec!["NetworkPolicy"],
+            skipped: vec!["ServiceMonitor: its CRD is not installed".into()],
+        };
+        let s = compute(&o, None, t(1));
+        let addons = get(&s, "AddonsReady");
+        assert_eq!(
+            (addons.status.as_str(), addons.reason.as_str()),
+            ("False", "Skipped")
+        );
+        assert!(
+            addons.message.contains("CRD is not installed"),
+            "{}",
+            addons.message
+        );
+        assert_eq!(get(&s, "Ready").status, "True");
+        assert_eq!(get(&s, "Stalled").status, "False");
+        o.addons.skipped.clear();
+        let s = compute(&o, None, t(1));
+        assert_eq!(get(&s, "AddonsReady").message, "NetworkPolicy in place");
     }
 
     #[test]

@@ -1410,3 +1410,195 @@ async fn after_the_last_user_goes_its_claim_and_jobs_go_within_a_minute_and_a_ne
     let new = claims.get(&cache.claim_name).await.unwrap();
     assert_ne!(new.uid(), old.uid(), "d runs on a new claim");
 }
+
+/// The Prometheus Operator's ServiceMonitor CRD, reduced to what the API server needs to
+/// serve it.
+const SERVICE_MONITOR_CRD: &str = "\
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: servicemonitors.monitoring.coreos.com}
+spec:
+  group: monitoring.coreos.com
+  names: {kind: ServiceMonitor, listKind: ServiceMonitorList, plural: servicemonitors, singular: servicemonitor}
+  scope: Namespaced
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+";
+
+#[tokio::test]
+async fn add_ons_are_applied_when_asked_skipped_without_their_crd_and_swept_when_turned_off() {
+    let mut s = setup("addons").await;
+    let spec = |policy: bool, monitor: bool| {
+        format!(
+            "variant: medium\nnetworkPolicy: {{enabled: {policy}{}}}\nmonitoring: {{serviceMonitor: {{enabled: {monitor}{}}}}}",
+            if policy {
+                ", from: [{namespaceSelector: {matchLabels: {team: web}}}]"
+            } else {
+                ""
+            },
+            if monitor {
+                ", labels: {release: prom}"
+            } else {
+                ""
+            },
+        )
+    };
+    apply(&s, &manifest("ad", &spec(true, true)));
+    let o = ready(&s, "ad").await;
+    // No ServiceMonitor CRD in this cluster: skipped, said so, and Ready all the same.
+    let addons = condition(&o, "AddonsReady").unwrap();
+    assert_eq!(
+        (addons.status.as_str(), addons.reason.as_str()),
+        ("False", "Skipped"),
+        "{}",
+        summary(&o)
+    );
+    assert!(
+        addons.message.contains("ServiceMonitor") && addons.message.contains("not installed"),
+        "{}",
+        addons.message
+    );
+    assert!(has_condition(&o, "Stalled", "False"));
+    let policies: Api<k8s_openapi::api::networking::v1::NetworkPolicy> = s.ns.api();
+    let np = policies.get("ad").await.unwrap().spec.unwrap();
+    let rule = &np.ingress.unwrap()[0];
+    assert_eq!(
+        rule.ports.as_ref().unwrap()[0].port,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(8080))
+    );
+    assert!(rule.from.as_ref().unwrap()[0].namespace_selector.is_some());
+
+    // The CRD arrives; an operator started now manages ServiceMonitors.
+    let out = kubectl_apply(s.cluster, s.ns.name(), SERVICE_MONITOR_CRD).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let monitors: Api<kube::core::DynamicObject> = Api::namespaced_with(
+        s.ns.client(),
+        s.ns.name(),
+        &kube::core::ApiResource::from_gvk_with_plural(
+            &kube::core::GroupVersionKind::gvk("monitoring.coreos.com", "v1", "ServiceMonitor"),
+            "servicemonitors",
+        ),
+    );
+    poll_until("ServiceMonitors served", TIMEOUT, || async {
+        Ok(match monitors.list(&ListParams::default()).await {
+            Ok(_) => Probe::Ready(()),
+            Err(e) => Probe::Pending(e.to_string()),
+        })
+    })
+    .await
+    .unwrap();
+    s.operator.kill();
+    s.operator = OperatorProcess::start(s.cluster, s.ns.name(), &[]).unwrap();
+    let o = wait_for(&s.api, "ad", "AddonsReady", TIMEOUT, |o| {
+        has_condition(o, "AddonsReady", "True")
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{}", s.operator.log()));
+    assert_eq!(
+        condition(&o, "AddonsReady").unwrap().message,
+        "NetworkPolicy and ServiceMonitor in place"
+    );
+    let sm = monitors.get("ad").await.unwrap();
+    assert_eq!(sm.metadata.labels.as_ref().unwrap()["release"], "prom");
+    assert_eq!(sm.data["spec"]["endpoints"][0]["path"], "/metrics");
+    assert_eq!(sm.data["spec"]["endpoints"][0]["port"], "http");
+
+    // Turned off: the sweep deletes both.
+    apply(&s, &manifest("ad", &spec(false, false)));
+    poll_until("add-ons swept", TIMEOUT, || async {
+        let np = policies.get_opt("ad").await?.is_some();
+        let sm = monitors.get_opt("ad").await?.is_some();
+        Ok(if !np && !sm {
+            Probe::Ready(())
+        } else {
+            Probe::Pending(format!("NetworkPolicy {np}, ServiceMonitor {sm}"))
+        })
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{}", s.operator.log()));
+    let o = ready(&s, "ad").await;
+    assert_eq!(
+        condition(&o, "AddonsReady").unwrap().reason,
+        "NoneRequested"
+    );
+}
+
+#[tokio::test]
+async fn raising_the_cache_size_grows_the_claim_when_its_class_allows_and_says_so_when_not() {
+    let s = setup("grow").await;
+    let claims: Api<PersistentVolumeClaim> = s.ns.api();
+    let request = |c: &PersistentVolumeClaim| {
+        c.spec
+            .as_ref()
+            .unwrap()
+            .resources
+            .as_ref()
+            .unwrap()
+            .requests
+            .as_ref()
+            .unwrap()["storage"]
+            .0
+            .clone()
+    };
+    // The default class does not allow expansion.
+    let fixed = |size: &str| format!("variant: medium\ncache: {{size: {size}}}");
+    apply(&s, &manifest("fixed", &fixed("1Gi")));
+    let o = ready(&s, "fixed").await;
+    let claim = o.status.unwrap().cache.unwrap().claim_name;
+    apply(&s, &manifest("fixed", &fixed("2Gi")));
+    let o = wait_for(&s.api, "fixed", "ExpansionNotAllowed", TIMEOUT, |o| {
+        condition(o, "CacheReady").is_some_and(|c| c.reason == "ExpansionNotAllowed")
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{}", s.operator.log()));
+    let message = &condition(&o, "CacheReady").unwrap().message;
+    assert!(
+        message.contains("standard") && message.contains("2Gi"),
+        "{message}"
+    );
+    assert!(has_condition(&o, "CacheReady", "True") && has_condition(&o, "Ready", "True"));
+    assert_eq!(request(&claims.get(&claim).await.unwrap()), "1Gi");
+
+    // A class that allows it: the claim asks for the new size.
+    let classes: Api<k8s_openapi::api::storage::v1::StorageClass> = Api::all(s.cluster.client());
+    let class = format!("{}-expandable", s.ns.name());
+    let sc: k8s_openapi::api::storage::v1::StorageClass = serde_json::from_value(json!({
+        "metadata": {"name": class}, "provisioner": sd35_e2e::LOCAL_PROVISIONER,
+        "reclaimPolicy": "Delete", "volumeBindingMode": "Immediate", "allowVolumeExpansion": true
+    }))
+    .unwrap();
+    classes.create(&PostParams::default(), &sc).await.unwrap();
+    let grows = |size: &str| {
+        format!(
+            "variant: medium\nmodel: {{source: {{http: {{url: 'https://mirror.invalid/grow/'}}}}}}\ncache: {{size: {size}, storageClassName: {class}}}"
+        )
+    };
+    apply(&s, &manifest("grows", &grows("1Gi")));
+    let o = ready(&s, "grows").await;
+    let claim = o.status.unwrap().cache.unwrap().claim_name;
+    apply(&s, &manifest("grows", &grows("3Gi")));
+    poll_until("claim asks for 3Gi", TIMEOUT, || async {
+        let r = request(&claims.get(&claim).await?);
+        Ok(if r == "3Gi" {
+            Probe::Ready(())
+        } else {
+            Probe::Pending(r)
+        })
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{}", s.operator.log()));
+    let o = wait_for(&s.api, "grows", "Expanding", TIMEOUT, |o| {
+        condition(o, "CacheReady").is_some_and(|c| c.reason == "Expanding")
+    })
+    .await
+    .unwrap();
+    assert!(has_condition(&o, "Ready", "True"), "{}", summary(&o));
+    let _ = classes.delete(&class, &DeleteParams::default()).await;
+}
