@@ -88,7 +88,7 @@ bench-operator: ## Operator benchmark: N SD35Deployments to Ready, requests per 
 	$(CARGO) build --locked -q --release -p sd35-operator --bin sd35-operator; \
 	$(CARGO) build --locked -q -p sd35-e2e --bin sd35-bench-operator --bin sd35-localcluster; \
 	SD35_CONTROLPLANE_BIN="$$bin" SD35_OPERATOR_BIN="$$PWD/target/release/sd35-operator" \
-	  ./target/debug/sd35-bench-operator --objects $${OBJECTS:-100,500}
+	  ./target/debug/sd35-bench-operator --objects $${OBJECTS:-100,500} $${BENCH_ARGS:-}
 
 .PHONY: demo-stop
 demo-stop: ## Stop the demo operator and cluster

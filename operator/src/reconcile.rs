@@ -38,7 +38,7 @@ use crate::jobs::{JobOutcome, outcome};
 use crate::labels::{self, MANAGER};
 use crate::metrics::Metrics;
 use crate::resolve::{Resolved, resolve, storage_bytes};
-use crate::status::{Addons, Observed, Rollout, StepState, compute, is_warning, transitions};
+use crate::status::{Addons, Note, Observed, Rollout, StepState, compute};
 
 /// Errors of a reconciliation; the variant names are the `error` label of the metrics.
 #[derive(Debug, thiserror::Error)]
@@ -208,7 +208,6 @@ fn same_owners(a: Option<&Vec<OwnerReference>>, b: &[OwnerReference]) -> bool {
 /// One reconciliation's client-side work; its writes go through `apply`.
 struct Run<'a> {
     ctx: &'a Context,
-    obj: &'a SD35Deployment,
     r: &'a Resolved,
     owner: OwnerReference,
     apply: Applier,
@@ -218,6 +217,8 @@ struct Run<'a> {
     /// Owners of the fetch and build Jobs: every user, so that no Job (and no completed pod
     /// of one, which holds the volume) outlives the last user of its cache.
     job_owners: Vec<OwnerReference>,
+    /// What this reconcile did, told in its one event.
+    actions: std::sync::Mutex<Vec<Note>>,
 }
 
 impl Run<'_> {
@@ -501,7 +502,10 @@ impl Run<'_> {
         };
         let done = |growth: Option<(&'static str, String)>| match growth {
             Some((reason, message)) => StepState::Done(reason, message),
-            None => StepState::Done("Cached", String::new()),
+            None => StepState::Done(
+                "Cached",
+                format!("model cached in claim {}", self.r.cache.claim),
+            ),
         };
         if claim
             .annotations()
@@ -519,20 +523,9 @@ impl Run<'_> {
             })
             .await?;
         if succeeded {
-            let claim = if self.apply.writes() {
-                let claim = self
-                    .annotate_claim(&claim, labels::CACHE_COMPLETE, "true")
-                    .await?;
-                self.event(
-                    EventType::Normal,
-                    "Cached",
-                    &format!("model cached in claim {}", self.r.cache.claim),
-                )
-                .await;
-                claim
-            } else {
-                claim
-            };
+            let claim = self
+                .annotate_claim(&claim, labels::CACHE_COMPLETE, "true")
+                .await?;
             return Ok((done(growth), Some(claim)));
         }
         if matches!(state, StepState::Pending(..))
@@ -575,8 +568,14 @@ impl Run<'_> {
             ));
         };
         let annotation = labels::engine_ready_annotation(key);
+        let built = || {
+            StepState::Done(
+                "Built",
+                format!("{} engine {key} built", self.r.precision.as_str()),
+            )
+        };
         if claim.annotations().get(&annotation).map(String::as_str) == Some("ready") {
-            return Ok(StepState::Done("Built", String::new()));
+            return Ok(built());
         }
         let name = labels::build_job(key);
         let claim_uid = claim.uid().unwrap_or_default();
@@ -586,16 +585,8 @@ impl Run<'_> {
             })
             .await?;
         if succeeded {
-            if self.apply.writes() {
-                self.annotate_claim(claim, &annotation, "ready").await?;
-                self.event(
-                    EventType::Normal,
-                    "EngineBuilt",
-                    &format!("{} engine {key} built", self.r.precision.as_str()),
-                )
-                .await;
-            }
-            return Ok(StepState::Done("Built", String::new()));
+            self.annotate_claim(claim, &annotation, "ready").await?;
+            return Ok(built());
         }
         Ok(state)
     }
@@ -727,29 +718,50 @@ impl Run<'_> {
         Ok(deployment.map(|d| Rollout::of(&d, &desired_target, pods.iter().map(AsRef::as_ref))))
     }
 
+    /// Notes an action for this reconcile's event.
     async fn event(&self, type_: EventType, reason: &str, note: &str) {
-        publish(self.ctx, self.obj, type_, reason, note).await;
+        if let Ok(mut actions) = self.actions.lock() {
+            actions.push(Note {
+                warning: type_ == EventType::Warning,
+                reason: reason.to_owned(),
+                text: note.to_owned(),
+            });
+        }
+    }
+
+    fn take_actions(&self) -> Vec<Note> {
+        self.actions
+            .lock()
+            .map(|mut a| std::mem::take(&mut *a))
+            .unwrap_or_default()
     }
 }
 
-async fn publish(ctx: &Context, obj: &SD35Deployment, type_: EventType, reason: &str, note: &str) {
+async fn publish(ctx: &Context, obj: &SD35Deployment, note: Note) {
     let event = Event {
-        type_,
-        reason: reason.to_owned(),
-        note: Some(note.to_owned()),
+        type_: if note.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: note.reason.clone(),
+        note: Some(note.text),
         action: "Reconcile".to_owned(),
         secondary: None,
     };
+    let reason = note.reason;
     if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
-        warn!(error = %e, reason, "could not publish event");
+        warn!(error = %e, %reason, "could not publish event");
     }
 }
 
-/// Write the status if it changed, and report each condition transition as an event.
+/// Write the status if it changed, and publish this reconcile's one event: its actions and
+/// the condition transitions worth telling.
 async fn write_status(
     ctx: &Context,
     obj: &SD35Deployment,
     status: SD35DeploymentStatus,
+    actions: Vec<Note>,
 ) -> Result<(), Error> {
     let ns = obj
         .namespace()
@@ -767,34 +779,22 @@ async fn write_status(
             })
             .as_deref(),
     );
-    if previous == Some(&status) {
-        return Ok(());
+    let event = crate::status::event(&actions, previous, &status);
+    if previous != Some(&status) {
+        let api: Api<SD35Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch =
+            json!({"apiVersion": "sd35.io/v1alpha1", "kind": "SD35Deployment", "status": status});
+        api.patch_status(
+            &obj.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
     }
-    for c in transitions(previous, &status) {
-        if c.type_ == condition::RECONCILING {
-            continue;
-        }
-        let note = if c.message.is_empty() {
-            format!("{} is {}", c.type_, c.status)
-        } else {
-            format!("{} is {}: {}", c.type_, c.status, c.message)
-        };
-        let type_ = if is_warning(&c, previous.is_some()) {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        };
-        publish(ctx, obj, type_, &c.reason, &note).await;
+    // After the status: what a watcher of the object waits for is not held up by the event.
+    if let Some(note) = event {
+        publish(ctx, obj, note).await;
     }
-    let api: Api<SD35Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let patch =
-        json!({"apiVersion": "sd35.io/v1alpha1", "kind": "SD35Deployment", "status": status});
-    api.patch_status(
-        &obj.name_any(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
     Ok(())
 }
 
@@ -836,7 +836,8 @@ pub async fn reconcile(obj: Arc<SD35Deployment>, ctx: Arc<Context>) -> Result<Ac
                 selector,
                 endpoint: None,
             };
-            write_status(&ctx, &obj, compute(&observed, obj.status.as_ref(), now)).await?;
+            let status = compute(&observed, obj.status.as_ref(), now);
+            write_status(&ctx, &obj, status, Vec::new()).await?;
             return Ok(Action::await_change());
         }
     };
@@ -857,13 +858,13 @@ pub async fn reconcile(obj: Arc<SD35Deployment>, ctx: Arc<Context>) -> Result<Ac
     };
     let run = Run {
         ctx: &ctx,
-        obj: &obj,
         r: &r,
         owner,
         apply: Applier::new(ctx.client.clone(), &ns, strategy),
         previous: obj.status.as_ref(),
         claim_owners,
         job_owners,
+        actions: std::sync::Mutex::new(Vec::new()),
     };
 
     let claim = run.ensure_claim().await?;
@@ -892,7 +893,7 @@ pub async fn reconcile(obj: Arc<SD35Deployment>, ctx: Arc<Context>) -> Result<Ac
     if obj.status.as_ref().and_then(|s| s.phase) != status.phase {
         info!(phase = ?status.phase, "phase changed");
     }
-    write_status(&ctx, &obj, status).await?;
+    write_status(&ctx, &obj, status, run.take_actions()).await?;
     Ok(if ready || obj.spec.paused {
         Action::requeue(Duration::from_secs(600))
     } else {

@@ -38,6 +38,9 @@ struct Args {
     /// Run the control plane with its default client limits (to compare with earlier runs).
     #[arg(long)]
     default_control_plane: bool,
+    /// Extra flags for the operator, for example `--concurrency=16`.
+    #[arg(long = "operator-arg", allow_hyphen_values = true)]
+    operator_args: Vec<String>,
 }
 
 struct Row {
@@ -163,7 +166,8 @@ async fn run(n: usize, args: &Args) -> Result<Row> {
     })?;
     install_crd(&cluster)?;
     let ns = cluster.temp_namespace("bench").await;
-    let operator = OperatorProcess::start(&cluster, ns.name(), &[])?;
+    let extra: Vec<&str> = args.operator_args.iter().map(String::as_str).collect();
+    let operator = OperatorProcess::start(&cluster, ns.name(), &extra)?;
     let api: Api<SD35Deployment> = ns.api();
     let deployments: Api<Deployment> = ns.api();
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -179,10 +183,11 @@ async fn run(n: usize, args: &Args) -> Result<Row> {
                         let ready = st.ready_replicas.unwrap_or(0) >= want
                             && st.updated_replicas.unwrap_or(0) >= want
                             && st.observed_generation >= d.metadata.generation;
-                        if ready && let Some(name) = d.metadata.name.clone() {
-                            if let Ok(mut s) = seen.lock() {
-                                s.deployment_ready.entry(name).or_insert_with(Instant::now);
-                            }
+                        if ready
+                            && let Some(name) = d.metadata.name.clone()
+                            && let Ok(mut s) = seen.lock()
+                        {
+                            s.deployment_ready.entry(name).or_insert_with(Instant::now);
                         }
                     }
                     std::future::ready(())
