@@ -319,6 +319,66 @@ mod tests {
         }
     }
 
+    /// A client whose every request is counted and answered 404.
+    fn counting_client() -> (Client, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = sent.clone();
+        let service = tower::service_fn(move |_: http::Request<kube::client::Body>| {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let body = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#;
+            let response = http::Response::builder()
+                .status(404)
+                .header("content-type", "application/json")
+                .body(kube::client::Body::from(body.as_bytes().to_vec()));
+            async move { response }
+        });
+        (Client::new(service, "ns"), sent)
+    }
+
+    #[tokio::test]
+    async fn an_observing_applier_sends_nothing_and_an_applying_one_does() {
+        let toleration = Some(vec![Toleration::default()]);
+        let index = Index::new(crate::index::controller_uid::<k8s_openapi::api::core::v1::Pod>);
+        let (store, _writer) = kube::runtime::reflector::store();
+        let (client, sent) = counting_client();
+        let paused = Applier::new(client, "ns", Strategy::Observe);
+        assert!(!paused.writes());
+        let (now, written) = paused.apply(pod(toleration.clone()), None).await.unwrap();
+        assert!(now.is_none() && !written);
+        assert!(paused.create(&pod(None)).await.unwrap().is_none());
+        let patched = paused
+            .merge_patch::<k8s_openapi::api::core::v1::Pod>("p", &json!({}))
+            .await
+            .unwrap();
+        assert!(patched.is_none());
+        assert!(
+            !paused
+                .delete::<k8s_openapi::api::core::v1::Pod>("p")
+                .await
+                .unwrap()
+        );
+        assert!(
+            paused
+                .sweep(&store, &index, "u", &[])
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(sent.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+        let (client, sent) = counting_client();
+        let applying = Applier::new(client, "ns", Strategy::Apply);
+        // 404 on delete is "already gone"; the request was sent.
+        assert!(
+            !applying
+                .delete::<k8s_openapi::api::core::v1::Pod>("p")
+                .await
+                .unwrap()
+        );
+        assert!(applying.apply(pod(toleration), None).await.is_err());
+        assert_eq!(sent.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
     #[test]
     fn a_field_removed_from_the_desired_object_is_sent() {
         let toleration = Toleration {
