@@ -18,7 +18,7 @@ use clap::Parser;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::Api;
-use kube::api::{ListParams, PostParams};
+use kube::api::PostParams;
 use kube::runtime::{WatchStreamExt, watcher};
 use sd35_crds::SD35Deployment;
 use sd35_e2e::{Cluster, ClusterOptions, OperatorProcess, has_condition, install_crd};
@@ -45,6 +45,8 @@ struct Args {
 
 struct Row {
     objects: usize,
+    /// Objects Ready at the end (all of them unless the run timed out).
+    ready: usize,
     seconds: f64,
     latency_p50: f64,
     latency_p99: f64,
@@ -216,31 +218,17 @@ async fn run(n: usize, args: &Args) -> Result<Row> {
         api.create(&PostParams::default(), &object(i)?).await?;
     }
     let deadline = Duration::from_secs(args.timeout);
-    loop {
+    let ready = loop {
         let ready = seen.lock().map(|s| s.status_ready.len()).unwrap_or(0);
         if ready >= n {
-            break;
+            break ready;
         }
         if started.elapsed() > deadline {
-            let list = api.list(&ListParams::default()).await?;
-            let listed = list
-                .items
-                .iter()
-                .filter(|o| has_condition(o, "Ready", "True"))
-                .count();
-            anyhow::bail!(
-                "{listed} of {n} Ready after {deadline:?}; operator log tail:\n{}",
-                operator
-                    .log()
-                    .lines()
-                    .rev()
-                    .take(40)
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            );
+            eprintln!("{ready} of {n} Ready after {deadline:?}: reporting what was done");
+            break ready;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
     let seconds = started.elapsed().as_secs_f64();
     let (rss_mib, cpu_seconds) = proc_stats(operator.pid())?;
     watch_deployments.abort();
@@ -264,6 +252,7 @@ async fn run(n: usize, args: &Args) -> Result<Row> {
     let requests = audit_requests(&cluster)?;
     Ok(Row {
         objects: n,
+        ready,
         seconds,
         latency_p50: percentile(&latencies, 50.0),
         latency_p99: percentile(&latencies, 99.0),
@@ -273,33 +262,45 @@ async fn run(n: usize, args: &Args) -> Result<Row> {
     })
 }
 
+fn print_row(r: &Row) {
+    let writes = r.writes();
+    let ready = if r.ready == r.objects {
+        format!("{:.1}", r.seconds)
+    } else {
+        format!("{} of {} after {:.0}", r.ready, r.objects, r.seconds)
+    };
+    println!(
+        "| {} | {ready} | {:.2} / {:.2} | {:.1} ({:.1} + {:.1}) | {:.1} | {:.1} | {:.1} |",
+        r.objects,
+        r.latency_p50,
+        r.latency_p99,
+        r.per_object(r.total()),
+        r.per_object(r.total() - writes),
+        r.per_object(writes),
+        r.rss_mib,
+        r.cpu_seconds,
+        1000.0 * r.cpu_seconds / r.objects as f64,
+    );
+}
+
+const HEADER: &str = "| objects | all Ready (s) | operator latency p50 / p99 (s) | API requests / object (reads + writes) | operator peak RSS (MiB) | operator CPU (s) | CPU / object (ms) |\n|---:|---:|---:|---:|---:|---:|---:|";
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
     let mut rows = Vec::new();
     for &n in &args.objects {
         eprintln!("running {n} objects ...");
-        rows.push(run(n, &args).await?);
+        let row = run(n, &args).await?;
+        // Each run's line as soon as it is done, so a long run loses no earlier one.
+        eprintln!("{HEADER}");
+        print_row(&row);
+        rows.push(row);
     }
-    println!(
-        "| objects | all Ready (s) | operator latency p50 / p99 (s) | API requests / object (reads + writes) | operator peak RSS (MiB) | operator CPU (s) | CPU / object (ms) |"
-    );
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!();
+    println!("{HEADER}");
     for r in &rows {
-        let writes = r.writes();
-        println!(
-            "| {} | {:.1} | {:.2} / {:.2} | {:.1} ({:.1} + {:.1}) | {:.1} | {:.1} | {:.1} |",
-            r.objects,
-            r.seconds,
-            r.latency_p50,
-            r.latency_p99,
-            r.per_object(r.total()),
-            r.per_object(r.total() - writes),
-            r.per_object(writes),
-            r.rss_mib,
-            r.cpu_seconds,
-            1000.0 * r.cpu_seconds / r.objects as f64,
-        );
+        print_row(r);
     }
     // Requests per object by verb and kind, one column per run.
     let mut keys: Vec<(String, String)> = rows
