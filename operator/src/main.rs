@@ -210,6 +210,7 @@ async fn run_controller(
         api: Api<K>,
         config: watcher::Config,
         index: Option<Index<K>>,
+        trim: fn(&mut K),
     ) -> (
         Store<K>,
         impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
@@ -224,11 +225,15 @@ async fn run_controller(
             + 'static,
     {
         let (store, writer) = reflector::store();
-        // managedFields are never read; dropping them keeps the caches small. The index sees
-        // each event before the store, so an object that triggers a reconcile is indexed.
+        // managedFields (and what `trim` drops) are never read; dropping them keeps the caches
+        // small. The index sees each event before the store, so an object that triggers a
+        // reconcile is indexed.
         let events = watcher(api, config)
             .default_backoff()
-            .modify(|o| o.managed_fields_mut().clear())
+            .modify(move |o| {
+                o.managed_fields_mut().clear();
+                trim(o);
+            })
             .inspect_ok(move |event| {
                 if let Some(index) = &index {
                     index.apply_watcher_event(event);
@@ -254,7 +259,7 @@ async fn run_controller(
             + 'static,
     {
         let by_owner = Index::new(index::controller_uid::<K>);
-        let (store, stream) = cached(api, config, Some(by_owner.clone()));
+        let (store, stream) = cached(api, config, Some(by_owner.clone()), |_| {});
         (Owned { store, by_owner }, stream)
     }
     let (deployments, deployment_events) = owned(api::<Deployment>(&client, ns), ours.clone());
@@ -277,11 +282,16 @@ async fn run_controller(
         .filter_map(move |()| std::future::ready(events.take()))
         .flatten()
     };
-    let (jobs, job_events) = cached(api::<Job>(&client, ns), ours.clone(), None);
+    // Of a Job the reconciler reads its metadata and status (it creates a Job and never
+    // compares it with a desired one), of a serving pod its container statuses.
+    let (jobs, job_events) = cached(api::<Job>(&client, ns), ours.clone(), None, |j| {
+        j.spec = None;
+    });
     let (claims, claim_events) = cached(
         api::<PersistentVolumeClaim>(&client, ns),
         ours.clone(),
         None,
+        |_| {},
     );
     // Serving pods only: their exit codes say why a server could not start.
     let pods_by_instance = Index::new(instance_of);
@@ -295,6 +305,7 @@ async fn run_controller(
             labels::SERVER_NAME
         )),
         Some(pods_by_instance.clone()),
+        |p| p.spec = None,
     );
     // SD35Deployments, indexed by cache key: a Job or claim event finds its users there.
     let users = {

@@ -164,6 +164,18 @@ where
     }
 }
 
+/// A server-side applied child from the watch cache alone. Applying is idempotent, so a
+/// child the cache does not have yet is applied as new (one write, the same as creating it)
+/// rather than looked up first on every reconcile until it exists.
+fn cached<K>(store: &Store<K>, namespace: &str, name: &str) -> Option<K>
+where
+    K: Resource<DynamicType = ()> + Clone,
+{
+    store
+        .get(&ObjectRef::new(name).within(namespace))
+        .map(|o| o.as_ref().clone())
+}
+
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context")
@@ -365,13 +377,17 @@ impl Run<'_> {
         ))
     }
 
+    /// Records facts about the cache on its claim, in one patch.
     async fn annotate_claim(
         &self,
         claim: &PersistentVolumeClaim,
-        key: &str,
-        value: &str,
+        annotations: &[(&str, &str)],
     ) -> Result<PersistentVolumeClaim, Error> {
-        let patch = json!({"metadata": {"annotations": {key: value}}});
+        let annotations: serde_json::Map<String, serde_json::Value> = annotations
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), json!(v)))
+            .collect();
+        let patch = json!({"metadata": {"annotations": annotations}});
         let patched = self
             .apply
             .merge_patch::<PersistentVolumeClaim>(&self.r.cache.claim, &patch)
@@ -523,13 +539,27 @@ impl Run<'_> {
             })
             .await?;
         if succeeded {
+            // With an engine to build, the fetch Job's success is recorded on the claim in
+            // the same patch as the engine's (one write fewer); until then the Job says it.
+            if self.r.engine_key.is_some() {
+                return Ok((done(growth), Some(claim)));
+            }
             let claim = self
-                .annotate_claim(&claim, labels::CACHE_COMPLETE, "true")
+                .annotate_claim(&claim, &[(labels::CACHE_COMPLETE, "true")])
                 .await?;
             return Ok((done(growth), Some(claim)));
         }
+        // A claim is Pending for a moment after it is created; only one that stays so is
+        // worth a status of its own.
+        let pending_for = claim
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| k8s_openapi::jiff::Timestamp::now().duration_since(t.0))
+            .unwrap_or_default();
         if matches!(state, StepState::Pending(..))
             && claim.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Pending")
+            && pending_for > k8s_openapi::jiff::SignedDuration::from_secs(30)
         {
             return Ok((
                 StepState::Pending(
@@ -574,7 +604,13 @@ impl Run<'_> {
                 format!("{} engine {key} built", self.r.precision.as_str()),
             )
         };
+        // The cache is complete: recorded on the claim already, or to be recorded now.
+        let record_cache = (!claim.annotations().contains_key(labels::CACHE_COMPLETE))
+            .then_some((labels::CACHE_COMPLETE, "true"));
         if claim.annotations().get(&annotation).map(String::as_str) == Some("ready") {
+            if let Some(cache) = record_cache {
+                self.annotate_claim(claim, &[cache]).await?;
+            }
             return Ok(built());
         }
         let name = labels::build_job(key);
@@ -585,7 +621,9 @@ impl Run<'_> {
             })
             .await?;
         if succeeded {
-            self.annotate_claim(claim, &annotation, "ready").await?;
+            let mut record = vec![(annotation.as_str(), "ready")];
+            record.extend(record_cache);
+            self.annotate_claim(claim, &record).await?;
             return Ok(built());
         }
         Ok(state)
@@ -600,8 +638,7 @@ impl Run<'_> {
         let mut addons = Addons::default();
         let policy = build::network_policy(self.r, &self.owner);
         if let Some(desired) = policy.clone() {
-            let api: Api<NetworkPolicy> = Api::namespaced(self.ctx.client.clone(), ns);
-            let live = lookup(&children.network_policies.store, &api, ns, name).await?;
+            let live = cached(&children.network_policies.store, ns, name);
             if self.apply.apply(desired, live).await?.0.is_some() {
                 addons.applied.push("NetworkPolicy");
             }
@@ -624,11 +661,8 @@ impl Run<'_> {
             return Ok(addons);
         }
         if let Some(desired) = monitor.clone() {
-            let api: Api<ServiceMonitor> = Api::namespaced(self.ctx.client.clone(), ns);
-            let applied = match lookup(&children.service_monitors.store, &api, ns, name).await {
-                Ok(live) => self.apply.apply(desired, live).await,
-                Err(e) => Err(e),
-            };
+            let live = cached(&children.service_monitors.store, ns, name);
+            let applied = self.apply.apply(desired, live).await;
             match applied {
                 Ok((Some(_), _)) => addons.applied.push("ServiceMonitor"),
                 Ok((None, _)) => {}
@@ -647,13 +681,11 @@ impl Run<'_> {
     }
 
     async fn serving(&self, ready_for_desired: bool) -> Result<Option<Rollout>, Error> {
-        let client = self.ctx.client.clone();
         let ns = &self.r.namespace;
         let name = self.r.name.as_str();
         let children = &self.ctx.children;
         let uid = self.owner.uid.as_str();
-        let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-        let live = lookup(&children.deployments.store, &deployments, ns, name).await?;
+        let live = cached(&children.deployments.store, ns, name);
         let desired_target = ServingTarget::desired(self.r);
         let target = if ready_for_desired {
             Some(desired_target.clone())
@@ -680,15 +712,13 @@ impl Run<'_> {
             None => live,
         };
 
-        let services: Api<Service> = Api::namespaced(client.clone(), ns);
-        let live = lookup(&children.services.store, &services, ns, name).await?;
+        let live = cached(&children.services.store, ns, name);
         self.apply
             .apply(build::service(self.r, &self.owner), live)
             .await?;
         let pdb = build::pdb(self.r, &self.owner);
         if let Some(desired) = pdb.clone() {
-            let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client, ns);
-            let live = lookup(&children.pdbs.store, &pdbs, ns, name).await?;
+            let live = cached(&children.pdbs.store, ns, name);
             self.apply.apply(desired, live).await?;
         }
 
