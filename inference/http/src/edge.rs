@@ -22,7 +22,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -101,26 +101,31 @@ impl Drop for Reading {
     }
 }
 
-/// Answers a connection beyond the cap with 503 and closes it; reads what the client sent
-/// first (briefly), so the close is a FIN the client can read the answer before, not a reset.
+/// Answers a connection beyond the cap with 503 and closes it: the answer and a FIN at once,
+/// then what the client sent is read and dropped (briefly), so the close is not a reset that
+/// could destroy the answer before the client reads it.
 fn refuse(stream: TcpStream, closing: &Arc<Semaphore>) {
-    let _ = stream.try_write(REFUSED);
     let Ok(permit) = closing.clone().try_acquire_owned() else {
-        return; // too many being closed already: drop it now
+        // Too many being closed already: answer if the socket takes it, and drop.
+        let _ = stream.try_write(REFUSED);
+        return;
     };
     tokio::spawn(async move {
         let mut stream = stream;
         let mut sink = [0u8; 4096];
-        let drain = async {
+        let answer = async {
+            stream.write_all(REFUSED).await?;
+            stream.shutdown().await?;
             let mut total = 0usize;
-            while let Ok(n) = stream.read(&mut sink).await {
+            loop {
+                let n = stream.read(&mut sink).await?;
                 total += n;
                 if n == 0 || total > 64 * 1024 {
-                    break;
+                    return Ok::<_, std::io::Error>(());
                 }
             }
         };
-        let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
         drop(permit);
     });
 }
