@@ -166,12 +166,20 @@ pub struct Limits {
     pub max_steps: u32,
     /// Prompt cap in bytes.
     pub max_prompt_bytes: usize,
+    /// The server's own cap on width and height, below the model's limit (`--max-size`).
+    pub max_size: Option<u32>,
 }
 
 impl Limits {
+    /// The largest width or height: the model's limit, or the server's cap below it.
+    pub fn max_size(&self) -> u32 {
+        self.max_size
+            .map_or(self.model.max_size, |cap| cap.min(self.model.max_size))
+    }
+
     /// The bounds of every request field for this model and server.
     pub fn bounds(&self) -> Bounds {
-        Bounds::for_model(self.model.max_size, self.max_steps, self.max_prompt_bytes)
+        Bounds::for_model(self.max_size(), self.max_steps, self.max_prompt_bytes)
     }
 }
 

@@ -354,6 +354,7 @@ pub(crate) mod tests {
             defaults,
             max_steps: 50,
             max_prompt_bytes: 100,
+            max_size: None,
         }
     }
 

@@ -198,7 +198,7 @@ impl ModelList {
             },
             warnings: m.warnings.clone(),
             limits: ModelLimits {
-                max_size: bounds.size.max.unwrap_or(m.max_size),
+                max_size: bounds.size.max.unwrap_or_else(|| limits.max_size()),
                 size_multiple: SIZE_MULTIPLE,
                 max_steps: limits.max_steps,
                 max_guidance_scale: MAX_GUIDANCE,

@@ -35,6 +35,11 @@ pub struct ServeConfig {
     #[arg(long, env = "SD35_MAX_PROMPT_BYTES", default_value_t = 4096)]
     pub max_prompt_bytes: usize,
 
+    /// Largest width or height a request may ask for, below the model's own limit (unset:
+    /// the model's limit), e.g. to bound memory and latency per image.
+    #[arg(long, env = "SD35_MAX_SIZE", value_parser = clap::value_parser!(u32).range(16..))]
+    pub max_size: Option<u32>,
+
     /// Most sampling steps a request may ask for (unset: 100, or 16 for large-turbo).
     #[arg(long, env = "SD35_MAX_STEPS")]
     pub max_steps: Option<u32>,

@@ -331,6 +331,7 @@ pub async fn serve(
                         defaults,
                         max_steps,
                         max_prompt_bytes: config.max_prompt_bytes,
+                        max_size: config.max_size,
                     };
                     match check_defaults(&limits) {
                         Ok(()) => {
