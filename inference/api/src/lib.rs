@@ -27,3 +27,4 @@ pub use response::{
     ImageData, ImagesResponse, ModelDefaults, ModelEntry, ModelLimits, ModelList, Txt2ImgResponse,
     UsedParameters,
 };
+pub mod properties;

@@ -52,10 +52,15 @@ fn describe(defs: &mut Map<String, Value>, schema: &str, field: &str, more: &str
             .unwrap_or("")
             .trim_end_matches('.')
             .to_owned();
+        let mut chars = more.chars();
+        let more: String = chars
+            .next()
+            .map(|c| c.to_uppercase().chain(chars).collect())
+            .unwrap_or_default();
         let text = if old.is_empty() {
-            more.to_owned()
+            format!("{more}.")
         } else {
-            format!("{old}. {more}")
+            format!("{old}. {more}.")
         };
         prop.insert("description".into(), Value::String(text));
     }
