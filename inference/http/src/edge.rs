@@ -102,7 +102,7 @@ impl Drop for Reading {
 }
 
 /// Answers a connection beyond the cap with 503 and closes it: the answer and a FIN at once,
-/// then what the client sent is read and dropped (briefly), so the close is not a reset that
+/// then what the client sent is read and dropped for a quarter second, so the close is not a reset that
 /// could destroy the answer before the client reads it.
 fn refuse(stream: TcpStream, closing: &Arc<Semaphore>) {
     let Ok(permit) = closing.clone().try_acquire_owned() else {
@@ -125,7 +125,7 @@ fn refuse(stream: TcpStream, closing: &Arc<Semaphore>) {
                 }
             }
         };
-        let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
+        let _ = tokio::time::timeout(Duration::from_millis(250), answer).await;
         drop(permit);
     });
 }
