@@ -36,8 +36,8 @@ fuzz: ## Fuzz request parsing and validation for FUZZ_SECONDS (60) from the comm
 
 .PHONY: loadcheck
 loadcheck: ## Overload, slow clients and SIGTERM against the server on the tiny model; prints the figures
-	$(CARGO) build --locked -q --release -p sd35-server --bin sd35-server -p sd35-http --bin sd35-loadcheck
-	./target/release/sd35-loadcheck --server target/release/sd35-server --model inference/testdata/sd35-tiny-large
+	$(CARGO) build --locked -q -p sd35-server --bin sd35-server -p sd35-http --bin sd35-loadcheck
+	./target/debug/sd35-loadcheck --server target/debug/sd35-server --model inference/testdata/sd35-tiny-large
 
 .PHONY: e2e
 e2e: ## End-to-end tests on a real local control plane with kwok GPU nodes

@@ -7,7 +7,8 @@
 //!   written into the JSON Schemas, so the OpenAPI document cannot drift from what is enforced;
 //! - [`response`]: the response bodies, `/v1/models` included;
 //! - [`error`]: the one error type; its status and field are what the client sees;
-//! - [`schema`]: the JSON Schemas of all of the above, with the bounds filled in.
+//! - [`schema`]: the JSON Schemas of all of the above, with the bounds filled in;
+//! - [`properties`]: what every body satisfies, checked by the fuzz target and its corpus.
 //!
 //! The crate has no runtime dependencies (no async runtime, no model), so the fuzz targets and
 //! clients build it on its own.
@@ -15,6 +16,7 @@
 pub mod bounds;
 pub mod error;
 pub mod params;
+pub mod properties;
 pub mod request;
 pub mod response;
 pub mod schema;
@@ -27,4 +29,3 @@ pub use response::{
     ImageData, ImagesResponse, ModelDefaults, ModelEntry, ModelLimits, ModelList, Txt2ImgResponse,
     UsedParameters,
 };
-pub mod properties;
