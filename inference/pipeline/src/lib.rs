@@ -7,6 +7,7 @@
 //! the diffusers repository layout, the Stability single-file layout and ComfyUI `fp8_scaled`
 //! checkpoints, memory-mapped, in f32, bf16 or fp8 storage.
 
+pub mod attention;
 pub mod clip;
 pub mod engine;
 pub mod error;
@@ -18,6 +19,7 @@ pub mod nn;
 pub mod pipeline;
 pub mod scheduler;
 pub mod sentencepiece;
+mod simd;
 pub mod t5;
 pub mod tokenizer;
 pub mod vae;

@@ -7,6 +7,7 @@
 use candle_core::{D, DType, Tensor};
 use serde::Deserialize;
 
+use crate::attention::{self, Qkv, joint_attention};
 use crate::linear::Linear;
 use crate::nn::{self, Conv2d};
 use crate::weights::Weights;
@@ -214,16 +215,25 @@ impl Block {
         };
 
         // Joint attention over [image tokens, context tokens].
-        let n_x = x.dim(1)?;
         let (qx, kx, vx) = self.x_attn.qkv_heads(&norm_x, heads)?;
         let (qc, kc, vc) = self.c_attn.qkv_heads(&norm_c, heads)?;
-        let q = Tensor::cat(&[&qx, &qc], 2)?;
-        let k = Tensor::cat(&[&kx, &kc], 2)?;
-        let v = Tensor::cat(&[&vx, &vc], 2)?;
         let scale = 1.0 / ((c / heads) as f64).sqrt();
-        let a = nn::merge_heads(&nn::attention(&q, &k, &v, scale, None)?)?;
-        let a_x = a.narrow(1, 0, n_x)?;
-        let a_c = a.narrow(1, n_x, a.dim(1)? - n_x)?;
+        let parts = [
+            Qkv {
+                q: &qx,
+                k: &kx,
+                v: &vx,
+            },
+            Qkv {
+                q: &qc,
+                k: &kc,
+                v: &vc,
+            },
+        ];
+        let (a_x, a_c) = match <[Tensor; 2]>::try_from(joint_attention(&parts, scale)?) {
+            Ok([a_x, a_c]) => (a_x, a_c),
+            Err(_) => return Err(Error::Layout("joint attention lost a part".into())),
+        };
 
         let x_proj = self
             .x_attn
@@ -235,7 +245,7 @@ impl Block {
             // MMDiT-X: image-only attention on the block input, modulated by chunks 6..9.
             let norm_x2 = modulate(x, &chunk(&xm, 6, c)?, &chunk(&xm, 7, c)?)?;
             let (q, k, v) = attn2.qkv_heads(&norm_x2, heads)?;
-            let a2 = nn::merge_heads(&nn::attention(&q, &k, &v, scale, None)?)?;
+            let a2 = attention::attention(&q, &k, &v, scale, None)?;
             let proj2 = attn2
                 .proj
                 .as_ref()

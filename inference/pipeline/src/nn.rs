@@ -113,63 +113,6 @@ impl candle_core::CustomOp1 for GeluTanh {
     }
 }
 
-/// Scaled dot-product attention on `[B, H, N, D]` tensors with an optional additive bias.
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    bias: Option<&Tensor>,
-) -> Result<Tensor> {
-    // Scaling the queries instead of the N x M scores saves a pass over the largest tensor.
-    let q = if scale == 1.0 {
-        q.contiguous()?
-    } else {
-        (q * scale)?
-    };
-    if bias.is_none() && q.device().is_cpu() && q.dtype() == DType::F32 {
-        return attention_blocked_cpu(&q, k, v);
-    }
-    let mut scores = q.matmul(&k.t()?.contiguous()?)?;
-    if let Some(b) = bias {
-        scores = scores.broadcast_add(b)?;
-    }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    Ok(probs.matmul(&v.contiguous()?)?)
-}
-
-/// Query rows per block of the CPU attention: a block's scores (`rows x M` f32) stay in cache.
-const ATTENTION_BLOCK_ROWS: usize = 128;
-
-/// Exact attention computed head by head and query block by query block, so the scores of
-/// one block are produced, normalised and consumed while they are still in cache, with the
-/// heads spread over the CPU threads.
-fn attention_blocked_cpu(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    use rayon::prelude::*;
-    let (b, h, n, d) = q.dims4()?;
-    let m = k.dim(2)?;
-    let qf = q.reshape((b * h, n, d))?;
-    let kf = k.contiguous()?.reshape((b * h, m, d))?;
-    let vf = v.contiguous()?.reshape((b * h, m, d))?;
-    let heads = (0..b * h)
-        .into_par_iter()
-        .map(|i| -> candle_core::Result<Tensor> {
-            let qi = qf.get(i)?;
-            let kt = kf.get(i)?.t()?;
-            let vi = vf.get(i)?;
-            let mut blocks = Vec::with_capacity(n.div_ceil(ATTENTION_BLOCK_ROWS));
-            for start in (0..n).step_by(ATTENTION_BLOCK_ROWS) {
-                let rows = ATTENTION_BLOCK_ROWS.min(n - start);
-                let scores = qi.narrow(0, start, rows)?.matmul(&kt)?;
-                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-                blocks.push(probs.matmul(&vi)?);
-            }
-            Tensor::cat(&blocks, 0)
-        })
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(Tensor::stack(&heads, 0)?.reshape((b, h, n, d))?)
-}
-
 /// Splits `[B, N, H*D]` into heads `[B, H, N, D]`.
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, n, c) = x.dims3()?;
