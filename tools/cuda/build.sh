@@ -51,8 +51,15 @@ if [ "$size" -gt "$max_bytes" ]; then
 fi
 log "$bin: $((size / 1024 / 1024)) MiB ($size bytes)"
 
+# The driver stub, for images that must also start on machines without a driver (see
+# tools/cuda/README.md): never on a library path where a driver is installed.
+mkdir -p "$out_dir/driver-stub"
+cp "$toolkit/lib/stubs/libcuda.so" "$out_dir/driver-stub/libcuda.so.1"
+
 # Run it here: the wheels' libraries and the stub driver stand in for an installed driver.
-run_here() { LD_LIBRARY_PATH="$toolkit/lib/stubs:$toolkit/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$bin" "$@"; }
+run_here() {
+  RUST_BACKTRACE=0 LD_LIBRARY_PATH="$toolkit/lib/stubs:$toolkit/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$bin" "$@"
+}
 run_here --help >/dev/null
 tiny="$repo/inference/testdata/sd35-tiny-large"
 scratch=$(mktemp -d)
@@ -68,5 +75,5 @@ if grep -q "panicked" "$scratch/out" || ! grep -qi "cuda" "$scratch/out"; then
   cat "$scratch/out" >&2
   exit 1
 fi
-log "no driver: $(tail -n 1 "$scratch/out")"
+log "no driver: $(grep -m1 -A2 '^Error' "$scratch/out" | tr -s ' \n' ' ')"
 echo "$bin"

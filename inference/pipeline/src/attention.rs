@@ -54,7 +54,9 @@ pub const F32_RELATIVE_ERROR_BOUND: f64 = 1e-5;
 /// Query rows whose scores are computed together (register blocking).
 const ROWS: usize = 4;
 /// Head-dimension columns accumulated together in `P V` (register blocking).
-const COLS: usize = 32;
+const COLS: usize = 64;
+/// Keys whose scores are accumulated together (register blocking; divides `KEY_BLOCK`).
+const KEYS: usize = 64;
 
 /// One part of a joint sequence: its queries, keys and values, each `[B, H, n, D]`.
 #[derive(Debug, Clone, Copy)]
@@ -368,23 +370,32 @@ impl simd::Kernel for QueryBlock<'_> {
         let d = p.d;
         let rows = self.out.len() / d;
         let m = p.k.total;
-        let mut q = vec![0f32; rows * d];
-        for (r, dst) in q.chunks_exact_mut(d).enumerate() {
+        // Rows in groups of ROWS, zero-padded; the queries transposed within a group
+        // (`q[g·d + k][r]`) so the score loop reads one array per step.
+        let groups = rows.div_ceil(ROWS);
+        let mut q = vec![[0f32; ROWS]; groups * d];
+        for r in 0..rows {
             let src = p.q.row(self.b, self.h, self.first + r, d);
-            for (o, x) in dst.iter_mut().zip(src) {
-                *o = x * p.q_scale;
+            let group = &mut q[(r / ROWS) * d..][..d];
+            for (dst, x) in group.iter_mut().zip(src) {
+                dst[r % ROWS] = x * p.q_scale;
             }
         }
-        let mut max = vec![f32::NEG_INFINITY; rows];
-        let mut sum = vec![0f32; rows];
-        let mut acc = vec![0f32; rows * d];
-        let mut s = vec![0f32; rows * KEY_BLOCK];
+        let padded = groups * ROWS;
+        let mut max = vec![f32::NEG_INFINITY; padded];
+        let mut sum = vec![0f32; padded];
+        let mut acc = vec![0f32; padded * d];
+        let mut s = vec![[0f32; KEY_BLOCK]; padded];
         for (blk, kt) in self.kt.chunks_exact(d * KEY_BLOCK).enumerate() {
             let j0 = blk * KEY_BLOCK;
             let kn = KEY_BLOCK.min(m - j0);
-            scores::<M>(&q, kt, d, &mut s);
-            for (r, srow) in s.chunks_exact_mut(KEY_BLOCK).enumerate() {
-                if let Some(bias) = &p.bias {
+            for (qg, sg) in q.chunks_exact(d).zip(s.chunks_exact_mut(ROWS)) {
+                scores::<M>(qg, kt, sg);
+            }
+            for (r, srow) in s.iter_mut().enumerate() {
+                if let Some(bias) = &p.bias
+                    && r < rows
+                {
                     let brow = bias.row(self.b, self.h, self.first + r, m);
                     for (x, &bv) in srow.iter_mut().zip(&brow[j0..j0 + kn]) {
                         *x += bv * LOG2_E;
@@ -399,21 +410,24 @@ impl simd::Kernel for QueryBlock<'_> {
                     srow.fill(0.0);
                     continue;
                 }
-                let c = simd::exp2(max[r] - new_max);
+                let c = simd::exp2_with::<M>(max[r] - new_max);
                 let mut lanes = [0f32; 16];
                 for chunk in srow.chunks_exact_mut(16) {
                     for (l, x) in lanes.iter_mut().zip(chunk) {
-                        *x = simd::exp2(*x - new_max);
+                        *x = simd::exp2_with::<M>(*x - new_max);
                         *l += *x;
                     }
                 }
-                sum[r] = sum[r] * c + lanes.iter().sum::<f32>();
+                sum[r] = sum[r] * c + fold_lanes(lanes, |a, b| a + b);
                 max[r] = new_max;
                 for a in &mut acc[r * d..][..d] {
                     *a *= c;
                 }
             }
-            pv::<M>(&s, &self.v[j0 * d..][..kn * d], kn, d, &mut acc);
+            let v = &self.v[j0 * d..][..kn * d];
+            for (sg, ag) in s.chunks_exact(ROWS).zip(acc.chunks_exact_mut(ROWS * d)) {
+                pv::<M>(sg, v, d, ag);
+            }
         }
         for ((o, a), l) in self
             .out
@@ -431,99 +445,81 @@ impl simd::Kernel for QueryBlock<'_> {
 
 /// Largest value of a score row, with lane-wise partial maxima so the loop vectorises.
 #[inline(always)]
-fn block_max(row: &[f32]) -> f32 {
+fn block_max(row: &[f32; KEY_BLOCK]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 16];
     for chunk in row.chunks_exact(16) {
         for (l, &x) in lanes.iter_mut().zip(chunk) {
             *l = if x > *l { x } else { *l };
         }
     }
-    lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+    fold_lanes(lanes, |a, b| if b > a { b } else { a })
 }
 
-/// `s[r][j] = q[r] · kt[·][j]` for every query row of the block and the tile's keys.
+/// Reduces 16 lanes pairwise (8, 4, 2, 1), which vectorises, unlike a fold left to right.
 #[inline(always)]
-fn scores<M: MulAdd>(q: &[f32], kt: &[f32], d: usize, s: &mut [f32]) {
-    let mut groups = q
-        .chunks_exact(ROWS * d)
-        .zip(s.chunks_exact_mut(ROWS * KEY_BLOCK));
-    for (qg, sg) in &mut groups {
-        scores_rows::<M, ROWS>(qg, kt, d, sg);
+fn fold_lanes(mut lanes: [f32; 16], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut width = 8;
+    while width > 0 {
+        for i in 0..width {
+            lanes[i] = f(lanes[i], lanes[i + width]);
+        }
+        width /= 2;
     }
-    let done = q.len() / (ROWS * d) * ROWS;
-    for (qr, sr) in q[done * d..]
-        .chunks_exact(d)
-        .zip(s[done * KEY_BLOCK..].chunks_exact_mut(KEY_BLOCK))
-    {
-        scores_rows::<M, 1>(qr, kt, d, sr);
-    }
+    lanes[0]
 }
 
+/// `s[r][j] = q[r] · k_j` for one group of `ROWS` queries (transposed, `q[k][r]`) and the
+/// tile's keys (`kt[k][j]`).
 #[inline(always)]
-fn scores_rows<M: MulAdd, const R: usize>(q: &[f32], kt: &[f32], d: usize, s: &mut [f32]) {
-    let mut acc = [[0f32; KEY_BLOCK]; R];
-    for (k, krow) in kt.chunks_exact(KEY_BLOCK).enumerate().take(d) {
-        for (r, a) in acc.iter_mut().enumerate() {
-            let x = q[r * d + k];
-            for (a, &kv) in a.iter_mut().zip(krow) {
-                *a = M::mul_add(x, kv, *a);
+fn scores<M: MulAdd>(q: &[[f32; ROWS]], kt: &[f32], s: &mut [[f32; KEY_BLOCK]]) {
+    for k0 in (0..KEY_BLOCK).step_by(KEYS) {
+        // ROWS × KEYS sums, kept in registers.
+        let mut acc = [[0f32; KEYS]; ROWS];
+        for (qk, krow) in q.iter().zip(kt.chunks_exact(KEY_BLOCK)) {
+            let kv = &krow[k0..k0 + KEYS];
+            for (a, &x) in acc.iter_mut().zip(qk) {
+                for (a, &kv) in a.iter_mut().zip(kv) {
+                    *a = M::mul_add(x, kv, *a);
+                }
             }
         }
-    }
-    for (dst, a) in s.chunks_exact_mut(KEY_BLOCK).zip(&acc) {
-        dst.copy_from_slice(a);
-    }
-}
-
-/// `acc[r] += Σ_j p[r][j] · v[j]` over the tile's `kn` keys.
-#[inline(always)]
-fn pv<M: MulAdd>(p: &[f32], v: &[f32], kn: usize, d: usize, acc: &mut [f32]) {
-    let rows = acc.len() / d;
-    let mut r = 0;
-    while r + ROWS <= rows {
-        pv_rows::<M, ROWS>(
-            &p[r * KEY_BLOCK..],
-            v,
-            kn,
-            d,
-            &mut acc[r * d..(r + ROWS) * d],
-        );
-        r += ROWS;
-    }
-    while r < rows {
-        pv_rows::<M, 1>(&p[r * KEY_BLOCK..], v, kn, d, &mut acc[r * d..(r + 1) * d]);
-        r += 1;
+        for (dst, a) in s.iter_mut().zip(&acc) {
+            dst[k0..k0 + KEYS].copy_from_slice(a);
+        }
     }
 }
 
+/// `acc[r] += Σ_j p[r][j] · v_j` for one group of `ROWS` rows over the tile's keys.
 #[inline(always)]
-fn pv_rows<M: MulAdd, const R: usize>(p: &[f32], v: &[f32], kn: usize, d: usize, acc: &mut [f32]) {
+fn pv<M: MulAdd>(p: &[[f32; KEY_BLOCK]], v: &[f32], d: usize, acc: &mut [f32]) {
+    let Ok(p) = <&[[f32; KEY_BLOCK]; ROWS]>::try_from(p) else {
+        return;
+    };
     // Columns in register-sized groups; the keys stream through each group.
     let mut c0 = 0;
     while c0 + COLS <= d {
-        let mut t = [[0f32; COLS]; R];
-        for j in 0..kn {
-            let vrow = &v[j * d + c0..][..COLS];
-            for (r, t) in t.iter_mut().enumerate() {
-                let w = p[r * KEY_BLOCK + j];
-                for (t, &x) in t.iter_mut().zip(vrow) {
+        let mut t = [[0f32; COLS]; ROWS];
+        for (j, vrow) in v.chunks_exact(d).enumerate().take(KEY_BLOCK) {
+            let vc = &vrow[c0..c0 + COLS];
+            for (t, pr) in t.iter_mut().zip(p) {
+                let w = pr[j];
+                for (t, &x) in t.iter_mut().zip(vc) {
                     *t = M::mul_add(w, x, *t);
                 }
             }
         }
-        for (r, t) in t.iter().enumerate() {
-            for (a, &x) in acc[r * d + c0..][..COLS].iter_mut().zip(t) {
+        for (t, a) in t.iter().zip(acc.chunks_exact_mut(d)) {
+            for (a, &x) in a[c0..c0 + COLS].iter_mut().zip(t) {
                 *a += x;
             }
         }
         c0 += COLS;
     }
     if c0 < d {
-        for j in 0..kn {
-            let vrow = &v[j * d + c0..(j + 1) * d];
-            for r in 0..R {
-                let w = p[r * KEY_BLOCK + j];
-                for (a, &x) in acc[r * d + c0..(r + 1) * d].iter_mut().zip(vrow) {
+        for (j, vrow) in v.chunks_exact(d).enumerate().take(KEY_BLOCK) {
+            for (pr, a) in p.iter().zip(acc.chunks_exact_mut(d)) {
+                let w = pr[j];
+                for (a, &x) in a[c0..].iter_mut().zip(&vrow[c0..]) {
                     *a = M::mul_add(w, x, *a);
                 }
             }

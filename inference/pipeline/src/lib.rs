@@ -11,6 +11,7 @@ pub mod attention;
 pub mod clip;
 pub mod engine;
 pub mod error;
+pub mod fused;
 pub mod image;
 pub mod linear;
 pub mod mmdit;

@@ -139,6 +139,16 @@ impl Linear {
 
     /// Applies the layer to `x` (`[..., in]`), computing in `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        crate::fused::bias_in_place(self.forward_unbiased(x)?, self.bias.as_ref(), false)
+    }
+
+    /// The bias, if the layer has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// `x W^T` without the bias: a fresh tensor, for fused epilogues to finish in place.
+    pub fn forward_unbiased(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.dequantized_weight(x.dtype())?;
         let y = match x.rank() {
             2 => x.matmul(&w.t()?)?,
@@ -150,10 +160,7 @@ impl Linear {
             }
             _ => x.broadcast_matmul(&w.t()?)?,
         };
-        match &self.bias {
-            None => Ok(y),
-            Some(b) => Ok(y.broadcast_add(&b.to_dtype(x.dtype())?)?),
-        }
+        Ok(y)
     }
 }
 

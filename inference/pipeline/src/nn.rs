@@ -3,6 +3,7 @@
 use candle_core::{D, DType, Tensor};
 
 use crate::Result;
+use crate::fused::{self, Norm};
 use crate::weights::Weights;
 
 /// Converts a stored weight to the compute dtype (a no-op when it already is).
@@ -10,35 +11,19 @@ pub fn to(t: &Tensor, dtype: DType) -> Result<Tensor> {
     Ok(t.to_dtype(dtype)?)
 }
 
-/// LayerNorm over the last dimension, optionally affine.
+/// LayerNorm over the last dimension, optionally affine (one fused pass on the CPU).
 pub fn layer_norm(
     x: &Tensor,
     weight: Option<&Tensor>,
     bias: Option<&Tensor>,
     eps: f64,
 ) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let centered = x.broadcast_sub(&mean)?;
-    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    let mut y = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
-    if let Some(w) = weight {
-        y = y.broadcast_mul(&w.to_dtype(DType::F32)?)?;
-    }
-    if let Some(b) = bias {
-        y = y.broadcast_add(&b.to_dtype(DType::F32)?)?;
-    }
-    Ok(y.to_dtype(dtype)?)
+    fused::norm(x, Norm::Layer, eps, weight, 0.0, bias)
 }
 
 /// RMSNorm over the last dimension with a learned scale (qk-norm, T5's layer norm).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
-    Ok(y.to_dtype(dtype)?.broadcast_mul(&weight.to_dtype(dtype)?)?)
+    fused::norm(x, Norm::Rms, eps, Some(weight), 0.0, None)
 }
 
 /// GroupNorm of an NCHW tensor with affine parameters.

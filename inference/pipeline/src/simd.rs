@@ -74,6 +74,12 @@ pub(crate) const LOG2_E: f32 = std::f32::consts::LOG2_E;
 /// (so `−∞` gives 0), inputs above 127 give `2^127`; NaN gives an unspecified finite value.
 #[inline(always)]
 pub(crate) fn exp2(x: f32) -> f32 {
+    exp2_with::<Separate>(x)
+}
+
+/// [`exp2`] with the polynomial evaluated by `M` (fused inside dispatched kernels).
+#[inline(always)]
+pub(crate) fn exp2_with<M: MulAdd>(x: f32) -> f32 {
     // Comparisons written as selects compile to vector compare-and-blend.
     let x = if x > 127.0 { 127.0 } else { x };
     let small = x < -126.0;
@@ -90,7 +96,12 @@ pub(crate) fn exp2(x: f32) -> f32 {
     const C4: f32 = 0.009_618_129;
     const C5: f32 = 0.001_333_355_8;
     const C6: f32 = 0.000_154_035_3;
-    let p = ((((((C6 * f + C5) * f + C4) * f + C3) * f + C2) * f + C1) * f) + 1.0;
+    let p = M::mul_add(C6, f, C5);
+    let p = M::mul_add(p, f, C4);
+    let p = M::mul_add(p, f, C3);
+    let p = M::mul_add(p, f, C2);
+    let p = M::mul_add(p, f, C1);
+    let p = M::mul_add(p, f, 1.0);
     let scale = f32::from_bits(((n + 127) as u32) << 23);
     if small { 0.0 } else { p * scale }
 }

@@ -176,7 +176,8 @@ impl T5Encoder {
             let a = attention(&q, &k, &v, 1.0, Some(&bias))?;
             x = (x + b.o.forward(&a)?)?;
             let h = nn::rms_norm(&x, &b.ln1, self.cfg.eps)?;
-            let g = (nn::gelu_tanh(&b.wi0.forward(&h)?)? * b.wi1.forward(&h)?)?;
+            let g = (crate::fused::bias_in_place(b.wi0.forward_unbiased(&h)?, None, true)?
+                * b.wi1.forward(&h)?)?;
             x = (x + b.wo.forward(&g)?)?;
         }
         nn::rms_norm(&x, &self.final_ln, self.cfg.eps)
