@@ -9,6 +9,7 @@
 
 pub mod attention;
 pub mod clip;
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod fused;
@@ -28,5 +29,9 @@ pub mod variant;
 pub mod weights;
 
 pub use error::{Error, Result};
-pub use pipeline::{GenerateRequest, Pipeline, PipelineOptions, PromptParts, PromptTokens};
-pub use variant::{Precision, SkipLayerGuidance, Variant, VariantDefaults};
+pub use pipeline::{
+    GenerateRequest, Pipeline, PipelineOptions, PromptParts, PromptTokens, StepControl,
+    VariantSource,
+};
+pub use sd35_contract::DeviceKind;
+pub use variant::{Precision, SkipLayerGuidance, Variant, VariantDefaults, model_card};
