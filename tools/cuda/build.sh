@@ -75,5 +75,5 @@ if grep -q "panicked" "$scratch/out" || ! grep -qi "cuda" "$scratch/out"; then
   cat "$scratch/out" >&2
   exit 1
 fi
-log "no driver: $(grep -m1 -A2 '^Error' "$scratch/out" | tr -s ' \n' ' ')"
+log "no driver: $(grep -m1 -A3 '^Error' "$scratch/out" | tr -s ' \n' ' ')"
 echo "$bin"
