@@ -192,9 +192,7 @@ def parity(args, env, work):
                 out = work / f"parity-{model}-{precision}-{where}.png"
                 cmd = [args.binary, "generate", "--model", str(TESTDATA / model), "--prompt", PROMPT,
                        "--out", str(out), "--precision", precision, "--width", "128", "--height", "128",
-                       "--steps", "4", "--guidance", "3.5", "--seed", "7", *extra]
-                if where == "cuda":
-                    cmd.append("--cuda")
+                       "--steps", "4", "--guidance", "3.5", "--seed", "7", "--device", where, *extra]
                 run(cmd, env)
                 outs[where] = out
             db = psnr(outs[args.device], outs["cpu"])
@@ -281,7 +279,7 @@ def build_fp8_engine(args, env, model, cache):
               "files": [], "completedAt": int(time.time())}
     (model / ".sd35-complete.json").write_text(json.dumps(marker))
     _, out, wall, rss = run([args.binary, "build-engine", "--cache-root", str(cache), "--cache-key", "bench",
-                             "--engine-key", "bench-fp8", "--precision", "fp8"], env)
+                             "--engine-key", "bench-fp8", "--precision", "fp8", "--variant", "large"], env)
     return cache / "engines" / "bench-fp8", wall, rss
 
 
@@ -290,9 +288,8 @@ def build_fp8_engine(args, env, model, cache):
 def ours(args, env, model, latents, out, precision, steps):
     cmd = [args.binary, "generate", "--model", str(model), "--prompt", PROMPT, "--out", str(out),
            "--precision", precision, "--width", str(args.size), "--height", str(args.size),
-           "--steps", str(steps), "--guidance", str(args.guidance), "--init-latents", str(latents), "--no-t5"]
-    if args.device == "cuda":
-        cmd.append("--cuda")
+           "--steps", str(steps), "--guidance", str(args.guidance), "--init-latents", str(latents), "--no-t5",
+           "--device", args.device, "--variant", "large"]
     with GpuMemory(args.device == "cuda") as mem:
         _, text, wall, rss = run(cmd, env)
     load = log_seconds(text, "model loaded")
@@ -352,7 +349,7 @@ def main():
     ok = True
 
     if "parity" not in args.skip:
-        log("a. parity on the tiny models (CUDA build, GPU against CPU)")
+        log(f"a. parity on the tiny models: the same binary on {args.device} and on the CPU")
         passed, rows = parity(args, env, work)
         ok &= passed
         results["parity"] = [dict(model=m, precision=p, psnr_db=d, floor_db=f, ok=o) for m, p, d, f, o in rows]
@@ -363,7 +360,7 @@ def main():
     params = make_weights(args, model)
     results["transformer_params"] = params
     results["weights_s"] = time.perf_counter() - t0
-    log(f"  transformer {params / 1e9:.2f} B parameters; all weights written in {results['weights_s']:.0f} s")
+    log(f"  transformer {params / 1e6:,.1f} M parameters; all weights written in {results['weights_s']:.0f} s")
     engine = None
     if "fp8" not in args.skip:
         engine, wall, rss = build_fp8_engine(args, env, model, work / "cache")
@@ -401,7 +398,7 @@ def main():
     print()
     print("| pipeline | s/image | s/step (median) | peak GPU memory (MiB) |")
     print("|---|---:|---:|---:|")
-    print(f"| sd35-server (candle, CUDA) | {mine['image_s']:.2f} | {statistics.median(mine['steps']):.3f} "
+    print(f"| sd35-server (candle, {args.device}) | {mine['image_s']:.2f} | {statistics.median(mine['steps']):.3f} "
           f"| {fmt(mine['gpu_peak_mib'], '.0f')} |")
     if ref:
         print(f"| diffusers (torch SDPA) | {ref['image_s']:.2f} | {statistics.median(ref['steps']):.3f} "
