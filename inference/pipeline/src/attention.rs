@@ -319,17 +319,34 @@ fn head(p: &Problem<'_>, b: usize, h: usize, out: &mut [f32]) {
     let blocks = m.div_ceil(KEY_BLOCK);
     let mut kt = vec![0f32; blocks * d * KEY_BLOCK];
     let mut v = vec![0f32; m * d];
-    for j in 0..m {
-        let (blk, c) = (j / KEY_BLOCK, j % KEY_BLOCK);
-        let tile = &mut kt[blk * d * KEY_BLOCK..][..d * KEY_BLOCK];
-        for (x, dst) in
-            p.k.row(b, h, j, d)
-                .iter()
-                .zip(tile.iter_mut().skip(c).step_by(KEY_BLOCK))
-        {
-            *dst = *x;
+    // Key rows are gathered a tile at a time and written transposed, one contiguous
+    // `KEY_BLOCK`-wide line per head dimension.
+    let mut tiles = kt.chunks_exact_mut(d * KEY_BLOCK);
+    let mut pending: Vec<&[f32]> = Vec::with_capacity(KEY_BLOCK);
+    let mut flush = |pending: &mut Vec<&[f32]>| {
+        if let Some(tile) = tiles.next() {
+            for (k, line) in tile.chunks_exact_mut(KEY_BLOCK).enumerate() {
+                for (dst, row) in line.iter_mut().zip(pending.iter()) {
+                    *dst = row[k];
+                }
+            }
         }
-        v[j * d..][..d].copy_from_slice(p.v.row(b, h, j, d));
+        pending.clear();
+    };
+    let mut vrows = v.chunks_exact_mut(d.max(1));
+    for (kpart, vpart) in p.k.parts.iter().zip(&p.v.parts) {
+        for j in 0..kpart.len {
+            pending.push(kpart.row(b, h, j, d));
+            if let Some(dst) = vrows.next() {
+                dst.copy_from_slice(vpart.row(b, h, j, d));
+            }
+            if pending.len() == KEY_BLOCK {
+                flush(&mut pending);
+            }
+        }
+    }
+    if !pending.is_empty() {
+        flush(&mut pending);
     }
     out.par_chunks_mut(QUERY_BLOCK * d)
         .enumerate()
