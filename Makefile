@@ -90,6 +90,24 @@ bench-operator: ## Operator benchmark: N SD35Deployments to Ready, requests per 
 	SD35_CONTROLPLANE_BIN="$$bin" SD35_OPERATOR_BIN="$$PWD/target/release/sd35-operator" \
 	  ./target/debug/sd35-bench-operator --objects $${OBJECTS:-100,500}
 
+.PHONY: cuda
+cuda: ## Build sd35-server with CUDA here, no GPU needed (pinned CUDA 13.0 wheels, cached per user)
+	@bash tools/cuda/build.sh
+
+.PHONY: bench-cpu
+bench-cpu: ## CPU benchmark: our pipeline and diffusers side by side (reference venv, THREADS=2)
+	$(CARGO) build --locked -q --release -p sd35-server
+	"$${SD35_REFERENCE_PYTHON:-$$HOME/.cache/sd35-reference/bin/python}" inference/reference/benchmark.py \
+	  --threads $${THREADS:-2}
+
+.PHONY: bench-kernels
+bench-kernels: ## CPU kernels side by side: sgemm, fused vs unfused attention (THREADS=2)
+	RAYON_NUM_THREADS=$${THREADS:-2} $(CARGO) bench --locked -q -p sd35-pipeline --bench cpu_kernels
+
+.PHONY: device-bench
+device-bench: ## Prepare target/cuda/ for the GPU benchmark; on the GPU machine run tools/device-bench.sh
+	bash tools/device-bench.sh --prepare
+
 .PHONY: demo-stop
 demo-stop: ## Stop the demo operator and cluster
 	state="$$(dirname "$$(./target/debug/sd35-localcluster kubeconfig)")"; \
