@@ -9,7 +9,7 @@ DOCKER ?= docker
 REGISTRY ?= ghcr.io/sd35-operator
 VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
 # GPU generation the server's CUDA kernels are compiled for (see inference/server/Dockerfile).
-CUDA_COMPUTE_CAP ?= 89
+CUDA_COMPUTE_CAP ?= 80
 # Where the control plane binaries live (built once per version into a per-user cache).
 CONTROLPLANE_BIN = $(shell bash tests/controlplane/build.sh)
 
@@ -38,7 +38,7 @@ e2e: ## End-to-end tests on a real local control plane with kwok GPU nodes
 	  SD35_SERVER_BIN="$$PWD/target/debug/sd35-server" $(CARGO) test --locked -p sd35-e2e
 
 .PHONY: test
-test: controlplane lint unit e2e ## Everything CI runs
+test: controlplane lint unit e2e cuda ## Everything CI runs (cuda: the CUDA build, checked without a GPU)
 
 .PHONY: crds
 crds: ## Regenerate the CRD YAML (crds/, the chart) and docs/api.md from the Rust types
