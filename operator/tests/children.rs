@@ -369,6 +369,31 @@ fn a_pod_without_gpus_runs_on_its_cpu_and_a_custom_repository_is_a_served_name()
 }
 
 #[test]
+fn engine_never_serves_the_cache_in_the_asked_precision_not_a_silent_f32() {
+    let obj: SD35Deployment = serde_yaml::from_str(
+        "apiVersion: sd35.io/v1alpha1\nkind: SD35Deployment\nmetadata: {name: direct, namespace: ns, uid: u2}\n\
+         spec: {variant: large, precision: fp8, engine: {build: Never}}\n",
+    )
+    .unwrap();
+    let (r, owner) = resolved(&obj);
+    assert_eq!(r.engine_key, None);
+    let d = build::deployment(
+        &r,
+        &OperatorConfig::default(),
+        &owner,
+        &ServingTarget::desired(&r),
+    );
+    let c = &d.spec.unwrap().template.spec.unwrap().containers[0];
+    match parse(c.command.as_ref().unwrap(), c.args.as_ref().unwrap()) {
+        Command::Serve(s) => {
+            assert_eq!(s.engine, None);
+            assert_eq!(s.precision, Some(sd35_contract::Precision::Fp8));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
 fn the_serving_target_round_trips_through_the_pod_template() {
     let obj = example("large-fp8.yaml");
     let (r, owner) = resolved(&obj);

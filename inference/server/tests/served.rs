@@ -291,6 +291,25 @@ fn the_model_names_clients_send_are_served_by_the_official_openai_client() {
     );
 }
 
+#[test]
+fn a_model_served_in_fp8_without_an_engine_is_quantised_at_start_up_and_says_so() {
+    let s = Server::start(
+        "sd35-tiny-large",
+        &["--variant=large", "--precision=fp8", "--no-warmup"],
+    );
+    let models = client::get(s.addr, "/v1/models").unwrap().json();
+    let m = &models["data"][0];
+    assert_eq!(
+        (m["precision"].as_str(), m["engine_key"].as_str()),
+        (Some("fp8"), None)
+    );
+    let warnings = m["warnings"].to_string();
+    assert!(
+        warnings.contains("quantised to fp8 at start-up"),
+        "{warnings}"
+    );
+}
+
 /// Runs `serve` expecting it to fail at start-up; returns its exit code and termination
 /// message.
 fn failed_start(model: &Path, flags: &[&str]) -> (Option<i32>, String) {
