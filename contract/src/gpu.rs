@@ -128,7 +128,7 @@ impl ComputeCapability {
             let hit = if name.contains('-') {
                 joined.contains(&name)
             } else {
-                words.iter().any(|w| *w == name)
+                words.contains(&name)
             };
             hit.then_some(Self { major, minor })
         })
