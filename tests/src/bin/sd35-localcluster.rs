@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use sd35_e2e::localcluster;
+use sd35_e2e::{Images, localcluster, node};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -42,6 +42,14 @@ enum Commands {
         /// How many fake GPU nodes (eight nvidia.com/gpu each) to create.
         #[arg(long, default_value_t = 4)]
         gpu_nodes: usize,
+        /// Also run the real node `real-0` (kubelet, containerd, kube-proxy; needs root) with
+        /// the images `make images` built.
+        #[arg(long)]
+        real_node: bool,
+        /// The directory of the image archives [default: $SD35_IMAGES_DIR, else the
+        /// repository's target/images].
+        #[arg(long, requires = "real_node")]
+        images: Option<PathBuf>,
     },
     /// Stop the cluster and remove its state directory.
     Stop {
@@ -55,6 +63,18 @@ enum Commands {
     },
     /// Print the path of the cluster's kubeconfig.
     Kubeconfig {
+        #[command(flatten)]
+        state: StateDir,
+    },
+    /// Hold the real node's namespaces (started by the cluster, inside them).
+    #[command(hide = true)]
+    NodeNamespace {
+        #[command(flatten)]
+        state: StateDir,
+    },
+    /// Undo what a real node left on the host: its shims and containers, cgroups, link
+    /// and kernel settings (run by `stop` and by the test clusters' janitor).
+    NodeTeardown {
         #[command(flatten)]
         state: StateDir,
     },
@@ -82,9 +102,21 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<bool> {
     match cli.command {
-        Commands::Start { state, gpu_nodes } => {
-            localcluster::start(&state.resolve()?, gpu_nodes)?;
+        Commands::Start {
+            state,
+            gpu_nodes,
+            real_node,
+            images,
+        } => {
+            let images = match (real_node, images) {
+                (false, _) => None,
+                (true, Some(dir)) => Some(Images::in_dir(&dir)?),
+                (true, None) => Some(Images::locate()?),
+            };
+            localcluster::start(&state.resolve()?, gpu_nodes, images)?;
         }
+        Commands::NodeNamespace { state: _ } => node::hold_namespaces(),
+        Commands::NodeTeardown { state } => node::teardown(&state.resolve()?)?,
         Commands::Stop { state } => localcluster::stop(&state.resolve()?)?,
         Commands::Status { state } => return localcluster::status(&state.resolve()?),
         Commands::Kubeconfig { state } => {
