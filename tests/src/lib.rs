@@ -47,7 +47,7 @@ pub use operator::{
 };
 pub use process::{Lifetime, runs_for_state_dir};
 pub use sd35::{condition, has_condition, summary, wait_for, wait_ready};
-pub use shared::{shared_cluster, shared_real_node_cluster};
+pub use shared::{shared_cluster, shared_real_node_cluster, skip_without_real_node};
 pub use storage::DEFAULT_STORAGE_CLASS;
 pub use supervisor::KEEP_STATE_ENV;
 pub use wait::{Probe, poll_until};

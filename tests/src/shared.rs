@@ -37,15 +37,7 @@ pub fn shared_cluster() -> &'static Cluster {
 /// on a machine that cannot run a real node.
 pub fn shared_real_node_cluster() -> Option<&'static Cluster> {
     static SHARED: OnceLock<Result<Cluster, String>> = OnceLock::new();
-    if let Some(reason) = node::unsupported_reason() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true, and the real-node tests cannot run here: {reason}"
-        );
-        let _ = writeln!(
-            std::io::stderr(),
-            "sd35-e2e: skipping a real-node test: {reason}"
-        );
+    if skip_without_real_node() {
         return None;
     }
     let started = SHARED.get_or_init(|| {
@@ -62,4 +54,24 @@ pub fn shared_real_node_cluster() -> Option<&'static Cluster> {
         Ok(cluster) => Some(cluster),
         Err(message) => panic!("the shared real-node cluster did not start: {message}"),
     }
+}
+
+/// Whether a real-node test must skip on this machine (it cannot run a real node: not root);
+/// says why on stderr.
+///
+/// # Panics
+/// Under `CI=true` instead of skipping, so CI never skips the real-node tests.
+pub fn skip_without_real_node() -> bool {
+    let Some(reason) = node::unsupported_reason() else {
+        return false;
+    };
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true, and the real-node tests cannot run here: {reason}"
+    );
+    let _ = writeln!(
+        std::io::stderr(),
+        "sd35-e2e: skipping a real-node test: {reason}"
+    );
+    true
 }

@@ -295,6 +295,21 @@ pub(crate) fn remove_host_link(timeout: Duration) -> Result<()> {
     Ok(())
 }
 
+/// Drops the host's connection-tracking entries of the node's addresses (the host's side of
+/// its conversations with pods and Services), best effort: `conntrack` exits non-zero when
+/// there is nothing to drop.
+pub(crate) fn forget_connections() {
+    for range in ["10.201.0.0/16", crate::components::SERVICE_CLUSTER_IP_RANGE] {
+        for direction in ["--orig-src", "--orig-dst"] {
+            let _ = Command::new("conntrack")
+                .args(["--delete", direction, range])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
 /// A picture of everything on the host a real node could change, for before/after
 /// comparisons.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -445,6 +445,7 @@ pub fn teardown(state_dir: &Path) -> Result<()> {
     if let Err(error) = host::remove_host_link(Duration::from_secs(5)) {
         problems.push(format!("{error:#}"));
     }
+    host::forget_connections();
     match host::restore_sysctls(&layout.node_path("host-sysctls")) {
         Ok(_) => {}
         Err(error) => problems.push(format!("{error:#}")),
