@@ -119,7 +119,12 @@ else
   [ -f "$ca" ] && build_args+=(--secret "id=ca-bundle,src=$ca")
 fi
 
-bud() { buildah bud --quiet --layers --network=host --timestamp 0 "$@" >/dev/null; }
+# Build steps never get a network of their own: buildah's would add a bridge, firewall rules
+# and forwarding to the host. Only the container build's cargo needs the registry, through
+# the host's network.
+network=none
+[ "$build" = container ] && network=host
+bud() { buildah bud --quiet --layers --network="$network" --timestamp 0 "$@" >/dev/null; }
 
 log "building $pause_image"
 mkdir -p "$work/pause"
@@ -138,7 +143,7 @@ bud "${build_args[@]}" --target cpu -f "$root/inference/server/Dockerfile" -t "$
 for check in "$operator_image sd35-operator" "$server_image sd35-server"; do
   set -- $check
   container=$(buildah from --quiet "$1")
-  if ! buildah run "$container" -- "/usr/local/bin/$2" --version >/dev/null; then
+  if ! buildah run --network=none "$container" -- "/usr/local/bin/$2" --version >/dev/null; then
     buildah rm "$container" >/dev/null
     echo "$2 does not run in $1: build on Debian $suite or use --build container" >&2
     exit 1

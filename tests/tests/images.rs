@@ -1,10 +1,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic on purpose
 
-//! The container images, checked without a Docker engine: every path a Dockerfile copies
-//! from the build context exists and survives `.dockerignore`; every path copied from a
-//! build stage is what that stage's `cargo build` produces, for a package, binary and
-//! features the workspace has; nothing cargo needs to build is ignored; the images run as
-//! an unprivileged user an executable that they contain; `make images` builds both.
+//! The container images. Their Dockerfiles, without building: every path a Dockerfile copies
+//! from the build context exists (or, for the `BUILD=host` stages, is a binary cargo builds
+//! into `target/<profile>/`) and survives `.dockerignore`; every path copied from a build
+//! stage is what that stage's `cargo build` produces, for a package, binary and features the
+//! workspace has; nothing cargo needs to build is ignored; every image stage runs as an
+//! unprivileged user an executable that it contains; `make images` builds both. And the
+//! images `make images` built (the archives the real node imports): non-root, their binary as
+//! entrypoint.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -243,14 +246,29 @@ fn nothing_cargo_needs_is_ignored_by_dockerignore() {
         ignored.is_empty(),
         ".dockerignore leaves out what the image build needs: {ignored:?}"
     );
-    // And it does keep the big things out.
+    // And it does keep the big things out, all but the binaries the host stages copy.
     for heavy in [
-        "target/debug/sd35-operator",
+        "target/debug/deps/libsd35_operator.rlib",
+        "target/release/build/x",
+        "target/debug/sd35-operator.d",
         ".git/HEAD",
         "inference/testdata/golden",
     ] {
         assert!(ignore.is_ignored(heavy), ".dockerignore sends {heavy}");
     }
+    for binary in ["target/release/sd35-operator", "target/debug/sd35-server"] {
+        assert!(
+            !ignore.is_ignored(binary),
+            ".dockerignore leaves out {binary}"
+        );
+    }
+}
+
+/// The default of `ARG name=value` in the Dockerfile's stages or before the first.
+fn arg_default(text: &str, name: &str) -> Option<String> {
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("ARG "))
+        .find_map(|arg| arg.strip_prefix(&format!("{name}=")).map(str::to_owned))
 }
 
 #[test]
@@ -282,6 +300,31 @@ fn every_copied_path_exists_or_is_built() {
                 let (flags, words) = copy_parts(&copy.rest);
                 let (sources, _dest) = words.split_at(words.len() - 1);
                 match flags.get("from") {
+                    None if stage.name.as_deref() == Some("build-host") => {
+                        // target/${PROFILE}/<binary>: what `cargo build` writes.
+                        for source in sources {
+                            let binary = source
+                                .strip_prefix("target/${PROFILE}/")
+                                .unwrap_or_else(|| {
+                                    panic!("{dockerfile}: the host stage copies {source}, not a target/${{PROFILE}}/ binary")
+                                });
+                            assert!(
+                                packages.values().any(|p| p["targets"]
+                                    .as_array()
+                                    .unwrap()
+                                    .iter()
+                                    .any(|t| t["name"] == binary)),
+                                "{dockerfile}: no workspace binary {binary}"
+                            );
+                            for profile in ["debug", "release"] {
+                                let path = format!("target/{profile}/{binary}");
+                                assert!(
+                                    !ignore.is_ignored(&path),
+                                    "{dockerfile}: {path} is in .dockerignore"
+                                );
+                            }
+                        }
+                    }
                     None => {
                         for source in sources {
                             let path = source.trim_start_matches("./");
@@ -304,8 +347,50 @@ fn every_copied_path_exists_or_is_built() {
                             .unwrap_or_else(|| {
                                 panic!("{dockerfile}: COPY --from={from}: no earlier stage {from}")
                             });
-                        for source in sources {
-                            assert_built(dockerfile, producer, source, &packages);
+                        // `FROM build-${BUILD} AS build` picks one of the stages it names.
+                        let producers: Vec<&Stage> = match producer.base.strip_suffix("${BUILD}") {
+                            Some(prefix) => stages[..index]
+                                .iter()
+                                .filter(|s| {
+                                    s.name
+                                        .as_deref()
+                                        .is_some_and(|n| n.starts_with(prefix) && n != from)
+                                })
+                                .collect(),
+                            None => vec![producer],
+                        };
+                        assert!(
+                            producers.len() >= 2 || producer.base == producers[0].base,
+                            "{dockerfile}: {from} picks from no stages"
+                        );
+                        let default_build = arg_default(&text, "BUILD").unwrap_or_default();
+                        if producer.base.ends_with("${BUILD}") {
+                            assert!(
+                                producers.iter().any(|p| p.name.as_deref()
+                                    == Some(&format!("build-{default_build}"))),
+                                "{dockerfile}: the default BUILD={default_build} names no stage"
+                            );
+                        }
+                        for producer in producers {
+                            let host_copy = !producer
+                                .instructions
+                                .iter()
+                                .any(|i| i.keyword == "RUN" && i.rest.contains("cargo build"));
+                            for source in sources {
+                                if host_copy {
+                                    let copies = producer.instructions.iter().any(|i| {
+                                        i.keyword == "COPY"
+                                            && copy_parts(&i.rest).1.last() == Some(source)
+                                    });
+                                    assert!(
+                                        copies,
+                                        "{dockerfile}: stage {:?} does not provide {source}",
+                                        producer.name
+                                    );
+                                } else {
+                                    assert_built(dockerfile, producer, source, &packages);
+                                }
+                            }
                         }
                     }
                 }
@@ -377,49 +462,76 @@ fn images_run_their_binary_as_an_unprivileged_user() {
     for dockerfile in DOCKERFILES {
         let text = std::fs::read_to_string(root.join(dockerfile)).unwrap();
         let stages = parse(&text);
-        let last = stages.last().unwrap();
-        let user = last
-            .instructions
+        // Every stage with an entrypoint is an image a target builds: the CPU and CUDA
+        // flavours of the server, the operator.
+        let images: Vec<&Stage> = stages
             .iter()
-            .rfind(|i| i.keyword == "USER")
-            .unwrap_or_else(|| panic!("{dockerfile}: the image runs as root (no USER)"));
-        let uid = user.rest.split(':').next().unwrap();
+            .filter(|s| s.instructions.iter().any(|i| i.keyword == "ENTRYPOINT"))
+            .collect();
+        assert!(!images.is_empty(), "{dockerfile}: no image stage");
         assert!(
-            uid.parse::<u32>().is_ok_and(|u| u != 0),
-            "{dockerfile}: USER {} must be a numeric non-root uid (runAsNonRoot checks it)",
-            user.rest
+            std::ptr::eq(*images.last().unwrap(), stages.last().unwrap()),
+            "{dockerfile}: the default target (the last stage) is not an image"
         );
-        let entrypoint = last
-            .instructions
-            .iter()
-            .rfind(|i| i.keyword == "ENTRYPOINT")
-            .unwrap_or_else(|| panic!("{dockerfile}: no ENTRYPOINT"));
-        let exec: Vec<String> = serde_json::from_str(&entrypoint.rest)
-            .unwrap_or_else(|_| panic!("{dockerfile}: ENTRYPOINT must be in exec (JSON) form"));
-        let copied = last
-            .instructions
-            .iter()
-            .any(|i| i.keyword == "COPY" && copy_parts(&i.rest).1.last() == Some(&exec[0]));
-        assert!(
-            copied,
-            "{dockerfile}: ENTRYPOINT {} is not copied into the image",
-            exec[0]
-        );
+        for image in images {
+            let user = image
+                .instructions
+                .iter()
+                .rfind(|i| i.keyword == "USER")
+                .unwrap_or_else(|| panic!("{dockerfile}: {:?} runs as root (no USER)", image.name));
+            let uid = user.rest.split(':').next().unwrap();
+            assert!(
+                uid.parse::<u32>().is_ok_and(|u| u != 0),
+                "{dockerfile}: USER {} must be a numeric non-root uid (runAsNonRoot checks it)",
+                user.rest
+            );
+            let entrypoint = image
+                .instructions
+                .iter()
+                .rfind(|i| i.keyword == "ENTRYPOINT")
+                .unwrap();
+            let exec: Vec<String> = serde_json::from_str(&entrypoint.rest)
+                .unwrap_or_else(|_| panic!("{dockerfile}: ENTRYPOINT must be in exec (JSON) form"));
+            let copied = image
+                .instructions
+                .iter()
+                .any(|i| i.keyword == "COPY" && copy_parts(&i.rest).1.last() == Some(&exec[0]));
+            assert!(
+                copied,
+                "{dockerfile}: ENTRYPOINT {} is not copied into the image",
+                exec[0]
+            );
+        }
     }
     // The operator's pods run `sd35-server` by name: it must be on the PATH of the server
     // image.
     let server = std::fs::read_to_string(root.join("inference/server/Dockerfile")).unwrap();
     assert!(server.contains("/usr/local/bin/sd35-server"));
-    let operator = parse(&std::fs::read_to_string(root.join("operator/Dockerfile")).unwrap());
+    let stages = parse(&server);
+    let cpu = stages
+        .iter()
+        .find(|s| s.name.as_deref() == Some("cpu"))
+        .expect("a cpu target");
+    assert_eq!(cpu.base, "${RUNTIME_IMAGE}");
+    assert!(stages.last().unwrap().base.contains("CUDA_RUNTIME_IMAGE"));
     assert!(
-        operator.last().unwrap().base.contains("static"),
-        "the operator image is a static binary on a static base"
+        arg_default(&server, "CUDA_RUNTIME_IMAGE")
+            .unwrap()
+            .contains("-runtime-")
     );
-    assert!(parse(&server).last().unwrap().base.contains("-runtime-"));
+    // Without a registry's image, the runtime base is distroless: glibc, no shell, nonroot.
+    for dockerfile in DOCKERFILES {
+        let text = std::fs::read_to_string(root.join(dockerfile)).unwrap();
+        let runtime = arg_default(&text, "RUNTIME_IMAGE").unwrap();
+        assert!(
+            runtime.contains("distroless/cc") && runtime.ends_with(":nonroot"),
+            "{dockerfile}: {runtime}"
+        );
+    }
 }
 
 #[test]
-fn make_images_builds_both_dockerfiles() {
+fn make_images_builds_both_dockerfiles_with_buildah() {
     let makefile = std::fs::read_to_string(repo_root().join("Makefile")).unwrap();
     let target = makefile
         .split("\nimages:")
@@ -431,11 +543,67 @@ fn make_images_builds_both_dockerfiles() {
         .take_while(|l| l.starts_with('\t') || l.is_empty())
         .collect::<Vec<_>>()
         .join("\n");
+    assert!(
+        recipe.contains("images/build.sh"),
+        "make images does not run images/build.sh"
+    );
+    let script = std::fs::read_to_string(repo_root().join("images/build.sh")).unwrap();
+    assert!(script.contains("buildah bud"));
     for dockerfile in DOCKERFILES {
         assert!(
-            recipe.contains(&format!("-f {dockerfile}")),
-            "make images does not build {dockerfile}"
+            script.contains(&format!("-f \"$root/{dockerfile}\"")),
+            "images/build.sh does not build {dockerfile}"
         );
+    }
+    assert!(
+        script.contains("--target cpu"),
+        "images/build.sh builds no CPU server image"
+    );
+}
+
+/// The config of the image in a `docker-archive` tarball (its manifest names the config).
+fn archive_config(archive: &Path) -> Value {
+    let read = |member: &str| {
+        let out = Command::new("tar")
+            .arg("-xOf")
+            .arg(archive)
+            .arg(member)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tar {}: {}",
+            archive.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let manifest: Value = serde_json::from_slice(&read("manifest.json")).unwrap();
+    let config = manifest[0]["Config"].as_str().unwrap().to_owned();
+    serde_json::from_slice(&read(&config)).unwrap()
+}
+
+#[test]
+fn the_built_images_run_as_nonroot_their_own_binary() {
+    let images = match sd35_e2e::Images::locate() {
+        Ok(images) => images,
+        Err(error) if std::env::var("CI").as_deref() != Ok("true") => {
+            eprintln!("skipping: {error:#}");
+            return;
+        }
+        Err(error) => panic!("{error:#}"),
+    };
+    for (archive, binary) in [
+        ("sd35-operator", "/usr/local/bin/sd35-operator"),
+        ("sd35-server-cpu", "/usr/local/bin/sd35-server"),
+        ("pause", "/pause"),
+    ] {
+        let config = archive_config(&images.dir.join(format!("{archive}.tar")));
+        let user = config["config"]["User"].as_str().unwrap_or_default();
+        let uid: u32 = user.split(':').next().unwrap().parse().unwrap_or(0);
+        assert!(uid != 0, "{archive} runs as {user:?}");
+        assert_eq!(config["config"]["Entrypoint"][0], binary, "{archive}");
+        assert_eq!(config["os"], "linux");
     }
 }
 

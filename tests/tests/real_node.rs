@@ -107,10 +107,8 @@ fn operator_installed(cluster: &'static Cluster) {
             .args(["--set", &format!("image.tag={operator_tag}")])
             .args(["--set", &format!("serverImage.repository={server_repo}")])
             .args(["--set", &format!("serverImage.tag={server_tag}")])
-            .args([
-                "--set",
-                &format!("nodeSelector.kubernetes\\.io/hostname={REAL_NODE_NAME}"),
-            ])
+            .arg("--values")
+            .arg(repo_root().join("charts/sd35-operator/ci/local-node-values.yaml"))
             .args(["--set", "logLevel=info\\,sd35_operator=debug"])
             .output()
             .unwrap();
@@ -180,6 +178,8 @@ spec:
   scheduling:
     nodeSelector:
       kubernetes.io/hostname: {node}
+    tolerations:
+      - {{key: sd35.io/real-node, operator: Exists, effect: NoSchedule}}
 {extra}"#,
         url = mirror.url(),
         node = REAL_NODE_NAME,
@@ -460,7 +460,7 @@ async fn the_chart_runs_the_operator_as_a_pod_in_a_restricted_namespace() {
 
     // The namespace really enforces `restricted`: a pod asking for root is refused.
     let privileged = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: root-probe}}\nspec:\n  nodeSelector: {{kubernetes.io/hostname: {REAL_NODE_NAME}}}\n  containers: [{{name: c, image: '{}', securityContext: {{runAsUser: 0}}}}]\n",
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: root-probe}}\nspec:\n  nodeSelector: {{kubernetes.io/hostname: {REAL_NODE_NAME}}}\n  tolerations: [{{operator: Exists}}]\n  containers: [{{name: c, image: '{}', securityContext: {{runAsUser: 0}}}}]\n",
         images.server
     );
     let out = kubectl_apply(cluster, OPERATOR_NAMESPACE, &privileged).unwrap();

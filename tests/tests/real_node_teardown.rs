@@ -32,6 +32,7 @@ metadata:
   name: busy
 spec:
   nodeSelector: {{kubernetes.io/hostname: {REAL_NODE_NAME}}}
+  tolerations: [{{operator: Exists}}]
   securityContext: {{runAsNonRoot: true, runAsUser: 65532, seccompProfile: {{type: RuntimeDefault}}}}
   containers:
     - name: pause

@@ -78,6 +78,20 @@ enum Commands {
         #[command(flatten)]
         state: StateDir,
     },
+    /// Serve a model directory as an `http` model source (its files plus sha256sums.txt),
+    /// for pods on the real node: prints `serving <url>` once it listens.
+    Mirror {
+        /// The model directory to serve.
+        #[arg(long)]
+        model: PathBuf,
+        /// Where the mirror's copy (with its sha256sums.txt) is written.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The address to listen on (port 0 picks one) [default: the host end of the real
+        /// node's link].
+        #[arg(long, default_value_t = std::net::SocketAddr::from((sd35_e2e::HOST_ADDRESS, 0)))]
+        listen: std::net::SocketAddr,
+    },
     /// Run the volume provisioner of the default StorageClass (started by the cluster).
     Provision {
         /// The kubeconfig to act with.
@@ -124,6 +138,15 @@ fn run(cli: Cli) -> Result<bool> {
                 "{}",
                 localcluster::kubeconfig_path(&state.resolve()?)?.display()
             );
+        }
+        Commands::Mirror { model, dir, listen } => {
+            sd35_e2e::mirror::write_mirror(&model, &dir)?;
+            tokio::runtime::Runtime::new()?.block_on(async {
+                let mirror = sd35_e2e::mirror::ModelMirror::serve(&dir, listen, None).await?;
+                println!("serving {}", mirror.url());
+                tokio::signal::ctrl_c().await?;
+                anyhow::Ok(())
+            })?;
         }
         Commands::Provision { kubeconfig, root } => {
             tracing_subscriber::fmt()

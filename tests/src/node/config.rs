@@ -21,6 +21,10 @@ pub(crate) const KUBELET_PORT: u16 = 10250;
 /// and friends).
 pub(crate) const NODE_LABELS: &str = "sd35.io/node=real,node.kubernetes.io/instance-type=local";
 
+/// The taint the real node registers with: only pods that tolerate it run there, so the
+/// GPU examples' Jobs stay on the kwok nodes (where they "succeed" without running).
+pub const REAL_NODE_TAINT: &str = "sd35.io/real-node=true:NoSchedule";
+
 /// What the node's files and command lines are made from.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct NodeInputs<'a> {
@@ -282,6 +286,7 @@ pub(crate) fn kubelet(inputs: NodeInputs<'_>) -> ProcessSpec {
             flag("hostname-override", REAL_NODE_NAME),
             flag("node-ip", NODE_ADDRESS.to_string()),
             flag("node-labels", NODE_LABELS),
+            flag("register-with-taints", REAL_NODE_TAINT),
         ],
     )
 }

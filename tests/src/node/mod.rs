@@ -30,6 +30,7 @@ use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 
+pub use config::REAL_NODE_TAINT;
 pub use host::HostState;
 
 use crate::layout::Layout;
