@@ -371,6 +371,7 @@ pub(crate) async fn start(
         config::kube_proxy_yaml(layout),
     )?;
 
+    let started = std::time::Instant::now();
     supervisor.launch(&config::containerd(inputs))?;
     let health = || supervisor.check_running();
     let socket = layout.containerd_socket();
@@ -386,7 +387,9 @@ pub(crate) async fn start(
         let path = archive.display().to_string();
         ctr(&socket, &["images", "import", &path]).with_context(|| format!("importing {path}"))?;
     }
+    let imported = started.elapsed();
     supervisor.launch(&config::kubelet(inputs))?;
+    let kubelet_started = std::time::Instant::now();
     supervisor.launch(&config::kube_proxy(inputs))?;
     let nodes: Api<Node> = Api::all(client.clone());
     poll_while_healthy(
@@ -401,7 +404,19 @@ pub(crate) async fn start(
             })
         },
     )
-    .await
+    .await?;
+    // Straight to stderr rather than through eprintln!, which the test harness captures.
+    let _ = std::io::Write::write_fmt(
+        &mut std::io::stderr(),
+        format_args!(
+            "sd35-e2e: node {REAL_NODE_NAME} Ready {:.1}s after its kubelet started \
+             (containerd up and {} images imported in {:.1}s)\n",
+            kubelet_started.elapsed().as_secs_f64(),
+            images.archives().len(),
+            imported.as_secs_f64()
+        ),
+    );
+    Ok(())
 }
 
 /// `ctr --address <socket> -n k8s.io args...`.
