@@ -145,6 +145,10 @@ pub fn deployment(
         "startupProbe": probe("/readyz", 10, (config.startup_seconds / 10).max(1)),
         "readinessProbe": probe("/readyz", 5, 2),
         "livenessProbe": probe("/healthz", 10, 3),
+        // The Service's endpoints (and kube-proxy's rules) drop a deleted pod a moment after
+        // its kubelet learns of the deletion: keep accepting for that moment before SIGTERM,
+        // so a rollout never sends a new request to a closed port.
+        "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
     });
     if let Some(policy) = s.image_pull_policy {
         container["imagePullPolicy"] = json!(policy);
