@@ -474,6 +474,69 @@ async fn the_chart_runs_the_operator_as_a_pod_in_a_restricted_namespace() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // Only the chart's RBAC: every binding of the operator's ServiceAccount is the release's.
+    let account = spec.service_account_name.clone().unwrap();
+    let is_operator = |subjects: &Option<Vec<k8s_openapi::api::rbac::v1::Subject>>| {
+        subjects.iter().flatten().any(|subject| {
+            subject.kind == "ServiceAccount"
+                && subject.name == account
+                && subject.namespace.as_deref() == Some(OPERATOR_NAMESPACE)
+        })
+    };
+    let release_of = |meta: &kube::api::ObjectMeta| {
+        meta.annotations
+            .as_ref()
+            .and_then(|annotations| annotations.get("meta.helm.sh/release-name"))
+            .cloned()
+    };
+    let cluster_bindings: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> =
+        Api::all(client.clone());
+    let mut bindings = 0;
+    for binding in cluster_bindings.list(&ListParams::default()).await.unwrap() {
+        if is_operator(&binding.subjects) {
+            assert_eq!(
+                release_of(&binding.metadata).as_deref(),
+                Some("sd35"),
+                "{:?}",
+                binding.metadata.name
+            );
+            bindings += 1;
+        }
+    }
+    let role_bindings: Api<k8s_openapi::api::rbac::v1::RoleBinding> = Api::all(client.clone());
+    for binding in role_bindings.list(&ListParams::default()).await.unwrap() {
+        if is_operator(&binding.subjects) {
+            assert_eq!(
+                release_of(&binding.metadata).as_deref(),
+                Some("sd35"),
+                "{:?}",
+                binding.metadata.name
+            );
+            bindings += 1;
+        }
+    }
+    assert!(
+        bindings > 0,
+        "the operator's ServiceAccount is bound to nothing"
+    );
+
+    // real-0 keeps other workloads off with its taint; the chart's values tolerate it.
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let taints = nodes
+        .get(REAL_NODE_NAME)
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .taints
+        .unwrap_or_default();
+    assert!(
+        taints
+            .iter()
+            .any(|taint| taint.key == "sd35.io/real-node" && taint.effect == "NoSchedule"),
+        "{taints:?}"
+    );
+
     // The operator is ready and serves its metrics from inside the pod network: the kubelet's
     // readiness probe reached it, and its leader election (if any) and watches work with
     // nothing but the chart's RBAC.

@@ -88,6 +88,8 @@ async fn a_dropped_cluster_restores_the_host() {
     }
     let _one = ONE_NODE.lock().await;
     let images = Images::locate().unwrap();
+    // The previous test binary's real node may still be on its way out.
+    sd35_e2e::node::wait_for_no_real_node(Duration::from_secs(60)).unwrap();
     let before = HostState::capture();
     let cluster = Cluster::start(ClusterOptions {
         gpu_nodes: 0,
@@ -131,6 +133,7 @@ async fn a_crashed_cluster_is_cleaned_up_by_stop() {
     let _one = ONE_NODE.lock().await;
     let images = Images::locate().unwrap();
     let state_dir = std::env::temp_dir().join(format!("sd35-crash-{}", std::process::id()));
+    sd35_e2e::node::wait_for_no_real_node(Duration::from_secs(60)).unwrap();
     let before = HostState::capture();
     let out = localcluster(&["start", "--real-node", "--gpu-nodes", "0"], &state_dir);
     assert!(

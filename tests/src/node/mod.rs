@@ -16,7 +16,9 @@
 //! outlive their parents (containerd's shims and their containers). [`HostState`] lets a
 //! test check that the host is as it was.
 //!
-//! One real node runs on a machine at a time: the host link's name is its lock.
+//! One real node runs on a machine at a time: `/run/sd35-real-node` names the state directory
+//! of the one that has the machine, from before it changes anything until its teardown is
+//! done; the next one waits for it (a test binary's janitor may still be tearing one down).
 
 pub(crate) mod config;
 mod host;
@@ -201,12 +203,6 @@ pub(crate) fn check_host(layout: &Layout) -> Result<PathBuf> {
             packages.join(" ")
         );
     }
-    if host::host_link_exists() {
-        bail!(
-            "another real node runs on this machine (the host link {HOST_LINK} exists); stop \
-             it first (`make demo-stop` or `sd35-localcluster stop`)"
-        );
-    }
     for dir in PRIVATE_DIRS {
         ensure!(
             !layout.root().starts_with(dir),
@@ -214,7 +210,72 @@ pub(crate) fn check_host(layout: &Layout) -> Result<PathBuf> {
             layout.root().display()
         );
     }
+    take_machine_lock(layout)?;
     cni.context("no CNI plugins")
+}
+
+/// The record of the machine's one real node: its state directory, from before the node
+/// changes anything until its teardown has undone everything.
+const MACHINE_LOCK: &str = "/run/sd35-real-node";
+
+/// The state directory of the real node that has this machine, if one has.
+fn machine_lock_holder() -> Option<PathBuf> {
+    std::fs::read_to_string(MACHINE_LOCK)
+        .ok()
+        .map(|dir| PathBuf::from(dir.trim()))
+}
+
+/// Waits until no real node has the machine (one being torn down, say by the janitor of a
+/// test binary that just ended), up to `timeout`; fails naming the one that still has it.
+pub fn wait_for_no_real_node(timeout: Duration) -> Result<()> {
+    let started = std::time::Instant::now();
+    while let Some(holder) = machine_lock_holder() {
+        if started.elapsed() >= timeout {
+            bail!(
+                "another real node has this machine (its state is in {}); stop it first \
+                 (`make demo-stop`, or `sd35-localcluster stop --state-dir {0}`)",
+                holder.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if host::host_link_exists() {
+        bail!(
+            "the host link {HOST_LINK} of a real node exists, but no node claims it; `ip link delete {HOST_LINK}`"
+        );
+    }
+    Ok(())
+}
+
+fn release_machine_lock(state_dir: &Path) -> Result<()> {
+    let state_dir = state_dir
+        .canonicalize()
+        .unwrap_or_else(|_| state_dir.to_path_buf());
+    if machine_lock_holder().as_deref() == Some(state_dir.as_path()) {
+        std::fs::remove_file(MACHINE_LOCK).with_context(|| format!("removing {MACHINE_LOCK}"))?;
+    }
+    Ok(())
+}
+
+fn take_machine_lock(layout: &Layout) -> Result<()> {
+    loop {
+        wait_for_no_real_node(Duration::from_secs(60))?;
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(MACHINE_LOCK)
+        {
+            Ok(mut file) => {
+                std::io::Write::write_all(
+                    &mut file,
+                    layout.root().display().to_string().as_bytes(),
+                )?;
+                return Ok(());
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(error) => return Err(error).with_context(|| format!("creating {MACHINE_LOCK}")),
+        }
+    }
 }
 
 /// Runs a command to completion, failing with its output.
@@ -449,6 +510,8 @@ pub fn has_node(state_dir: &Path) -> bool {
 pub fn teardown(state_dir: &Path) -> Result<()> {
     let layout = Layout::new(state_dir.to_path_buf());
     if !layout.node_dir().is_dir() {
+        // Nothing started; the machine may have been claimed already.
+        release_machine_lock(state_dir)?;
         return Ok(());
     }
     let mut problems = Vec::new();
@@ -467,6 +530,11 @@ pub fn teardown(state_dir: &Path) -> Result<()> {
         Err(error) => problems.push(format!("{error:#}")),
     }
     if problems.is_empty() {
+        // The machine is free for the next real node only once everything is undone.
+        if machine_lock_holder().as_deref() == Some(state_dir) {
+            std::fs::remove_file(MACHINE_LOCK)
+                .with_context(|| format!("removing {MACHINE_LOCK}"))?;
+        }
         Ok(())
     } else {
         bail!("the real node's teardown left: {}", problems.join("; "))
