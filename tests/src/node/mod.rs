@@ -23,6 +23,7 @@
 pub(crate) mod config;
 mod host;
 
+use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -467,15 +468,13 @@ pub(crate) async fn start(
     )
     .await?;
     // Straight to stderr rather than through eprintln!, which the test harness captures.
-    let _ = std::io::Write::write_fmt(
-        &mut std::io::stderr(),
-        format_args!(
-            "sd35-e2e: node {REAL_NODE_NAME} Ready {:.1}s after its kubelet started \
-             (containerd up and {} images imported in {:.1}s)\n",
-            kubelet_started.elapsed().as_secs_f64(),
-            images.archives().len(),
-            imported.as_secs_f64()
-        ),
+    let _ = writeln!(
+        std::io::stderr(),
+        "sd35-e2e: node {REAL_NODE_NAME} Ready {:.1}s after its kubelet started \
+         (containerd up and {} images imported in {:.1}s)",
+        kubelet_started.elapsed().as_secs_f64(),
+        images.archives().len(),
+        imported.as_secs_f64()
     );
     Ok(())
 }
@@ -496,11 +495,6 @@ fn ctr(socket: &Path, args: &[&str]) -> Result<String> {
         String::from_utf8_lossy(&output.stderr).trim()
     );
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-/// Whether `state_dir` belongs to a cluster that has (or had) a real node.
-pub fn has_node(state_dir: &Path) -> bool {
-    Layout::new(state_dir.to_path_buf()).node_dir().is_dir()
 }
 
 /// Undoes everything the real node of the cluster in `state_dir` did to the host: kills
