@@ -29,8 +29,8 @@ lint: ## rustfmt and clippy, warnings are errors
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 .PHONY: unit
-unit: ## Tests that need no cluster: unit, snapshot and CRD drift tests
-	$(CARGO) test --locked
+unit: ## Tests that need no cluster: unit, snapshot, parity, drift and server tests
+	SD35_PYTHON="$$(bash tools/python-env.sh)" $(CARGO) test --locked
 
 .PHONY: e2e
 e2e: ## End-to-end tests on a real local control plane with kwok GPU nodes and the real node real-0

@@ -6,60 +6,10 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 
 use crate::layout::CACHE_MOUNT;
-
-/// Which SD3.5 model a command works on.
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[value(rename_all = "kebab-case")]
-pub enum ModelVariant {
-    /// 8B MMDiT.
-    Large,
-    /// 8B MMDiT distilled for 4 steps.
-    LargeTurbo,
-    /// 2.5B MMDiT-X.
-    Medium,
-}
-
-impl ModelVariant {
-    /// The flag value.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            ModelVariant::Large => "large",
-            ModelVariant::LargeTurbo => "large-turbo",
-            ModelVariant::Medium => "medium",
-        }
-    }
-
-    /// The official Hugging Face repository of the variant.
-    pub const fn official_repo(self) -> &'static str {
-        match self {
-            ModelVariant::Large => "stabilityai/stable-diffusion-3.5-large",
-            ModelVariant::LargeTurbo => "stabilityai/stable-diffusion-3.5-large-turbo",
-            ModelVariant::Medium => "stabilityai/stable-diffusion-3.5-medium",
-        }
-    }
-}
-
-/// Precision of an engine.
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum EnginePrecision {
-    /// bfloat16 weights.
-    Bf16,
-    /// F8E4M3 linear weights with scales, everything else bfloat16.
-    Fp8,
-}
-
-impl EnginePrecision {
-    /// The flag value.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            EnginePrecision::Bf16 => "bf16",
-            EnginePrecision::Fp8 => "fp8",
-        }
-    }
-}
+use crate::model::{DeviceKind, Precision, Variant};
 
 /// Where `fetch` gets the model from: exactly one of the three.
 #[derive(Args, Clone, Debug, PartialEq, Eq)]
@@ -98,7 +48,7 @@ pub struct FetchArgs {
 
     /// The variant, which decides the files a repository must provide.
     #[arg(long, env = "SD35_VARIANT")]
-    pub variant: ModelVariant,
+    pub variant: Variant,
 
     /// Root of the cache volume.
     #[arg(long, env = "SD35_CACHE_ROOT", default_value = CACHE_MOUNT)]
@@ -124,9 +74,14 @@ pub struct BuildEngineArgs {
     #[arg(long, env = "SD35_ENGINE_KEY")]
     pub engine_key: String,
 
-    /// Precision of the engine.
+    /// Precision of the engine: bf16 or fp8.
     #[arg(long, env = "SD35_PRECISION")]
-    pub precision: EnginePrecision,
+    pub precision: Precision,
+
+    /// The variant the engine serves, recorded in `engine.json` (unset: the variant the
+    /// cache was fetched as).
+    #[arg(long, env = "SD35_VARIANT")]
+    pub variant: Option<Variant>,
 }
 
 /// `sd35-server serve`: the flags the operator sets on serving pods.
@@ -139,6 +94,35 @@ pub struct ServeArgs {
     /// Prebuilt engine directory; without it the model's weights are served as they are.
     #[arg(long, env = "SD35_ENGINE")]
     pub engine: Option<PathBuf>,
+
+    /// Where the model runs: `auto` (CUDA when this binary has it and a GPU is usable, else
+    /// the CPU with a warning), `cuda` (no usable GPU is a start-up error) or `cpu`.
+    #[arg(long, env = "SD35_DEVICE", value_enum, default_value_t = DeviceKind::Auto)]
+    pub device: DeviceKind,
+
+    /// The variant served (decides the sampling defaults). With `--engine` it must match the
+    /// engine's; unset, it comes from the engine, the cache marker or the model's structure.
+    #[arg(long, env = "SD35_VARIANT")]
+    pub variant: Option<Variant>,
+
+    /// Weight precision: f32, bf16 or fp8. With `--engine` it must match the engine's; unset,
+    /// the engine's, else bf16 on CUDA and f32 on the CPU.
+    #[arg(long, env = "SD35_PRECISION")]
+    pub precision: Option<Precision>,
+
+    /// A model name clients may send as OpenAI's `model` (repeatable); `/v1/models` lists
+    /// them, the first as the primary id. Unset: the variant's default names.
+    #[arg(
+        long = "served-model-name",
+        env = "SD35_SERVED_MODEL_NAMES",
+        value_delimiter = ','
+    )]
+    pub served_model_names: Vec<String>,
+
+    /// File that receives a one-line reason when start-up fails (a container's termination
+    /// message: `/dev/termination-log` in Kubernetes).
+    #[arg(long, env = "SD35_TERMINATION_MESSAGE_PATH")]
+    pub termination_message_path: Option<PathBuf>,
 
     /// Address to listen on.
     #[arg(long, env = "SD35_HOST", default_value = "0.0.0.0")]
@@ -227,6 +211,7 @@ impl BuildEngineArgs {
         push(&mut a, "cache-key", &self.cache_key);
         push(&mut a, "engine-key", &self.engine_key);
         push(&mut a, "precision", self.precision.as_str());
+        push_opt(&mut a, "variant", self.variant.map(Variant::as_str));
         a
     }
 }
@@ -237,6 +222,17 @@ impl ServeArgs {
         let mut a = Vec::new();
         push(&mut a, "model", self.model.display());
         push_opt(&mut a, "engine", self.engine.as_ref().map(|p| p.display()));
+        push(&mut a, "device", self.device.as_str());
+        push_opt(&mut a, "variant", self.variant.map(Variant::as_str));
+        push_opt(&mut a, "precision", self.precision.map(Precision::as_str));
+        for name in &self.served_model_names {
+            push(&mut a, "served-model-name", name);
+        }
+        push_opt(
+            &mut a,
+            "termination-message-path",
+            self.termination_message_path.as_ref().map(|p| p.display()),
+        );
         push(&mut a, "host", &self.host);
         push(&mut a, "port", self.port);
         if self.no_t5 {
@@ -297,7 +293,7 @@ mod tests {
             source,
             revision: "0123abcd".into(),
             hf_endpoint: "https://hub.example:8443/mirror".into(),
-            variant: ModelVariant::LargeTurbo,
+            variant: Variant::LargeTurbo,
             cache_root: "/cache".into(),
             cache_key: "k1".into(),
         }
@@ -349,12 +345,16 @@ mod tests {
 
     #[test]
     fn build_engine_command_line_parses_back() {
-        for precision in [EnginePrecision::Bf16, EnginePrecision::Fp8] {
+        for (precision, variant) in [
+            (Precision::Bf16, Some(Variant::Medium)),
+            (Precision::Fp8, None),
+        ] {
             let args = BuildEngineArgs {
                 cache_root: "/cache".into(),
                 cache_key: "c".into(),
                 engine_key: "e".into(),
                 precision,
+                variant,
             };
             match parse("build-engine", args.to_args()) {
                 Command::BuildEngine(parsed) => assert_eq!(parsed, args),
@@ -368,6 +368,15 @@ mod tests {
         let full = ServeArgs {
             model: "/cache/models/c".into(),
             engine: Some("/cache/engines/e".into()),
+            device: DeviceKind::Cuda,
+            variant: Some(Variant::LargeTurbo),
+            precision: Some(Precision::Fp8),
+            served_model_names: vec![
+                "tiny".into(),
+                "stabilityai/stable-diffusion-3.5-large-turbo".into(),
+                "sd3.5".into(),
+            ],
+            termination_message_path: Some("/dev/termination-log".into()),
             host: "0.0.0.0".into(),
             port: 9000,
             no_t5: true,
@@ -383,6 +392,11 @@ mod tests {
         };
         let bare = ServeArgs {
             engine: None,
+            device: DeviceKind::Auto,
+            variant: None,
+            precision: None,
+            served_model_names: Vec::new(),
+            termination_message_path: None,
             no_t5: false,
             default_steps: None,
             default_guidance: None,

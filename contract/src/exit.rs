@@ -1,4 +1,4 @@
-//! Exit codes of `sd35-server fetch` and `build-engine`.
+//! Exit codes of `sd35-server fetch`, `build-engine` and `serve`.
 //!
 //! Each failure a person must act on has its own code, so the operator can name the cause in
 //! a condition reason without reading logs, and can fail a Job at once (no retries) when a
@@ -24,11 +24,16 @@ pub enum ExitReason {
     Network,
     /// The model files are not a layout the server understands, or an engine is corrupt.
     InvalidModel,
+    /// `serve --device cuda` found no usable GPU (no driver, no device, or a build without
+    /// CUDA).
+    GpuUnavailable,
+    /// The engine is not what the command line asks for (variant, precision or format).
+    EngineMismatch,
 }
 
 impl ExitReason {
     /// Every reason, for tables and tests.
-    pub const ALL: [ExitReason; 8] = [
+    pub const ALL: [ExitReason; 10] = [
         ExitReason::Usage,
         ExitReason::Unauthorized,
         ExitReason::NotFound,
@@ -37,6 +42,8 @@ impl ExitReason {
         ExitReason::ChecksumMismatch,
         ExitReason::Network,
         ExitReason::InvalidModel,
+        ExitReason::GpuUnavailable,
+        ExitReason::EngineMismatch,
     ];
 
     /// The process exit code.
@@ -50,6 +57,8 @@ impl ExitReason {
             ExitReason::ChecksumMismatch => 14,
             ExitReason::Network => 15,
             ExitReason::InvalidModel => 16,
+            ExitReason::GpuUnavailable => 17,
+            ExitReason::EngineMismatch => 18,
         }
     }
 
@@ -69,6 +78,8 @@ impl ExitReason {
             ExitReason::ChecksumMismatch => "ChecksumMismatch",
             ExitReason::Network => "NetworkError",
             ExitReason::InvalidModel => "InvalidModel",
+            ExitReason::GpuUnavailable => "GPUUnavailable",
+            ExitReason::EngineMismatch => "EngineMismatch",
         }
     }
 
@@ -101,6 +112,14 @@ impl ExitReason {
             }
             ExitReason::InvalidModel => {
                 "the files are not an SD3.5 model in the diffusers or single-file layout"
+            }
+            ExitReason::GpuUnavailable => {
+                "the pod got no usable GPU: check the node's NVIDIA driver and device plugin, the \
+                 pod's runtimeClassName, and that the image is the CUDA flavour"
+            }
+            ExitReason::EngineMismatch => {
+                "the engine was built for another variant, precision or format; delete it to \
+                 have it rebuilt, or fix spec.variant / spec.precision"
             }
         }
     }

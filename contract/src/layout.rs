@@ -25,7 +25,11 @@ pub const COMPLETE_MARKER: &str = ".sd35-complete.json";
 pub const ENGINE_MANIFEST: &str = "engine.json";
 
 /// Version of the engine layout; part of every engine key, so a new format gets new engines.
-pub const ENGINE_FORMAT_VERSION: u32 = 1;
+pub const ENGINE_FORMAT_VERSION: u32 = 2;
+
+/// Where a container's termination message goes (Kubernetes' default
+/// `terminationMessagePath`); `serve` writes its start-up failure there.
+pub const TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
 
 /// Name of the environment variable that carries a source's access token into `fetch`.
 pub const TOKEN_ENV: &str = "SD35_SOURCE_TOKEN";

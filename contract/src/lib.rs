@@ -4,12 +4,17 @@
 //! `to_args`; `sd35-server` parses the same types with clap. A round-trip test proves that
 //! every command line the operator can build parses back to the same value, so the two sides
 //! cannot drift. The cache layout (where weights, markers and engines live on the volume) and
-//! the exit codes of `fetch` and `build-engine` are fixed here too.
+//! the exit codes of `fetch`, `build-engine` and `serve`, the manifests written on the cache
+//! volume, and the enums both sides share (variant, precision, device) are fixed here too.
 
 mod args;
 mod exit;
 mod layout;
+mod manifest;
+mod model;
 
 pub use args::*;
 pub use exit::*;
 pub use layout::*;
+pub use manifest::*;
+pub use model::*;

@@ -11,6 +11,8 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use sd35_contract::{Precision, Variant};
+
 use crate::status::SD35DeploymentStatus;
 
 /// Runs a Stable Diffusion 3.5 text-to-image service: caches the weights on a volume, prebuilds
@@ -59,6 +61,7 @@ pub struct SD35DeploymentSpec {
     /// Numeric precision of the serving engine: `bf16` (default) or `fp8` (F8E4M3 weights with
     /// scales: about half the GPU memory of bf16; needs a GPU with FP8 support for full speed).
     #[serde(default)]
+    #[schemars(schema_with = "engine_precision_schema")]
     pub precision: Precision,
 
     /// Number of serving pods. Also set through the scale subresource (`kubectl scale`, HPA).
@@ -105,25 +108,14 @@ fn default_true() -> bool {
     true
 }
 
-/// Which Stable Diffusion 3.5 model to serve.
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[serde(rename_all = "kebab-case")]
-pub enum Variant {
-    // 8B MMDiT with QK-norm; model card: 28 steps, guidance 3.5.
-    Large,
-    // 8B, distilled for 4 steps without classifier-free guidance.
-    LargeTurbo,
-    // 2.5B MMDiT-X; model card: 40 steps, guidance 4.5, skip-layer guidance.
-    Medium,
-}
-
-/// Numeric precision of the serving engine.
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    #[default]
-    Bf16,
-    Fp8,
+/// The engine precisions a spec may ask for: the shared [`Precision`] without `f32`, which
+/// only a CPU server serving a model directory uses.
+fn engine_precision_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let names: Vec<&str> = [Precision::Bf16, Precision::Fp8]
+        .iter()
+        .map(|p| p.as_str())
+        .collect();
+    schemars::json_schema!({"type": "string", "enum": names, "default": Precision::default().as_str()})
 }
 
 /// Where the weights come from and which text encoders to load.

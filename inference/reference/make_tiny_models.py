@@ -246,6 +246,11 @@ def perturb_(module, seed, scale=0.02):
     return module
 
 
+def head_dim(num_layers):
+    # As many heads as blocks, like the real models; narrow heads keep the deeper model small.
+    return 16 if num_layers == 2 else 4
+
+
 def build_transformer(seed, num_layers, dual_layers, qk_norm="rms_norm"):
     torch.manual_seed(seed)
     model = SD3Transformer2DModel(
@@ -253,10 +258,10 @@ def build_transformer(seed, num_layers, dual_layers, qk_norm="rms_norm"):
         patch_size=2,
         in_channels=LATENT_CHANNELS,
         num_layers=num_layers,
-        attention_head_dim=16 if num_layers == 2 else 8,
+        attention_head_dim=head_dim(num_layers),
         num_attention_heads=num_layers,
         joint_attention_dim=192,
-        caption_projection_dim=num_layers * (16 if num_layers == 2 else 8),
+        caption_projection_dim=num_layers * head_dim(num_layers),
         pooled_projection_dim=192,
         out_channels=LATENT_CHANNELS,
         pos_embed_max_size=16,
@@ -592,7 +597,9 @@ def main():
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     models = {
         "large": dict(layers=2, dual=[], seed=30),
-        "medium": dict(layers=3, dual=[0, 1], seed=40),
+        # Ten blocks, so the model card's skip-layer guidance layers (7, 8, 9) exist and the
+        # served defaults exercise it; dual attention in the first blocks, as in SD3.5 medium.
+        "medium": dict(layers=10, dual=[0, 1, 2], seed=40),
     }
     manifest = {"prompts": PROMPTS, "clip_max_len": CLIP_MAX_LEN, "t5_len": T5_SEQ_LEN, "cases": []}
 
@@ -702,10 +709,19 @@ def main():
             dict(id=f"{name}_noguidance", prompt=PROMPTS["unicode"], negative_prompt="", steps=2, guidance=1.0,
                  width=64, height=64, t5_len=T5_SEQ_LEN),
         ]
+        if name == "large":
+            # SD3.5 large turbo's model card on the same architecture: 4 steps, no guidance.
+            cases.append(dict(id="turbo_default", prompt=PROMPTS["punctuation"], negative_prompt="", steps=4,
+                              guidance=0.0, width=64, height=48, t5_len=T5_SEQ_LEN))
         if name == "medium":
             cases.append(dict(id="medium_slg", prompt=PROMPTS["long"], negative_prompt="blurry, low quality",
                               steps=6, guidance=4.5, width=64, height=64, t5_len=T5_SEQ_LEN,
                               slg_layers=[1], slg_scale=2.8, slg_start=0.01, slg_stop=0.5))
+            # The model card's defaults (what a server serves): skip-layer guidance on blocks 7, 8, 9
+            # for steps i with 0.01 n < i < 0.2 n, i.e. steps 1 and 2 of 12.
+            cases.append(dict(id="medium_default", prompt=PROMPTS["punctuation"], negative_prompt="", steps=12,
+                              guidance=4.5, width=48, height=48, t5_len=T5_SEQ_LEN,
+                              slg_layers=[7, 8, 9], slg_scale=2.8, slg_start=0.01, slg_stop=0.2))
         for case in cases:
             g = torch.Generator().manual_seed(1234)
             lat = torch.randn((1, LATENT_CHANNELS, case["height"] // 8, case["width"] // 8), generator=g)

@@ -11,12 +11,12 @@ use clap::{Parser, ValueEnum};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Service};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, Store, reflector};
+use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use sd35_crds::SD35Deployment;
@@ -200,7 +200,18 @@ async fn run_controller(
     let (services, service_events) = cached(api::<Service>(&client, ns), ours.clone());
     let (pdbs, pdb_events) = cached(api::<PodDisruptionBudget>(&client, ns), ours.clone());
     let (jobs, job_events) = cached(api::<Job>(&client, ns), ours.clone());
-    let (claims, claim_events) = cached(api::<PersistentVolumeClaim>(&client, ns), ours);
+    let (claims, claim_events) = cached(api::<PersistentVolumeClaim>(&client, ns), ours.clone());
+    // Serving pods only: their exit codes say why a server could not start.
+    let (pods, pod_events) = cached(
+        api::<Pod>(&client, ns),
+        watcher::Config::default().labels(&format!(
+            "{}={},{}={}",
+            labels::MANAGED_BY,
+            labels::MANAGER,
+            labels::NAME,
+            labels::SERVER_NAME
+        )),
+    );
     let controller = Controller::new(sd35, watcher::Config::default().any_semantic())
         .with_config(ControllerConfig::default().concurrency(args.concurrency));
     let store = controller.store();
@@ -224,6 +235,7 @@ async fn run_controller(
             deployments,
             services,
             pdbs,
+            pods,
         },
     });
     let mut shutdown = shutdown;
@@ -238,6 +250,20 @@ async fn run_controller(
                 job.labels().get(labels::CACHE_KEY).map(String::as_str),
                 &job_config,
             )
+        })
+        .watches_stream(pod_events, |pod: Pod| {
+            let ns = pod.namespace();
+            pod.labels()
+                .get(labels::INSTANCE)
+                .map(|name| {
+                    let r = ObjectRef::<SD35Deployment>::new(name);
+                    match ns {
+                        Some(ns) => r.within(&ns),
+                        None => r,
+                    }
+                })
+                .into_iter()
+                .collect::<Vec<_>>()
         })
         .watches_stream(claim_events, move |pvc: PersistentVolumeClaim| {
             users_of_cache_key(

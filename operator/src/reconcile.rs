@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Service};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -19,6 +19,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
+use sd35_contract::ExitReason;
 use sd35_crds::{SD35Deployment, SD35DeploymentStatus, condition};
 use serde_json::json;
 use tracing::{debug, info, warn};
@@ -72,6 +73,44 @@ pub struct ChildStores {
     pub deployments: Store<Deployment>,
     pub services: Store<Service>,
     pub pdbs: Store<PodDisruptionBudget>,
+    /// Serving pods, read for the exit codes of containers that could not start.
+    pub pods: Store<Pod>,
+}
+
+/// The first serving container of these pods that ended with one of the server's documented
+/// exit codes: its reason word and a message quoting its termination message.
+pub fn server_failure<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Option<(String, String)> {
+    pods.into_iter().find_map(|pod| {
+        let status = pod.status.as_ref()?;
+        status.container_statuses.iter().flatten().find_map(|c| {
+            // A container running now has recovered; what ended it before is history.
+            if c.state.as_ref().is_some_and(|s| s.running.is_some()) {
+                return None;
+            }
+            let ended = c
+                .state
+                .as_ref()
+                .and_then(|s| s.terminated.as_ref())
+                .or_else(|| c.last_state.as_ref().and_then(|s| s.terminated.as_ref()))?;
+            let reason = ExitReason::from_code(ended.exit_code)?;
+            let said = ended
+                .message
+                .as_deref()
+                .map(str::trim)
+                .filter(|m| !m.is_empty())
+                .unwrap_or("(no termination message)");
+            Some((
+                reason.as_str().to_owned(),
+                format!(
+                    "pod {} exited with code {} ({}): {said}; {}",
+                    pod.metadata.name.as_deref().unwrap_or("?"),
+                    ended.exit_code,
+                    reason.as_str(),
+                    reason.hint()
+                ),
+            ))
+        })
+    })
 }
 
 /// An object from the watch cache, or from the API server when the cache does not have it
@@ -284,7 +323,7 @@ impl Run<'_> {
             ));
         };
         match outcome(&job, what) {
-            JobOutcome::Succeeded => Ok((StepState::Done(""), true)),
+            JobOutcome::Succeeded => Ok((StepState::Done("", String::new()), true)),
             JobOutcome::Running { active, failed } => {
                 let msg = if failed > 0 {
                     format!(
@@ -337,7 +376,7 @@ impl Run<'_> {
             .map(String::as_str)
             == Some("true")
         {
-            return Ok(StepState::Done("Cached"));
+            return Ok(StepState::Done("Cached", String::new()));
         }
         let owner = match (self.r.cache.managed, claim_owner(claim)) {
             (true, Some(o)) => o,
@@ -359,7 +398,7 @@ impl Run<'_> {
                 )
                 .await;
             }
-            return Ok(StepState::Done("Cached"));
+            return Ok(StepState::Done("Cached", String::new()));
         }
         if matches!(state, StepState::Pending(..))
             && claim.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Pending")
@@ -381,7 +420,15 @@ impl Run<'_> {
         cache: &StepState,
     ) -> Result<StepState, Error> {
         let Some(key) = &self.r.engine_key else {
-            return Ok(StepState::Done("NotRequired"));
+            return Ok(StepState::Done(
+                "NotRequired",
+                format!(
+                    "spec.engine.build is Never: serving pods load the cached weights and \
+                     convert them to {} at start-up (slower starts; set engine.build: Auto to \
+                     prebuild)",
+                    self.r.precision
+                ),
+            ));
         };
         let Some(claim) = claim.filter(|_| cache.is_done()) else {
             return Ok(StepState::Pending(
@@ -391,7 +438,7 @@ impl Run<'_> {
         };
         let annotation = labels::engine_ready_annotation(key);
         if claim.annotations().get(&annotation).map(String::as_str) == Some("ready") {
-            return Ok(StepState::Done("Built"));
+            return Ok(StepState::Done("Built", String::new()));
         }
         let owner = match (self.r.cache.managed, claim_owner(claim)) {
             (true, Some(o)) => o,
@@ -413,7 +460,7 @@ impl Run<'_> {
                 )
                 .await;
             }
-            return Ok(StepState::Done("Built"));
+            return Ok(StepState::Done("Built", String::new()));
         }
         Ok(state)
     }
@@ -474,9 +521,23 @@ impl Run<'_> {
             }
         }
 
+        let selector = labels::server_selector(&self.r.name);
+        let pods: Vec<Arc<Pod>> = self
+            .ctx
+            .children
+            .pods
+            .state()
+            .into_iter()
+            .filter(|p| {
+                p.metadata.namespace.as_deref() == Some(ns.as_str())
+                    && selector.iter().all(|(k, v)| p.labels().get(k) == Some(v))
+            })
+            .collect();
+        let failure = server_failure(pods.iter().map(AsRef::as_ref));
         Ok(deployment.map(|d| {
             let status = d.status.clone().unwrap_or_default();
             Rollout {
+                server_failure: failure,
                 runs_desired_target: ServingTarget::of(&d).as_ref() == Some(&desired_target),
                 observed: status.observed_generation.unwrap_or(0)
                     >= d.metadata.generation.unwrap_or(0),
@@ -676,4 +737,53 @@ pub fn error_policy(obj: Arc<SD35Deployment>, error: &Error, ctx: Arc<Context>) 
     warn!(name = %obj.name_any(), namespace = ?obj.namespace(), %error, "reconcile failed");
     ctx.metrics.reconcile_failed(error.kind());
     Action::requeue(Duration::from_secs(10))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, state: serde_json::Value, last: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "status": {"containerStatuses": [{
+                "name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 3,
+                "state": state, "lastState": last,
+            }]},
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_documented_exit_code_of_a_server_becomes_the_reason_with_its_message() {
+        let crashing = pod(
+            "tiny-1",
+            json!({"waiting": {"reason": "CrashLoopBackOff"}}),
+            json!({"terminated": {"exitCode": 17, "message": "GPUUnavailable: --device cuda: no usable GPU: no CUDA driver\n"}}),
+        );
+        let (reason, message) = server_failure([&crashing]).unwrap_or_default();
+        assert_eq!(reason, "GPUUnavailable");
+        assert!(
+            message.contains("pod tiny-1 exited with code 17")
+                && message.contains("no CUDA driver")
+                && message.contains("device plugin"),
+            "{message}"
+        );
+        // Running again: what ended it before is history. Unknown codes are not ours to name.
+        let recovered = pod(
+            "tiny-2",
+            json!({"running": {}}),
+            json!({"terminated": {"exitCode": 17}}),
+        );
+        let oom = pod(
+            "tiny-3",
+            json!({"terminated": {"exitCode": 137, "reason": "OOMKilled"}}),
+            json!({}),
+        );
+        assert_eq!(server_failure([&recovered, &oom]), None);
+        let mismatch = pod("tiny-4", json!({"terminated": {"exitCode": 18}}), json!({}));
+        let (reason, message) = server_failure([&recovered, &mismatch]).unwrap_or_default();
+        assert_eq!(reason, "EngineMismatch");
+        assert!(message.contains("(no termination message)"), "{message}");
+    }
 }

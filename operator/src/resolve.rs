@@ -4,7 +4,6 @@
 //! in defaults that depend on other fields (the variant's official repository and cache size,
 //! the keys). Its output is the single input of every builder.
 
-use sd35_contract::{EnginePrecision, ModelVariant};
 use sd35_crds::{
     AccessMode, EngineBuild, Precision, SD35Deployment, SD35DeploymentSpec, SecretKeyRef, Variant,
 };
@@ -59,8 +58,8 @@ pub struct Resolved {
     pub namespace: String,
     pub generation: i64,
     pub spec: SD35DeploymentSpec,
-    pub variant: ModelVariant,
-    pub precision: EnginePrecision,
+    pub variant: Variant,
+    pub precision: Precision,
     pub source: FetchSource,
     pub token: Option<SecretKeyRef>,
     pub cache_key: String,
@@ -70,28 +69,11 @@ pub struct Resolved {
     pub image: String,
 }
 
-/// The contract's variant for an API variant.
-pub fn contract_variant(v: Variant) -> ModelVariant {
-    match v {
-        Variant::Large => ModelVariant::Large,
-        Variant::LargeTurbo => ModelVariant::LargeTurbo,
-        Variant::Medium => ModelVariant::Medium,
-    }
-}
-
-/// The contract's precision for an API precision.
-pub fn contract_precision(p: Precision) -> EnginePrecision {
-    match p {
-        Precision::Bf16 => EnginePrecision::Bf16,
-        Precision::Fp8 => EnginePrecision::Fp8,
-    }
-}
-
 /// Default cache size: weights of the variant's files plus one engine per precision.
-pub fn default_cache_size(v: ModelVariant) -> &'static str {
+pub fn default_cache_size(v: Variant) -> &'static str {
     match v {
-        ModelVariant::Large | ModelVariant::LargeTurbo => "100Gi",
-        ModelVariant::Medium => "50Gi",
+        Variant::Large | Variant::LargeTurbo => "100Gi",
+        Variant::Medium => "50Gi",
     }
 }
 
@@ -117,8 +99,13 @@ pub fn resolve(obj: &SD35Deployment, config: &OperatorConfig) -> Result<Resolved
         .clone()
         .ok_or_else(|| InvalidSpec("metadata.namespace is missing".into()))?;
     let spec = obj.spec.clone();
-    let variant = contract_variant(spec.variant);
-    let precision = contract_precision(spec.precision);
+    let variant = spec.variant;
+    let precision = spec.precision;
+    if !precision.is_engine_precision() {
+        return Err(InvalidSpec(format!(
+            "spec.precision {precision} is not served by the operator: use bf16 or fp8"
+        )));
+    }
 
     let (source, token) = match &spec.model.source {
         None => (

@@ -12,8 +12,9 @@ use sd35_crds::{CacheStatus, EngineStatus, Phase, SD35DeploymentStatus, conditio
 /// State of a fetch or build step.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StepState {
-    /// Done; the reason says how (`Cached`, `Built`, `NotRequired`).
-    Done(&'static str),
+    /// Done; the reason says how (`Cached`, `Built`, `NotRequired`), the message anything a
+    /// person should know about it (empty when nothing).
+    Done(&'static str, String),
     /// In progress or waiting; reason and message say for what.
     Pending(String, String),
     /// Failed with its retries spent; reason and message name the cause and the fix.
@@ -22,7 +23,7 @@ pub enum StepState {
 
 impl StepState {
     pub fn is_done(&self) -> bool {
-        matches!(self, StepState::Done(_))
+        matches!(self, StepState::Done(..))
     }
 }
 
@@ -39,6 +40,10 @@ pub struct Rollout {
     pub available: i32,
     /// The Deployment's own progress deadline was exceeded.
     pub progress_deadline_exceeded: bool,
+    /// A serving container that exited with one of the server's documented codes: the
+    /// reason word (`GPUUnavailable`, `EngineMismatch`, …) and a message quoting the
+    /// container's termination message.
+    pub server_failure: Option<(String, String)>,
 }
 
 /// Everything the status is computed from.
@@ -79,7 +84,7 @@ fn cond(
 
 fn step_condition(type_: &str, step: &StepState, generation: i64, now: &Time) -> Condition {
     match step {
-        StepState::Done(reason) => cond(type_, true, reason, "", generation, now),
+        StepState::Done(reason, message) => cond(type_, true, reason, message, generation, now),
         StepState::Pending(reason, message) | StepState::Failed(reason, message) => {
             cond(type_, false, reason, message, generation, now)
         }
@@ -107,6 +112,8 @@ pub fn compute(
     } else if let StepState::Failed(reason, msg) = &o.cache {
         Some((reason.clone(), msg.clone()))
     } else if let StepState::Failed(reason, msg) = &o.engine {
+        Some((reason.clone(), msg.clone()))
+    } else if let Some((reason, msg)) = r.server_failure.as_ref().filter(|_| !rolled_out) {
         Some((reason.clone(), msg.clone()))
     } else if r.progress_deadline_exceeded && !rolled_out {
         Some(("ProgressDeadlineExceeded".into(), "the serving pods did not become available within the progress deadline; see kubectl describe deployment".into()))
@@ -188,6 +195,10 @@ pub fn compute(
             g,
             &now,
         ),
+        Some(Rollout {
+            server_failure: Some((reason, msg)),
+            ..
+        }) => cond(condition::AVAILABLE, false, reason, msg, g, &now),
         Some(_) => cond(
             condition::AVAILABLE,
             false,
@@ -282,8 +293,8 @@ mod tests {
             desired_replicas: 2,
             paused: false,
             invalid: None,
-            cache: StepState::Done("Cached"),
-            engine: StepState::Done("Built"),
+            cache: StepState::Done("Cached", String::new()),
+            engine: StepState::Done("Built", String::new()),
             rollout: Some(Rollout {
                 runs_desired_target: true,
                 observed: true,
@@ -292,6 +303,7 @@ mod tests {
                 updated: 2,
                 available: 2,
                 progress_deadline_exceeded: false,
+                server_failure: None,
             }),
             cache_claim: "sd35-cache-c".into(),
             cache_key: "c".into(),
@@ -385,6 +397,28 @@ mod tests {
         assert_eq!(s.phase, Some(Phase::Paused));
         assert_eq!(get(&s, "Ready").reason, "Paused");
         assert_eq!(get(&s, "Reconciling").status, "False");
+    }
+
+    #[test]
+    fn a_server_that_cannot_start_is_stalled_with_its_own_words() {
+        let mut o = observed();
+        let quoted = "pod tiny-abc: GPUUnavailable: --device cuda: no usable GPU: no CUDA driver";
+        let r = o.rollout.as_mut().unwrap();
+        (r.ready, r.available) = (0, 0);
+        r.server_failure = Some(("GPUUnavailable".into(), quoted.into()));
+        let s = compute(&o, None, t(1));
+        for c in ["Ready", "Available", "Stalled"] {
+            assert_eq!(get(&s, c).reason, "GPUUnavailable", "{c}");
+            assert_eq!(get(&s, c).message, quoted, "{c}");
+        }
+        assert_eq!(get(&s, "Available").status, "False");
+        assert_eq!(get(&s, "Stalled").status, "True");
+        assert_eq!(s.phase, Some(Phase::Failed));
+        // Once every replica is available again, the failure of an earlier pod is history.
+        let r = o.rollout.as_mut().unwrap();
+        (r.ready, r.available) = (2, 2);
+        let s = compute(&o, None, t(2));
+        assert_eq!(get(&s, "Ready").status, "True");
     }
 
     #[test]

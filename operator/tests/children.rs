@@ -128,6 +128,19 @@ fn large_fp8_with_surge_on_h100_nodes() {
                 Path::new("/cache/engines").join(&engine_key)
             );
             assert_eq!(s.port, 8080);
+            // The pod says what the server must not guess: where to run, which variant in
+            // which precision, and the names clients send.
+            assert_eq!(s.device, sd35_contract::DeviceKind::Cuda);
+            assert_eq!(s.variant, Some(sd35_contract::Variant::Large));
+            assert_eq!(s.precision, Some(sd35_contract::Precision::Fp8));
+            assert_eq!(s.served_model_names[0], "sd35-large-fp8");
+            assert!(s.served_model_names.iter().any(|n| n == "sd3.5"));
+            assert_eq!(
+                s.termination_message_path.as_deref(),
+                Some(Path::new(
+                    server.termination_message_path.as_deref().unwrap()
+                ))
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -152,7 +165,7 @@ fn large_fp8_with_surge_on_h100_nodes() {
     ) {
         Command::BuildEngine(b) => {
             assert_eq!(b.engine_key, engine_key);
-            assert_eq!(b.precision, sd35_contract::EnginePrecision::Fp8);
+            assert_eq!(b.precision, sd35_contract::Precision::Fp8);
         }
         other => panic!("{other:?}"),
     }
@@ -307,6 +320,72 @@ fn medium_clip_only_defaults_and_single_replica() {
     );
     assert!(build::pdb(&r, &owner).is_none(), "no PDB for one replica");
     insta::assert_yaml_snapshot!("medium_deployment", deployment);
+}
+
+#[test]
+fn a_pod_without_gpus_runs_on_its_cpu_and_a_custom_repository_is_a_served_name() {
+    let obj: SD35Deployment = serde_yaml::from_str(
+        "apiVersion: sd35.io/v1alpha1\nkind: SD35Deployment\nmetadata: {name: tiny, namespace: ns, uid: u1}\n\
+         spec:\n  variant: large-turbo\n  model: {source: {huggingFace: {repo: me/turbo-mirror}}}\n  \
+         server: {gpu: {count: 0}}\n",
+    )
+    .unwrap();
+    let (r, owner) = resolved(&obj);
+    let d = build::deployment(
+        &r,
+        &OperatorConfig::default(),
+        &owner,
+        &ServingTarget::desired(&r),
+    );
+    let c = &d.spec.unwrap().template.spec.unwrap().containers[0];
+    match parse(c.command.as_ref().unwrap(), c.args.as_ref().unwrap()) {
+        Command::Serve(s) => {
+            assert_eq!(s.device, sd35_contract::DeviceKind::Cpu);
+            assert_eq!(s.variant, Some(sd35_contract::Variant::LargeTurbo));
+            assert_eq!(
+                s.served_model_names,
+                [
+                    "tiny",
+                    "large-turbo",
+                    "me/turbo-mirror",
+                    "sd3.5",
+                    "stable-diffusion-3.5-large-turbo"
+                ]
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let limits = c
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.clone())
+        .unwrap_or_default();
+    assert!(!limits.contains_key("nvidia.com/gpu"), "{limits:?}");
+}
+
+#[test]
+fn engine_never_serves_the_cache_in_the_asked_precision_not_a_silent_f32() {
+    let obj: SD35Deployment = serde_yaml::from_str(
+        "apiVersion: sd35.io/v1alpha1\nkind: SD35Deployment\nmetadata: {name: direct, namespace: ns, uid: u2}\n\
+         spec: {variant: large, precision: fp8, engine: {build: Never}}\n",
+    )
+    .unwrap();
+    let (r, owner) = resolved(&obj);
+    assert_eq!(r.engine_key, None);
+    let d = build::deployment(
+        &r,
+        &OperatorConfig::default(),
+        &owner,
+        &ServingTarget::desired(&r),
+    );
+    let c = &d.spec.unwrap().template.spec.unwrap().containers[0];
+    match parse(c.command.as_ref().unwrap(), c.args.as_ref().unwrap()) {
+        Command::Serve(s) => {
+            assert_eq!(s.engine, None);
+            assert_eq!(s.precision, Some(sd35_contract::Precision::Fp8));
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]

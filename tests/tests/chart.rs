@@ -56,6 +56,7 @@ const OPERATOR_RULES: &[(&str, &str, &[&str])] = &[
         "poddisruptionbudgets",
         &["create", "delete", "get", "list", "patch", "watch"],
     ),
+    ("", "pods", &["list", "watch"]),
     ("events.k8s.io", "events", &["create", "patch"]),
 ];
 
@@ -544,10 +545,9 @@ fn the_operator_gets_exactly_the_permissions_it_uses() {
     assert_eq!(grants_to(&single, "sd35-system", sa), expected);
 
     // Nothing in any role of any scenario is a wildcard or touches what the operator never
-    // needs, and the roles for people are bound to nobody by the chart.
+    // needs, and the roles for people are bound to nobody by the chart. Pods are only read.
     let forbidden_resources = [
         "secrets",
-        "pods",
         "pods/exec",
         "nodes",
         "configmaps",
@@ -585,6 +585,15 @@ fn the_operator_gets_exactly_the_permissions_it_uses() {
                     assert!(
                         !["escalate", "bind", "impersonate"].contains(&verb.as_str().unwrap()),
                         "{at} grants {verb}"
+                    );
+                    let on_pods = rule["resources"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|r| r == "pods");
+                    assert!(
+                        !on_pods || ["list", "watch"].contains(&verb.as_str().unwrap()),
+                        "{at} grants {verb} on pods"
                     );
                 }
             }

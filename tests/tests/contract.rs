@@ -3,8 +3,10 @@
 //! The operator ↔ server contract, end to end. kwok pods run no processes, so this test takes
 //! the pod templates the operator actually built in the cluster (fetch Job, engine build Job,
 //! serving Deployment), runs their command lines as local processes — volumes mapped to
-//! temporary folders, the model served by a local HTTP mirror — and sees the cache filled,
-//! the engine built and the server answer `/readyz`.
+//! temporary folders, the models served by local HTTP mirrors — for large/bf16,
+//! large-turbo/fp8 and medium/bf16, and sees the cache filled, the engine built, and the
+//! server report on `/v1/models` what the spec asked for (variant, precision, device, keys,
+//! the variant's defaults and the names clients send).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -131,6 +133,44 @@ fn run_to_completion(mut cmd: Command, what: &str) {
     );
 }
 
+/// One SD35Deployment of the contract test and what its server must report.
+struct Example {
+    name: &'static str,
+    variant: &'static str,
+    precision: &'static str,
+    model: &'static str,
+    /// Default steps and whether classifier-free guidance is on by default.
+    steps: u64,
+    cfg: bool,
+}
+
+const EXAMPLES: [Example; 3] = [
+    Example {
+        name: "tiny-large",
+        variant: "large",
+        precision: "bf16",
+        model: "sd35-tiny-large",
+        steps: 28,
+        cfg: true,
+    },
+    Example {
+        name: "tiny-turbo",
+        variant: "large-turbo",
+        precision: "fp8",
+        model: "sd35-tiny-large",
+        steps: 4,
+        cfg: false,
+    },
+    Example {
+        name: "tiny-medium",
+        variant: "medium",
+        precision: "bf16",
+        model: "sd35-tiny-medium",
+        steps: 40,
+        cfg: true,
+    },
+];
+
 #[tokio::test]
 async fn the_commands_the_operator_builds_fill_the_cache_build_the_engine_and_serve() {
     let cluster = shared_cluster();
@@ -139,26 +179,44 @@ async fn the_commands_the_operator_builds_fill_the_cache_build_the_engine_and_se
     let _operator = OperatorProcess::start(cluster, ns.name(), &[]).unwrap();
 
     let work = tempdir();
-    let mirror_dir = work.join("mirror");
-    make_mirror(
-        &repo_root().join("inference/testdata/sd35-tiny-large"),
-        &mirror_dir,
-    );
-    let port = free_port();
-    let _mirror = serve_mirror(&mirror_dir, port);
+    let mut mirrors = Vec::new();
+    let mut urls = std::collections::BTreeMap::new();
+    for model in ["sd35-tiny-large", "sd35-tiny-medium"] {
+        let dir = work.join("mirror").join(model);
+        make_mirror(&repo_root().join("inference/testdata").join(model), &dir);
+        let port = free_port();
+        mirrors.push(serve_mirror(&dir, port));
+        urls.insert(model, format!("http://127.0.0.1:{port}/"));
+    }
+    for e in &EXAMPLES {
+        let manifest = format!(
+            "apiVersion: sd35.io/v1alpha1\nkind: SD35Deployment\nmetadata:\n  name: {}\nspec:\n  \
+             variant: {}\n  precision: {}\n  model: {{source: {{http: {{url: '{}'}}}}}}\n  \
+             server: {{gpu: {{count: 0}}}}\n",
+            e.name, e.variant, e.precision, urls[e.model]
+        );
+        let out = kubectl_apply(cluster, ns.name(), &manifest).unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let root = work.join("pod");
+    std::fs::create_dir_all(root.join("cache")).unwrap();
+    std::fs::create_dir_all(root.join("dev")).unwrap();
+    for e in &EXAMPLES {
+        check_example(&ns, e, &root).await;
+    }
+    drop(mirrors);
+    let _ = std::fs::remove_dir_all(&work);
+}
 
-    let manifest = format!(
-        "apiVersion: sd35.io/v1alpha1\nkind: SD35Deployment\nmetadata:\n  name: tiny\nspec:\n  variant: large\n  \
-         model: {{source: {{http: {{url: 'http://127.0.0.1:{port}/'}}}}}}\n  server: {{gpu: {{count: 0}}}}\n"
-    );
-    let out = kubectl_apply(cluster, ns.name(), &manifest).unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Runs the fetch Job's, the build Job's and the serving Deployment's own command lines for
+/// one example and checks what the server reports and serves.
+async fn check_example(ns: &sd35_e2e::TestNamespace, e: &Example, root: &Path) {
     let api: Api<SD35Deployment> = ns.api();
-    let obj = wait_ready(&api, "tiny", TIMEOUT).await.unwrap();
+    let obj = wait_ready(&api, e.name, TIMEOUT).await.unwrap();
     let status = obj.status.unwrap();
     let (cache_key, engine_key) = (status.cache.unwrap().key, status.engine.unwrap().key);
 
@@ -168,7 +226,7 @@ async fn the_commands_the_operator_builds_fill_the_cache_build_the_engine_and_se
     let build = container(jobs.get(&format!("sd35-build-{engine_key}")).await.unwrap());
     let deployments: Api<Deployment> = ns.api();
     let serve = deployments
-        .get("tiny")
+        .get(e.name)
         .await
         .unwrap()
         .spec
@@ -178,28 +236,36 @@ async fn the_commands_the_operator_builds_fill_the_cache_build_the_engine_and_se
         .unwrap()
         .containers[0]
         .clone();
+    eprintln!(
+        "{}: sd35-server {}",
+        e.name,
+        serve.args.clone().unwrap_or_default().join(" ")
+    );
 
-    let root = work.join("pod");
-    std::fs::create_dir_all(root.join("cache")).unwrap();
-    run_to_completion(local_command(&fetch, &root, 0), "fetch");
+    run_to_completion(local_command(&fetch, root, 0), "fetch");
     let model = root.join("cache/models").join(&cache_key);
     assert!(
         model.join(sd35_contract::COMPLETE_MARKER).is_file(),
         "no completion marker in {}",
         model.display()
     );
-    assert!(model.join("transformer").is_dir());
-
-    run_to_completion(local_command(&build, &root, 0), "build-engine");
+    run_to_completion(local_command(&build, root, 0), "build-engine");
     let engine = root.join("cache/engines").join(&engine_key);
-    assert!(
-        engine.join(sd35_contract::ENGINE_MANIFEST).is_file(),
-        "no engine manifest in {}",
-        engine.display()
+    let manifest = sd35_contract::EngineManifest::read(&engine).unwrap();
+    assert_eq!(
+        (manifest.variant.as_str(), manifest.precision.as_str()),
+        (e.variant, e.precision)
+    );
+    assert_eq!(
+        (
+            manifest.engine_key.as_str(),
+            manifest.source_cache_key.as_str()
+        ),
+        (engine_key.as_str(), cache_key.as_str())
     );
 
-    let server_port = free_port();
-    let mut server = local_command(&serve, &root, server_port)
+    let port = free_port();
+    let mut server = local_command(&serve, root, port)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -209,9 +275,9 @@ async fn the_commands_the_operator_builds_fill_the_cache_build_the_engine_and_se
         if let Some(status) = server.try_wait().unwrap() {
             let mut err = String::new();
             std::io::Read::read_to_string(&mut server.stderr.take().unwrap(), &mut err).unwrap();
-            panic!("the server exited ({status}):\n{err}");
+            panic!("{}: the server exited ({status}):\n{err}", e.name);
         }
-        if readyz(server_port) {
+        if get(port, "/readyz").is_some_and(|(code, _)| code == 200) {
             break true;
         }
         if started.elapsed() > TIMEOUT {
@@ -219,29 +285,92 @@ async fn the_commands_the_operator_builds_fill_the_cache_build_the_engine_and_se
         }
         std::thread::sleep(Duration::from_millis(200));
     };
+    assert!(ready, "{}: no /readyz 200 within {TIMEOUT:?}", e.name);
+    let (_, body) = get(port, "/v1/models").unwrap();
+    eprintln!("{}: /v1/models {body}", e.name);
+    let models: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let m = &models["data"][0];
+    // What the pod serves is what the spec says, not a guess.
+    assert_eq!(m["id"], e.name);
+    assert_eq!(m["variant"], e.variant);
+    assert_eq!(m["variant_source"], "requested");
+    assert_eq!(m["precision"], e.precision);
+    assert_eq!(m["device"], "cpu");
+    assert_eq!(m["engine_key"], engine_key.as_str());
+    assert_eq!(m["cache_key"], cache_key.as_str());
+    assert_eq!(m["defaults"]["steps"], e.steps);
+    assert_eq!(m["defaults"]["classifier_free_guidance"], e.cfg);
+    assert_eq!(m["warnings"], serde_json::json!([]), "{}", e.name);
+    let names: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    for alias in [
+        "sd3.5",
+        e.variant,
+        &format!("stable-diffusion-3.5-{}", e.variant),
+    ] {
+        assert!(
+            names.contains(&alias),
+            "{}: {alias} not in {names:?}",
+            e.name
+        );
+    }
+    if !e.cfg {
+        // A request that names nothing but the prompt gets the variant's defaults: for turbo,
+        // 4 steps of one unguided pass each.
+        let (code, _) = post_json(
+            port,
+            "/v1/txt2img",
+            r#"{"prompt":"a red cube","width":32,"height":32}"#,
+        )
+        .unwrap();
+        assert_eq!(code, 200);
+        let (_, metrics) = get(port, "/metrics").unwrap();
+        let steps = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("sd35_steps_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        assert_eq!(steps, Some(e.steps as f64), "{}: steps run", e.name);
+    }
     let _ = server.kill();
     let _ = server.wait();
-    assert!(
-        ready,
-        "the server did not answer /readyz within {TIMEOUT:?}"
-    );
-    let _ = std::fs::remove_dir_all(&work);
 }
 
-fn readyz(port: u16) -> bool {
+/// `POST path` with a JSON body on loopback: the status code and body.
+fn post_json(port: u16, path: &str, body: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    if stream
-        .write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(
+        stream,
+        "POST {path} HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).ok()?;
+    let text = String::from_utf8_lossy(&response);
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((
+        code,
+        text.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default(),
+    ))
+}
+
+/// `GET path` on loopback: the status code and body.
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
     let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200")
+    stream.read_to_string(&mut response).ok()?;
+    let code = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((code, body))
 }
 
 fn tempdir() -> PathBuf {

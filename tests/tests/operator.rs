@@ -401,7 +401,7 @@ async fn manual_node(cluster: &Cluster, label: &str) -> (String, tokio::task::Jo
     }))
     .unwrap();
     nodes.create(&PostParams::default(), &node).await.unwrap();
-    let capacity = json!({"cpu": "8", "memory": "32Gi", "pods": "20"});
+    let capacity = json!({"cpu": "8", "memory": "32Gi", "pods": "20", "nvidia.com/gpu": "8"});
     let status = json!({"status": {
         "capacity": capacity, "allocatable": capacity,
         "conditions": [{"type": "Ready", "status": "True", "reason": "Manual", "message": "set by the test",
@@ -849,4 +849,137 @@ async fn only_the_leader_reconciles_and_another_takes_over_when_it_dies() {
         .spec
         .and_then(|sp| sp.holder_identity);
     assert_eq!(holder, None, "lease not released on shutdown");
+}
+
+/// The first pod matching `labels` scheduled on a node, once there is one.
+async fn scheduled_pod(s: &Setup, labels: &str) -> Pod {
+    let pods: Api<Pod> = s.ns.api();
+    poll_until(
+        &format!("a scheduled pod with {labels}"),
+        TIMEOUT,
+        || async {
+            let list = pods.list(&ListParams::default().labels(labels)).await?;
+            Ok(
+                match list.items.into_iter().find(|p| {
+                    p.spec
+                        .as_ref()
+                        .and_then(|sp| sp.node_name.as_ref())
+                        .is_some()
+                }) {
+                    Some(p) => Probe::Ready(p),
+                    None => Probe::Pending("none yet".into()),
+                },
+            )
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// Sets a pod's status as a kubelet would report it.
+async fn set_pod_status(s: &Setup, pod: &Pod, status: serde_json::Value) {
+    let pods: Api<Pod> = s.ns.api();
+    pods.patch_status(
+        &pod.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&json!({ "status": status })),
+    )
+    .await
+    .unwrap();
+}
+
+fn container_name(pod: &Pod) -> String {
+    pod.spec.as_ref().unwrap().containers[0].name.clone()
+}
+
+#[tokio::test]
+async fn a_serving_pod_without_a_usable_gpu_is_reported_in_its_own_words_until_it_runs() {
+    let s = setup("gpu").await;
+    let label = s.ns.name().to_owned();
+    let (_node, heartbeat) = manual_node(s.cluster, &label).await;
+    apply(
+        &s,
+        &manifest(
+            "nogpu",
+            &format!(
+                "variant: large-turbo\nmodel: {{source: {{http: {{url: 'http://127.0.0.1:9/'}}}}}}\nscheduling: {{nodeSelector: {{sd35.io/e2e-node: {label}}}}}"
+            ),
+        ),
+    );
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    // The fetch and build Jobs succeed, as their pods would on a GPU node.
+    for component in ["fetch", "build"] {
+        let pod = scheduled_pod(&s, &format!("app.kubernetes.io/component={component}")).await;
+        let name = container_name(&pod);
+        set_pod_status(&s, &pod, json!({
+            "phase": "Succeeded",
+            "containerStatuses": [{"name": name, "image": "sd35-server:e2e", "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"terminated": {"exitCode": 0, "reason": "Completed",
+                "startedAt": now, "finishedAt": now}}}]
+        }))
+        .await;
+    }
+    let pod = scheduled_pod(
+        &s,
+        "app.kubernetes.io/instance=nogpu,app.kubernetes.io/name=sd35-server",
+    )
+    .await;
+    let args = pod.spec.as_ref().unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap();
+    assert!(args.contains(&"--device=cuda".to_owned()), "{args:?}");
+    // The server exits 17 with its one-line reason; the kubelet restarts it in a loop.
+    let said =
+        "GPUUnavailable: --device cuda: no usable GPU: no CUDA driver: libcuda.so.1 not found";
+    set_pod_status(&s, &pod, json!({
+        "phase": "Running",
+        "conditions": [{"type": "Ready", "status": "False"}],
+        "containerStatuses": [{"name": "server", "image": "sd35-server:e2e", "imageID": "", "ready": false,
+            "restartCount": 3, "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+            "lastState": {"terminated": {"exitCode": 17, "reason": "Error", "message": format!("{said}\n"),
+                "startedAt": now, "finishedAt": now}}}]
+    }))
+    .await;
+    let o = wait_for(
+        &s.api,
+        "nogpu",
+        "Available=False GPUUnavailable",
+        TIMEOUT,
+        |o| {
+            condition(o, "Available")
+                .is_some_and(|c| c.status == "False" && c.reason == "GPUUnavailable")
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{}", s.operator.log()));
+    let available = condition(&o, "Available").unwrap();
+    assert!(
+        available.message.contains(said) && available.message.contains(&pod.name_any()),
+        "{}",
+        available.message
+    );
+    for (c, status) in [("Ready", "False"), ("Stalled", "True")] {
+        assert!(has_condition(&o, c, status), "{c}: {}", summary(&o));
+        assert_eq!(condition(&o, c).unwrap().reason, "GPUUnavailable");
+    }
+    assert_eq!(
+        o.status.as_ref().unwrap().phase,
+        Some(sd35_crds::Phase::Failed)
+    );
+
+    // The node's driver is fixed: the server runs and the object is Ready again.
+    let later = k8s_openapi::jiff::Timestamp::now().to_string();
+    set_pod_status(&s, &pod, json!({
+        "phase": "Running",
+        "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": later}],
+        "containerStatuses": [{"name": "server", "image": "sd35-server:e2e", "imageID": "", "ready": true,
+            "started": true, "restartCount": 4, "state": {"running": {"startedAt": later}},
+            "lastState": {"terminated": {"exitCode": 17, "reason": "Error", "message": said,
+                "startedAt": now, "finishedAt": now}}}]
+    }))
+    .await;
+    let o = ready(&s, "nogpu").await;
+    assert!(has_condition(&o, "Stalled", "False"), "{}", summary(&o));
+    heartbeat.abort();
 }

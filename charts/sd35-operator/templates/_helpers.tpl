@@ -122,6 +122,11 @@ well as patch when the object does not exist yet.
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Serving pods, read only: a server that exits with a documented code (no usable GPU, an
+# engine that is not what was asked for) becomes a condition that quotes its reason.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "watch"]
 # Events for every transition (a repeated event is patched with a new count).
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]

@@ -58,7 +58,7 @@ pub struct ImagesRequest {
     /// Only `b64_json` is supported.
     #[serde(default)]
     pub response_format: Option<String>,
-    /// Accepted for compatibility; must name the served model or a variant when given.
+    /// One of the served model names (`GET /v1/models`); left out, the served model.
     #[serde(default)]
     pub model: Option<String>,
     /// Accepted for compatibility and ignored.
@@ -343,6 +343,33 @@ impl Sampling<'_> {
     }
 }
 
+/// Whether a request's `model` names the served model: any of its served names (compared
+/// without regard to ASCII case); anything else is a 404 that lists them.
+pub fn check_model(model: &str, served: &ModelInfo) -> Result<(), ApiError> {
+    if served
+        .served_names
+        .iter()
+        .any(|n| n.eq_ignore_ascii_case(model.trim()))
+    {
+        return Ok(());
+    }
+    let names: Vec<String> = served
+        .served_names
+        .iter()
+        .map(|n| format!("`{n}`"))
+        .collect();
+    Err(ApiError {
+        field: Some("model".into()),
+        ..ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "model `{model}` is not served here; this server serves {} (or leave `model` out)",
+                names.join(", ")
+            ),
+        )
+    })
+}
+
 /// Parses an OpenAI `size` (`"WxH"`).
 pub fn parse_size(size: &str) -> Result<(u32, u32), ApiError> {
     let bad = || {
@@ -380,21 +407,8 @@ impl ImagesRequest {
                 ));
             }
         }
-        if let Some(m) = &self.model
-            && m != &limits.model.id
-            && m != &limits.model.variant
-            && !m.contains("stable-diffusion-3.5")
-        {
-            return Err(ApiError {
-                field: Some("model".into()),
-                ..ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    format!(
-                        "model `{m}` is not served here; this server serves `{}`",
-                        limits.model.id
-                    ),
-                )
-            });
+        if let Some(m) = &self.model {
+            check_model(m, &limits.model)?;
         }
         let (width, height) = match &self.size {
             Some(s) => {

@@ -6,7 +6,10 @@
 
 use std::time::Duration;
 
+use sd35_contract::{DeviceKind, Precision, Variant};
 use serde::Serialize;
+
+pub use sd35_pipeline::StepControl;
 
 /// Everything that decides one image. Two requests with equal [`GenParams::batch_key`] can
 /// be sampled together.
@@ -62,23 +65,51 @@ pub struct Defaults {
     pub height: u32,
 }
 
-/// What the loaded model is and accepts.
+/// Skip-layer guidance the server applies when classifier-free guidance is on.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SkipLayerInfo {
+    /// Transformer blocks skipped in the extra pass.
+    pub layers: Vec<usize>,
+    /// Weight of the skip-layer term.
+    pub scale: f64,
+    /// Fraction of the steps after which it starts.
+    pub start: f64,
+    /// Fraction of the steps before which it stops.
+    pub stop: f64,
+}
+
+/// What the loaded model is and accepts: what `/v1/models` reports.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelInfo {
-    /// Model id (the model directory's name).
+    /// The primary model id (the first served name).
     pub id: String,
-    /// `large`, `large-turbo` or `medium`.
-    pub variant: String,
+    /// Every name a request may give as `model`, the primary first.
+    pub served_names: Vec<String>,
+    /// The variant served.
+    pub variant: Variant,
+    /// Where the variant came from (`requested`, `engine`, `cache-marker`, `structure`,
+    /// `assumed`).
+    pub variant_source: String,
     /// Weight precision.
-    pub precision: String,
+    pub precision: Precision,
+    /// Where the model runs (`cuda` or `cpu`).
+    pub device: DeviceKind,
+    /// The GPU's name, on CUDA.
+    pub gpu_name: Option<String>,
     /// Engine key of a prebuilt engine, when one is served.
     pub engine_key: Option<String>,
+    /// Cache key of the cached model served (or the engine was built from).
+    pub cache_key: Option<String>,
     /// Whether the T5 text encoder is loaded.
     pub t5_loaded: bool,
     /// Largest width or height the model accepts.
     pub max_size: u32,
     /// Defaults the model card gives (before the server's overrides).
     pub defaults: Defaults,
+    /// Skip-layer guidance of the variant, when it has one.
+    pub skip_layer_guidance: Option<SkipLayerInfo>,
+    /// Things an operator should know (CPU fallback, an assumed variant, conversion at load).
+    pub warnings: Vec<String>,
 }
 
 /// Why a generation did not produce an image.
@@ -88,14 +119,6 @@ pub enum GenFailure {
     Cancelled,
     /// The model failed; the message says why.
     Failed(String),
-}
-
-/// What happens between steps: progress reports, and whether each batch item is still wanted.
-pub trait StepControl {
-    /// Whether batch item `index` is still wanted; unwanted items are dropped at the next step.
-    fn wanted(&mut self, index: usize) -> bool;
-    /// One step finished for `batch` items.
-    fn step_done(&mut self, step: u32, steps: u32, batch: usize, seconds: f64);
 }
 
 /// A loaded text-to-image model.
@@ -190,9 +213,14 @@ impl Backend for FakeBackend {
     fn info(&self) -> ModelInfo {
         ModelInfo {
             id: "fake".into(),
-            variant: "large".into(),
-            precision: "f32".into(),
+            served_names: vec!["fake".into(), "large".into()],
+            variant: Variant::Large,
+            variant_source: "requested".into(),
+            precision: Precision::F32,
+            device: DeviceKind::Cpu,
+            gpu_name: None,
             engine_key: None,
+            cache_key: None,
             t5_loaded: false,
             max_size: 256,
             defaults: Defaults {
@@ -201,6 +229,8 @@ impl Backend for FakeBackend {
                 width: 64,
                 height: 64,
             },
+            skip_layer_guidance: None,
+            warnings: Vec::new(),
         }
     }
 
@@ -213,7 +243,7 @@ impl Backend for FakeBackend {
             seen.push(batch.len());
         }
         let mut alive = vec![true; batch.len()];
-        let steps = batch.first().map_or(0, |p| p.steps);
+        let steps = batch.first().map_or(0, |p| p.steps as usize);
         for step in 1..=steps {
             for (i, a) in alive.iter_mut().enumerate() {
                 *a = *a && control.wanted(i);

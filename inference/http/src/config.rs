@@ -12,15 +12,6 @@ pub enum LogFormat {
     Json,
 }
 
-/// Where the model runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DeviceKind {
-    /// The CPU (f32 compute).
-    Cpu,
-    /// The first CUDA GPU (needs a build with the `cuda` feature).
-    Cuda,
-}
-
 /// Everything `sd35-server serve` is configured by, from flags or `SD35_*` variables.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeConfig {
@@ -55,14 +46,6 @@ pub struct ServeConfig {
     /// Accepted bearer tokens, comma separated (adds to --auth-token-file).
     #[arg(long, env = "SD35_AUTH_TOKENS", hide_env_values = true)]
     pub auth_tokens: Option<String>,
-
-    /// Weight precision when serving a model directory: f32, bf16 or fp8.
-    #[arg(long, env = "SD35_PRECISION", default_value = "f32")]
-    pub precision: sd35_pipeline::Precision,
-
-    /// Where the model runs.
-    #[arg(long, env = "SD35_DEVICE", value_enum, default_value_t = DeviceKind::Cpu)]
-    pub device: DeviceKind,
 
     /// Skip the warm-up generation before reporting ready.
     #[arg(long, env = "SD35_NO_WARMUP")]
@@ -139,6 +122,11 @@ mod tests {
         let args = ServeArgs {
             model: "/cache/models/c".into(),
             engine: Some("/cache/engines/e".into()),
+            device: sd35_contract::DeviceKind::Cuda,
+            variant: Some(sd35_contract::Variant::LargeTurbo),
+            precision: Some(sd35_contract::Precision::Fp8),
+            served_model_names: vec!["tiny".into(), "sd3.5".into()],
+            termination_message_path: Some("/dev/termination-log".into()),
             host: "0.0.0.0".into(),
             port: 9000,
             no_t5: true,
@@ -159,7 +147,6 @@ mod tests {
         assert_eq!(config.log_format, LogFormat::Text);
         assert!(!config.log_prompts);
         assert_eq!(config.max_body_bytes, 64 * 1024);
-        assert_eq!(config.precision, sd35_pipeline::Precision::F32);
         assert_eq!(config.max_steps_for(sd35_pipeline::Variant::LargeTurbo), 16);
     }
 

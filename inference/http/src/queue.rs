@@ -183,7 +183,7 @@ impl StepControl for Control<'_> {
         self.jobs.get(index).is_some_and(|j| !j.abandoned())
     }
 
-    fn step_done(&mut self, _step: u32, _steps: u32, batch: usize, seconds: f64) {
+    fn step_done(&mut self, _step: usize, _steps: usize, batch: usize, seconds: f64) {
         self.metrics.step_done(batch, seconds);
     }
 }

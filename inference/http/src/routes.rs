@@ -44,6 +44,8 @@ pub struct AppState {
     pub log_prompts: bool,
     /// Largest body.
     pub max_body_bytes: usize,
+    /// When the server started, in Unix seconds (the models' `created`).
+    pub started_unix: u64,
 }
 
 impl IntoResponse for ApiError {
@@ -183,19 +185,34 @@ async fn openapi() -> Response {
 
 async fn models(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let limits = ready_limits(&state)?;
-    Ok(axum::Json(serde_json::json!({
-        "object": "list",
-        "data": [{
-            "id": limits.model.id,
+    let m = &limits.model;
+    let describe = |id: &str| {
+        serde_json::json!({
+            "id": id,
             "object": "model",
+            "created": state.started_unix,
             "owned_by": "sd35",
-            "variant": limits.model.variant,
-            "precision": limits.model.precision,
-            "engine_key": limits.model.engine_key,
-            "t5_loaded": limits.model.t5_loaded,
-            "defaults": limits.defaults,
+            "root": m.id,
+            "served_names": m.served_names,
+            "variant": m.variant,
+            "variant_source": m.variant_source,
+            "precision": m.precision,
+            "device": m.device,
+            "gpu_name": m.gpu_name,
+            "engine_key": m.engine_key,
+            "cache_key": m.cache_key,
+            "t5_loaded": m.t5_loaded,
+            "defaults": {
+                "steps": limits.defaults.steps,
+                "guidance_scale": limits.defaults.guidance_scale,
+                "width": limits.defaults.width,
+                "height": limits.defaults.height,
+                "classifier_free_guidance": limits.defaults.guidance_scale > 1.0,
+                "skip_layer_guidance": m.skip_layer_guidance,
+            },
+            "warnings": m.warnings,
             "limits": {
-                "max_size": limits.model.max_size,
+                "max_size": m.max_size,
                 "size_multiple": api::SIZE_MULTIPLE,
                 "max_steps": limits.max_steps,
                 "max_guidance_scale": api::MAX_GUIDANCE,
@@ -204,9 +221,10 @@ async fn models(State(state): State<Arc<AppState>>) -> Result<Response, ApiError
                 "max_batch_size": state.max_batch_size,
                 "max_body_bytes": state.max_body_bytes,
             },
-        }],
-    }))
-    .into_response())
+        })
+    };
+    let data: Vec<serde_json::Value> = m.served_names.iter().map(|n| describe(n)).collect();
+    Ok(axum::Json(serde_json::json!({"object": "list", "data": data})).into_response())
 }
 
 fn ready_limits(state: &AppState) -> Result<&Limits, ApiError> {

@@ -9,14 +9,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use candle_core::Device;
-use sd35_pipeline::Precision;
+use sd35_contract::ExitReason;
 use tokio::sync::oneshot;
 
 use crate::api::Limits;
 use crate::backend::{Backend, Defaults, GenParams, StepControl};
 use crate::candle::{CandleBackend, CandleOptions};
-use crate::config::{DeviceKind, LogFormat, ServeConfig};
+use crate::config::{LogFormat, ServeConfig};
 use crate::metrics::Metrics;
 use crate::queue::{LoadFn, Queue, QueueLimits};
 use crate::routes::{AppState, router};
@@ -44,86 +43,150 @@ impl StepControl for Quiet {
     fn wanted(&mut self, _: usize) -> bool {
         true
     }
-    fn step_done(&mut self, _: u32, _: u32, _: usize, _: f64) {}
+    fn step_done(&mut self, _: usize, _: usize, _: usize, _: f64) {}
 }
 
-/// Loads the candle pipeline for `config` and warms it up with one small image.
-pub fn candle_loader(config: &ServeConfig) -> anyhow::Result<LoadFn> {
-    let model = config.args.model.clone();
-    if !model.exists() {
-        bail!("--model {}: no such directory", model.display());
+/// A start-up failure of `serve`, with the documented exit code it ends with (17: no usable
+/// GPU, 18: the engine is not what was asked for, 16: the model cannot be loaded).
+#[derive(Debug)]
+pub struct StartupError {
+    /// The exit reason (and code).
+    pub reason: ExitReason,
+    /// What went wrong and what to change, on one line.
+    pub message: String,
+}
+
+impl std::fmt::Display for StartupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
     }
-    let (dir, engine_key, precision) = match &config.args.engine {
-        Some(engine) => {
-            let (key, precision) = engine_identity(engine)?;
-            (engine.clone(), Some(key), precision)
+}
+
+impl std::error::Error for StartupError {}
+
+impl StartupError {
+    /// A failure of `reason`.
+    pub fn new(reason: ExitReason, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
         }
-        None => (model.clone(), None, config.precision),
-    };
-    let device = match config.device {
-        DeviceKind::Cpu => Device::Cpu,
-        DeviceKind::Cuda => Device::new_cuda(0)
-            .context("--device cuda: no usable CUDA GPU (or a build without CUDA)")?,
-    };
+    }
+
+    fn pipeline(what: &str, e: &sd35_pipeline::Error) -> Self {
+        Self::new(e.exit_reason(), format!("{what}: {e}"))
+    }
+}
+
+/// Opens the device and returns the loader of the candle pipeline for `config`, which warms
+/// the model up with one small image. Fails at once when the device or the engine is not what
+/// the command line asks for.
+pub fn candle_loader(config: &ServeConfig) -> anyhow::Result<LoadFn> {
+    let a = &config.args;
+    if !a.model.exists() {
+        return Err(StartupError::new(
+            ExitReason::NotFound,
+            format!("--model {}: no such directory", a.model.display()),
+        )
+        .into());
+    }
+    if let Some(engine) = &a.engine {
+        // Checked before listening, so a wrong engine never passes as loading.
+        sd35_pipeline::engine::open(engine, false)
+            .map_err(|e| StartupError::pipeline(&format!("--engine {}", engine.display()), &e))?;
+    }
+    let device = sd35_pipeline::device::open(a.device)
+        .map_err(|e| StartupError::pipeline("cannot open the device", &e))?;
+    if let Some(w) = &device.warning {
+        tracing::warn!("{w}");
+    }
+    tracing::info!(
+        device = device.kind.as_str(),
+        gpu = device.gpu_name.as_deref().unwrap_or(""),
+        "device opened"
+    );
     let options = CandleOptions {
-        dir,
-        id: crate::candle::dir_name(&model),
-        engine_key,
-        precision,
+        model: a.model.clone(),
+        engine: a.engine.clone(),
+        variant: a.variant,
+        precision: a.precision,
+        served_names: a.served_model_names.clone(),
         device,
-        load_t5: !config.args.no_t5,
-        t5_max_tokens: config.args.t5_max_tokens as usize,
+        load_t5: !a.no_t5,
+        t5_max_tokens: a.t5_max_tokens as usize,
     };
     let warmup = !config.no_warmup;
     Ok(Box::new(move || {
         let started = Instant::now();
-        let mut backend = CandleBackend::load(options)?;
-        tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded");
+        let dir = options
+            .engine
+            .clone()
+            .unwrap_or_else(|| options.model.clone());
+        let mut backend = CandleBackend::load(options).map_err(|e| {
+            StartupError::pipeline(&format!("cannot load the model {}", dir.display()), &e)
+        })?;
+        let info = backend.info();
+        for w in &info.warnings {
+            tracing::warn!("{w}");
+        }
+        tracing::info!(
+            seconds = started.elapsed().as_secs_f64(),
+            variant = info.variant.as_str(),
+            precision = info.precision.as_str(),
+            device = info.device.as_str(),
+            "model loaded"
+        );
         if warmup {
-            let size = 64.min(backend.info().max_size);
+            let size = 64.min(info.max_size);
             let params = GenParams {
                 prompt: "warm-up".into(),
                 negative_prompt: String::new(),
                 width: size,
                 height: size,
                 steps: 1,
-                guidance_scale: backend.info().defaults.guidance_scale,
+                guidance_scale: info.defaults.guidance_scale,
                 seed: 0,
             };
             let out = backend.generate(&[params], &mut Quiet);
             if let Some(Err(e)) = out.into_iter().next() {
-                bail!("warm-up generation failed: {e:?}");
+                return Err(StartupError::new(
+                    ExitReason::InvalidModel,
+                    format!("warm-up generation failed: {e:?}"),
+                )
+                .into());
             }
         }
         Ok(Box::new(backend) as Box<dyn Backend>)
     }))
 }
 
-/// The key (directory name) and precision of a prebuilt engine, from its manifest; an engine
-/// without a manifest is incomplete and refused.
-fn engine_identity(engine: &std::path::Path) -> anyhow::Result<(String, Precision)> {
-    let manifest = engine.join(sd35_contract::ENGINE_MANIFEST);
-    let text = std::fs::read_to_string(&manifest).with_context(|| {
-        format!(
-            "--engine {}: cannot read {}; the engine is missing or incomplete, run \
-             `sd35-server build-engine` for it",
-            engine.display(),
-            sd35_contract::ENGINE_MANIFEST
-        )
-    })?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("--engine: {} is not valid JSON", manifest.display()))?;
-    let precision = v["precision"]
-        .as_str()
-        .and_then(|p| p.parse::<Precision>().ok())
-        .with_context(|| {
-            format!(
-                "--engine: {} names no known precision (f32, bf16, fp8)",
-                manifest.display()
-            )
-        })?;
-    let key = crate::candle::dir_name(engine).unwrap_or_else(|| engine.display().to_string());
-    Ok((key, precision))
+/// Runs `serve` and exits: 0 after a drain, the documented code of a [`StartupError`], or 1.
+/// A failure's one-line reason also goes to `--termination-message-path`, where Kubernetes
+/// shows it as the container's termination message.
+pub fn run_and_exit(config: ServeConfig) -> ! {
+    let termination = config.args.termination_message_path.clone();
+    let Err(e) = run(config) else {
+        std::process::exit(0)
+    };
+    let (code, line) = match e.downcast_ref::<StartupError>() {
+        Some(s) => (
+            s.reason.code(),
+            format!("{}: {}", s.reason.as_str(), s.message),
+        ),
+        None => (1, format!("{e:#}")),
+    };
+    let line = line.replace('\n', " ");
+    tracing::error!(exit_code = code, "{line}");
+    eprintln!("sd35-server serve: {line}");
+    if let Some(path) = termination
+        && let Err(err) = std::fs::write(&path, format!("{line}\n"))
+    {
+        eprintln!(
+            "sd35-server serve: cannot write the termination message to {}: {err}",
+            path.display()
+        );
+    }
+    std::process::exit(code)
 }
 
 /// Checks the configured defaults against the loaded model, so a bad default fails start-up
@@ -139,7 +202,11 @@ fn check_defaults(limits: &Limits) -> anyhow::Result<()> {
             Some(f) => format!("--default-{f}"),
             None => "a default".to_owned(),
         };
-        anyhow::anyhow!("{flag} does not suit the model: {}", e.message)
+        StartupError::new(
+            ExitReason::Usage,
+            format!("{flag} does not suit the model: {}", e.message),
+        )
+        .into()
     })
 }
 
@@ -212,6 +279,9 @@ pub async fn serve(
         max_batch_size: limits.max_batch_size.max(1),
         log_prompts: config.log_prompts,
         max_body_bytes: config.max_body_bytes,
+        started_unix: std::time::SystemTime::now()
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
     });
     let load_error: Arc<Mutex<Option<anyhow::Error>>> = Arc::default();
     let (failed_tx, failed_rx) = oneshot::channel::<()>();
@@ -222,7 +292,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let error = match loaded_rx.await {
                 Ok(Ok(info)) => {
-                    let variant = info.variant.parse::<sd35_pipeline::Variant>().ok();
+                    let variant = info.variant;
                     let defaults = Defaults {
                         steps: config.args.default_steps.unwrap_or(info.defaults.steps),
                         guidance_scale: config
@@ -232,7 +302,7 @@ pub async fn serve(
                         width: config.args.default_width.unwrap_or(info.defaults.width),
                         height: config.args.default_height.unwrap_or(info.defaults.height),
                     };
-                    let max_steps = variant.map_or(100, |v| config.max_steps_for(v));
+                    let max_steps = config.max_steps_for(variant);
                     let limits = Limits {
                         model: info,
                         defaults,
@@ -243,7 +313,7 @@ pub async fn serve(
                         Ok(()) => {
                             let seconds = started.elapsed().as_secs_f64();
                             metrics.model_load_seconds.set(seconds);
-                            let (model, variant) = (&limits.model.id, &limits.model.variant);
+                            let (model, variant) = (&limits.model.id, limits.model.variant);
                             tracing::info!(%model, %variant, seconds, "ready");
                             let _ = state.limits.set(limits);
                             return;

@@ -4,12 +4,12 @@
 
 use std::path::Path;
 
-use candle_core::Device;
 use sd35_http::backend::{
     Backend, GenFailure, GenParams, StepControl, decode_png, pixel_difference,
 };
 use sd35_http::candle::{CandleBackend, CandleOptions};
 use sd35_pipeline::Precision;
+use sd35_pipeline::device::OpenedDevice;
 
 /// Wants every item, except item 1 after the first step when `drop_second` is set.
 struct Keep(Vec<bool>, bool);
@@ -18,7 +18,7 @@ impl StepControl for Keep {
     fn wanted(&mut self, index: usize) -> bool {
         self.0.get(index).copied().unwrap_or(false)
     }
-    fn step_done(&mut self, step: u32, _: u32, _: usize, _: f64) {
+    fn step_done(&mut self, step: usize, _: usize, _: usize, _: f64) {
         if self.1 && step == 1 && self.0.len() > 1 {
             self.0[1] = false;
         }
@@ -34,11 +34,12 @@ fn batch_equals_singles(model: &str) {
         .join("../testdata")
         .join(model);
     let mut backend = CandleBackend::load(CandleOptions {
-        dir,
-        id: None,
-        engine_key: None,
-        precision: Precision::F32,
-        device: Device::Cpu,
+        model: dir,
+        engine: None,
+        variant: None,
+        precision: Some(Precision::F32),
+        served_names: Vec::new(),
+        device: OpenedDevice::cpu(),
         load_t5: true,
         t5_max_tokens: 256,
     })

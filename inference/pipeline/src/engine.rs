@@ -21,12 +21,12 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use sd35_contract::{ENGINE_FORMAT_VERSION, ENGINE_MANIFEST};
-use serde::{Deserialize, Serialize};
+use sd35_contract::{ENGINE_FORMAT_VERSION, ENGINE_MANIFEST, ManifestError};
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::linear::quantize_per_channel;
-use crate::variant::Precision;
+use crate::variant::{Precision, Variant};
 use crate::{Error, Result};
 
 /// Largest finite F8E4M3 value.
@@ -38,86 +38,25 @@ const CHUNK_BYTES: usize = 4 << 20;
 /// Name of the marker tensor of pre-quantised checkpoints.
 const FP8_MARKER: &str = "scaled_fp8";
 
-/// How fp8 engines scale their F8E4M3 weights.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum Fp8Scale {
-    /// One absmax scale for the whole matrix.
-    PerTensor,
-    /// One absmax scale per output channel (row), as the pipeline quantises at load.
-    #[default]
-    PerChannel,
-}
-
-impl std::str::FromStr for Fp8Scale {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        match s {
-            "per-tensor" => Ok(Self::PerTensor),
-            "per-channel" => Ok(Self::PerChannel),
-            _ => Err(format!(
-                "unknown fp8 scale `{s}`: expected per-tensor or per-channel"
-            )),
-        }
-    }
-}
-
-/// One file of an engine.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EngineFile {
-    /// Path relative to the engine directory, `/`-separated.
-    pub path: String,
-    /// Size in bytes.
-    pub size: u64,
-    /// Lower-case hex sha256 of the content.
-    pub sha256: String,
-}
-
-/// `engine.json`: what an engine is and what it holds.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EngineManifest {
-    /// Engine layout version; a server reads only its own.
-    pub format_version: u32,
-    /// `bf16` or `fp8`.
-    pub precision: String,
-    /// fp8 only: how weights are scaled.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fp8_scale: Option<Fp8Scale>,
-    /// Cache key of the model it was built from.
-    pub source_cache_key: String,
-    /// Revision of that model, when the cache recorded one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source_revision: Option<String>,
-    /// Name and version of the program that built it.
-    pub tool_version: String,
-    /// Every file but the manifest.
-    pub files: Vec<EngineFile>,
-}
-
-impl EngineManifest {
-    /// The pipeline precision the engine is stored in.
-    pub fn precision(&self) -> Result<Precision> {
-        match self.precision.as_str() {
-            "bf16" => Ok(Precision::Bf16),
-            "fp8" => Ok(Precision::Fp8),
-            other => Err(Error::Layout(format!(
-                "engine precision `{other}` is neither bf16 nor fp8"
-            ))),
-        }
-    }
-}
+pub use sd35_contract::{EngineManifest, FileRecord, Fp8Scale};
 
 /// What to build.
 #[derive(Clone, Debug)]
 pub struct BuildOptions {
+    /// The variant the engine serves, recorded in the manifest.
+    pub variant: Variant,
     /// `Bf16` or `Fp8`.
     pub precision: Precision,
+    /// The engine key, recorded in the manifest.
+    pub engine_key: String,
     /// Scaling of fp8 weights.
     pub fp8_scale: Fp8Scale,
     /// Cache key of the source model, recorded in the manifest.
     pub source_cache_key: String,
     /// Revision of the source model, recorded in the manifest.
     pub source_revision: Option<String>,
+    /// Hugging Face repository of the source model, recorded in the manifest.
+    pub source_repo: Option<String>,
     /// Recorded in the manifest.
     pub tool_version: String,
 }
@@ -148,37 +87,17 @@ fn engine_err(dir: &Path, message: impl Into<String>) -> Error {
 /// Reads and checks an engine: manifest present and of this format version, every file
 /// present with its recorded size and, when `checksums`, its recorded sha256.
 pub fn open(dir: &Path, checksums: bool) -> Result<EngineManifest> {
-    let manifest_path = dir.join(ENGINE_MANIFEST);
-    let text = match std::fs::read_to_string(&manifest_path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(engine_err(
-                dir,
-                format!(
-                    "no {ENGINE_MANIFEST}: the engine is incomplete (an interrupted build); \
-                     run build-engine again"
-                ),
-            ));
-        }
-        Err(e) => return Err(Error::io(&manifest_path, e)),
-    };
-    let manifest: EngineManifest = serde_json::from_str(&text).map_err(|e| {
-        engine_err(
-            dir,
-            format!("{ENGINE_MANIFEST} is not a valid engine manifest ({e}); rebuild the engine"),
-        )
-    })?;
-    if manifest.format_version != ENGINE_FORMAT_VERSION {
-        return Err(engine_err(
+    let manifest = EngineManifest::read(dir).map_err(|e| match e {
+        ManifestError::Missing(_) => engine_err(
             dir,
             format!(
-                "engine format version {} but this server reads version {ENGINE_FORMAT_VERSION}; \
-                 rebuild the engine with this server's build-engine",
-                manifest.format_version
+                "no {ENGINE_MANIFEST}: the engine is missing or incomplete (an interrupted \
+                 build); run build-engine for it"
             ),
-        ));
-    }
-    manifest.precision()?;
+        ),
+        ManifestError::Io(path, source) => Error::io(path, source),
+        ManifestError::Invalid(_, message) => engine_err(dir, message),
+    })?;
     for f in &manifest.files {
         let path = dir.join(&f.path);
         let meta = std::fs::metadata(&path).map_err(|e| {
@@ -278,7 +197,7 @@ pub fn build(
     opts: &BuildOptions,
     progress: &mut dyn FnMut(&BuildProgress<'_>),
 ) -> Result<EngineManifest> {
-    if !matches!(opts.precision, Precision::Bf16 | Precision::Fp8) {
+    if !opts.precision.is_engine_precision() {
         return Err(Error::invalid(
             "precision",
             "engines are built in bf16 or fp8",
@@ -334,7 +253,7 @@ pub fn build(
         }
         let (size, sha256) = w.finish(&tmp)?;
         std::fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
-        entries.push(EngineFile {
+        entries.push(FileRecord {
             path: rel.clone(),
             size,
             sha256,
@@ -342,37 +261,21 @@ pub fn build(
     }
     let manifest = EngineManifest {
         format_version: ENGINE_FORMAT_VERSION,
-        precision: opts.precision.as_str().to_owned(),
+        variant: opts.variant,
+        precision: opts.precision,
         fp8_scale: (opts.precision == Precision::Fp8).then_some(opts.fp8_scale),
+        engine_key: opts.engine_key.clone(),
         source_cache_key: opts.source_cache_key.clone(),
         source_revision: opts.source_revision.clone(),
+        source_repo: opts.source_repo.clone(),
         tool_version: opts.tool_version.clone(),
         files: entries,
     };
-    let json = serde_json::to_vec_pretty(&manifest).map_err(|source| Error::Json {
-        path: out.join(ENGINE_MANIFEST),
-        source,
+    manifest.write(out).map_err(|e| match e {
+        ManifestError::Io(path, source) => Error::io(path, source),
+        other => engine_err(out, other.to_string()),
     })?;
-    write_atomic(&out.join(ENGINE_MANIFEST), &json)?;
     Ok(manifest)
-}
-
-/// Writes `bytes` to `path` through a synced temporary file and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_file_name(format!(
-        ".{}.partial",
-        path.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-    f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    if let Some(dir) = path.parent()
-        && let Ok(d) = std::fs::File::open(dir)
-    {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 struct HashingWriter<W: Write> {

@@ -8,8 +8,8 @@ pub enum Error {
     /// A tensor operation failed (shape mismatch, unsupported dtype on this device, ...).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-    /// A file could not be read.
-    #[error("cannot read {path}: {source}")]
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -52,6 +52,30 @@ pub enum Error {
     /// Writing the PNG failed.
     #[error("png: {0}")]
     Png(String),
+    /// What was asked for contradicts what the engine or model is (variant, precision).
+    #[error("{0}")]
+    Mismatch(String),
+    /// The device asked for is not usable.
+    #[error("{0}")]
+    Device(String),
+}
+
+impl Error {
+    /// The documented exit code a command that fails with this error ends with.
+    pub fn exit_reason(&self) -> sd35_contract::ExitReason {
+        use sd35_contract::ExitReason;
+        match self {
+            Error::Mismatch(_) => ExitReason::EngineMismatch,
+            Error::Device(_) => ExitReason::GpuUnavailable,
+            Error::Io { source, .. } => match source.kind() {
+                std::io::ErrorKind::NotFound => ExitReason::NotFound,
+                std::io::ErrorKind::PermissionDenied => ExitReason::PermissionDenied,
+                _ => ExitReason::InvalidModel,
+            },
+            Error::InvalidRequest { .. } => ExitReason::Usage,
+            _ => ExitReason::InvalidModel,
+        }
+    }
 }
 
 /// Result alias of this crate.

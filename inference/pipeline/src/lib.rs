@@ -8,6 +8,7 @@
 //! checkpoints, memory-mapped, in f32, bf16 or fp8 storage.
 
 pub mod clip;
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod image;
@@ -25,5 +26,9 @@ pub mod variant;
 pub mod weights;
 
 pub use error::{Error, Result};
-pub use pipeline::{GenerateRequest, Pipeline, PipelineOptions, PromptParts, PromptTokens};
-pub use variant::{Precision, SkipLayerGuidance, Variant, VariantDefaults};
+pub use pipeline::{
+    GenerateRequest, Pipeline, PipelineOptions, PromptParts, PromptTokens, StepControl,
+    VariantSource,
+};
+pub use sd35_contract::DeviceKind;
+pub use variant::{Precision, SkipLayerGuidance, Variant, VariantDefaults, model_card};

@@ -191,14 +191,4 @@ impl ModelDir {
             )))
         }
     }
-
-    /// A name that helps telling variants apart (directory and checkpoint names).
-    pub fn identity(&self) -> String {
-        let mut s = self.root.to_string_lossy().to_lowercase();
-        if let Layout::SingleFile { checkpoint, .. } = &self.layout {
-            s.push(' ');
-            s.push_str(&checkpoint.to_string_lossy().to_lowercase());
-        }
-        s
-    }
 }

@@ -17,7 +17,7 @@ use crate::scheduler::FlowMatchSchedule;
 use crate::t5::{T5Config, T5Encoder};
 use crate::tokenizer::PromptTokenizer;
 use crate::vae::{VaeConfig, VaeDecoder, VaeNames};
-use crate::variant::{Precision, SkipLayerGuidance, Variant};
+use crate::variant::{Precision, SkipLayerGuidance, Variant, model_card};
 use crate::weights::{Weights, component_files};
 use crate::{Error, Result};
 
@@ -31,22 +31,54 @@ pub const SIZE_MULTIPLE: usize = 16;
 /// How to load a model.
 #[derive(Debug, Clone)]
 pub struct PipelineOptions {
-    /// Weight storage precision.
-    pub precision: Precision,
+    /// Weight storage precision. Unset: an engine's own, else bf16 on CUDA and f32 on the CPU.
+    /// Set, it must match an engine's.
+    pub precision: Option<Precision>,
     /// Where to run.
     pub device: Device,
     /// Load T5 (otherwise its embedding is zeros, as the reference allows).
     pub load_t5: bool,
     /// T5 sequence length (≤ 512).
     pub t5_max_length: usize,
-    /// Force a variant instead of detecting it.
+    /// The variant, as the caller knows it. Unset: the engine's or the cache marker's, else
+    /// what the transformer's structure says (see [`VariantSource`]). Set, it must match an
+    /// engine's and the structure.
     pub variant: Option<Variant>,
+}
+
+/// Where a pipeline's variant came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VariantSource {
+    /// The caller said it (`--variant`).
+    Requested,
+    /// The engine's manifest says it.
+    Engine,
+    /// The cache's completion marker says it.
+    CacheMarker,
+    /// The transformer is MMDiT-X, which only medium is.
+    Structure,
+    /// Nothing said it and the transformer is an MMDiT: large and large-turbo look the same,
+    /// so `large` was assumed.
+    Assumed,
+}
+
+impl VariantSource {
+    /// A word for logs and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Requested => "requested",
+            Self::Engine => "engine",
+            Self::CacheMarker => "cache-marker",
+            Self::Structure => "structure",
+            Self::Assumed => "assumed",
+        }
+    }
 }
 
 impl Default for PipelineOptions {
     fn default() -> Self {
         Self {
-            precision: Precision::F32,
+            precision: None,
             device: Device::Cpu,
             load_t5: true,
             t5_max_length: DEFAULT_T5_LENGTH,
@@ -100,10 +132,33 @@ pub struct PromptTokens {
     pub t5: Option<Vec<u32>>,
 }
 
+/// What happens between sampling steps: which batch items are still wanted (the others are
+/// dropped at the next step), and progress.
+pub trait StepControl {
+    /// Whether batch item `index` is still wanted.
+    fn wanted(&mut self, index: usize) -> bool;
+    /// Step `step` of `steps` finished for `live` items in `seconds`.
+    fn step_done(&mut self, step: usize, steps: usize, live: usize, seconds: f64);
+}
+
+/// Every item wanted; each step reported to a closure.
+struct Progress<'a>(&'a mut dyn FnMut(usize, usize));
+
+impl StepControl for Progress<'_> {
+    fn wanted(&mut self, _: usize) -> bool {
+        true
+    }
+    fn step_done(&mut self, step: usize, steps: usize, _: usize, _: f64) {
+        (self.0)(step, steps);
+    }
+}
+
 /// A loaded SD3.5 pipeline.
 #[derive(Debug)]
 pub struct Pipeline {
     variant: Variant,
+    variant_source: VariantSource,
+    precision: Precision,
     dtype: DType,
     device: Device,
     tok_l: PromptTokenizer,
@@ -134,11 +189,27 @@ impl Pipeline {
         }
         // A prebuilt engine is stored in its own precision: it is loaded as built, checked
         // against its manifest first, and never converted again.
-        let prec = if crate::engine::is_engine(path) {
-            crate::engine::open(path, false)?.precision()?
+        let engine = if crate::engine::is_engine(path) {
+            Some(crate::engine::open(path, false)?)
         } else {
-            opts.precision
+            None
         };
+        let prec = match (&engine, opts.precision) {
+            (Some(m), Some(asked)) if asked != m.precision => {
+                return Err(Error::Mismatch(format!(
+                    "--precision {asked} but the engine {} is {}: rebuild it in {asked} or ask \
+                     for {}",
+                    path.display(),
+                    m.precision,
+                    m.precision
+                )));
+            }
+            (Some(m), _) => m.precision,
+            (None, Some(asked)) => asked,
+            (None, None) if opts.device.is_cpu() => Precision::F32,
+            (None, None) => Precision::Bf16,
+        };
+        let marker = sd35_contract::CacheManifest::read(path).ok();
         let dir = ModelDir::open(path)?;
         let (dev, prec) = (&opts.device, prec);
         // The CLIP encoders are small: in fp8 mode they stay bf16, as in fp8_scaled checkpoints.
@@ -224,18 +295,18 @@ impl Pipeline {
             )?),
             None => None,
         };
-        let variant = opts.variant.unwrap_or_else(|| {
-            if !mmdit.config().dual_attention_layers.is_empty() {
-                Variant::Medium
-            } else if dir.identity().contains("turbo") {
-                Variant::LargeTurbo
-            } else {
-                Variant::Large
-            }
-        });
+        let (variant, variant_source) = resolve_variant(
+            path,
+            opts.variant,
+            engine.as_ref().map(|m| m.variant),
+            marker.as_ref().map(|m| m.variant),
+            !mmdit.config().dual_attention_layers.is_empty(),
+        )?;
         let dtype = ckpt_compute_dtype(dev, prec);
         Ok(Self {
             variant,
+            variant_source,
+            precision: prec,
             dtype,
             device: dev.clone(),
             tok_l,
@@ -251,9 +322,34 @@ impl Pipeline {
         })
     }
 
-    /// The detected (or forced) variant.
+    /// The variant served.
     pub fn variant(&self) -> Variant {
         self.variant
+    }
+
+    /// Where the variant came from.
+    pub fn variant_source(&self) -> VariantSource {
+        self.variant_source
+    }
+
+    /// The precision the weights are stored in.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Whether T5 is loaded (otherwise its embedding is zeros).
+    pub fn t5_loaded(&self) -> bool {
+        self.t5.is_some()
+    }
+
+    /// The flow-matching schedule shift.
+    pub fn shift(&self) -> f64 {
+        self.shift
     }
 
     /// The transformer.
@@ -279,7 +375,7 @@ impl Pipeline {
 
     /// A request with the variant's defaults (size capped by the model).
     pub fn default_request(&self, prompt: &str) -> GenerateRequest {
-        let d = self.variant.defaults();
+        let d = model_card(self.variant);
         let size = d.size.min(self.max_size());
         GenerateRequest {
             prompt: prompt.to_string(),
@@ -416,57 +512,140 @@ impl Pipeline {
         req: &GenerateRequest,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
-        self.validate(req)?;
-        let mut latents = self.initial_latents(req)?;
-        let cfg = req.guidance > 1.0;
-        let (ctx, pooled) = self.encode_prompt(&req.prompt)?;
-        let (ctx_b, pooled_b) = if cfg {
-            let (nctx, npooled) = self.encode_prompt(&req.negative_prompt)?;
-            (
-                Tensor::cat(&[&nctx, &ctx], 0)?,
-                Tensor::cat(&[&npooled, &pooled], 0)?,
-            )
-        } else {
-            (ctx.clone(), pooled.clone())
+        let mut out = self.sample_batch(std::slice::from_ref(req), &mut Progress(progress))?;
+        out.pop()
+            .flatten()
+            .ok_or_else(|| Error::invalid("request", "the sampler returned no latents"))
+    }
+
+    /// Runs the sampler for requests of one shape side by side — the one denoising loop, used
+    /// by `generate` (a batch of one) and by the server. Returns the final latents of each item
+    /// (f32), `None` for items `control` stopped wanting. An item sampled in a batch of one is
+    /// bit-identical to [`Pipeline::sample`]'s.
+    ///
+    /// Every request is validated; they must share size, steps, guidance and skip-layer
+    /// guidance (prompts, negative prompts, seeds and initial latents may differ).
+    pub fn sample_batch(
+        &self,
+        reqs: &[GenerateRequest],
+        control: &mut dyn StepControl,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let Some(first) = reqs.first() else {
+            return Ok(Vec::new());
         };
-        let schedule = FlowMatchSchedule::new(req.steps, self.shift);
+        for req in reqs {
+            self.validate(req)?;
+            let same = (
+                req.width,
+                req.height,
+                req.steps,
+                req.guidance.to_bits(),
+                &req.slg,
+            ) == (
+                first.width,
+                first.height,
+                first.steps,
+                first.guidance.to_bits(),
+                &first.slg,
+            );
+            if !same {
+                return Err(Error::invalid(
+                    "batch",
+                    "requests of one batch must share size, steps, guidance and skip-layer \
+                     guidance",
+                ));
+            }
+        }
+        let dev = &self.device;
+        let cfg = first.guidance > 1.0;
+        // Skip-layer guidance refines classifier-free guidance; without CFG there is none.
+        let slg = if cfg { first.slg.as_ref() } else { None };
+        let (mut lat, mut ctx, mut pooled, mut nctx, mut npooled) =
+            (vec![], vec![], vec![], vec![], vec![]);
+        for req in reqs {
+            lat.push(self.initial_latents(req)?);
+            let (c, p) = self.encode_prompt(&req.prompt)?;
+            ctx.push(c);
+            pooled.push(p);
+            if cfg {
+                let (c, p) = self.encode_prompt(&req.negative_prompt)?;
+                nctx.push(c);
+                npooled.push(p);
+            }
+        }
+        let cat = |v: &[Tensor]| Tensor::cat(v, 0);
+        let mut latents = cat(&lat)?;
+        let (mut ctx, mut pooled) = (cat(&ctx)?, cat(&pooled)?);
+        let (mut nctx, mut npooled) = if cfg {
+            (Some(cat(&nctx)?), Some(cat(&npooled)?))
+        } else {
+            (None, None)
+        };
+        // Original index of each row still sampled.
+        let mut rows: Vec<usize> = (0..reqs.len()).collect();
+        let schedule = FlowMatchSchedule::new(first.steps, self.shift);
         let steps = schedule.len();
         for (i, &t) in schedule.timesteps.iter().enumerate() {
+            let keep: Vec<usize> = (0..rows.len())
+                .filter(|&r| control.wanted(rows[r]))
+                .collect();
+            if keep.is_empty() {
+                return Ok(vec![None; reqs.len()]);
+            }
+            if keep.len() < rows.len() {
+                let ids = Tensor::new(keep.iter().map(|&r| r as u32).collect::<Vec<_>>(), dev)?;
+                latents = latents.index_select(&ids, 0)?;
+                ctx = ctx.index_select(&ids, 0)?;
+                pooled = pooled.index_select(&ids, 0)?;
+                nctx = nctx.map(|t| t.index_select(&ids, 0)).transpose()?;
+                npooled = npooled.map(|t| t.index_select(&ids, 0)).transpose()?;
+                rows = keep.iter().map(|&r| rows[r]).collect();
+            }
+            let started = std::time::Instant::now();
+            let b = rows.len();
             let x = latents.to_dtype(self.dtype)?;
-            let x_in = if cfg {
-                Tensor::cat(&[&x, &x], 0)?
-            } else {
-                x.clone()
-            };
-            let tt = Tensor::full(t, x_in.dim(0)?, &self.device)?;
-            let pred = self
-                .mmdit
-                .forward(&x_in, &tt, &ctx_b, &pooled_b, &[])?
-                .to_dtype(DType::F32)?;
-            let noise = if cfg {
-                let uncond = pred.narrow(0, 0, 1)?;
-                let text = pred.narrow(0, 1, 1)?;
-                let mut noise = (&uncond + ((&text - &uncond)? * req.guidance)?)?;
-                if let Some(slg) = &req.slg {
-                    let fi = i as f64;
-                    let n = steps as f64;
-                    if fi > n * slg.start && fi < n * slg.stop {
-                        let t1 = Tensor::full(t, 1, &self.device)?;
-                        let skip = self
-                            .mmdit
-                            .forward(&x, &t1, &ctx, &pooled, &slg.layers)?
-                            .to_dtype(DType::F32)?;
-                        noise = (noise + ((&text - &skip)? * slg.scale)?)?;
+            let noise = match (&nctx, &npooled) {
+                (Some(nc), Some(np)) => {
+                    // Unconditional rows first, then conditional: one transformer pass.
+                    let x_in = Tensor::cat(&[&x, &x], 0)?;
+                    let c_in = Tensor::cat(&[nc, &ctx], 0)?;
+                    let p_in = Tensor::cat(&[np, &pooled], 0)?;
+                    let tt = Tensor::full(t, 2 * b, dev)?;
+                    let pred = self
+                        .mmdit
+                        .forward(&x_in, &tt, &c_in, &p_in, &[])?
+                        .to_dtype(DType::F32)?;
+                    let uncond = pred.narrow(0, 0, b)?;
+                    let text = pred.narrow(0, b, b)?;
+                    let mut noise = (&uncond + ((&text - &uncond)? * first.guidance)?)?;
+                    if let Some(slg) = slg {
+                        let (fi, n) = (i as f64, steps as f64);
+                        if fi > n * slg.start && fi < n * slg.stop {
+                            let tb = Tensor::full(t, b, dev)?;
+                            let skip = self
+                                .mmdit
+                                .forward(&x, &tb, &ctx, &pooled, &slg.layers)?
+                                .to_dtype(DType::F32)?;
+                            noise = (noise + ((&text - &skip)? * slg.scale)?)?;
+                        }
                     }
+                    noise
                 }
-                noise
-            } else {
-                pred
+                _ => {
+                    let tt = Tensor::full(t, b, dev)?;
+                    self.mmdit
+                        .forward(&x, &tt, &ctx, &pooled, &[])?
+                        .to_dtype(DType::F32)?
+                }
             };
             latents = (latents + (noise * f64::from(schedule.dt(i)))?)?;
-            progress(i + 1, steps);
+            control.step_done(i + 1, steps, b, started.elapsed().as_secs_f64());
         }
-        Ok(latents)
+        let mut out = vec![None; reqs.len()];
+        for (r, &orig) in rows.iter().enumerate() {
+            out[orig] = Some(latents.narrow(0, r, 1)?);
+        }
+        Ok(out)
     }
 
     /// Decodes sampler latents into an image tensor `[1, 3, H, W]` in `[-1, 1]`.
@@ -484,6 +663,45 @@ impl Pipeline {
         let latents = self.sample(req, progress)?;
         image::to_rgb(&self.decode(&latents)?)
     }
+}
+
+/// The variant to serve, from what the caller asked, the engine and cache marker say, and the
+/// transformer's structure; a contradiction is an error naming both sides.
+fn resolve_variant(
+    path: &Path,
+    asked: Option<Variant>,
+    engine: Option<Variant>,
+    marker: Option<Variant>,
+    mmdit_x: bool,
+) -> Result<(Variant, VariantSource)> {
+    if let (Some(a), Some(e)) = (asked, engine)
+        && a != e
+    {
+        return Err(Error::Mismatch(format!(
+            "--variant {a} but the engine {} was built for {e}: rebuild it for {a} or ask for {e}",
+            path.display()
+        )));
+    }
+    let (variant, source) = match (asked, engine, marker) {
+        (Some(v), ..) => (v, VariantSource::Requested),
+        (None, Some(v), _) => (v, VariantSource::Engine),
+        (None, None, Some(v)) => (v, VariantSource::CacheMarker),
+        (None, None, None) if mmdit_x => (Variant::Medium, VariantSource::Structure),
+        (None, None, None) => (Variant::Large, VariantSource::Assumed),
+    };
+    if mmdit_x != (variant == Variant::Medium) {
+        let found = if mmdit_x {
+            "an MMDiT-X (medium)"
+        } else {
+            "an MMDiT (large or large-turbo)"
+        };
+        return Err(Error::Mismatch(format!(
+            "the variant is {variant} ({}) but {} holds {found} transformer",
+            source.as_str(),
+            path.display()
+        )));
+    }
+    Ok((variant, source))
 }
 
 fn ckpt_compute_dtype(device: &Device, precision: Precision) -> DType {

@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use sd35_pipeline::scheduler::FlowMatchSchedule;
 use sd35_pipeline::{
     GenerateRequest, Pipeline, PipelineOptions, Precision, SkipLayerGuidance, Variant,
+    VariantSource, model_card,
 };
 use serde_json::Value;
 
@@ -34,7 +35,7 @@ fn manifest() -> Value {
 
 fn load(model: &str, precision: Precision) -> Pipeline {
     let opts = PipelineOptions {
-        precision,
+        precision: Some(precision),
         ..PipelineOptions::default()
     };
     Pipeline::load(&testdata().join(model), &opts).unwrap_or_else(|e| panic!("load {model}: {e}"))
@@ -272,9 +273,38 @@ fn end_to_end_f32_matches_reference() {
         ("sd35-tiny-medium-single", "medium_noguidance"),
         ("sd35-tiny-medium", "medium_slg"),
         ("sd35-tiny-medium-single", "medium_slg"),
+        ("sd35-tiny-large", "turbo_default"),
+        ("sd35-tiny-medium", "medium_default"),
     ] {
         run_case(model, case, Precision::F32, 1e-3);
     }
+}
+
+#[test]
+fn skip_layer_guidance_at_the_model_card_defaults_is_really_active() {
+    // The model card's layers 7, 8, 9 exist in the tiny medium model, and the default case
+    // has steps where they are skipped: leaving SLG out must change the result visibly.
+    let m = manifest();
+    let case = m["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "medium_default")
+        .unwrap()
+        .clone();
+    let p = load("sd35-tiny-medium", Precision::F32);
+    let mut req = request(&p, &case);
+    assert_eq!(
+        req.slg,
+        p.default_request("x").slg,
+        "the case is the model card"
+    );
+    req.slg = None;
+    let without = p.sample(&req, &mut |_, _| {}).unwrap();
+    let g = golden("e2e_medium_default.safetensors");
+    let err = rel_err(&without, &g["latents"]);
+    eprintln!("medium_default without SLG: relative error {err:.3e}");
+    assert!(err > 1e-2, "SLG made no difference ({err:.3e})");
 }
 
 #[test]
@@ -393,17 +423,42 @@ fn same_seed_gives_identical_images() {
 }
 
 #[test]
-fn variants_and_defaults_are_detected() {
+fn variants_come_from_the_caller_or_the_structure_and_contradictions_are_refused() {
+    let large = load("sd35-tiny-large", Precision::F32);
     assert_eq!(
-        load("sd35-tiny-large", Precision::F32).variant(),
-        Variant::Large
+        (large.variant(), large.variant_source()),
+        (Variant::Large, VariantSource::Assumed)
     );
     let medium = load("sd35-tiny-medium-single", Precision::F32);
-    assert_eq!(medium.variant(), Variant::Medium);
+    assert_eq!(
+        (medium.variant(), medium.variant_source()),
+        (Variant::Medium, VariantSource::Structure)
+    );
     let req = medium.default_request("x");
     assert_eq!((req.steps, req.guidance), (40, 4.5));
     assert_eq!(req.slg.unwrap().layers, vec![7, 8, 9]);
-    assert_eq!(Variant::LargeTurbo.defaults().steps, 4);
+    assert_eq!(model_card(Variant::LargeTurbo).steps, 4);
+
+    let with_variant = |model: &str, variant| {
+        let opts = PipelineOptions {
+            variant: Some(variant),
+            ..PipelineOptions::default()
+        };
+        Pipeline::load(&testdata().join(model), &opts)
+    };
+    // The same MMDiT weights serve as turbo when the caller says so: 4 steps, no guidance.
+    let turbo = with_variant("sd35-tiny-large", Variant::LargeTurbo).unwrap();
+    assert_eq!(turbo.variant_source(), VariantSource::Requested);
+    let req = turbo.default_request("x");
+    assert_eq!((req.steps, req.guidance, req.slg), (4, 0.0, None));
+    for (model, variant) in [
+        ("sd35-tiny-large", Variant::Medium),
+        ("sd35-tiny-medium", Variant::Large),
+    ] {
+        let err = with_variant(model, variant).unwrap_err();
+        assert_eq!(err.exit_reason(), sd35_contract::ExitReason::EngineMismatch);
+        assert!(err.to_string().contains("transformer"), "{err}");
+    }
 }
 
 #[test]

@@ -6,12 +6,12 @@
 
 use std::time::Instant;
 
-use sd35_contract::{BuildEngineArgs, EnginePrecision, ExitReason, engine_dir, model_dir};
+use sd35_contract::{BuildEngineArgs, ExitReason, engine_dir, model_dir};
 use sd35_pipeline::Precision;
 use sd35_pipeline::engine::{BuildOptions, Fp8Scale};
 
 use crate::fetch::error::{JobError, exit_on_error};
-use crate::fetch::manifest::CacheManifest;
+use crate::fetch::manifest::read_marker;
 
 /// `sd35-server build-engine`: the contract's flags plus the fp8 scaling choice.
 #[derive(Debug, clap::Args)]
@@ -41,7 +41,7 @@ pub fn run(cmd: &BuildEngineCommand) -> Result<(), JobError> {
     let a = &cmd.args;
     let model = model_dir(&a.cache_root, &a.cache_key);
     let out = engine_dir(&a.cache_root, &a.engine_key);
-    let Some(cache) = CacheManifest::read(&model)? else {
+    let Some(cache) = read_marker(&model)? else {
         return Err(JobError::new(
             ExitReason::NotFound,
             format!(
@@ -59,28 +59,38 @@ pub fn run(cmd: &BuildEngineCommand) -> Result<(), JobError> {
             ),
         ));
     }
-    let precision = match a.precision {
-        EnginePrecision::Bf16 => Precision::Bf16,
-        EnginePrecision::Fp8 => Precision::Fp8,
-    };
+    let precision = a.precision;
+    if !precision.is_engine_precision() {
+        return Err(JobError::new(
+            ExitReason::Usage,
+            format!("--precision {precision}: engines are built in bf16 or fp8"),
+        ));
+    }
+    let variant = a.variant.unwrap_or(cache.variant);
     if let Ok(m) = sd35_pipeline::engine::open(&out, true)
         && m.source_cache_key == a.cache_key
-        && m.precision == precision.as_str()
+        && m.engine_key == a.engine_key
+        && m.variant == variant
+        && m.precision == precision
         && m.fp8_scale == (precision == Precision::Fp8).then_some(cmd.fp8_scale)
     {
         tracing::info!(engine = %out.display(), "engine already built, nothing to do");
         return Ok(());
     }
     let opts = BuildOptions {
+        variant,
         precision,
+        engine_key: a.engine_key.clone(),
         fp8_scale: cmd.fp8_scale,
         source_cache_key: a.cache_key.clone(),
+        source_repo: cache.repo().map(str::to_owned),
         source_revision: cache.resolved_revision.clone().or(Some(cache.revision)),
         tool_version: concat!("sd35-server ", env!("CARGO_PKG_VERSION")).to_owned(),
     };
     tracing::info!(
         model = %model.display(),
         engine = %out.display(),
+        variant = variant.as_str(),
         precision = precision.as_str(),
         "building engine"
     );

@@ -5,12 +5,12 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use candle_core::{DType, Device};
-use sd35_pipeline::{Pipeline, PipelineOptions, Precision, SkipLayerGuidance, Variant};
+use sd35_pipeline::{DeviceKind, Pipeline, PipelineOptions, Precision, SkipLayerGuidance, Variant};
 
 /// Arguments of `generate`. Unset sampling options take the variant's model-card defaults.
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
-    /// Model directory (diffusers layout or Stability single-file layout).
+    /// Model directory (diffusers layout, Stability single-file layout, or a prebuilt engine).
     #[arg(long)]
     model: PathBuf,
     /// What to draw.
@@ -37,10 +37,12 @@ pub struct GenerateArgs {
     /// Seed of the initial noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Weight precision: f32, bf16 or fp8.
-    #[arg(long, default_value = "f32")]
-    precision: Precision,
-    /// Model variant, when it cannot be told from the files: large, large-turbo or medium.
+    /// Weight precision: f32, bf16 or fp8 [default: an engine's own, else bf16 on CUDA and
+    /// f32 on the CPU].
+    #[arg(long)]
+    precision: Option<Precision>,
+    /// Model variant: large, large-turbo or medium [default: what an engine or cache marker
+    /// says, else medium for an MMDiT-X and large otherwise].
     #[arg(long)]
     variant: Option<Variant>,
     /// Skip-layer guidance layers, comma separated, or `none` [default: medium 7,8,9].
@@ -64,8 +66,11 @@ pub struct GenerateArgs {
     /// T5 sequence length (at most 512).
     #[arg(long, default_value_t = 256)]
     t5_max_length: usize,
-    /// Run on the first CUDA GPU (needs the `cuda` feature).
-    #[arg(long)]
+    /// Where to run: auto (CUDA when this binary has it and a GPU is usable), cuda or cpu.
+    #[arg(long, value_enum, default_value_t = DeviceKind::Auto)]
+    device: DeviceKind,
+    /// Same as `--device cuda`.
+    #[arg(long, hide = true)]
     cuda: bool,
 }
 
@@ -86,14 +91,18 @@ fn parse_layers(s: &str) -> anyhow::Result<Option<Vec<usize>>> {
 
 /// Runs `generate`.
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
-    let device = if args.cuda {
-        Device::new_cuda(0).context("--cuda: no usable CUDA device (is the `cuda` feature on?)")?
+    let choice = if args.cuda {
+        DeviceKind::Cuda
     } else {
-        Device::Cpu
+        args.device
     };
+    let opened = sd35_pipeline::device::open(choice)?;
+    if let Some(w) = &opened.warning {
+        tracing::warn!("{w}");
+    }
     let opts = PipelineOptions {
         precision: args.precision,
-        device,
+        device: opened.device,
         load_t5: !args.no_t5,
         t5_max_length: args.t5_max_length,
         variant: args.variant,
@@ -103,7 +112,9 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         .with_context(|| format!("loading {}", args.model.display()))?;
     tracing::info!(
         variant = %pipeline.variant(),
-        precision = %args.precision,
+        variant_source = pipeline.variant_source().as_str(),
+        precision = %pipeline.precision(),
+        device = opened.kind.as_str(),
         seconds = started.elapsed().as_secs_f64(),
         "model loaded"
     );

@@ -30,7 +30,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // `serve` installs its own logging (JSON lines when asked, request ids).
     if let Command::Serve(config) = cli.command {
-        return sd35_http::run(*config);
+        sd35_http::server::run_and_exit(*config);
     }
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -48,7 +48,8 @@ fn build(cache: &Path, key: &str, precision: &str, extra: &[&str]) -> std::proce
     server(&args, &[])
 }
 
-fn image(path: &Path, precision: Precision) -> Tensor {
+/// The image of a fixed request; `precision` None takes an engine's own.
+fn image(path: &Path, precision: Option<Precision>) -> Tensor {
     let opts = PipelineOptions {
         precision,
         device: Device::Cpu,
@@ -123,6 +124,9 @@ fn bf16_engine_gives_the_same_image_as_the_cache_in_bf16() {
         serde_json::from_slice(&std::fs::read(dir.join(ENGINE_MANIFEST)).unwrap()).unwrap();
     assert_eq!(manifest["precision"], "bf16");
     assert_eq!(manifest["source_cache_key"], "c");
+    assert_eq!(manifest["engine_key"], "e-bf16");
+    // Not given on the command line: the variant the cache was fetched as.
+    assert_eq!(manifest["variant"], "large");
     assert_eq!(
         manifest["format_version"],
         sd35_contract::ENGINE_FORMAT_VERSION
@@ -146,9 +150,19 @@ fn bf16_engine_gives_the_same_image_as_the_cache_in_bf16() {
         assert_eq!(t.dtype(), DType::BF16, "{name}");
     }
 
-    let from_cache = image(&cache.path().join("models/c"), Precision::Bf16);
-    // The requested precision is ignored: an engine brings its own.
-    let from_engine = image(&dir, Precision::F32);
+    let from_cache = image(&cache.path().join("models/c"), Some(Precision::Bf16));
+    // An engine brings its own precision; asking for another is refused, naming both.
+    let from_engine = image(&dir, None);
+    let asked_f32 = PipelineOptions {
+        precision: Some(Precision::F32),
+        ..PipelineOptions::default()
+    };
+    let err = Pipeline::load(&dir, &asked_f32).unwrap_err();
+    assert_eq!(err.exit_reason(), ExitReason::EngineMismatch);
+    assert!(
+        err.to_string().contains("f32") && err.to_string().contains("bf16"),
+        "{err}"
+    );
     assert_eq!(
         max_abs_diff(&from_cache, &from_engine),
         0.0,
@@ -181,9 +195,9 @@ fn fp8_engine_holds_the_psnr_bound_and_matches_quantisation_at_load() {
         }
     }
 
-    let f32_image = image(&cache.path().join("models/c"), Precision::F32);
-    let at_load = image(&cache.path().join("models/c"), Precision::Fp8);
-    let from_engine = image(&dir, Precision::F32);
+    let f32_image = image(&cache.path().join("models/c"), Some(Precision::F32));
+    let at_load = image(&cache.path().join("models/c"), Some(Precision::Fp8));
+    let from_engine = image(&dir, None);
     let ours = psnr(&from_engine, &f32_image);
     let floor = reference_fp8_psnr() - 1.0;
     eprintln!(
@@ -196,7 +210,7 @@ fn fp8_engine_holds_the_psnr_bound_and_matches_quantisation_at_load() {
 
     let out = build(cache.path(), "e-fp8-t", "fp8", &["--fp8-scale=per-tensor"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let per_tensor = image(&engine(cache.path(), "e-fp8-t"), Precision::F32);
+    let per_tensor = image(&engine(cache.path(), "e-fp8-t"), None);
     let ours = psnr(&per_tensor, &f32_image);
     eprintln!("fp8 per-tensor engine: PSNR vs f32 {ours:.2} dB");
     assert!(
@@ -212,9 +226,9 @@ fn fp8_scaled_single_file_converts_to_both_precisions() {
         let out = build(cache.path(), precision, precision, &[]);
         assert!(out.status.success(), "{}", stderr(&out));
     }
-    let from_cache = image(&cache.path().join("models/c"), Precision::Fp8);
-    let fp8 = image(&engine(cache.path(), "fp8"), Precision::F32);
-    let bf16 = image(&engine(cache.path(), "bf16"), Precision::F32);
+    let from_cache = image(&cache.path().join("models/c"), Some(Precision::Fp8));
+    let fp8 = image(&engine(cache.path(), "fp8"), None);
+    let bf16 = image(&engine(cache.path(), "bf16"), None);
     // The fp8 engine keeps the checkpoint's F8 weights as they are.
     assert!(
         psnr(&fp8, &from_cache) > 60.0,

@@ -1,113 +1,19 @@
 //! `sd35-server serve` as a process, over real HTTP on loopback, with the tiny SD3.5 models:
 //! endpoints, parity with `generate`, batching, SIGTERM and start-up failures.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use sd35_http::backend::{decode_png, pixel_difference};
-use sd35_http::client::{self, metric};
+use sd35_http::client;
 
-const BIN: &str = env!("CARGO_BIN_EXE_sd35-server");
-
-fn tiny(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../testdata")
-        .join(name)
-}
-
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Server {
-    fn start(model: &str, flags: &[&str]) -> Self {
-        let mut child = Command::new(BIN)
-            .arg("serve")
-            .arg("--model")
-            .arg(tiny(model))
-            .args(["--host", "127.0.0.1", "--port", "0", "--log-format", "json"])
-            .args(flags)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start sd35-server");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let addr = loop {
-            let line = lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("the server logs its address");
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if v["fields"]["message"] == "listening" {
-                break v["fields"]["addr"]
-                    .as_str()
-                    .and_then(|a| a.parse().ok())
-                    .expect("address");
-            }
-        };
-        let s = Self { child, addr, lines };
-        for _ in 0..600 {
-            if client::get(s.addr, "/readyz").is_ok_and(|r| r.status == 200) {
-                return s;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("not ready within 30 s");
-    }
-
-    fn metric(&self, name: &str) -> f64 {
-        let text = client::get(self.addr, "/metrics").expect("metrics").text();
-        metric(&text, name).unwrap_or(0.0)
-    }
-
-    fn sigterm(&self) {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok);
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
-        let start = Instant::now();
-        while start.elapsed() < limit {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.code();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-
-    fn log(&self) -> Vec<serde_json::Value> {
-        self.lines
-            .try_iter()
-            .filter_map(|l| serde_json::from_str(&l).ok())
-            .collect()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::serving::{BIN, Server, tiny};
 
 fn txt2img(addr: SocketAddr, body: &str) -> client::Response {
     client::post_json(addr, "/v1/txt2img", body).expect("txt2img")
@@ -122,11 +28,21 @@ fn serves_the_tiny_model_with_the_images_generate_makes() {
     );
     let models = client::get(s.addr, "/v1/models").expect("models").json();
     let m = &models["data"][0];
+    // Nothing says which variant a bare diffusers folder is: large is assumed, and said.
     assert_eq!(
         (m["id"].as_str(), m["variant"].as_str()),
-        (Some("sd35-tiny-large"), Some("large"))
+        (Some("large"), Some("large"))
+    );
+    assert_eq!(m["variant_source"], "assumed");
+    assert_eq!(m["device"], "cpu");
+    assert_eq!(m["precision"], "f32");
+    let warnings = m["warnings"].to_string();
+    assert!(
+        warnings.contains("running on the CPU") && warnings.contains("pass --variant"),
+        "{warnings}"
     );
     assert_eq!(m["defaults"]["steps"], 28);
+    assert_eq!(m["defaults"]["classifier_free_guidance"], true);
     assert_eq!(m["limits"]["max_size"], 256);
     let openapi = client::get(s.addr, "/openapi.json")
         .expect("openapi")
@@ -368,8 +284,14 @@ fn serves_a_prebuilt_engine() {
     let models = client::get(addr, "/v1/models").expect("models").json();
     let m = &models["data"][0];
     assert_eq!(m["engine_key"], "e1");
+    assert_eq!(m["cache_key"], "c");
     assert_eq!(m["precision"], "bf16");
-    assert_eq!(m["id"], "c");
+    // The engine says what it is: the variant the cache was fetched as.
+    assert_eq!(
+        (m["variant"].as_str(), m["variant_source"].as_str()),
+        (Some("large"), Some("engine"))
+    );
+    assert_eq!(m["id"], "large");
     let r = txt2img(
         addr,
         r#"{"prompt":"a red cube","width":32,"height":32,"steps":2}"#,

@@ -237,6 +237,7 @@ pub fn build_job(
         cache_key: r.cache_key.clone(),
         engine_key: engine_key.to_owned(),
         precision: r.precision,
+        variant: Some(r.variant),
     };
     let resources = r
         .spec

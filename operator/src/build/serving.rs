@@ -9,7 +9,10 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use sd35_contract::{CACHE_MOUNT, ServeArgs, engine_dir, model_dir};
+use sd35_contract::{
+    CACHE_MOUNT, DeviceKind, Precision, ServeArgs, TERMINATION_MESSAGE_PATH, Variant,
+    dedup_in_order, default_served_names, engine_dir, model_dir,
+};
 use sd35_crds::RolloutStrategy;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -17,14 +20,14 @@ use serde_json::json;
 use super::{container_security, placement, pod_security, typed};
 use crate::config::{OperatorConfig, default_server_resources};
 use crate::labels;
-use crate::resolve::{Resolved, contract_precision, contract_variant};
+use crate::resolve::{FetchSource, Resolved};
 
 /// What serving pods run: recorded as a pod template annotation.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct ServingTarget {
-    pub variant: String,
-    pub precision: String,
+    pub variant: Variant,
+    pub precision: Precision,
     pub cache_claim: String,
     pub cache_key: String,
     pub engine_key: Option<String>,
@@ -34,8 +37,8 @@ impl ServingTarget {
     /// The target the spec asks for.
     pub fn desired(r: &Resolved) -> Self {
         Self {
-            variant: contract_variant(r.spec.variant).as_str().to_owned(),
-            precision: contract_precision(r.spec.precision).as_str().to_owned(),
+            variant: r.variant,
+            precision: r.precision,
             cache_claim: r.cache.claim.clone(),
             cache_key: r.cache_key.clone(),
             engine_key: r.engine_key.clone(),
@@ -75,12 +78,36 @@ fn server_metadata(r: &Resolved, owner: &OwnerReference) -> serde_json::Value {
     })
 }
 
+/// The model names the server answers to: the SD35Deployment's name first, then the
+/// variant, the Hugging Face repository id, `sd3.5` and `stable-diffusion-3.5-<variant>`.
+pub fn served_names(r: &Resolved, variant: Variant) -> Vec<String> {
+    let repo = match &r.source {
+        FetchSource::HuggingFace { repo, .. } => Some(repo.as_str()),
+        _ => None,
+    };
+    let mut names = vec![r.name.clone()];
+    names.extend(default_served_names(variant, repo));
+    dedup_in_order(&mut names);
+    names
+}
+
 fn serve_args(r: &Resolved, target: &ServingTarget) -> ServeArgs {
     let root = std::path::Path::new(CACHE_MOUNT);
     let s = &r.spec.server;
     ServeArgs {
         model: model_dir(root, &target.cache_key),
         engine: target.engine_key.as_ref().map(|k| engine_dir(root, k)),
+        // Say where to run: a pod with GPUs must use them (and fail loudly when it cannot);
+        // a pod without runs on its CPU.
+        device: if s.gpu.count > 0 {
+            DeviceKind::Cuda
+        } else {
+            DeviceKind::Cpu
+        },
+        variant: Some(target.variant),
+        precision: Some(target.precision),
+        served_model_names: served_names(r, target.variant),
+        termination_message_path: Some(TERMINATION_MESSAGE_PATH.into()),
         host: "0.0.0.0".to_owned(),
         port: u16::try_from(s.port).unwrap_or(8080),
         no_t5: !r.spec.model.text_encoders.t5,
@@ -140,6 +167,10 @@ pub fn deployment(
         "resources": resources,
         "securityContext": container_security(),
         "volumeMounts": mounts,
+        // The server writes why it could not start (no GPU, a wrong engine) here; the
+        // operator quotes it in the SD35Deployment's conditions.
+        "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         // Model loading gets the whole startup budget; after that, readiness gates traffic
         // and liveness restarts a wedged server.
         "startupProbe": probe("/readyz", 10, (config.startup_seconds / 10).max(1)),

@@ -24,7 +24,9 @@ use sha2::Digest;
 
 use self::download::{Progress, TransferPolicy, download, get_bytes, partial_path};
 use self::error::{JobError, exit_on_error};
-use self::manifest::{CacheManifest, CachedFile, SourceRecord};
+use self::manifest::{
+    CacheManifest, FileRecord as CachedFile, SourceRecord, read_marker, write_marker,
+};
 use self::source::{
     RemoteFile, SHA256SUMS, list_dir, not_found_or_io, parse_hub_info, parse_hub_tree,
     parse_sha256sums,
@@ -106,7 +108,7 @@ struct Plan {
 pub async fn run(cmd: &FetchCommand) -> Result<(), JobError> {
     let a = &cmd.args;
     let dir = model_dir(&a.cache_root, &a.cache_key);
-    if let Some(m) = CacheManifest::read(&dir)?
+    if let Some(m) = read_marker(&dir)?
         && m.files_present(&dir)
     {
         tracing::info!(
@@ -196,13 +198,13 @@ pub async fn run(cmd: &FetchCommand) -> Result<(), JobError> {
         source: plan.source,
         revision: a.revision.clone(),
         resolved_revision: plan.resolved_revision,
-        variant: a.variant.as_str().to_owned(),
+        variant: a.variant,
         files: cached,
         completed_at: SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     };
-    manifest.write(&dir)?;
+    write_marker(&manifest, &dir)?;
     tracing::info!(
         files = manifest.files.len(),
         bytes,

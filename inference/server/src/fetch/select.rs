@@ -5,7 +5,7 @@
 //! `model_index.json`; otherwise the single-file checkpoint of the variant is taken with its
 //! text encoders and tokenizers.
 
-use sd35_contract::ModelVariant;
+use sd35_contract::Variant;
 
 /// Folders of the diffusers layout the pipeline reads.
 const DIFFUSERS_COMPONENTS: [&str; 9] = [
@@ -34,7 +34,7 @@ fn is_tokenizer(path: &str) -> bool {
 
 /// The subset of `paths` (repository-relative, `/`-separated) to download, sorted; an error
 /// names what is missing.
-pub fn select(paths: &[String], variant: ModelVariant) -> Result<Vec<String>, String> {
+pub fn select(paths: &[String], variant: Variant) -> Result<Vec<String>, String> {
     let needed_ext = |p: &str| NEEDED_EXTENSIONS.contains(&extension(p));
     let mut out: Vec<String> = if paths.iter().any(|p| p == "model_index.json") {
         paths
@@ -53,16 +53,16 @@ pub fn select(paths: &[String], variant: ModelVariant) -> Result<Vec<String>, St
             .filter(|p| !p.contains('/') && extension(p) == "safetensors")
             .collect();
         let token = match variant {
-            ModelVariant::Large => "large",
-            ModelVariant::LargeTurbo => "turbo",
-            ModelVariant::Medium => "medium",
+            Variant::Large => "large",
+            Variant::LargeTurbo => "turbo",
+            Variant::Medium => "medium",
         };
         let matching: Vec<&String> = roots
             .iter()
             .copied()
             .filter(|p| {
                 let p = p.to_lowercase();
-                p.contains(token) && (variant != ModelVariant::Large || !p.contains("turbo"))
+                p.contains(token) && (variant != Variant::Large || !p.contains("turbo"))
             })
             .collect();
         let checkpoint = match (matching.as_slice(), roots.as_slice()) {
@@ -141,7 +141,7 @@ mod tests {
             "scheduler/scheduler_config.json",
             "sd3.5_large_demo.png",
         ]);
-        let s = select(&t, ModelVariant::Large).unwrap();
+        let s = select(&t, Variant::Large).unwrap();
         assert_eq!(
             s,
             tree(&[
@@ -169,7 +169,7 @@ mod tests {
             "tokenizer/vocab.json",
             "tokenizer_2/vocab.json",
         ]);
-        let s = select(&t, ModelVariant::LargeTurbo).unwrap();
+        let s = select(&t, Variant::LargeTurbo).unwrap();
         assert_eq!(
             s,
             tree(&[
@@ -180,13 +180,13 @@ mod tests {
                 "tokenizer_2/vocab.json",
             ])
         );
-        let s = select(&t, ModelVariant::Large).unwrap();
+        let s = select(&t, Variant::Large).unwrap();
         assert_eq!(s[0], "sd3.5_large.safetensors");
     }
 
     #[test]
     fn a_tree_without_a_model_is_refused() {
-        let err = select(&tree(&["README.md"]), ModelVariant::Medium).unwrap_err();
+        let err = select(&tree(&["README.md"]), Variant::Medium).unwrap_err();
         assert!(err.contains("model_index.json"), "{err}");
     }
 }

@@ -1,0 +1,257 @@
+//! The three enums both sides share: which model, in which precision, on which device.
+//!
+//! They are defined once, here. The CRD types, the operator, `sd35-server` and the pipeline all
+//! use these types; their serde names (`large-turbo`, `bf16`, `cuda`) are the CRD's and the
+//! command line's, so a value is spelled the same in a manifest, on a pod's command line, in
+//! `engine.json` and in `/v1/models`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
+
+/// Which SD3.5 model.
+#[derive(
+    ValueEnum, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
+#[value(rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case")]
+pub enum Variant {
+    /// 8B MMDiT; model card: 28 steps, guidance 3.5.
+    Large,
+    /// 8B MMDiT distilled for 4 steps without classifier-free guidance.
+    LargeTurbo,
+    /// 2.5B MMDiT-X; model card: 40 steps, guidance 4.5, skip-layer guidance.
+    Medium,
+}
+
+impl Variant {
+    /// Every variant.
+    pub const ALL: [Variant; 3] = [Variant::Large, Variant::LargeTurbo, Variant::Medium];
+
+    /// The name on the command line, in manifests and in the API.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Variant::Large => "large",
+            Variant::LargeTurbo => "large-turbo",
+            Variant::Medium => "medium",
+        }
+    }
+
+    /// The official Hugging Face repository of the variant.
+    pub const fn official_repo(self) -> &'static str {
+        match self {
+            Variant::Large => "stabilityai/stable-diffusion-3.5-large",
+            Variant::LargeTurbo => "stabilityai/stable-diffusion-3.5-large-turbo",
+            Variant::Medium => "stabilityai/stable-diffusion-3.5-medium",
+        }
+    }
+}
+
+/// Numeric precision of weights: what an engine is stored in and what a server serves.
+///
+/// SD35Deployments and engines use `bf16` and `fp8`; `f32` exists for serving a model
+/// directory on a CPU exactly as the reference computes it.
+#[derive(
+    ValueEnum,
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+)]
+#[value(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Every weight in f32.
+    F32,
+    /// Every weight in bfloat16.
+    #[default]
+    Bf16,
+    /// Linear weights in F8E4M3 with scales, everything else bfloat16.
+    Fp8,
+}
+
+impl Precision {
+    /// The name on the command line, in manifests and in the API.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::Fp8 => "fp8",
+        }
+    }
+
+    /// Whether an engine can be built in this precision (`bf16` or `fp8`).
+    pub const fn is_engine_precision(self) -> bool {
+        matches!(self, Precision::Bf16 | Precision::Fp8)
+    }
+}
+
+/// Where `sd35-server` runs the model.
+#[derive(ValueEnum, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[value(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// The first CUDA GPU when the binary has CUDA and a GPU is usable, else the CPU (with a
+    /// warning in the log and in `/v1/models`).
+    #[default]
+    Auto,
+    /// The first CUDA GPU; no usable GPU is a start-up error (exit code 17).
+    Cuda,
+    /// The CPU (f32 compute).
+    Cpu,
+}
+
+impl DeviceKind {
+    /// The name on the command line and in the API.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DeviceKind::Auto => "auto",
+            DeviceKind::Cuda => "cuda",
+            DeviceKind::Cpu => "cpu",
+        }
+    }
+}
+
+macro_rules! text_enum {
+    ($t:ty, $what:literal) => {
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $t {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                <$t as ValueEnum>::value_variants()
+                    .iter()
+                    .copied()
+                    .find(|v| v.as_str() == s)
+                    .ok_or_else(|| {
+                        let names: Vec<&str> = <$t as ValueEnum>::value_variants()
+                            .iter()
+                            .map(|v| v.as_str())
+                            .collect();
+                        format!(
+                            concat!("unknown ", $what, " `{}`: expected one of {}"),
+                            s,
+                            names.join(", ")
+                        )
+                    })
+            }
+        }
+    };
+}
+
+text_enum!(Variant, "variant");
+text_enum!(Precision, "precision");
+text_enum!(DeviceKind, "device");
+
+/// The model names a server answers to when none are given: the variant, its official
+/// repository id (or `repo`, the repository it was fetched from), `sd3.5` and
+/// `stable-diffusion-3.5-<variant>`. Clients send any of them as OpenAI's `model`.
+pub fn default_served_names(variant: Variant, repo: Option<&str>) -> Vec<String> {
+    let mut names = vec![
+        variant.as_str().to_owned(),
+        repo.unwrap_or(variant.official_repo()).to_owned(),
+        "sd3.5".to_owned(),
+        format!("stable-diffusion-3.5-{}", variant.as_str()),
+    ];
+    dedup_in_order(&mut names);
+    names
+}
+
+/// Removes repeated names, keeping the first of each.
+pub fn dedup_in_order(names: &mut Vec<String>) {
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| seen.insert(n.clone()));
+}
+
+#[cfg(feature = "schema")]
+mod schema {
+    use std::borrow::Cow;
+
+    use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+
+    use super::{DeviceKind, Precision, Variant};
+
+    macro_rules! string_enum_schema {
+        ($t:ty, $name:literal) => {
+            impl JsonSchema for $t {
+                fn schema_name() -> Cow<'static, str> {
+                    Cow::Borrowed($name)
+                }
+
+                fn inline_schema() -> bool {
+                    true
+                }
+
+                fn json_schema(_: &mut SchemaGenerator) -> Schema {
+                    let names: Vec<&str> = <$t as clap::ValueEnum>::value_variants()
+                        .iter()
+                        .map(|v| v.as_str())
+                        .collect();
+                    json_schema!({"type": "string", "enum": names})
+                }
+            }
+        };
+    }
+
+    string_enum_schema!(Variant, "Variant");
+    string_enum_schema!(Precision, "Precision");
+    string_enum_schema!(DeviceKind, "DeviceKind");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_through_text_serde_and_clap() {
+        for v in Variant::ALL {
+            assert_eq!(v.as_str().parse::<Variant>(), Ok(v));
+            let json = serde_json::to_string(&v).unwrap_or_default();
+            assert_eq!(json, format!("\"{}\"", v.as_str()));
+            assert_eq!(<Variant as ValueEnum>::from_str(v.as_str(), false), Ok(v));
+        }
+        for p in [Precision::F32, Precision::Bf16, Precision::Fp8] {
+            assert_eq!(p.as_str().parse::<Precision>(), Ok(p));
+            assert_eq!(
+                serde_json::to_string(&p).unwrap_or_default(),
+                format!("\"{p}\"")
+            );
+        }
+        for d in [DeviceKind::Auto, DeviceKind::Cuda, DeviceKind::Cpu] {
+            assert_eq!(d.as_str().parse::<DeviceKind>(), Ok(d));
+        }
+        let err = "xl".parse::<Variant>().unwrap_err();
+        assert!(err.contains("large-turbo"), "{err}");
+        assert!(!Precision::F32.is_engine_precision());
+    }
+
+    #[test]
+    fn default_names_cover_what_clients_send() {
+        assert_eq!(
+            default_served_names(Variant::LargeTurbo, None),
+            [
+                "large-turbo",
+                "stabilityai/stable-diffusion-3.5-large-turbo",
+                "sd3.5",
+                "stable-diffusion-3.5-large-turbo"
+            ]
+        );
+        assert_eq!(
+            default_served_names(Variant::Medium, Some("me/my-medium"))[1],
+            "me/my-medium"
+        );
+    }
+}
