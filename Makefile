@@ -8,7 +8,7 @@ CARGO ?= cargo
 REGISTRY ?= ghcr.io/sd35-operator
 VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
 # GPU generation the server's CUDA kernels are compiled for (see inference/server/Dockerfile).
-CUDA_COMPUTE_CAP ?= 89
+CUDA_COMPUTE_CAP ?= 80
 # Cargo profile of the binaries `make images` packages: release for images to publish; the
 # demo and the tests package the dev build they run, so nothing compiles twice.
 IMAGE_PROFILE ?= release
@@ -32,6 +32,15 @@ lint: ## rustfmt and clippy, warnings are errors
 unit: ## Tests that need no cluster: unit, snapshot, parity, drift and server tests
 	SD35_PYTHON="$$(bash tools/python-env.sh)" $(CARGO) test --locked
 
+.PHONY: fuzz
+fuzz: ## Fuzz request parsing and validation for FUZZ_SECONDS (60) from the committed corpus (nightly, cargo-fuzz)
+	bash tools/fuzz.sh
+
+.PHONY: loadcheck
+loadcheck: ## Overload, slow clients and SIGTERM against the server on the tiny model; prints the figures
+	$(CARGO) build --locked -q -p sd35-server --bin sd35-server -p sd35-http --bin sd35-loadcheck
+	./target/debug/sd35-loadcheck --server target/debug/sd35-server --model inference/testdata/sd35-tiny-large
+
 .PHONY: e2e
 e2e: ## End-to-end tests on a real local control plane with kwok GPU nodes and the real node real-0
 	bin="$$(bash tests/controlplane/build.sh)"; \
@@ -44,7 +53,7 @@ e2e: ## End-to-end tests on a real local control plane with kwok GPU nodes and t
 	  $(CARGO) test --locked -p sd35-e2e
 
 .PHONY: test
-test: controlplane lint unit e2e ## Everything CI runs
+test: controlplane lint unit fuzz e2e cuda ## Everything CI runs (cuda: the CUDA build, checked without a GPU)
 
 .PHONY: crds
 crds: ## Regenerate the CRD YAML (crds/, the chart) and docs/api.md from the Rust types
@@ -78,6 +87,24 @@ bench-operator: ## Operator benchmark: N SD35Deployments to Ready, requests per 
 	$(CARGO) build --locked -q -p sd35-e2e --bin sd35-bench-operator --bin sd35-localcluster; \
 	SD35_CONTROLPLANE_BIN="$$bin" SD35_OPERATOR_BIN="$$PWD/target/release/sd35-operator" \
 	  ./target/debug/sd35-bench-operator --objects $${OBJECTS:-100,500}
+
+.PHONY: cuda
+cuda: ## Build sd35-server with CUDA here, no GPU needed (pinned CUDA 13.0 wheels, cached per user)
+	@bash tools/cuda/build.sh
+
+.PHONY: bench-cpu
+bench-cpu: ## CPU benchmark: our pipeline and diffusers side by side (reference venv, THREADS=2)
+	$(CARGO) build --locked -q --release -p sd35-server
+	"$${SD35_REFERENCE_PYTHON:-$$HOME/.cache/sd35-reference/bin/python}" inference/reference/benchmark.py \
+	  --threads $${THREADS:-2}
+
+.PHONY: bench-kernels
+bench-kernels: ## CPU kernels side by side: sgemm, fused vs unfused attention (THREADS=2)
+	RAYON_NUM_THREADS=$${THREADS:-2} $(CARGO) bench --locked -q -p sd35-pipeline --bench cpu_kernels
+
+.PHONY: device-bench
+device-bench: ## Prepare target/cuda/ for the GPU benchmark; on the GPU machine run tools/device-bench.sh
+	bash tools/device-bench.sh --prepare
 
 .PHONY: demo-stop
 demo-stop: ## Stop the demo cluster and restore the host
