@@ -53,7 +53,7 @@ e2e: ## End-to-end tests on a real local control plane with kwok GPU nodes and t
 	  $(CARGO) test --locked -p sd35-e2e
 
 .PHONY: test
-test: controlplane lint unit fuzz e2e cuda ## Everything CI runs (cuda: the CUDA build, checked without a GPU)
+test: controlplane lint unit fuzz cuda e2e ## Everything CI runs (cuda: the CUDA build, checked without a GPU; e2e checks its image)
 
 .PHONY: crds
 crds: ## Regenerate the CRD YAML (crds/, the chart) and docs/api.md from the Rust types
@@ -64,8 +64,8 @@ images: ## Build the operator and CPU server images with buildah (no Docker) int
 	REGISTRY=$(REGISTRY) VERSION=$(VERSION) bash images/build.sh --profile $(IMAGE_PROFILE)
 
 .PHONY: images-cuda
-images-cuda: ## Build the CUDA server image with buildah (needs NVIDIA's CUDA images from a registry)
-	buildah bud --layers --target cuda --build-arg CUDA_COMPUTE_CAP=$(CUDA_COMPUTE_CAP) \
+images-cuda: cuda ## Build the CUDA server image with buildah from `make cuda`'s binary (needs NVIDIA's CUDA runtime image from a registry)
+	buildah bud --layers --target cuda --build-arg BUILD=host \
 	  -f inference/server/Dockerfile -t $(REGISTRY)/sd35-server:$(VERSION) .
 
 .PHONY: chart
@@ -90,7 +90,7 @@ bench-operator: ## Operator benchmark: N SD35Deployments to Ready, requests per 
 
 .PHONY: cuda
 cuda: ## Build sd35-server with CUDA here, no GPU needed (pinned CUDA 13.0 wheels, cached per user)
-	@bash tools/cuda/build.sh
+	@CUDA_COMPUTE_CAP=$(CUDA_COMPUTE_CAP) bash tools/cuda/build.sh
 
 .PHONY: bench-cpu
 bench-cpu: ## CPU benchmark: our pipeline and diffusers side by side (reference venv, THREADS=2)
