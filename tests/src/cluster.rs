@@ -48,6 +48,10 @@ pub struct ClusterOptions {
     /// A real node (`real-0`: kubelet, containerd, kube-proxy) running these images, beside
     /// the fake GPU nodes. Needs root; see [`crate::node`].
     pub real_node: Option<Images>,
+    /// Raise the client rate limits of kube-controller-manager and kube-scheduler, the
+    /// controllers' sync concurrency and kwok's parallelism, so that a benchmark of a
+    /// controller measures the controller rather than the control plane's defaults.
+    pub high_throughput: bool,
 }
 
 impl Default for ClusterOptions {
@@ -58,6 +62,7 @@ impl Default for ClusterOptions {
             provisioner: None,
             lifetime: Lifetime::Attached,
             real_node: None,
+            high_throughput: false,
         }
     }
 }
@@ -113,6 +118,12 @@ impl Cluster {
             kubeconfig::write(&layout, &server_url, identity, &path)?;
         }
         std::fs::write(layout.audit_policy(), AUDIT_POLICY)?;
+        if options.high_throughput {
+            std::fs::write(
+                components::kwok_config_path(&layout),
+                components::KWOK_HIGH_THROUGHPUT,
+            )?;
+        }
 
         let inputs = Inputs {
             layout: &layout,
@@ -120,6 +131,7 @@ impl Cluster {
             binaries: &binaries,
             provisioner: &provisioner,
             real_node,
+            high_throughput: options.high_throughput,
         };
         for spec in components::api(inputs) {
             supervisor.launch(&spec)?;

@@ -60,6 +60,8 @@ pub(crate) struct Inputs<'a> {
     pub(crate) provisioner: &'a Path,
     /// Whether the cluster has a real node, whose pods must reach the API server.
     pub(crate) real_node: bool,
+    /// Raise client limits and sync concurrency (see `ClusterOptions::high_throughput`).
+    pub(crate) high_throughput: bool,
 }
 
 impl Inputs<'_> {
@@ -77,6 +79,26 @@ pub(crate) fn api_address(real_node: bool) -> Ipv4Addr {
         Ipv4Addr::LOCALHOST
     }
 }
+
+/// kwok's configuration with raised parallelism (its client has no rate limit of its own).
+pub(crate) const KWOK_HIGH_THROUGHPUT: &str = "\
+apiVersion: config.kwok.x-k8s.io/v1alpha1
+kind: KwokConfiguration
+options:
+  podPlayStageParallelism: 32
+  nodePlayStageParallelism: 8
+  podsOnNodeSyncParallelism: 8
+";
+
+/// Where kwok's configuration is written when throughput is raised.
+pub(crate) fn kwok_config_path(layout: &Layout) -> std::path::PathBuf {
+    layout.root().join("kwok-config.yaml")
+}
+
+/// Client limits and sync concurrency of a control plane that is not a benchmark's ceiling.
+const HIGH_QPS: &str = "2000";
+const HIGH_BURST: &str = "4000";
+const HIGH_CONCURRENCY: &str = "50";
 
 /// The storage and the API server, started first.
 pub(crate) fn api(inputs: Inputs<'_>) -> Vec<ProcessSpec> {
@@ -231,6 +253,19 @@ fn kube_controller_manager(inputs: Inputs<'_>) -> ProcessSpec {
         flag("cluster-signing-key-file", layout.key(pki::CA)),
         flag("service-cluster-ip-range", SERVICE_CLUSTER_IP_RANGE),
     ]);
+    if inputs.high_throughput {
+        args.extend([
+            flag("kube-api-qps", HIGH_QPS),
+            flag("kube-api-burst", HIGH_BURST),
+            flag("concurrent-deployment-syncs", HIGH_CONCURRENCY),
+            flag("concurrent-replicaset-syncs", HIGH_CONCURRENCY),
+            flag("concurrent-job-syncs", HIGH_CONCURRENCY),
+            flag("concurrent-gc-syncs", HIGH_CONCURRENCY),
+            flag("concurrent-service-endpoint-syncs", HIGH_CONCURRENCY),
+            flag("concurrent-endpoint-syncs", HIGH_CONCURRENCY),
+            flag("concurrent-ttl-after-finished-syncs", HIGH_CONCURRENCY),
+        ]);
+    }
     spec("kube-controller-manager", inputs, args)
 }
 
@@ -241,6 +276,12 @@ fn kube_scheduler(inputs: Inputs<'_>) -> ProcessSpec {
         flag("secure-port", inputs.ports.scheduler.to_string()),
         flag("leader-elect", "false"),
     ]);
+    if inputs.high_throughput {
+        args.extend([
+            flag("kube-api-qps", HIGH_QPS),
+            flag("kube-api-burst", HIGH_BURST),
+        ]);
+    }
     spec("kube-scheduler", inputs, args)
 }
 
@@ -262,6 +303,10 @@ fn kwok(inputs: Inputs<'_>) -> ProcessSpec {
             flag("node-lease-duration-seconds", "40"),
         ],
     );
+    if inputs.high_throughput {
+        spec.args
+            .push(flag("config", kwok_config_path(inputs.layout)));
+    }
     // kwok also reads ~/.kwok/kwok.yaml when it exists; its work dir keeps it hermetic, so
     // only the built-in stages apply.
     spec.envs
@@ -291,10 +336,10 @@ mod tests {
     use super::*;
 
     fn all_specs() -> Vec<ProcessSpec> {
-        specs(false)
+        specs(false, false)
     }
 
-    fn specs(real_node: bool) -> Vec<ProcessSpec> {
+    fn specs(real_node: bool, high_throughput: bool) -> Vec<ProcessSpec> {
         let layout = Layout::new(PathBuf::from("/state"));
         let ports = Ports {
             etcd_client: 1001,
@@ -311,6 +356,7 @@ mod tests {
             binaries: &binaries,
             provisioner: Path::new("/bin-dir/sd35-localcluster"),
             real_node,
+            high_throughput,
         };
         let mut specs = api(inputs);
         specs.extend(clients(inputs));
@@ -345,7 +391,7 @@ mod tests {
 
     #[test]
     fn with_a_real_node_only_the_api_server_leaves_loopback_for_the_node_link() {
-        for spec in specs(true) {
+        for spec in specs(true, false) {
             for arg in args(&spec) {
                 let value = arg.split_once('=').map_or("", |(_, value)| value);
                 if arg.starts_with("--") && (arg.contains("address=") || arg.contains("url")) {
@@ -360,7 +406,7 @@ mod tests {
                 }
             }
         }
-        let apiserver = args(&specs(true)[1]);
+        let apiserver = args(&specs(true, false)[1]);
         assert!(apiserver.contains(&"--bind-address=10.201.255.1".to_owned()));
         assert!(
             !apiserver
@@ -396,5 +442,33 @@ mod tests {
             .unwrap();
         assert!(controllers.starts_with("--controllers=*,"));
         assert!(controllers.contains("-cloud-node-lifecycle-controller"));
+    }
+
+    #[test]
+    fn high_throughput_raises_client_limits_and_concurrency_only_when_asked() {
+        let raised = |specs: &[ProcessSpec], name: &str| {
+            let spec = specs.iter().find(|s| s.name == name).unwrap();
+            args(spec)
+        };
+        let normal = specs(false, false);
+        let fast = specs(false, true);
+        for name in ["kube-controller-manager", "kube-scheduler"] {
+            assert!(
+                !raised(&normal, name)
+                    .iter()
+                    .any(|a| a.starts_with("--kube-api-qps"))
+            );
+            assert!(raised(&fast, name).contains(&format!("--kube-api-qps={HIGH_QPS}")));
+        }
+        assert!(
+            raised(&fast, "kube-controller-manager")
+                .contains(&"--concurrent-job-syncs=50".to_owned())
+        );
+        assert!(raised(&fast, "kwok").contains(&"--config=/state/kwok-config.yaml".to_owned()));
+        assert!(
+            !raised(&normal, "kwok")
+                .iter()
+                .any(|a| a.starts_with("--config"))
+        );
     }
 }

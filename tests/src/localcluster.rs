@@ -54,6 +54,7 @@ pub fn start(state_dir: &Path, gpu_nodes: usize, real_node: Option<Images>) -> R
         provisioner: None,
         lifetime: Lifetime::Detached,
         real_node,
+        ..ClusterOptions::default()
     })?;
     let kubeconfig = cluster.kubeconfig_path();
     let server = cluster.server_url().to_owned();
