@@ -4,12 +4,14 @@ SHELL := bash
 .DEFAULT_GOAL := help
 
 CARGO ?= cargo
-DOCKER ?= docker
 # Where `make images` tags the images, and with which version (the workspace's).
 REGISTRY ?= ghcr.io/sd35-operator
 VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
 # GPU generation the server's CUDA kernels are compiled for (see inference/server/Dockerfile).
 CUDA_COMPUTE_CAP ?= 80
+# Cargo profile of the binaries `make images` packages: release for images to publish; the
+# demo and the tests package the dev build they run, so nothing compiles twice.
+IMAGE_PROFILE ?= release
 # Where the control plane binaries live (built once per version into a per-user cache).
 CONTROLPLANE_BIN = $(shell bash tests/controlplane/build.sh)
 
@@ -40,24 +42,31 @@ loadcheck: ## Overload, slow clients and SIGTERM against the server on the tiny 
 	./target/debug/sd35-loadcheck --server target/debug/sd35-server --model inference/testdata/sd35-tiny-large
 
 .PHONY: e2e
-e2e: ## End-to-end tests on a real local control plane with kwok GPU nodes
+e2e: ## End-to-end tests on a real local control plane with kwok GPU nodes and the real node real-0
 	bin="$$(bash tests/controlplane/build.sh)"; \
 	$(CARGO) build --locked -q -p sd35-operator --bin sd35-operator -p sd35-server --bin sd35-server; \
+	if [ "$$(id -u)" = 0 ]; then \
+	  REGISTRY=$(REGISTRY) VERSION=$(VERSION) bash images/build.sh --profile dev >/dev/null; \
+	else echo "e2e: not root, so no images and the real-node tests skip"; fi; \
 	SD35_CONTROLPLANE_BIN="$$bin" SD35_OPERATOR_BIN="$$PWD/target/debug/sd35-operator" \
-	  SD35_SERVER_BIN="$$PWD/target/debug/sd35-server" $(CARGO) test --locked -p sd35-e2e
+	  SD35_SERVER_BIN="$$PWD/target/debug/sd35-server" SD35_IMAGES_DIR="$$PWD/target/images" \
+	  $(CARGO) test --locked -p sd35-e2e
 
 .PHONY: test
-test: controlplane lint unit fuzz e2e cuda ## Everything CI runs (cuda: the CUDA build, checked without a GPU)
+test: controlplane lint unit fuzz cuda e2e ## Everything CI runs (cuda: the CUDA build, checked without a GPU; e2e checks its image)
 
 .PHONY: crds
 crds: ## Regenerate the CRD YAML (crds/, the chart) and docs/api.md from the Rust types
 	$(CARGO) run -q -p sd35-crds --bin crdgen -- --write
 
 .PHONY: images
-images: ## Build the operator and server container images (Docker with BuildKit)
-	$(DOCKER) build -f operator/Dockerfile -t $(REGISTRY)/sd35-operator:$(VERSION) .
-	$(DOCKER) build -f inference/server/Dockerfile --build-arg CUDA_COMPUTE_CAP=$(CUDA_COMPUTE_CAP) \
-	  -t $(REGISTRY)/sd35-server:$(VERSION) .
+images: ## Build the operator and CPU server images with buildah (no Docker) into target/images/*.tar
+	REGISTRY=$(REGISTRY) VERSION=$(VERSION) bash images/build.sh --profile $(IMAGE_PROFILE)
+
+.PHONY: images-cuda
+images-cuda: cuda ## Build the CUDA server image with buildah from `make cuda`'s binary (needs NVIDIA's CUDA runtime image from a registry)
+	buildah bud --layers --target cuda --build-arg BUILD=host \
+	  -f inference/server/Dockerfile -t $(REGISTRY)/sd35-server:$(VERSION) .
 
 .PHONY: chart
 chart: ## Lint and render the Helm chart with every ci/ scenario
@@ -68,28 +77,8 @@ chart: ## Lint and render the Helm chart with every ci/ scenario
 	done
 
 .PHONY: demo
-demo: ## Local cluster with GPU nodes, the CRD and the operator; apply an example and watch it get Ready
-	bin="$$(bash tests/controlplane/build.sh)"; export SD35_CONTROLPLANE_BIN="$$bin"; \
-	$(CARGO) build -q -p sd35-e2e --bin sd35-localcluster -p sd35-operator --bin sd35-operator; \
-	./target/debug/sd35-localcluster start; \
-	export KUBECONFIG="$$(./target/debug/sd35-localcluster kubeconfig)"; \
-	state="$$(dirname "$$KUBECONFIG")"; \
-	"$$bin/kubectl" apply -f crds/; \
-	for i in $$(seq 60); do "$$bin/kubectl" get sd35 >/dev/null 2>&1 && break; sleep 1; done; \
-	nohup ./target/debug/sd35-operator --admin-addr=127.0.0.1:18081 >"$$state/operator.log" 2>&1 & \
-	echo $$! >"$$state/operator.pid"; \
-	"$$bin/kubectl" create secret generic hf-token --from-literal=token=hf_demo --dry-run=client -o yaml | "$$bin/kubectl" apply -f -; \
-	"$$bin/kubectl" apply -f examples/large-bf16.yaml; \
-	"$$bin/kubectl" get nodes -L nvidia.com/gpu.product; \
-	for i in $$(seq 90); do \
-	  [ "$$("$$bin/kubectl" get sd35 sd35-large -o jsonpath='{.status.phase}')" = Ready ] && break; sleep 1; \
-	done; \
-	"$$bin/kubectl" get sd35,jobs,deployments,pods,pvc -o wide; \
-	echo; echo "The cluster and the operator keep running (kwok nodes run no processes: pods go"; \
-	echo "Running and Job pods succeed without running the server). Try:"; \
-	echo "  export KUBECONFIG=$$KUBECONFIG PATH=$$bin:\$$PATH"; \
-	echo "  kubectl describe sd35 sd35-large; kubectl explain sd35.spec"; \
-	echo "Stop it with: make demo-stop"
+demo: ## Local cluster with GPU nodes and a real node; the chart's operator; a GPU example Ready and a PNG from the tiny model
+	bash tests/demo/demo.sh start
 
 .PHONY: bench-operator
 bench-operator: ## Operator benchmark: N SD35Deployments to Ready, requests per object, RSS, CPU
@@ -101,7 +90,7 @@ bench-operator: ## Operator benchmark: N SD35Deployments to Ready, requests per 
 
 .PHONY: cuda
 cuda: ## Build sd35-server with CUDA here, no GPU needed (pinned CUDA 13.0 wheels, cached per user)
-	@bash tools/cuda/build.sh
+	@CUDA_COMPUTE_CAP=$(CUDA_COMPUTE_CAP) bash tools/cuda/build.sh
 
 .PHONY: bench-cpu
 bench-cpu: ## CPU benchmark: our pipeline and diffusers side by side (reference venv, THREADS=2)
@@ -118,7 +107,5 @@ device-bench: ## Prepare target/cuda/ for the GPU benchmark; on the GPU machine 
 	bash tools/device-bench.sh --prepare
 
 .PHONY: demo-stop
-demo-stop: ## Stop the demo operator and cluster
-	state="$$(dirname "$$(./target/debug/sd35-localcluster kubeconfig)")"; \
-	if [ -f "$$state/operator.pid" ]; then kill "$$(cat "$$state/operator.pid")" 2>/dev/null || true; fi; \
-	./target/debug/sd35-localcluster stop
+demo-stop: ## Stop the demo cluster and restore the host
+	bash tests/demo/demo.sh stop

@@ -1,5 +1,5 @@
 //! Finds the control-plane executables (etcd, kube-apiserver, kube-controller-manager,
-//! kube-scheduler, kubectl, kwok, helm).
+//! kube-scheduler, kubectl, kwok, helm, and the real node's kubelet and kube-proxy).
 //!
 //! `SD35_CONTROLPLANE_BIN` names the directory when set (the Makefile sets it); otherwise
 //! `tests/controlplane/build.sh` is run, which builds them once from the pinned Go modules
@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail, ensure};
 /// The environment variable naming the directory of the control-plane executables.
 pub const BIN_DIR_ENV: &str = "SD35_CONTROLPLANE_BIN";
 
-const REQUIRED: [&str; 7] = [
+const REQUIRED: [&str; 9] = [
     "etcd",
     "kube-apiserver",
     "kube-controller-manager",
@@ -22,6 +22,8 @@ const REQUIRED: [&str; 7] = [
     "kubectl",
     "kwok",
     "helm",
+    "kubelet",
+    "kube-proxy",
 ];
 
 /// The directory holding the control-plane executables.

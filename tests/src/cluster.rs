@@ -2,9 +2,10 @@
 //! and a default StorageClass, started in a few seconds from a fresh state directory.
 //!
 //! Guarantees, once [`Cluster::start`] returns: `/readyz` is ok, the controller-manager and
-//! scheduler run, the GPU nodes are Ready, the default StorageClass provisions claims. The
+//! scheduler run, the GPU nodes are Ready, the default StorageClass provisions claims, and,
+//! when asked for, the real node `real-0` is Ready with the project's images imported. The
 //! processes never outlive the cluster (or, for [`Lifetime::Attached`], this process) and
-//! nothing listens beyond 127.0.0.1.
+//! nothing listens beyond 127.0.0.1 and, with a real node, the host's end of its link.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -20,6 +21,7 @@ use crate::components::{self, AUDIT_POLICY, Inputs};
 use crate::kubeconfig;
 use crate::layout::Layout;
 use crate::namespace::TestNamespace;
+use crate::node::{self, Images};
 use crate::pki::{self, ADMIN};
 use crate::ports::Ports;
 use crate::process::Lifetime;
@@ -43,6 +45,9 @@ pub struct ClusterOptions {
     pub provisioner: Option<PathBuf>,
     /// Whether the processes die with this process or keep running on their own.
     pub lifetime: Lifetime,
+    /// A real node (`real-0`: kubelet, containerd, kube-proxy) running these images, beside
+    /// the fake GPU nodes. Needs root; see [`crate::node`].
+    pub real_node: Option<Images>,
     /// Raise the client rate limits of kube-controller-manager and kube-scheduler, the
     /// controllers' sync concurrency and kwok's parallelism, so that a benchmark of a
     /// controller measures the controller rather than the control plane's defaults.
@@ -56,6 +61,7 @@ impl Default for ClusterOptions {
             state_dir: None,
             provisioner: None,
             lifetime: Lifetime::Attached,
+            real_node: None,
             high_throughput: false,
         }
     }
@@ -69,6 +75,7 @@ pub struct Cluster {
     server_url: String,
     client_config: kube::Config,
     gpu_nodes: Vec<String>,
+    images: Option<Images>,
     supervisor: Supervisor,
 }
 
@@ -91,12 +98,20 @@ impl Cluster {
             Some(dir) => prepare_state_dir(dir)?,
             None => fresh_state_dir()?,
         });
-        // From here on the supervisor removes the state directory if anything fails.
-        let supervisor = Supervisor::new(layout.clone(), options.lifetime)?;
+        // From here on the supervisor removes the state directory (and restores the host)
+        // if anything fails.
+        let supervisor = Supervisor::new(layout.clone(), options.lifetime, &provisioner)?;
         layout.create_dirs()?;
         pki::write_all(&layout)?;
+        let real_node = options.real_node.is_some();
+        // The link the API server listens on exists before the API server starts.
+        let prepared = if real_node {
+            Some(node::prepare(&layout, &supervisor, &provisioner)?)
+        } else {
+            None
+        };
         let ports = Ports::pick()?;
-        let server_url = components::server_url(&ports);
+        let server_url = components::server_url(&ports, real_node);
         kubeconfig::write(&layout, &server_url, ADMIN, &layout.admin_kubeconfig())?;
         for identity in pki::CLIENT_IDENTITIES {
             let path = layout.component_kubeconfig(identity.name);
@@ -115,6 +130,7 @@ impl Cluster {
             ports: &ports,
             binaries: &binaries,
             provisioner: &provisioner,
+            real_node,
             high_throughput: options.high_throughput,
         };
         for spec in components::api(inputs) {
@@ -131,14 +147,27 @@ impl Cluster {
             }
             supervisor.write_pid_file()?;
             let nodes = bootstrap::populate(&client, options.gpu_nodes, &health).await?;
+            if let (Some(prepared), Some(images)) = (&prepared, &options.real_node) {
+                node::start(
+                    &layout,
+                    &supervisor,
+                    binaries.dir(),
+                    prepared,
+                    images,
+                    &client,
+                )
+                .await?;
+                supervisor.write_pid_file()?;
+            }
             anyhow::Ok((config, nodes))
         })??;
         // Straight to stderr rather than through eprintln!, which the test harness captures.
         let _ = writeln!(
             std::io::stderr(),
-            "sd35-e2e: local control plane ready in {:.1}s ({} GPU nodes, {})",
+            "sd35-e2e: local control plane ready in {:.1}s ({} GPU nodes{}, {})",
             started.elapsed().as_secs_f64(),
             gpu_nodes.len(),
+            if real_node { ", real node real-0" } else { "" },
             layout.root().display()
         );
         Ok(Self {
@@ -147,8 +176,14 @@ impl Cluster {
             server_url,
             client_config,
             gpu_nodes,
+            images: options.real_node,
             supervisor,
         })
+    }
+
+    /// The images the real node runs, when the cluster has one.
+    pub fn real_node_images(&self) -> Option<&Images> {
+        self.images.as_ref()
     }
 
     /// A new API client acting as the cluster administrator (`system:masters`).
@@ -176,7 +211,8 @@ impl Cluster {
         self.layout.audit_log()
     }
 
-    /// The API server's URL, `https://127.0.0.1:<port>`.
+    /// The API server's URL, `https://127.0.0.1:<port>` (with a real node, the host's end
+    /// of its link instead of 127.0.0.1).
     pub fn server_url(&self) -> &str {
         &self.server_url
     }
@@ -187,7 +223,8 @@ impl Cluster {
     }
 
     /// The log file of one component (`etcd`, `kube-apiserver`, `kube-controller-manager`,
-    /// `kube-scheduler`, `kwok`, `provisioner`).
+    /// `kube-scheduler`, `kwok`, `provisioner`; with a real node also `containerd`,
+    /// `kubelet`, `kube-proxy`).
     pub fn log_path(&self, component: &str) -> PathBuf {
         self.layout.process_log(component)
     }

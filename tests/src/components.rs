@@ -1,15 +1,20 @@
 //! The command lines of the cluster's processes, in start order.
 //!
-//! Everything listens on 127.0.0.1 only, on the ports picked for this cluster; every file
-//! named here lives in the cluster's state directory. The functions are pure, so the
-//! command lines are tested without starting anything.
+//! Everything listens on 127.0.0.1 only, on the ports picked for this cluster — except the
+//! API server of a cluster with a real node, which listens on the host's end of the link
+//! into that node ([`crate::node::HOST_ADDRESS`]) so that pods reach it. Every file named
+//! here lives in the cluster's state directory. The functions are pure, so the command lines
+//! are tested without starting anything.
 
 use std::ffi::OsString;
+use std::net::Ipv4Addr;
 use std::path::Path;
 
 use crate::binaries::Binaries;
 use crate::layout::Layout;
-use crate::pki::{self, CONTROLLER_MANAGER, KWOK, PROVISIONER, SCHEDULER};
+use crate::pki::{
+    self, APISERVER_KUBELET_CLIENT, CONTROLLER_MANAGER, KWOK, PROVISIONER, SCHEDULER,
+};
 use crate::ports::Ports;
 use crate::process::ProcessSpec;
 
@@ -53,8 +58,26 @@ pub(crate) struct Inputs<'a> {
     pub(crate) binaries: &'a Binaries,
     /// The executable that has the `provision` subcommand.
     pub(crate) provisioner: &'a Path,
+    /// Whether the cluster has a real node, whose pods must reach the API server.
+    pub(crate) real_node: bool,
     /// Raise client limits and sync concurrency (see `ClusterOptions::high_throughput`).
     pub(crate) high_throughput: bool,
+}
+
+impl Inputs<'_> {
+    /// Where the API server listens.
+    pub(crate) fn api_address(&self) -> Ipv4Addr {
+        api_address(self.real_node)
+    }
+}
+
+/// Where the API server listens: loopback, or the host's end of the real node's link.
+pub(crate) fn api_address(real_node: bool) -> Ipv4Addr {
+    if real_node {
+        crate::node::HOST_ADDRESS
+    } else {
+        Ipv4Addr::LOCALHOST
+    }
 }
 
 /// kwok's configuration with raised parallelism (its client has no rate limit of its own).
@@ -99,8 +122,8 @@ fn loopback_url(scheme: &str, port: u16) -> String {
 }
 
 /// The URL clients use to reach the API server.
-pub(crate) fn server_url(ports: &Ports) -> String {
-    loopback_url("https", ports.apiserver)
+pub(crate) fn server_url(ports: &Ports, real_node: bool) -> String {
+    format!("https://{}:{}", api_address(real_node), ports.apiserver)
 }
 
 fn spec(name: &'static str, inputs: Inputs<'_>, args: Vec<OsString>) -> ProcessSpec {
@@ -143,42 +166,58 @@ fn etcd(inputs: Inputs<'_>) -> ProcessSpec {
 
 fn kube_apiserver(inputs: Inputs<'_>) -> ProcessSpec {
     let layout = inputs.layout;
-    spec(
-        "kube-apiserver",
-        inputs,
-        vec![
-            flag("advertise-address", "127.0.0.1"),
-            flag("bind-address", "127.0.0.1"),
-            flag("secure-port", inputs.ports.apiserver.to_string()),
+    let address = inputs.api_address().to_string();
+    let mut args = vec![
+        flag("advertise-address", &address),
+        flag("bind-address", &address),
+        flag("secure-port", inputs.ports.apiserver.to_string()),
+        flag(
+            "etcd-servers",
+            loopback_url("http", inputs.ports.etcd_client),
+        ),
+        flag("cert-dir", layout.pki_dir()),
+        flag("client-ca-file", layout.cert(pki::CA)),
+        flag("tls-cert-file", layout.cert(pki::APISERVER)),
+        flag("tls-private-key-file", layout.key(pki::APISERVER)),
+        flag("service-account-issuer", SERVICE_ACCOUNT_ISSUER),
+        flag(
+            "service-account-key-file",
+            layout.service_account_public_key(),
+        ),
+        flag(
+            "service-account-signing-key-file",
+            layout.key(pki::SERVICE_ACCOUNT),
+        ),
+        flag("service-cluster-ip-range", SERVICE_CLUSTER_IP_RANGE),
+        flag("authorization-mode", "Node,RBAC"),
+        flag("allow-privileged", "true"),
+        flag("audit-policy-file", layout.audit_policy()),
+        flag("audit-log-path", layout.audit_log()),
+        flag("audit-log-format", "json"),
+        flag("profiling", "false"),
+    ];
+    if inputs.real_node {
+        // The `kubernetes` Service's endpoint is the advertised address, which pods route
+        // to. The API server reaches the kubelet by its InternalIP (a lookup of the node's
+        // name would go to the machine's resolver) with a client certificate the kubelet's
+        // Webhook authorization accepts.
+        args.extend([
+            flag("kubelet-preferred-address-types", "InternalIP"),
             flag(
-                "etcd-servers",
-                loopback_url("http", inputs.ports.etcd_client),
-            ),
-            flag("cert-dir", layout.pki_dir()),
-            flag("client-ca-file", layout.cert(pki::CA)),
-            flag("tls-cert-file", layout.cert(pki::APISERVER)),
-            flag("tls-private-key-file", layout.key(pki::APISERVER)),
-            flag("service-account-issuer", SERVICE_ACCOUNT_ISSUER),
-            flag(
-                "service-account-key-file",
-                layout.service_account_public_key(),
+                "kubelet-client-certificate",
+                layout.cert(APISERVER_KUBELET_CLIENT.name),
             ),
             flag(
-                "service-account-signing-key-file",
-                layout.key(pki::SERVICE_ACCOUNT),
+                "kubelet-client-key",
+                layout.key(APISERVER_KUBELET_CLIENT.name),
             ),
-            flag("service-cluster-ip-range", SERVICE_CLUSTER_IP_RANGE),
-            flag("authorization-mode", "Node,RBAC"),
-            flag("allow-privileged", "true"),
-            // The `kubernetes` Service would list 127.0.0.1 as its endpoint, which
-            // Endpoints validation rejects as loopback; nothing here routes to it anyway.
-            flag("endpoint-reconciler-type", "none"),
-            flag("audit-policy-file", layout.audit_policy()),
-            flag("audit-log-path", layout.audit_log()),
-            flag("audit-log-format", "json"),
-            flag("profiling", "false"),
-        ],
-    )
+        ]);
+    } else {
+        // The `kubernetes` Service would list 127.0.0.1 as its endpoint, which Endpoints
+        // validation rejects as loopback; without a real node nothing routes to it anyway.
+        args.push(flag("endpoint-reconciler-type", "none"));
+    }
+    spec("kube-apiserver", inputs, args)
 }
 
 /// The flags a component needs to talk to, and authenticate its own callers with, the API
@@ -297,10 +336,10 @@ mod tests {
     use super::*;
 
     fn all_specs() -> Vec<ProcessSpec> {
-        specs(false)
+        specs(false, false)
     }
 
-    fn specs(high_throughput: bool) -> Vec<ProcessSpec> {
+    fn specs(real_node: bool, high_throughput: bool) -> Vec<ProcessSpec> {
         let layout = Layout::new(PathBuf::from("/state"));
         let ports = Ports {
             etcd_client: 1001,
@@ -316,6 +355,7 @@ mod tests {
             ports: &ports,
             binaries: &binaries,
             provisioner: Path::new("/bin-dir/sd35-localcluster"),
+            real_node,
             high_throughput,
         };
         let mut specs = api(inputs);
@@ -347,6 +387,33 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn with_a_real_node_only_the_api_server_leaves_loopback_for_the_node_link() {
+        for spec in specs(true, false) {
+            for arg in args(&spec) {
+                let value = arg.split_once('=').map_or("", |(_, value)| value);
+                if arg.starts_with("--") && (arg.contains("address=") || arg.contains("url")) {
+                    let on_link = value.contains("10.201.255.1");
+                    assert!(
+                        value.contains("127.0.0.1")
+                            || (on_link && spec.name == "kube-apiserver")
+                            || arg.starts_with("--kubelet-preferred-address-types"),
+                        "{} listens beyond loopback and the node link: {arg}",
+                        spec.name
+                    );
+                }
+            }
+        }
+        let apiserver = args(&specs(true, false)[1]);
+        assert!(apiserver.contains(&"--bind-address=10.201.255.1".to_owned()));
+        assert!(
+            !apiserver
+                .iter()
+                .any(|arg| arg.starts_with("--endpoint-reconciler-type"))
+        );
+        assert!(apiserver.contains(&"--kubelet-preferred-address-types=InternalIP".to_owned()));
     }
 
     #[test]
@@ -383,8 +450,8 @@ mod tests {
             let spec = specs.iter().find(|s| s.name == name).unwrap();
             args(spec)
         };
-        let normal = specs(false);
-        let fast = specs(true);
+        let normal = specs(false, false);
+        let fast = specs(false, true);
         for name in ["kube-controller-manager", "kube-scheduler"] {
             assert!(
                 !raised(&normal, name)

@@ -88,6 +88,22 @@ impl Layout {
         self.root.join("pids")
     }
 
+    /// The real node's files: its configurations, containerd's content and snapshots, the
+    /// kubelet's root directory, pod logs, and what teardown needs to restore the host.
+    pub(crate) fn node_dir(&self) -> PathBuf {
+        self.root.join("node")
+    }
+
+    /// A file or directory in the real node's directory.
+    pub(crate) fn node_path(&self, name: &str) -> PathBuf {
+        self.node_dir().join(name)
+    }
+
+    /// containerd's API socket, reachable from the host (the node's `/run` is private).
+    pub(crate) fn containerd_socket(&self) -> PathBuf {
+        self.node_path("containerd.sock")
+    }
+
     /// Creates the directories the components expect to exist.
     pub(crate) fn create_dirs(&self) -> std::io::Result<()> {
         for dir in [

@@ -1,7 +1,8 @@
 //! End-to-end test support for the sd35 operator: a real Kubernetes control plane on
 //! loopback (etcd, kube-apiserver, kube-controller-manager, kube-scheduler built from the
-//! pinned Go modules in `tests/controlplane/`), kwok playing GPU nodes, and a static
-//! provisioner behind the default StorageClass.
+//! pinned Go modules in `tests/controlplane/`), kwok playing GPU nodes, a static
+//! provisioner behind the default StorageClass, and optionally one real node running pods
+//! with containerd ([`node`]).
 //!
 //! ```no_run
 //! # async fn example() -> anyhow::Result<()> {
@@ -19,7 +20,9 @@ mod fixtures;
 pub mod kubeconfig;
 mod layout;
 pub mod localcluster;
+pub mod mirror;
 mod namespace;
+pub mod node;
 mod nodes;
 mod operator;
 mod pki;
@@ -37,13 +40,14 @@ pub use cluster::{Cluster, ClusterOptions, LOCALCLUSTER_EXE};
 pub use components::{KWOK_NODE_ANNOTATION, LOCAL_PROVISIONER, SERVICE_ACCOUNT_ISSUER};
 pub use fixtures::{install_crd, kubectl_apply, repo_root};
 pub use namespace::{TEST_NAMESPACE_LABEL, TestNamespace};
+pub use node::{HOST_ADDRESS, HostState, Images, REAL_NODE_NAME};
 pub use nodes::{GPU_PRODUCT, GPU_RESOURCE, GPUS_PER_NODE, gpu_node_name, is_ready};
 pub use operator::{
     OPERATOR_BIN_ENV, OperatorProcess, SERVER_BIN_ENV, operator_binary, server_binary,
 };
 pub use process::{Lifetime, runs_for_state_dir};
 pub use sd35::{condition, has_condition, summary, wait_for, wait_ready};
-pub use shared::shared_cluster;
+pub use shared::{shared_cluster, shared_real_node_cluster, skip_without_real_node};
 pub use storage::DEFAULT_STORAGE_CLASS;
 pub use supervisor::KEEP_STATE_ENV;
 pub use wait::{Probe, poll_until};

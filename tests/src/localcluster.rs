@@ -3,7 +3,8 @@
 //!
 //! `start` records every process in the state directory's `pids` file; `stop` ends only
 //! processes from that record whose command line still names the state directory, so a
-//! recycled pid is never killed, then removes the directory.
+//! recycled pid is never killed, tears down the real node if there is one (restoring the
+//! host), then removes the directory.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,6 +14,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::cluster::{Cluster, ClusterOptions};
 use crate::layout::Layout;
+use crate::node::{self, Images};
 use crate::process::{Lifetime, runs_for_state_dir};
 
 /// `${XDG_CACHE_HOME:-~/.cache}/sd35-operator/localcluster`.
@@ -27,8 +29,9 @@ pub fn default_state_dir() -> Result<PathBuf> {
     Ok(cache.join("sd35-operator").join("localcluster"))
 }
 
-/// Starts a detached cluster in `state_dir` and prints how to use it.
-pub fn start(state_dir: &Path, gpu_nodes: usize) -> Result<()> {
+/// Starts a detached cluster in `state_dir` and prints how to use it; with `real_node`, the
+/// real node `real-0` runs these images.
+pub fn start(state_dir: &Path, gpu_nodes: usize, real_node: Option<Images>) -> Result<()> {
     let running = recorded_processes(state_dir)?
         .into_iter()
         .filter(|process| process.is_alive(state_dir))
@@ -40,6 +43,8 @@ pub fn start(state_dir: &Path, gpu_nodes: usize) -> Result<()> {
         );
     }
     if state_dir.exists() {
+        // A crashed cluster may have left its real node's shims and settings behind.
+        node::teardown(state_dir)?;
         std::fs::remove_dir_all(state_dir)
             .with_context(|| format!("removing the stale {}", state_dir.display()))?;
     }
@@ -48,6 +53,7 @@ pub fn start(state_dir: &Path, gpu_nodes: usize) -> Result<()> {
         state_dir: Some(state_dir.to_path_buf()),
         provisioner: None,
         lifetime: Lifetime::Detached,
+        real_node,
         ..ClusterOptions::default()
     })?;
     let kubeconfig = cluster.kubeconfig_path();
@@ -81,6 +87,7 @@ pub fn stop(state_dir: &Path) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    node::teardown(state_dir)?;
     if state_dir.exists() {
         std::fs::remove_dir_all(state_dir)
             .with_context(|| format!("removing {}", state_dir.display()))?;

@@ -1,7 +1,7 @@
 //! The cluster's certificates and keys, generated fresh for every cluster.
 //!
 //! One self-signed CA signs the API server's serving certificate and one client
-//! certificate per identity. The CA key doubles as the controller-manager's cluster signing
+//! certificate per identity (the real node's kubelet and kube-proxy included). The CA key doubles as the controller-manager's cluster signing
 //! key. Service-account tokens are signed with their own ECDSA P-256 key. Everything is
 //! written as PEM under `pki/`; nothing is trusted outside the cluster's state directory.
 
@@ -61,9 +61,39 @@ pub(crate) const PROVISIONER: ClientIdentity = ClientIdentity {
     group: Some("system:masters"),
 };
 
+/// The real node's kubelet, as the Node authorizer expects it.
+pub(crate) const KUBELET: ClientIdentity = ClientIdentity {
+    name: "kubelet",
+    user: "system:node:real-0",
+    group: Some("system:nodes"),
+};
+
+/// kube-proxy, bound to `system:node-proxier` by the default RBAC policy.
+pub(crate) const KUBE_PROXY: ClientIdentity = ClientIdentity {
+    name: "kube-proxy",
+    user: "system:kube-proxy",
+    group: None,
+};
+
+/// The API server when it calls a kubelet (logs, exec, port-forward); the kubelet asks the
+/// API server whether this user may, through its Webhook authorization.
+pub(crate) const APISERVER_KUBELET_CLIENT: ClientIdentity = ClientIdentity {
+    name: "apiserver-kubelet-client",
+    user: "kube-apiserver-kubelet-client",
+    group: Some("system:masters"),
+};
+
 /// Every identity that gets a client certificate and a kubeconfig.
-pub(crate) const CLIENT_IDENTITIES: [ClientIdentity; 5] =
-    [ADMIN, CONTROLLER_MANAGER, SCHEDULER, KWOK, PROVISIONER];
+pub(crate) const CLIENT_IDENTITIES: [ClientIdentity; 8] = [
+    ADMIN,
+    CONTROLLER_MANAGER,
+    SCHEDULER,
+    KWOK,
+    PROVISIONER,
+    KUBELET,
+    KUBE_PROXY,
+    APISERVER_KUBELET_CLIENT,
+];
 
 /// File stems of the non-client material.
 pub(crate) const CA: &str = "ca";
@@ -126,6 +156,8 @@ fn serving_params() -> Result<CertificateParams> {
     params.subject_alt_names.extend([
         SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
         SanType::IpAddress(IpAddr::V4(KUBERNETES_SERVICE_IP)),
+        // Where the API server listens when the cluster has a real node.
+        SanType::IpAddress(IpAddr::V4(crate::node::HOST_ADDRESS)),
     ]);
     params
         .distinguished_name

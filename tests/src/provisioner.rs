@@ -82,6 +82,10 @@ impl Provisioner {
         let volume = volume_for(claim, &self.root, &reclaim_policy)?;
         let path = host_path(&volume).context("built a volume without a host path")?;
         std::fs::create_dir_all(&path).with_context(|| format!("creating {path}"))?;
+        // Kubelets give hostPath volumes no fsGroup, so pods running as any user must be
+        // able to write (what local-path provisioners do too).
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .with_context(|| format!("making {path} writable"))?;
         let volumes = Api::<PersistentVolume>::all(self.client.clone());
         match volumes.create(&PostParams::default(), &volume).await {
             Ok(created) => {

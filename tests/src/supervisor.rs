@@ -1,11 +1,13 @@
 //! Owns a cluster's processes and state directory, and guarantees both go away.
 //!
-//! Dropping the [`Supervisor`] kills every process and removes the state directory (kept
-//! when `SD35_KEEP_STATE=1`). A cluster held in a `static` is never dropped, so for attached
-//! clusters a janitor — a shell in a session of its own waiting for its stdin to close —
-//! removes the directory once this process has ended, however it ended; the processes are
-//! already gone by then through their parent-death signal. [`Supervisor::detach`] hands
-//! everything over to `sd35-localcluster stop` instead.
+//! Dropping the [`Supervisor`] kills every process, tears down the real node if the cluster
+//! has one (see [`crate::node::teardown`]), and removes the state directory (kept when
+//! `SD35_KEEP_STATE=1`; the host is restored either way). A cluster held in a `static` is
+//! never dropped, so for attached clusters a janitor — a shell in a session of its own
+//! waiting for its stdin to close — does the same once this process has ended, however it
+//! ended; the processes are already gone by then through their parent-death signal, and the
+//! node's teardown (`sd35-localcluster node-teardown`) ends what outlived them.
+//! [`Supervisor::detach`] hands everything over to `sd35-localcluster stop` instead.
 
 use std::io::Write;
 use std::path::Path;
@@ -32,7 +34,9 @@ pub(crate) struct Supervisor {
 }
 
 impl Supervisor {
-    pub(crate) fn new(layout: Layout, lifetime: Lifetime) -> Result<Self> {
+    /// `localcluster` is the `sd35-localcluster` executable the janitor runs the real
+    /// node's teardown with.
+    pub(crate) fn new(layout: Layout, lifetime: Lifetime, localcluster: &Path) -> Result<Self> {
         let keep_state = std::env::var(KEEP_STATE_ENV).is_ok_and(|value| value == "1");
         if keep_state && lifetime == Lifetime::Attached {
             let _ = writeln!(
@@ -42,8 +46,8 @@ impl Supervisor {
             );
         }
         let janitor = match lifetime {
-            Lifetime::Attached if !keep_state => Some(start_janitor(layout.root())?),
-            _ => None,
+            Lifetime::Attached => Some(start_janitor(layout.root(), localcluster, keep_state)?),
+            Lifetime::Detached => None,
         };
         Ok(Self {
             layout,
@@ -55,15 +59,16 @@ impl Supervisor {
         })
     }
 
-    /// Starts one component, logging to its file in the state directory.
-    pub(crate) fn launch(&self, spec: &ProcessSpec) -> Result<()> {
+    /// Starts one component, logging to its file in the state directory; returns its pid.
+    pub(crate) fn launch(&self, spec: &ProcessSpec) -> Result<u32> {
         let process = self.launcher.launch(
             spec,
             &self.layout.process_log(spec.name),
             self.layout.root(),
         )?;
+        let pid = process.pid();
         self.lock().push(process);
-        Ok(())
+        Ok(pid)
     }
 
     /// Fails with the process's log tail if any component has exited.
@@ -122,6 +127,9 @@ impl Drop for Supervisor {
         let root = self.layout.root();
         // Straight to stderr: the test harness would capture eprintln! and hide the path.
         let mut stderr = std::io::stderr();
+        if let Err(error) = crate::node::teardown(root) {
+            let _ = writeln!(stderr, "sd35-e2e: {error:#}");
+        }
         if self.keep_state {
             let _ = writeln!(
                 stderr,
@@ -138,13 +146,17 @@ impl Drop for Supervisor {
     }
 }
 
-fn start_janitor(root: &Path) -> Result<ChildStdin> {
+fn start_janitor(root: &Path, localcluster: &Path, keep_state: bool) -> Result<ChildStdin> {
     // Ignoring the terminal's signals keeps Ctrl-C from ending the janitor before the
-    // cleanup; the pause lets the killed processes finish dying before the removal.
-    const SCRIPT: &str = r#"trap '' INT TERM HUP; cat >/dev/null; sleep 1; rm -rf -- "$1""#;
+    // cleanup; the pause lets the killed processes finish dying before the teardown.
+    const SCRIPT: &str = r#"trap '' INT TERM HUP; cat >/dev/null; sleep 1
+if [ -d "$1/node" ]; then "$2" node-teardown --state-dir "$1" >>"$1/logs/node-teardown.log" 2>&1; fi
+[ "$3" = keep ] || rm -rf -- "$1""#;
     let mut janitor = Command::new("setsid")
         .args(["sh", "-c", SCRIPT, "sd35-cluster-janitor"])
         .arg(root)
+        .arg(localcluster)
+        .arg(if keep_state { "keep" } else { "remove" })
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

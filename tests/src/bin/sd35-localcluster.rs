@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use sd35_e2e::localcluster;
+use sd35_e2e::{Images, localcluster, node};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -42,6 +42,14 @@ enum Commands {
         /// How many fake GPU nodes (eight nvidia.com/gpu each) to create.
         #[arg(long, default_value_t = 4)]
         gpu_nodes: usize,
+        /// Also run the real node `real-0` (kubelet, containerd, kube-proxy; needs root) with
+        /// the images `make images` built.
+        #[arg(long)]
+        real_node: bool,
+        /// The directory of the image archives [default: $SD35_IMAGES_DIR, else the
+        /// repository's target/images].
+        #[arg(long, requires = "real_node")]
+        images: Option<PathBuf>,
     },
     /// Stop the cluster and remove its state directory.
     Stop {
@@ -57,6 +65,32 @@ enum Commands {
     Kubeconfig {
         #[command(flatten)]
         state: StateDir,
+    },
+    /// Hold the real node's namespaces (started by the cluster, inside them).
+    #[command(hide = true)]
+    NodeNamespace {
+        #[command(flatten)]
+        state: StateDir,
+    },
+    /// Undo what a real node left on the host: its shims and containers, cgroups, link
+    /// and kernel settings (run by `stop` and by the test clusters' janitor).
+    NodeTeardown {
+        #[command(flatten)]
+        state: StateDir,
+    },
+    /// Serve a model directory as an `http` model source (its files plus sha256sums.txt),
+    /// for pods on the real node: prints `serving <url>` once it listens.
+    Mirror {
+        /// The model directory to serve.
+        #[arg(long)]
+        model: PathBuf,
+        /// Where the mirror's copy (with its sha256sums.txt) is written.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The address to listen on (port 0 picks one) [default: the host end of the real
+        /// node's link].
+        #[arg(long, default_value_t = std::net::SocketAddr::from((sd35_e2e::HOST_ADDRESS, 0)))]
+        listen: std::net::SocketAddr,
     },
     /// Run the volume provisioner of the default StorageClass (started by the cluster).
     Provision {
@@ -82,9 +116,21 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<bool> {
     match cli.command {
-        Commands::Start { state, gpu_nodes } => {
-            localcluster::start(&state.resolve()?, gpu_nodes)?;
+        Commands::Start {
+            state,
+            gpu_nodes,
+            real_node,
+            images,
+        } => {
+            let images = match (real_node, images) {
+                (false, _) => None,
+                (true, Some(dir)) => Some(Images::in_dir(&dir)?),
+                (true, None) => Some(Images::locate()?),
+            };
+            localcluster::start(&state.resolve()?, gpu_nodes, images)?;
         }
+        Commands::NodeNamespace { state: _ } => node::hold_namespaces(),
+        Commands::NodeTeardown { state } => node::teardown(&state.resolve()?)?,
         Commands::Stop { state } => localcluster::stop(&state.resolve()?)?,
         Commands::Status { state } => return localcluster::status(&state.resolve()?),
         Commands::Kubeconfig { state } => {
@@ -92,6 +138,15 @@ fn run(cli: Cli) -> Result<bool> {
                 "{}",
                 localcluster::kubeconfig_path(&state.resolve()?)?.display()
             );
+        }
+        Commands::Mirror { model, dir, listen } => {
+            sd35_e2e::mirror::write_mirror(&model, &dir)?;
+            tokio::runtime::Runtime::new()?.block_on(async {
+                let mirror = sd35_e2e::mirror::ModelMirror::serve(&dir, listen, None).await?;
+                println!("serving {}", mirror.url());
+                tokio::signal::ctrl_c().await?;
+                anyhow::Ok(())
+            })?;
         }
         Commands::Provision { kubeconfig, root } => {
             tracing_subscriber::fmt()
