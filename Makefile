@@ -30,6 +30,15 @@ lint: ## rustfmt and clippy, warnings are errors
 unit: ## Tests that need no cluster: unit, snapshot, parity, drift and server tests
 	SD35_PYTHON="$$(bash tools/python-env.sh)" $(CARGO) test --locked
 
+.PHONY: fuzz
+fuzz: ## Fuzz request parsing and validation for FUZZ_SECONDS (60) from the committed corpus (nightly, cargo-fuzz)
+	bash tools/fuzz.sh
+
+.PHONY: loadcheck
+loadcheck: ## Overload, slow clients and SIGTERM against the server on the tiny model; prints the figures
+	$(CARGO) build --locked -q --release -p sd35-server --bin sd35-server -p sd35-http --bin sd35-loadcheck
+	./target/release/sd35-loadcheck --server target/release/sd35-server --model inference/testdata/sd35-tiny-large
+
 .PHONY: e2e
 e2e: ## End-to-end tests on a real local control plane with kwok GPU nodes
 	bin="$$(bash tests/controlplane/build.sh)"; \
@@ -38,7 +47,7 @@ e2e: ## End-to-end tests on a real local control plane with kwok GPU nodes
 	  SD35_SERVER_BIN="$$PWD/target/debug/sd35-server" $(CARGO) test --locked -p sd35-e2e
 
 .PHONY: test
-test: controlplane lint unit e2e ## Everything CI runs
+test: controlplane lint unit fuzz e2e ## Everything CI runs
 
 .PHONY: crds
 crds: ## Regenerate the CRD YAML (crds/, the chart) and docs/api.md from the Rust types

@@ -35,15 +35,42 @@ pub struct ServeConfig {
     #[arg(long, env = "SD35_MAX_PROMPT_BYTES", default_value_t = 4096)]
     pub max_prompt_bytes: usize,
 
+    /// Largest width or height a request may ask for, below the model's own limit (unset:
+    /// the model's limit), e.g. to bound memory and latency per image.
+    #[arg(long, env = "SD35_MAX_SIZE", value_parser = clap::value_parser!(u32).range(16..))]
+    pub max_size: Option<u32>,
+
     /// Most sampling steps a request may ask for (unset: 100, or 16 for large-turbo).
     #[arg(long, env = "SD35_MAX_STEPS")]
     pub max_steps: Option<u32>,
 
-    /// Seconds to finish accepted requests after SIGTERM before exiting anyway.
+    /// Seconds to finish accepted requests after SIGTERM; requests still queued or running
+    /// then are answered 503 and the server exits 0.
     #[arg(long, env = "SD35_DRAIN_SECONDS", default_value_t = 60)]
     pub drain_seconds: u64,
 
-    /// Accepted bearer tokens, comma separated (adds to --auth-token-file).
+    /// Seconds a client has to send a request's head (request line and headers), counted
+    /// from the connection's start or the end of its previous response; then the
+    /// connection is closed.
+    #[arg(long, env = "SD35_HEADER_READ_TIMEOUT_SECONDS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_read_timeout_seconds: u64,
+
+    /// Seconds a client has to send a request's body once its head arrived (408 after).
+    #[arg(long, env = "SD35_BODY_READ_TIMEOUT_SECONDS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_read_timeout_seconds: u64,
+
+    /// Most connections being read at once (sending a request head, or idle between
+    /// requests); a connection beyond it is answered 503 and closed, and counted in
+    /// `sd35_http_connections_refused_total`.
+    #[arg(long, env = "SD35_MAX_CONNECTIONS_READING", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_reading: u32,
+
+    /// Accepted bearer tokens, comma separated (adds to --auth-token-file). Avoid the flag:
+    /// command lines are visible to every user of the machine (`ps`); use
+    /// --auth-token-file or the SD35_AUTH_TOKENS variable.
     #[arg(long, env = "SD35_AUTH_TOKENS", hide_env_values = true)]
     pub auth_tokens: Option<String>,
 

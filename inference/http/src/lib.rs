@@ -6,17 +6,21 @@
 //! - [`queue`]: one dedicated model thread behind a bounded queue — admission control (429),
 //!   per-request deadlines, dropping requests whose client went away, batching of same-shape
 //!   requests;
+//! - [`edge`]: the HTTP/1.1 connection loop — header-read timeout, a cap on connections being
+//!   read, graceful shutdown;
 //! - [`routes`]: the axum edge — request types and validation ([`api`]), one error→status
-//!   table, auth, request ids, metrics, OpenAPI and the playground page.
+//!   table, auth, request ids, metrics, OpenAPI and the playground page; the request and
+//!   response types, their bounds and validation are the `sd35-api` crate ([`api`]).
 //!
 //! [`server::run`] wires them from one [`config::ServeConfig`].
 
-pub mod api;
 pub mod auth;
 pub mod backend;
 pub mod candle;
 pub mod client;
 pub mod config;
+pub mod edge;
+mod handlers;
 pub mod metrics;
 pub mod openapi;
 pub mod queue;
@@ -24,4 +28,5 @@ pub mod routes;
 pub mod server;
 
 pub use config::ServeConfig;
+pub use sd35_api as api;
 pub use server::run;

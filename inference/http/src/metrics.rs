@@ -39,6 +39,15 @@ pub struct Metrics {
     pub batch_size: Histogram,
     /// Seconds the model took to load (and warm up).
     pub model_load_seconds: Gauge<f64, AtomicU64>,
+    /// Connections answered 503 and closed at once because `--max-connections-reading`
+    /// connections were already being read.
+    pub connections_refused: Counter,
+    /// Connections being read now (sending a request head, or idle between requests).
+    pub connections_reading: Gauge,
+    /// Connections closed because their request head did not arrive in time.
+    pub header_read_timeouts: Counter,
+    /// Requests answered 503 because the drain deadline passed before they finished.
+    pub drain_cut: Counter,
     /// Moving average of the seconds per step (f64 bits; 0 before the first step).
     recent_step: AtomicU64,
 }
@@ -95,8 +104,36 @@ impl Metrics {
             "Seconds the model took to load and warm up",
             model_load_seconds.clone(),
         );
+        let connections_refused = Counter::default();
+        registry.register(
+            "http_connections_refused",
+            "Connections refused because --max-connections-reading were being read",
+            connections_refused.clone(),
+        );
+        let connections_reading = Gauge::default();
+        registry.register(
+            "http_connections_reading",
+            "Connections sending a request head or idle between requests",
+            connections_reading.clone(),
+        );
+        let header_read_timeouts = Counter::default();
+        registry.register(
+            "http_header_read_timeouts",
+            "Connections closed because the request head did not arrive in time",
+            header_read_timeouts.clone(),
+        );
+        let drain_cut = Counter::default();
+        registry.register(
+            "drain_cut_requests",
+            "Requests answered 503 because the drain deadline passed",
+            drain_cut.clone(),
+        );
         Self {
             registry,
+            connections_refused,
+            connections_reading,
+            header_read_timeouts,
+            drain_cut,
             requests,
             queue_depth,
             queue_seconds,

@@ -1,81 +1,127 @@
-//! The OpenAPI 3.1 document, its schemas generated from the request and response types, and
-//! the self-contained playground page.
+//! The OpenAPI 3.1 document — the contract: its paths and statuses come from the route table
+//! ([`crate::routes::ROUTES`]) the router is built from, its schemas and their bounds from
+//! `sd35-api` (the values validation enforces) — and the self-contained playground page.
 
-use schemars::generate::SchemaSettings;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
-use crate::api::{ErrorBody, ImagesRequest, ImagesResponse, Txt2ImgRequest, Txt2ImgResponse};
+use crate::api::Bounds;
+use crate::api::schema::{components, reference};
+use crate::routes::{Body, ROUTES, Route, status_description};
 
 /// The playground page served at `/` (no external resources).
 pub const PLAYGROUND: &str = include_str!("playground.html");
 
-fn error_responses() -> Value {
-    let err = json!({"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}});
-    json!({
-        "400": {"description": "Malformed body, wrong type or unknown field", "content": err},
-        "401": {"description": "Missing or wrong bearer token", "content": err},
-        "413": {"description": "Body too large", "content": err},
-        "415": {"description": "Body is not JSON", "content": err},
-        "422": {"description": "A field is out of range", "content": err},
-        "429": {"description": "Queue full; see Retry-After", "content": err},
-        "503": {"description": "Model loading or server shutting down", "content": err},
-        "504": {"description": "Request deadline passed", "content": err},
-    })
+fn ok_response(body: Body) -> Value {
+    let (description, content) = match body {
+        Body::PngOrJson(schema) => (
+            "The image (PNG), or JSON with `Accept: application/json`",
+            json!({
+                "image/png": {"schema": {"type": "string", "format": "binary"}},
+                "application/json": {"schema": reference(schema)},
+            }),
+        ),
+        Body::Json(schema) => (
+            "OK",
+            json!({"application/json": {"schema": reference(schema)}}),
+        ),
+        Body::AnyJson => (
+            "OK",
+            json!({"application/json": {"schema": {"type": "object"}}}),
+        ),
+        Body::Text => ("OK", json!({"text/plain": {"schema": {"type": "string"}}})),
+        Body::Metrics => (
+            "Prometheus text exposition",
+            json!({"application/openmetrics-text": {"schema": {"type": "string"}}}),
+        ),
+        Body::Html => ("OK", json!({"text/html": {"schema": {"type": "string"}}})),
+    };
+    json!({"description": description, "content": content})
 }
 
-/// The OpenAPI document of the server.
-pub fn document() -> Value {
-    let mut generator = SchemaSettings::draft2020_12()
-        .with(|s| s.definitions_path = "/components/schemas".into())
-        .into_generator();
-    let txt2img = generator.subschema_for::<Txt2ImgRequest>();
-    let txt2img_resp = generator.subschema_for::<Txt2ImgResponse>();
-    let images = generator.subschema_for::<ImagesRequest>();
-    let images_resp = generator.subschema_for::<ImagesResponse>();
-    generator.subschema_for::<ErrorBody>();
-    let schemas = generator.take_definitions(true);
-    let plain = |d: &str| json!({"200": {"description": d}});
-    let mut txt2img_responses = error_responses();
-    txt2img_responses["200"] = json!({
-        "description": "The image (PNG), or JSON with `Accept: application/json`",
-        "content": {
-            "image/png": {"schema": {"type": "string", "format": "binary"}},
-            "application/json": {"schema": txt2img_resp},
+fn error_response(status: u16) -> Value {
+    let mut r = json!({
+        "description": status_description(status),
+        "content": {"application/json": {"schema": reference("ErrorBody")}},
+    });
+    let seconds = json!({"schema": {"type": "integer", "minimum": 1}});
+    match status {
+        429 => r["headers"] = json!({"Retry-After": seconds}),
+        503 => {
+            r["headers"] = json!({"Retry-After": {
+                "description": "Seconds to wait, when the server knows",
+                "schema": {"type": "integer", "minimum": 1},
+            }})
         }
-    });
-    let mut images_responses = error_responses();
-    images_responses["200"] = json!({
-        "description": "The images, base64",
-        "content": {"application/json": {"schema": images_resp}}
-    });
+        401 => {
+            r["headers"] =
+                json!({"WWW-Authenticate": {"schema": {"type": "string", "const": "Bearer"}}})
+        }
+        _ => {}
+    }
+    r
+}
+
+fn operation(r: &Route) -> Value {
+    let mut responses = Map::new();
+    responses.insert("200".into(), ok_response(r.ok));
+    for &status in r.errors {
+        responses.insert(status.to_string(), error_response(status));
+    }
+    let mut op = json!({"summary": r.summary, "responses": responses});
+    if let Some(schema) = r.request {
+        op["requestBody"] = json!({
+            "required": true,
+            "content": {"application/json": {"schema": reference(schema)}},
+        });
+    }
+    if r.auth {
+        // Bearer token when the server has tokens, nothing when it has none.
+        op["security"] = json!([{"bearer": []}, {}]);
+    }
+    op
+}
+
+/// The OpenAPI document of the server with `bounds` (the loaded model's, or those known
+/// before it is loaded).
+pub fn document(bounds: &Bounds) -> Value {
+    let mut paths = Map::new();
+    for r in ROUTES {
+        let entry = paths.entry(r.path.to_owned()).or_insert_with(|| json!({}));
+        entry[r.method.to_ascii_lowercase()] = operation(r);
+    }
     json!({
         "openapi": "3.1.0",
         "info": {
             "title": "sd35-server",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Stable Diffusion 3.5 text-to-image",
+            "description": "Stable Diffusion 3.5 text-to-image. Every error answers \
+                `{\"error\": {\"message\", \"field\"}}`; a wrong method gets 405 with `Allow`.",
         },
         "components": {
-            "schemas": schemas,
+            "schemas": components(bounds),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
-        "paths": {
-            "/v1/txt2img": {"post": {
-                "summary": "Generate one image",
-                "security": [{"bearer": []}, {}],
-                "requestBody": {"required": true, "content": {"application/json": {"schema": txt2img}}},
-                "responses": txt2img_responses,
-            }},
-            "/v1/images/generations": {"post": {
-                "summary": "Generate images (OpenAI Images API shape)",
-                "security": [{"bearer": []}, {}],
-                "requestBody": {"required": true, "content": {"application/json": {"schema": images}}},
-                "responses": images_responses,
-            }},
-            "/v1/models": {"get": {"summary": "The served model, its defaults and limits", "responses": plain("Model list")}},
-            "/healthz": {"get": {"summary": "Liveness", "responses": plain("Alive")}},
-            "/readyz": {"get": {"summary": "Readiness: model loaded and warmed up", "responses": plain("Ready")}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": plain("Metrics")}},
-        },
+        "paths": paths,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_is_documented_with_its_statuses() {
+        let doc = document(&Bounds::for_model(256, 100, 4096));
+        for r in ROUTES {
+            let op = &doc["paths"][r.path][r.method.to_ascii_lowercase()];
+            assert!(op.is_object(), "{} {}", r.method, r.path);
+            for s in r.errors {
+                assert!(op["responses"][s.to_string()].is_object(), "{} {s}", r.path);
+            }
+        }
+        let images = &doc["paths"]["/v1/images/generations"]["post"]["responses"];
+        assert!(images["404"].is_object());
+        let w = &doc["components"]["schemas"]["Txt2ImgRequest"]["properties"]["width"];
+        assert_eq!((&w["maximum"], &w["multipleOf"]), (&json!(256), &json!(16)));
+    }
 }

@@ -1,27 +1,27 @@
-//! The axum edge: routes, the error→status table, request ids, auth and request metrics.
+//! The axum edge: one table of routes ([`ROUTES`]) that both the router and the OpenAPI
+//! document are built from, request ids, auth, request metrics, and JSON for the answers axum
+//! makes itself (404, 405).
+//!
+//! A route added to [`ROUTES`] is served, guarded by the token when it says so, and
+//! documented with every status it lists; nothing else is needed.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
-use base64::Engine as _;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, get, post};
 use tracing::Instrument;
 
-use crate::api::{
-    self, ApiError, ImageData, ImagesRequest, ImagesResponse, Limits, Txt2ImgRequest,
-    Txt2ImgResponse, UsedParameters,
-};
+use crate::api::{ApiError, Limits};
 use crate::auth::Tokens;
-use crate::backend::GenParams;
+use crate::handlers;
 use crate::metrics::{Metrics, RequestLabels};
-use crate::queue::{Queue, QueueError, retry_after};
+use crate::queue::Queue;
 
 /// Shared state of the handlers.
 #[derive(Debug)]
@@ -32,35 +32,174 @@ pub struct AppState {
     pub limits: OnceLock<Limits>,
     /// Set when shutdown began: readiness fails and new work is refused.
     pub draining: AtomicBool,
+    /// Turns `true` when the drain deadline passes: every request still waiting for the
+    /// model is answered 503 at once.
+    pub drain_expired: tokio::sync::watch::Sender<bool>,
+    /// Requests answered 503 because the drain deadline passed.
+    pub cut_at_drain: AtomicU64,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Accepted bearer tokens.
     pub tokens: Tokens,
     /// Per-request deadline.
     pub request_timeout: Duration,
+    /// How long a client may take to send a request body.
+    pub body_read_timeout: Duration,
     /// Images per batch at most.
     pub max_batch_size: usize,
     /// Log prompts.
     pub log_prompts: bool,
     /// Largest body.
     pub max_body_bytes: usize,
+    /// Largest prompt in bytes (for the document served before the model is loaded).
+    pub max_prompt_bytes: usize,
     /// When the server started, in Unix seconds (the models' `created`).
     pub started_unix: u64,
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut resp = (self.status, axum::Json(self.body())).into_response();
-        if let Some(s) = self.retry_after
-            && let Ok(v) = HeaderValue::from_str(&s.to_string())
-        {
-            resp.headers_mut().insert(header::RETRY_AFTER, v);
-        }
-        if self.status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        resp
+/// What a 200 answer carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body {
+    /// A PNG, or with `Accept: application/json` the named JSON schema.
+    PngOrJson(&'static str),
+    /// JSON of the named schema.
+    Json(&'static str),
+    /// Any JSON object (the OpenAPI document itself).
+    AnyJson,
+    /// Plain text.
+    Text,
+    /// The Prometheus/OpenMetrics text exposition.
+    Metrics,
+    /// An HTML page.
+    Html,
+}
+
+/// One route: how it is served and what the OpenAPI document says about it.
+#[derive(Debug, Clone, Copy)]
+pub struct Route {
+    /// `GET` or `POST`.
+    pub method: &'static str,
+    /// The path.
+    pub path: &'static str,
+    /// One line for the document.
+    pub summary: &'static str,
+    /// Whether the route needs the bearer token when tokens are configured.
+    pub auth: bool,
+    /// The JSON schema of the request body, for routes that take one.
+    pub request: Option<&'static str>,
+    /// What a 200 carries.
+    pub ok: Body,
+    /// Every other status the route can answer, each with the JSON error body.
+    pub errors: &'static [u16],
+    /// The handler.
+    pub handler: fn() -> MethodRouter<Arc<AppState>>,
+}
+
+/// The statuses of a generation route.
+const GENERATION_ERRORS: &[u16] = &[400, 401, 408, 413, 415, 422, 429, 500, 503, 504];
+/// The statuses of the OpenAI images route: a generation route's plus 404 for an unknown
+/// `model`.
+const IMAGES_ERRORS: &[u16] = &[400, 401, 404, 408, 413, 415, 422, 429, 500, 503, 504];
+
+/// Every route the server has.
+pub const ROUTES: &[Route] = &[
+    Route {
+        method: "POST",
+        path: "/v1/txt2img",
+        summary: "Generate one image",
+        auth: true,
+        request: Some("Txt2ImgRequest"),
+        ok: Body::PngOrJson("Txt2ImgResponse"),
+        errors: GENERATION_ERRORS,
+        handler: || post(handlers::txt2img),
+    },
+    Route {
+        method: "POST",
+        path: "/v1/images/generations",
+        summary: "Generate images (OpenAI Images API shape)",
+        auth: true,
+        request: Some("ImagesRequest"),
+        ok: Body::Json("ImagesResponse"),
+        errors: IMAGES_ERRORS,
+        handler: || post(handlers::images),
+    },
+    Route {
+        method: "GET",
+        path: "/v1/models",
+        summary: "The served model under each served name, its defaults and limits",
+        auth: true,
+        request: None,
+        ok: Body::Json("ModelList"),
+        errors: &[401, 503],
+        handler: || get(handlers::models),
+    },
+    Route {
+        method: "GET",
+        path: "/healthz",
+        summary: "Liveness",
+        auth: false,
+        request: None,
+        ok: Body::Text,
+        errors: &[],
+        handler: || get(|| async { "ok" }),
+    },
+    Route {
+        method: "GET",
+        path: "/readyz",
+        summary: "Readiness: model loaded and warmed up, not shutting down",
+        auth: false,
+        request: None,
+        ok: Body::Text,
+        errors: &[503],
+        handler: || get(handlers::readyz),
+    },
+    Route {
+        method: "GET",
+        path: "/metrics",
+        summary: "Prometheus metrics",
+        auth: false,
+        request: None,
+        ok: Body::Metrics,
+        errors: &[],
+        handler: || get(handlers::metrics),
+    },
+    Route {
+        method: "GET",
+        path: "/openapi.json",
+        summary: "This document",
+        auth: false,
+        request: None,
+        ok: Body::AnyJson,
+        errors: &[],
+        handler: || get(handlers::openapi),
+    },
+    Route {
+        method: "GET",
+        path: "/",
+        summary: "The playground page",
+        auth: false,
+        request: None,
+        ok: Body::Html,
+        errors: &[],
+        handler: || get(handlers::playground),
+    },
+];
+
+/// What each error status means, for the document.
+pub fn status_description(status: u16) -> &'static str {
+    match status {
+        400 => "Malformed body: not one JSON object, a wrong type or an unknown field",
+        401 => "Missing or wrong bearer token",
+        404 => "The `model` is not served here (the message lists the served names)",
+        408 => "The body did not arrive in time (--body-read-timeout-seconds)",
+        413 => "Body too large (--max-body-bytes)",
+        415 => "The body is not sent as application/json",
+        422 => "A field is out of range (the field is named)",
+        429 => "Queue full; retry after Retry-After seconds",
+        500 => "The model failed on this request",
+        503 => "Model loading, or the server is shutting down",
+        504 => "The request deadline passed (--request-timeout-seconds)",
+        _ => "Error",
     }
 }
 
@@ -94,10 +233,14 @@ async fn observe(State(state): State<Arc<AppState>>, mut req: Request, next: Nex
         .get::<MatchedPath>()
         .map_or_else(|| "other".to_owned(), |m| m.as_str().to_owned());
     let method = req.method().clone();
+    let path = req.uri().path().to_owned();
     req.extensions_mut().insert(RequestId(id.clone()));
     let span = tracing::info_span!("request", request_id = %id, %method, %route);
     let started = Instant::now();
     let mut resp = next.run(req).instrument(span.clone()).await;
+    if resp.status() == StatusCode::METHOD_NOT_ALLOWED {
+        resp = method_not_allowed(&method, &path, &route, resp);
+    }
     let status = resp.status();
     span.in_scope(|| {
         tracing::info!(
@@ -120,6 +263,33 @@ async fn observe(State(state): State<Arc<AppState>>, mut req: Request, next: Nex
     resp
 }
 
+/// axum answers a wrong method with an empty 405; give it the JSON error body every other
+/// error has, keeping the `Allow` header (from the route table when axum set none).
+fn method_not_allowed(method: &Method, path: &str, route: &str, resp: Response) -> Response {
+    let allow = resp
+        .headers()
+        .get(header::ALLOW)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .unwrap_or_else(|| {
+            let methods: Vec<&str> = ROUTES
+                .iter()
+                .filter(|r| r.path == route)
+                .map(|r| r.method)
+                .collect();
+            methods.join(",")
+        });
+    let mut out = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{path} does not take {method}; it takes {allow}"),
+    )
+    .into_response();
+    if let Ok(v) = HeaderValue::from_str(&allow) {
+        out.headers_mut().insert(header::ALLOW, v);
+    }
+    out
+}
+
 async fn require_token(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if state.tokens.enabled() {
         let given = req
@@ -137,265 +307,20 @@ async fn require_token(State(state): State<Arc<AppState>>, req: Request, next: N
     next.run(req).await
 }
 
-/// The router with every route and layer.
+/// The router: every route of [`ROUTES`], the token on those that need it, and the layers.
 pub fn router(state: Arc<AppState>) -> Router {
-    let api = Router::new()
-        .route("/v1/txt2img", post(txt2img))
-        .route("/v1/images/generations", post(images))
-        .route("/v1/models", get(models))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    Router::new()
-        .merge(api)
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/openapi.json", get(openapi))
-        .route("/", get(|| async { Html(crate::openapi::PLAYGROUND) }))
+    let mut router = Router::new();
+    for r in ROUTES {
+        let mut methods = (r.handler)();
+        if r.auth {
+            methods =
+                methods.route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        }
+        router = router.route(r.path, methods);
+    }
+    router
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
-}
-
-async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    if state.draining.load(Ordering::SeqCst) {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
-    } else if state.limits.get().is_none() {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the model is loading").into_response()
-    } else {
-        "ready".into_response()
-    }
-}
-
-async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    state.metrics.queue_depth.set(state.queue.depth() as i64);
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.metrics.encode(),
-    )
-        .into_response()
-}
-
-async fn openapi() -> Response {
-    axum::Json(crate::openapi::document()).into_response()
-}
-
-async fn models(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
-    let limits = ready_limits(&state)?;
-    let m = &limits.model;
-    let describe = |id: &str| {
-        serde_json::json!({
-            "id": id,
-            "object": "model",
-            "created": state.started_unix,
-            "owned_by": "sd35",
-            "root": m.id,
-            "served_names": m.served_names,
-            "variant": m.variant,
-            "variant_source": m.variant_source,
-            "precision": m.precision,
-            "device": m.device,
-            "gpu_name": m.gpu_name,
-            "engine_key": m.engine_key,
-            "cache_key": m.cache_key,
-            "t5_loaded": m.t5_loaded,
-            "defaults": {
-                "steps": limits.defaults.steps,
-                "guidance_scale": limits.defaults.guidance_scale,
-                "width": limits.defaults.width,
-                "height": limits.defaults.height,
-                "classifier_free_guidance": limits.defaults.guidance_scale > 1.0,
-                "skip_layer_guidance": m.skip_layer_guidance,
-            },
-            "warnings": m.warnings,
-            "limits": {
-                "max_size": m.max_size,
-                "size_multiple": api::SIZE_MULTIPLE,
-                "max_steps": limits.max_steps,
-                "max_guidance_scale": api::MAX_GUIDANCE,
-                "max_prompt_bytes": limits.max_prompt_bytes,
-                "max_images_per_request": api::MAX_IMAGES_PER_REQUEST,
-                "max_batch_size": state.max_batch_size,
-                "max_body_bytes": state.max_body_bytes,
-            },
-        })
-    };
-    let data: Vec<serde_json::Value> = m.served_names.iter().map(|n| describe(n)).collect();
-    Ok(axum::Json(serde_json::json!({"object": "list", "data": data})).into_response())
-}
-
-fn ready_limits(state: &AppState) -> Result<&Limits, ApiError> {
-    if state.draining.load(Ordering::SeqCst) {
-        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down").retry_after(5));
-    }
-    state.limits.get().ok_or_else(|| {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the model is loading").retry_after(5)
-    })
-}
-
-fn json_body(headers: &HeaderMap) -> Result<(), ApiError> {
-    let ct = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let mime = ct.split(';').next().unwrap_or("").trim();
-    if mime.eq_ignore_ascii_case("application/json") {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "send the body as `Content-Type: application/json`",
-        ))
-    }
-}
-
-fn body_bytes(
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<Bytes, ApiError> {
-    body.map_err(|e| {
-        let status = e.status();
-        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "the body is larger than the server accepts (see --max-body-bytes)".to_owned()
-        } else {
-            e.body_text()
-        };
-        ApiError::new(status, message)
-    })
-}
-
-/// Queues the images and waits for all of them within the request's deadline.
-async fn run_images(
-    state: &AppState,
-    images: Vec<GenParams>,
-    request_id: &str,
-) -> Result<Vec<Vec<u8>>, ApiError> {
-    let deadline = Instant::now() + state.request_timeout;
-    if state.log_prompts
-        && let Some(p) = images.first()
-    {
-        tracing::info!(prompt = %p.prompt, negative_prompt = %p.negative_prompt, "prompt");
-    }
-    if let Some(p) = images.first() {
-        tracing::info!(
-            images = images.len(),
-            width = p.width,
-            height = p.height,
-            steps = p.steps,
-            seed = p.seed,
-            "queued"
-        );
-    }
-    let steps = images.first().map_or(1, |p| p.steps);
-    let rxs = state
-        .queue
-        .submit(images, deadline, request_id)
-        .map_err(|e| match e {
-            QueueError::Full => {
-                let step = state.metrics.recent_step_seconds();
-                let secs = retry_after(state.queue.depth(), state.max_batch_size, step, steps);
-                ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "the queue is full; retry later",
-                )
-                .retry_after(secs)
-            }
-            _ => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the model is not running"),
-        })?;
-    let mut out = Vec::with_capacity(rxs.len());
-    for rx in rxs {
-        let result = tokio::time::timeout_at(deadline.into(), rx).await;
-        let png = match result {
-            Err(_) | Ok(Ok(Err(QueueError::Timeout))) => {
-                return Err(ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!(
-                        "the request did not finish within {} s",
-                        state.request_timeout.as_secs()
-                    ),
-                ));
-            }
-            Ok(Ok(Ok(png))) => png,
-            Ok(Ok(Err(QueueError::Failed(msg)))) => {
-                return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, msg));
-            }
-            Ok(Ok(Err(_)) | Err(_)) => {
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the model stopped before finishing the request",
-                ));
-            }
-        };
-        out.push(png);
-    }
-    Ok(out)
-}
-
-fn wants_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("application/json"))
-}
-
-async fn txt2img(
-    State(state): State<Arc<AppState>>,
-    axum::Extension(RequestId(id)): axum::Extension<RequestId>,
-    headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<Response, ApiError> {
-    let body = body_bytes(body)?;
-    json_body(&headers)?;
-    let limits = ready_limits(&state)?;
-    let req: Txt2ImgRequest = api::parse_json(&body)?;
-    let params = req.resolve(limits, rand::random)?;
-    let used = UsedParameters::from(&params);
-    let png = run_images(&state, vec![params], &id)
-        .await?
-        .pop()
-        .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no image"))?;
-    if wants_json(&headers) {
-        let b64 = base64::engine::general_purpose::STANDARD.encode(&png);
-        return Ok(axum::Json(Txt2ImgResponse {
-            image: b64,
-            parameters: used,
-        })
-        .into_response());
-    }
-    let mut resp = Response::new(Body::from(png));
-    let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
-    if let Ok(v) = HeaderValue::from_str(&used.seed.to_string()) {
-        h.insert("x-seed", v);
-    }
-    Ok(resp)
-}
-
-async fn images(
-    State(state): State<Arc<AppState>>,
-    axum::Extension(RequestId(id)): axum::Extension<RequestId>,
-    headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<Response, ApiError> {
-    let body = body_bytes(body)?;
-    json_body(&headers)?;
-    let limits = ready_limits(&state)?;
-    let req: ImagesRequest = api::parse_json(&body)?;
-    let params = req.resolve(limits, rand::random)?;
-    let seeds: Vec<u64> = params.iter().map(|p| p.seed).collect();
-    let pngs = run_images(&state, params, &id).await?;
-    let created = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let data = pngs
-        .iter()
-        .zip(seeds)
-        .map(|(png, seed)| ImageData {
-            b64_json: base64::engine::general_purpose::STANDARD.encode(png),
-            seed,
-        })
-        .collect();
-    Ok(axum::Json(ImagesResponse { created, data }).into_response())
 }

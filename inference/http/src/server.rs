@@ -1,6 +1,6 @@
 //! Wiring of `sd35-server serve`: logging, model loading on the model thread, the listener,
-//! and shutdown (SIGTERM/SIGINT: stop accepting, finish what was accepted, exit within
-//! `--drain-seconds`).
+//! and shutdown (SIGTERM/SIGINT: stop accepting, finish what was accepted; at
+//! `--drain-seconds`, answer what is left with 503 and exit 0).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use sd35_contract::ExitReason;
 use tokio::sync::oneshot;
 
@@ -16,6 +16,7 @@ use crate::api::Limits;
 use crate::backend::{Backend, Defaults, GenParams, StepControl};
 use crate::candle::{CandleBackend, CandleOptions};
 use crate::config::{LogFormat, ServeConfig};
+use crate::edge::{self, EdgeLimits};
 use crate::metrics::Metrics;
 use crate::queue::{LoadFn, Queue, QueueLimits};
 use crate::routes::{AppState, router};
@@ -160,7 +161,8 @@ pub fn candle_loader(config: &ServeConfig) -> anyhow::Result<LoadFn> {
     }))
 }
 
-/// Runs `serve` and exits: 0 after a drain, the documented code of a [`StartupError`], or 1.
+/// Runs `serve` and exits: 0 after a drain (cut short by `--drain-seconds` or not), the
+/// documented code of a [`StartupError`], or 1.
 /// A failure's one-line reason also goes to `--termination-message-path`, where Kubernetes
 /// shows it as the container's termination message.
 pub fn run_and_exit(config: ServeConfig) -> ! {
@@ -251,9 +253,18 @@ async fn shutdown_signal() {
     }
 }
 
+/// Whether the tokens were given on the command line (where `ps` shows them to every user).
+fn tokens_on_command_line() -> bool {
+    std::env::args_os().any(|a| {
+        a.to_str()
+            .is_some_and(|a| a == "--auth-tokens" || a.starts_with("--auth-tokens="))
+    })
+}
+
 /// Serves on `listener` with the backend `load` builds, until `shutdown` completes; then
-/// refuses new work, finishes accepted requests and returns (an error if the model failed to
-/// load or the drain deadline cut requests short).
+/// refuses new work and finishes accepted requests for `--drain-seconds`. Requests still
+/// queued or running then are answered 503 and `serve` returns `Ok` (a drain is a clean
+/// exit); it returns an error only when the model failed to load.
 pub async fn serve(
     config: ServeConfig,
     load: LoadFn,
@@ -261,6 +272,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let tokens = config.load_tokens()?;
+    if config.auth_tokens.is_some() && tokens_on_command_line() {
+        tracing::warn!(
+            "--auth-tokens puts the tokens on the command line, where every user of this \
+             machine can read them (ps, /proc/PID/cmdline); use --auth-token-file or the \
+             SD35_AUTH_TOKENS variable instead"
+        );
+    }
     let metrics = Arc::new(Metrics::new());
     let limits = QueueLimits {
         queue_size: config.args.queue_size as usize,
@@ -273,12 +291,16 @@ pub async fn serve(
         queue,
         limits: OnceLock::new(),
         draining: Default::default(),
+        drain_expired: tokio::sync::watch::Sender::new(false),
+        cut_at_drain: Default::default(),
         metrics: metrics.clone(),
         tokens: crate::auth::Tokens::new(&tokens),
         request_timeout: Duration::from_secs(u64::from(config.args.request_timeout_seconds.max(1))),
+        body_read_timeout: Duration::from_secs(config.body_read_timeout_seconds.max(1)),
         max_batch_size: limits.max_batch_size.max(1),
         log_prompts: config.log_prompts,
         max_body_bytes: config.max_body_bytes,
+        max_prompt_bytes: config.max_prompt_bytes,
         started_unix: std::time::SystemTime::now()
             .duration_since(std::time::SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
@@ -289,6 +311,7 @@ pub async fn serve(
         let state = state.clone();
         let load_error = load_error.clone();
         let config = config.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let error = match loaded_rx.await {
                 Ok(Ok(info)) => {
@@ -308,6 +331,7 @@ pub async fn serve(
                         defaults,
                         max_steps,
                         max_prompt_bytes: config.max_prompt_bytes,
+                        max_size: config.max_size,
                     };
                     match check_defaults(&limits) {
                         Ok(()) => {
@@ -333,36 +357,41 @@ pub async fn serve(
     }
     let local: SocketAddr = listener.local_addr()?;
     tracing::info!(addr = %local, auth = state.tokens.enabled(), "listening");
-    let (drain_tx, drain_rx) = oneshot::channel::<()>();
-    let graceful = {
+    let stop = {
         let state = state.clone();
         async move {
             tokio::select! {
-                _ = shutdown => {}
+                () = shutdown => {}
                 Ok(()) = failed_rx => {}
             }
             state.draining.store(true, Ordering::SeqCst);
-            let _ = drain_tx.send(());
         }
+    };
+    let edge = EdgeLimits {
+        header_read_timeout: Duration::from_secs(config.header_read_timeout_seconds.max(1)),
+        max_reading: config.max_connections_reading as usize,
     };
     let app = router(state.clone());
-    let server = axum::serve(listener, app).with_graceful_shutdown(graceful);
+    // Returns once shutdown began; the listener is closed when it returns.
+    let connections = edge::accept_until(listener, app, edge, metrics.clone(), stop).await;
+    let drained = connections.shutdown();
+    tokio::pin!(drained);
     let drain = Duration::from_secs(config.drain_seconds);
-    let deadline = async move {
-        if drain_rx.await.is_ok() {
-            tokio::time::sleep(drain).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
-    };
-    tokio::select! {
-        r = server => r.context("the HTTP server failed")?,
-        _ = deadline => {
-            bail!(
-                "requests still running {} s after shutdown began (--drain-seconds); exiting",
-                drain.as_secs()
-            );
-        }
+    let finished = tokio::time::timeout(drain, &mut drained).await.is_ok();
+    if !finished {
+        // Everyone still waiting gets an answer now: 503, send it again.
+        let images = state.queue.depth();
+        state.drain_expired.send_replace(true);
+        // The handlers answer at once; give the answers a moment to leave.
+        let _ = tokio::time::timeout(DRAIN_ANSWER_GRACE, &mut drained).await;
+        let cut = state.cut_at_drain.load(Ordering::SeqCst);
+        metrics.drain_cut.inc_by(cut);
+        tracing::warn!(
+            requests = cut,
+            images,
+            drain_seconds = drain.as_secs(),
+            "the drain deadline passed: answered {cut} queued or running requests ({images} images) with 503"
+        );
     }
     if let Some(e) = load_error.lock().ok().and_then(|mut s| s.take()) {
         return Err(e);
@@ -370,3 +399,6 @@ pub async fn serve(
     tracing::info!("drained; exiting");
     Ok(())
 }
+
+/// How long the 503 answers at the drain deadline may take to be written.
+const DRAIN_ANSWER_GRACE: Duration = Duration::from_secs(5);

@@ -274,6 +274,7 @@ fn serves_a_prebuilt_engine() {
         child,
         addr,
         lines: mpsc::channel().1,
+        early: Vec::new(),
     };
     for _ in 0..600 {
         if client::get(addr, "/readyz").is_ok_and(|r| r.status == 200) {

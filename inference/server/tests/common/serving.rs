@@ -26,12 +26,20 @@ pub struct Server {
     pub child: Child,
     pub addr: SocketAddr,
     pub lines: mpsc::Receiver<String>,
+    /// The log lines up to and including `listening`.
+    pub early: Vec<String>,
 }
 
 impl Server {
     /// Starts `serve --model <tiny model> <flags>` and waits until `/readyz` answers 200.
     pub fn start(model: &str, flags: &[&str]) -> Self {
+        Self::start_with_env(model, flags, &[])
+    }
+
+    /// [`Server::start`] with extra environment variables (`SD35_*` settings).
+    pub fn start_with_env(model: &str, flags: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(BIN)
+            .envs(env.iter().copied())
             .arg("serve")
             .arg("--model")
             .arg(tiny(model))
@@ -51,11 +59,13 @@ impl Server {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(60);
+        let mut early = Vec::new();
         let addr = loop {
             let line = lines
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .expect("the server logs its address");
             let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            early.push(line);
             if v["fields"]["message"] == "listening" {
                 break v["fields"]["addr"]
                     .as_str()
@@ -63,7 +73,12 @@ impl Server {
                     .expect("address");
             }
         };
-        let s = Self { child, addr, lines };
+        let s = Self {
+            child,
+            addr,
+            lines,
+            early,
+        };
         for _ in 0..600 {
             if client::get(s.addr, "/readyz").is_ok_and(|r| r.status == 200) {
                 return s;
@@ -98,9 +113,12 @@ impl Server {
         None
     }
 
+    /// The log lines so far (those up to `listening` included), as JSON.
     pub fn log(&self) -> Vec<serde_json::Value> {
-        self.lines
-            .try_iter()
+        self.early
+            .iter()
+            .cloned()
+            .chain(self.lines.try_iter())
             .filter_map(|l| serde_json::from_str(&l).ok())
             .collect()
     }

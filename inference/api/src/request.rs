@@ -1,0 +1,498 @@
+//! The request bodies, their strict parsing, and their validation into one [`GenParams`] per
+//! image.
+//!
+//! Parsing accepts exactly one JSON object — no unknown fields, nothing after it — and names
+//! the offending field; validation checks every field against [`Bounds`] before anything is
+//! queued.
+
+use http::StatusCode;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::bounds::{Bounds, Limits, max_first_seed};
+use crate::error::ApiError;
+use crate::params::{GenParams, ModelInfo};
+
+/// `POST /v1/txt2img`: the body diffusers-based services accept today.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Txt2ImgRequest {
+    /// What to draw (not empty, not only spaces).
+    pub prompt: String,
+    /// What to steer away from (used when guidance_scale > 1).
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+    /// Width in pixels, a multiple of 16 up to the model's limit.
+    #[serde(default)]
+    pub width: Option<u32>,
+    /// Height in pixels, a multiple of 16 up to the model's limit.
+    #[serde(default)]
+    pub height: Option<u32>,
+    /// Denoising steps.
+    #[serde(default)]
+    pub steps: Option<u32>,
+    /// Classifier-free guidance scale (≤ 1 disables guidance).
+    #[serde(default)]
+    pub guidance_scale: Option<f64>,
+    /// Seed of the initial noise (random when left out; the response reports it).
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+/// `POST /v1/images/generations`: the OpenAI Images API body, plus our sampling fields.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImagesRequest {
+    /// What to draw (not empty, not only spaces).
+    pub prompt: String,
+    /// Number of images.
+    #[serde(default)]
+    pub n: Option<u32>,
+    /// `"WxH"`, e.g. `"1024x1024"`; each side a multiple of 16 up to the model's limit.
+    #[serde(default)]
+    pub size: Option<String>,
+    /// Only `b64_json` is supported.
+    #[serde(default)]
+    pub response_format: Option<String>,
+    /// One of the served model names (`GET /v1/models`); left out, the served model.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Accepted for compatibility and ignored.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// What to steer away from.
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+    /// Denoising steps.
+    #[serde(default)]
+    pub steps: Option<u32>,
+    /// Classifier-free guidance scale.
+    #[serde(default)]
+    pub guidance_scale: Option<f64>,
+    /// Seed of the first image; image `i` uses `seed + i`, so `seed + n - 1` must fit in
+    /// 64 bits (seeds never wrap around; a larger seed is a 422 naming `seed`).
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+/// Parses a JSON body: exactly one JSON object (surrounding whitespace allowed), no unknown
+/// fields. A bad body is a 400 naming the field when one is to blame.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "the body must be a JSON object",
+        ));
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = match serde_path_to_error::deserialize::<_, T>(&mut de) {
+        Ok(v) => v,
+        Err(e) => return Err(deserialize_error(e)),
+    };
+    // Text after the object would be silently dropped: a client that concatenated two
+    // bodies, or a proxy that mangled one, must hear about it.
+    de.end().map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the body has more after its JSON object (line {}, column {}); send exactly one JSON object",
+                e.line(),
+                e.column()
+            ),
+        )
+    })?;
+    Ok(value)
+}
+
+fn deserialize_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    let msg = inner.to_string();
+    // serde reports an unknown field at the parent's path; name the field itself.
+    let field = match msg.strip_prefix("unknown field `") {
+        Some(rest) => rest.split('`').next().map(str::to_owned),
+        None if !matches!(path.as_str(), "." | "?" | "") => Some(path),
+        None => msg
+            .strip_prefix("missing field `")
+            .and_then(|r| r.split('`').next())
+            .map(str::to_owned),
+    };
+    let what = if inner.is_syntax() || inner.is_eof() {
+        "the body is not valid JSON"
+    } else {
+        "the body does not match the schema"
+    };
+    ApiError {
+        field,
+        ..ApiError::new(StatusCode::BAD_REQUEST, format!("{what}: {msg}"))
+    }
+}
+
+/// Sampling fields shared by both endpoints.
+#[derive(Debug, Clone, Default)]
+pub struct Sampling<'a> {
+    /// Prompt.
+    pub prompt: &'a str,
+    /// Negative prompt.
+    pub negative_prompt: Option<&'a str>,
+    /// Width.
+    pub width: Option<u32>,
+    /// Height.
+    pub height: Option<u32>,
+    /// Steps.
+    pub steps: Option<u32>,
+    /// Guidance.
+    pub guidance_scale: Option<f64>,
+    /// Seed.
+    pub seed: Option<u64>,
+}
+
+impl Sampling<'_> {
+    /// Validates and fills defaults; `random_seed` supplies a seed when none is given.
+    pub fn resolve(
+        &self,
+        limits: &Limits,
+        random_seed: impl FnOnce() -> u64,
+    ) -> Result<GenParams, ApiError> {
+        let bounds = limits.bounds();
+        bounds.check_prompt("prompt", self.prompt, true)?;
+        let negative = self.negative_prompt.unwrap_or("");
+        bounds.check_prompt("negative_prompt", negative, false)?;
+        let width = bounds
+            .size
+            .check("width", self.width.unwrap_or(limits.defaults.width))?;
+        let height = bounds
+            .size
+            .check("height", self.height.unwrap_or(limits.defaults.height))?;
+        let steps = bounds
+            .steps
+            .check("steps", self.steps.unwrap_or(limits.defaults.steps))?;
+        let guidance = bounds.check_guidance(
+            self.guidance_scale
+                .unwrap_or(limits.defaults.guidance_scale),
+        )?;
+        Ok(GenParams {
+            prompt: self.prompt.to_owned(),
+            negative_prompt: negative.to_owned(),
+            width,
+            height,
+            steps,
+            guidance_scale: guidance,
+            seed: self.seed.unwrap_or_else(random_seed),
+        })
+    }
+}
+
+/// Whether a request's `model` names the served model: any of its served names (compared
+/// without regard to ASCII case); anything else is a 404 that lists them.
+pub fn check_model(model: &str, served: &ModelInfo) -> Result<(), ApiError> {
+    if served
+        .served_names
+        .iter()
+        .any(|n| n.eq_ignore_ascii_case(model.trim()))
+    {
+        return Ok(());
+    }
+    let names: Vec<String> = served
+        .served_names
+        .iter()
+        .map(|n| format!("`{n}`"))
+        .collect();
+    Err(ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "model `{model}` is not served here; this server serves {} (or leave `model` out)",
+            names.join(", ")
+        ),
+    )
+    .with_field("model"))
+}
+
+/// The pattern every `size` matches (the digits are ASCII).
+pub const SIZE_PATTERN: &str = "^[0-9]+[xX][0-9]+$";
+
+/// Parses an OpenAI `size` (`"WxH"`: ASCII digits, `x` or `X`, ASCII digits).
+pub fn parse_size(size: &str) -> Result<(u32, u32), ApiError> {
+    let bad = || {
+        ApiError::invalid(
+            "size",
+            format!("`{size}` is not WIDTHxHEIGHT, e.g. \"1024x1024\""),
+        )
+    };
+    let (w, h) = size.split_once(['x', 'X']).ok_or_else(bad)?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(w) || !digits(h) {
+        return Err(bad());
+    }
+    let side = |s: &str| {
+        s.parse::<u32>().map_err(|_| {
+            ApiError::invalid(
+                "size",
+                format!("`{size}`: {s} is far larger than any model"),
+            )
+        })
+    };
+    Ok((side(w)?, side(h)?))
+}
+
+impl ImagesRequest {
+    /// Validates the request into one parameter set per image (seeds `seed`, `seed + 1`, …).
+    pub fn resolve(
+        &self,
+        limits: &Limits,
+        random_seed: impl FnOnce() -> u64,
+    ) -> Result<Vec<GenParams>, ApiError> {
+        let bounds: Bounds = limits.bounds();
+        let n = bounds.images.check("n", self.n.unwrap_or(1))?;
+        match self.response_format.as_deref() {
+            None | Some("b64_json") => {}
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    "response_format",
+                    format!("`{other}` is not supported; use \"b64_json\""),
+                ));
+            }
+        }
+        if let Some(m) = &self.model {
+            check_model(m, &limits.model)?;
+        }
+        let (width, height) = match &self.size {
+            Some(s) => {
+                let (w, h) = parse_size(s)?;
+                let side = |v| {
+                    bounds.size.check("size", v).map_err(|e| ApiError {
+                        message: format!("`{s}`: each side {}", e.message),
+                        ..e
+                    })
+                };
+                (Some(side(w)?), Some(side(h)?))
+            }
+            None => (None, None),
+        };
+        let max_seed = max_first_seed(n);
+        if let Some(seed) = self.seed
+            && seed > max_seed
+        {
+            return Err(ApiError::invalid(
+                "seed",
+                format!(
+                    "{seed} is too large for n = {n}: image i uses seed + i and seeds never \
+                     wrap, so the seed must be at most {max_seed}"
+                ),
+            ));
+        }
+        let first = Sampling {
+            prompt: &self.prompt,
+            negative_prompt: self.negative_prompt.as_deref(),
+            width,
+            height,
+            steps: self.steps,
+            guidance_scale: self.guidance_scale,
+            seed: self.seed,
+        }
+        .resolve(limits, || random_seed().min(max_seed))?;
+        Ok((0..u64::from(n))
+            .map(|i| GenParams {
+                seed: first.seed + i,
+                ..first.clone()
+            })
+            .collect())
+    }
+}
+
+impl Txt2ImgRequest {
+    /// Validates the request.
+    pub fn resolve(
+        &self,
+        limits: &Limits,
+        random_seed: impl FnOnce() -> u64,
+    ) -> Result<GenParams, ApiError> {
+        Sampling {
+            prompt: &self.prompt,
+            negative_prompt: self.negative_prompt.as_deref(),
+            width: self.width,
+            height: self.height,
+            steps: self.steps,
+            guidance_scale: self.guidance_scale,
+            seed: self.seed,
+        }
+        .resolve(limits, random_seed)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::params::Defaults;
+    use sd35_contract::{DeviceKind, Precision, Variant};
+
+    /// A model like the HTTP crate's fake backend: 256 px at most, 64 px by default.
+    pub(crate) fn limits() -> Limits {
+        let defaults = Defaults {
+            steps: 4,
+            guidance_scale: 3.5,
+            width: 64,
+            height: 64,
+        };
+        Limits {
+            model: ModelInfo {
+                id: "fake".into(),
+                served_names: vec!["fake".into(), "large".into()],
+                variant: Variant::Large,
+                variant_source: "requested".into(),
+                precision: Precision::F32,
+                device: DeviceKind::Cpu,
+                gpu_name: None,
+                engine_key: None,
+                cache_key: None,
+                t5_loaded: false,
+                max_size: 256,
+                defaults: defaults.clone(),
+                skip_layer_guidance: None,
+                warnings: Vec::new(),
+            },
+            defaults,
+            max_steps: 50,
+            max_prompt_bytes: 100,
+            max_size: None,
+        }
+    }
+
+    fn field_of(body: &str) -> Option<String> {
+        match parse_json::<Txt2ImgRequest>(body.as_bytes()) {
+            Ok(r) => r.resolve(&limits(), || 7).err().and_then(|e| e.field),
+            Err(e) => e.field,
+        }
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        for (body, field) in [
+            (r#"{"prompt":"a","wdth":64}"#, "wdth"),
+            (r#"{"prompt":"a","width":"x"}"#, "width"),
+            (r#"{"width":64}"#, "prompt"),
+            (r#"{"prompt":" "}"#, "prompt"),
+            (r#"{"prompt":"a","width":65}"#, "width"),
+            (r#"{"prompt":"a","height":512}"#, "height"),
+            (r#"{"prompt":"a","steps":0}"#, "steps"),
+            (r#"{"prompt":"a","steps":51}"#, "steps"),
+            (r#"{"prompt":"a","guidance_scale":31}"#, "guidance_scale"),
+            (r#"{"prompt":"a","seed":-1}"#, "seed"),
+        ] {
+            assert_eq!(field_of(body).as_deref(), Some(field), "{body}");
+        }
+        let long = format!(
+            r#"{{"prompt":"a","negative_prompt":"{}"}}"#,
+            "x".repeat(101)
+        );
+        assert_eq!(field_of(&long).as_deref(), Some("negative_prompt"));
+        assert_eq!(field_of(r#"{"prompt":"a"}"#), None);
+    }
+
+    #[test]
+    fn exactly_one_json_object_is_accepted() {
+        let status = |body: &str| {
+            parse_json::<Txt2ImgRequest>(body.as_bytes())
+                .map(drop)
+                .map_err(|e| (e.status.as_u16(), e.message))
+        };
+        assert_eq!(status(" {\"prompt\":\"a\"}\r\n "), Ok(()));
+        for body in [
+            r#"{"prompt":"a"} trailing"#,
+            r#"{"prompt":"a"}{"prompt":""}"#,
+            r#"{"prompt":"a"}]"#,
+            "{\"prompt\":\"a\"}\0",
+        ] {
+            let err = status(body).expect_err(body);
+            assert_eq!(err.0, 400, "{body}");
+            assert!(
+                err.1.starts_with("the body has more after"),
+                "{body}: {}",
+                err.1
+            );
+        }
+    }
+
+    #[test]
+    fn defaults_and_seed_are_filled() {
+        let r: Txt2ImgRequest = parse_json(br#"{"prompt":"a cat"}"#).unwrap_or_default();
+        let p = r.resolve(&limits(), || 42).map_err(|e| e.message);
+        assert_eq!(
+            p.map(|p| (p.width, p.height, p.steps, p.seed)),
+            Ok((64, 64, 4, 42))
+        );
+    }
+
+    /// (width, height, seed) of each image, or (status, field).
+    type Outcome = Result<Vec<(u32, u32, u64)>, (u16, Option<String>)>;
+
+    fn images(body: &str, random: u64) -> Outcome {
+        parse_json::<ImagesRequest>(body.as_bytes())
+            .and_then(|r| r.resolve(&limits(), || random))
+            .map(|v| {
+                v.iter()
+                    .map(|p| (p.width, p.height, p.seed))
+                    .collect::<Vec<_>>()
+            })
+            .map_err(|e| (e.status.as_u16(), e.field))
+    }
+
+    #[test]
+    fn openai_shape_is_checked() {
+        let run = |body: &str| images(body, 1);
+        assert_eq!(
+            run(r#"{"prompt":"a","n":2,"size":"32x48","seed":5}"#),
+            Ok(vec![(32, 48, 5), (32, 48, 6)])
+        );
+        assert_eq!(run(r#"{"prompt":"a","n":5}"#), Err((422, Some("n".into()))));
+        for size in [
+            "big",
+            "16 x 16",
+            "x16",
+            "16x",
+            "١٦x16",
+            "16x16x16",
+            "99999999999x16",
+        ] {
+            let body = format!(r#"{{"prompt":"a","size":"{size}"}}"#);
+            assert_eq!(run(&body), Err((422, Some("size".into()))), "{size}");
+        }
+        assert_eq!(
+            run(r#"{"prompt":"a","response_format":"url"}"#),
+            Err((422, Some("response_format".into())))
+        );
+        assert_eq!(
+            run(r#"{"prompt":"a","model":"dall-e-3"}"#),
+            Err((404, Some("model".into())))
+        );
+        assert_eq!(
+            run(r#"{"prompt":"a","quality":"hd"}"#),
+            Err((400, Some("quality".into())))
+        );
+    }
+
+    #[test]
+    fn seeds_never_wrap() {
+        let max = u64::MAX;
+        assert_eq!(
+            images(&format!(r#"{{"prompt":"a","seed":{max}}}"#), 0),
+            Ok(vec![(64, 64, max)])
+        );
+        assert_eq!(
+            images(&format!(r#"{{"prompt":"a","n":2,"seed":{max}}}"#), 0),
+            Err((422, Some("seed".into())))
+        );
+        assert_eq!(
+            images(&format!(r#"{{"prompt":"a","n":4,"seed":{}}}"#, max - 3), 0),
+            Ok(vec![
+                (64, 64, max - 3),
+                (64, 64, max - 2),
+                (64, 64, max - 1),
+                (64, 64, max)
+            ])
+        );
+        // A random first seed is drawn so that the last one still fits.
+        let drawn = images(r#"{"prompt":"a","n":3}"#, max).unwrap_or_default();
+        assert_eq!(drawn.last().map(|p| p.2), Some(max));
+    }
+}

@@ -1,0 +1,207 @@
+//! JSON Schemas (draft 2020-12) of the request and response bodies, with every bound written
+//! from [`Bounds`] — the values validation enforces — so the OpenAPI document is the contract.
+
+use schemars::generate::SchemaSettings;
+use serde_json::{Map, Value, json};
+
+use crate::bounds::{Bounds, IntRange};
+use crate::error::ErrorBody;
+use crate::request::{ImagesRequest, SIZE_PATTERN, Txt2ImgRequest};
+use crate::response::{ImagesResponse, ModelList, Txt2ImgResponse};
+
+/// Where the schemas live in the OpenAPI document.
+pub const COMPONENTS: &str = "/components/schemas";
+
+/// A `$ref` to the schema `name` of [`components`].
+pub fn reference(name: &str) -> Value {
+    json!({ "$ref": format!("#{COMPONENTS}/{name}") })
+}
+
+fn int_range(r: &IntRange) -> Vec<(&'static str, Value)> {
+    let mut out = vec![("minimum", json!(r.min))];
+    if let Some(max) = r.max {
+        out.push(("maximum", json!(max)));
+    }
+    if r.multiple_of > 1 {
+        out.push(("multipleOf", json!(r.multiple_of)));
+    }
+    out
+}
+
+fn set(defs: &mut Map<String, Value>, schema: &str, field: &str, kv: &[(&str, Value)]) {
+    if let Some(Value::Object(prop)) = defs
+        .get_mut(schema)
+        .and_then(|s| s.get_mut("properties"))
+        .and_then(|p| p.get_mut(field))
+    {
+        for (k, v) in kv {
+            prop.insert((*k).to_owned(), v.clone());
+        }
+    }
+}
+
+fn describe(defs: &mut Map<String, Value>, schema: &str, field: &str, more: &str) {
+    if let Some(Value::Object(prop)) = defs
+        .get_mut(schema)
+        .and_then(|s| s.get_mut("properties"))
+        .and_then(|p| p.get_mut(field))
+    {
+        let old = prop
+            .get("description")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .trim_end_matches('.')
+            .to_owned();
+        let mut chars = more.chars();
+        let more: String = chars
+            .next()
+            .map(|c| c.to_uppercase().chain(chars).collect())
+            .unwrap_or_default();
+        let text = if old.is_empty() {
+            format!("{more}.")
+        } else {
+            format!("{old}. {more}.")
+        };
+        prop.insert("description".into(), Value::String(text));
+    }
+}
+
+/// Every schema the API uses, keyed by name, with `bounds` applied: `Txt2ImgRequest`,
+/// `ImagesRequest`, `Txt2ImgResponse`, `ImagesResponse`, `ModelList`, `ErrorBody` and the
+/// schemas they refer to.
+pub fn components(bounds: &Bounds) -> Map<String, Value> {
+    let mut generator = SchemaSettings::draft2020_12()
+        .with(|s| s.definitions_path = COMPONENTS.into())
+        .into_generator();
+    generator.subschema_for::<Txt2ImgRequest>();
+    generator.subschema_for::<ImagesRequest>();
+    generator.subschema_for::<Txt2ImgResponse>();
+    generator.subschema_for::<ImagesResponse>();
+    generator.subschema_for::<ModelList>();
+    generator.subschema_for::<ErrorBody>();
+    let mut defs = generator.take_definitions(true);
+
+    let prompt_bytes = bounds.prompt_bytes;
+    let prompt_note = format!(
+        "At most {prompt_bytes} bytes of UTF-8 (so at most {prompt_bytes} characters); no NUL"
+    );
+    let (g_min, g_max) = bounds.guidance;
+    for schema in ["Txt2ImgRequest", "ImagesRequest"] {
+        set(
+            &mut defs,
+            schema,
+            "prompt",
+            &[("minLength", json!(1)), ("maxLength", json!(prompt_bytes))],
+        );
+        describe(&mut defs, schema, "prompt", &prompt_note);
+        set(
+            &mut defs,
+            schema,
+            "negative_prompt",
+            &[("maxLength", json!(prompt_bytes))],
+        );
+        describe(&mut defs, schema, "negative_prompt", &prompt_note);
+        set(&mut defs, schema, "steps", &int_range(&bounds.steps));
+        describe(
+            &mut defs,
+            schema,
+            "steps",
+            &format!("{}; left out, the model's default", bounds.steps.describe()),
+        );
+        set(
+            &mut defs,
+            schema,
+            "guidance_scale",
+            &[("minimum", json!(g_min)), ("maximum", json!(g_max))],
+        );
+        set(
+            &mut defs,
+            schema,
+            "seed",
+            &[("minimum", json!(0)), ("maximum", json!(u64::MAX))],
+        );
+    }
+    for field in ["width", "height"] {
+        set(&mut defs, "Txt2ImgRequest", field, &int_range(&bounds.size));
+        describe(&mut defs, "Txt2ImgRequest", field, &bounds.size.describe());
+    }
+    set(&mut defs, "ImagesRequest", "n", &int_range(&bounds.images));
+    describe(&mut defs, "ImagesRequest", "n", &bounds.images.describe());
+    set(
+        &mut defs,
+        "ImagesRequest",
+        "size",
+        &[("pattern", json!(SIZE_PATTERN))],
+    );
+    describe(
+        &mut defs,
+        "ImagesRequest",
+        "size",
+        &format!("Each side {}", bounds.size.describe()),
+    );
+    set(
+        &mut defs,
+        "ImagesRequest",
+        "response_format",
+        &[("enum", json!(["b64_json", null]))],
+    );
+    defs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bounds::Limits;
+
+    fn prop<'a>(defs: &'a Map<String, Value>, schema: &str, field: &str) -> &'a Value {
+        &defs[schema]["properties"][field]
+    }
+
+    /// The schema's numbers are the ones validation enforces: each bound's edge values are
+    /// accepted, the values just past them refused.
+    #[test]
+    fn schema_bounds_are_the_validated_bounds() {
+        let limits: Limits = crate::request::tests::limits();
+        let defs = components(&limits.bounds());
+        let w = prop(&defs, "Txt2ImgRequest", "width");
+        let (min, max, step) = (
+            w["minimum"].as_u64().unwrap_or(0),
+            w["maximum"].as_u64().unwrap_or(0),
+            w["multipleOf"].as_u64().unwrap_or(0),
+        );
+        assert_eq!((min, max, step), (16, 256, 16));
+        let steps = prop(&defs, "ImagesRequest", "steps");
+        assert_eq!(steps["maximum"], 50);
+        assert_eq!(prop(&defs, "ImagesRequest", "n")["maximum"], 4);
+        assert_eq!(prop(&defs, "Txt2ImgRequest", "prompt")["maxLength"], 100);
+        let accepts = |body: String| {
+            crate::request::parse_json::<Txt2ImgRequest>(body.as_bytes())
+                .and_then(|r| r.resolve(&limits, || 0))
+                .is_ok()
+        };
+        for (field, lo, hi, step) in [
+            ("width", min, max, step),
+            ("height", min, max, step),
+            ("steps", 1, 50, 1),
+        ] {
+            let body = |v: u64| format!(r#"{{"prompt":"a","{field}":{v}}}"#);
+            assert!(accepts(body(lo)) && accepts(body(hi)), "{field}");
+            assert!(
+                !accepts(body(lo - 1)) && !accepts(body(hi + step)),
+                "{field}"
+            );
+        }
+        let g = prop(&defs, "Txt2ImgRequest", "guidance_scale");
+        let body = |v: &Value| format!(r#"{{"prompt":"a","guidance_scale":{v}}}"#);
+        assert!(accepts(body(&g["minimum"])) && accepts(body(&g["maximum"])));
+        assert!(!accepts(body(&json!(30.001))) && !accepts(body(&json!(-0.001))));
+        for name in [
+            "ModelList",
+            "ErrorBody",
+            "ImagesResponse",
+            "Txt2ImgResponse",
+        ] {
+            assert!(defs.contains_key(name), "{name}");
+        }
+    }
+}
