@@ -123,6 +123,7 @@ fn serve_args(r: &Resolved, target: &ServingTarget) -> ServeArgs {
             .auth
             .as_ref()
             .map(|a| format!("/etc/sd35/auth/{}", a.secret_ref.key).into()),
+        artifacts: sd35_contract::ArtifactArgs::default(),
     }
 }
 
