@@ -19,6 +19,7 @@ pub mod nn;
 pub mod pipeline;
 pub mod scheduler;
 pub mod sentencepiece;
+pub mod smoke;
 pub mod t5;
 pub mod tokenizer;
 pub mod vae;
