@@ -9,7 +9,7 @@ DOCKER ?= docker
 REGISTRY ?= ghcr.io/sd35-operator
 VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
 # GPU generation the server's CUDA kernels are compiled for (see inference/server/Dockerfile).
-CUDA_COMPUTE_CAP ?= 89
+CUDA_COMPUTE_CAP ?= 80
 # Where the control plane binaries live (built once per version into a per-user cache).
 CONTROLPLANE_BIN = $(shell bash tests/controlplane/build.sh)
 
@@ -36,8 +36,8 @@ fuzz: ## Fuzz request parsing and validation for FUZZ_SECONDS (60) from the comm
 
 .PHONY: loadcheck
 loadcheck: ## Overload, slow clients and SIGTERM against the server on the tiny model; prints the figures
-	$(CARGO) build --locked -q --release -p sd35-server --bin sd35-server -p sd35-http --bin sd35-loadcheck
-	./target/release/sd35-loadcheck --server target/release/sd35-server --model inference/testdata/sd35-tiny-large
+	$(CARGO) build --locked -q -p sd35-server --bin sd35-server -p sd35-http --bin sd35-loadcheck
+	./target/debug/sd35-loadcheck --server target/debug/sd35-server --model inference/testdata/sd35-tiny-large
 
 .PHONY: e2e
 e2e: ## End-to-end tests on a real local control plane with kwok GPU nodes
@@ -47,7 +47,7 @@ e2e: ## End-to-end tests on a real local control plane with kwok GPU nodes
 	  SD35_SERVER_BIN="$$PWD/target/debug/sd35-server" $(CARGO) test --locked -p sd35-e2e
 
 .PHONY: test
-test: controlplane lint unit fuzz e2e ## Everything CI runs
+test: controlplane lint unit fuzz e2e cuda ## Everything CI runs (cuda: the CUDA build, checked without a GPU)
 
 .PHONY: crds
 crds: ## Regenerate the CRD YAML (crds/, the chart) and docs/api.md from the Rust types
@@ -98,6 +98,24 @@ bench-operator: ## Operator benchmark: N SD35Deployments to Ready, requests per 
 	$(CARGO) build --locked -q -p sd35-e2e --bin sd35-bench-operator --bin sd35-localcluster; \
 	SD35_CONTROLPLANE_BIN="$$bin" SD35_OPERATOR_BIN="$$PWD/target/release/sd35-operator" \
 	  ./target/debug/sd35-bench-operator --objects $${OBJECTS:-100,500}
+
+.PHONY: cuda
+cuda: ## Build sd35-server with CUDA here, no GPU needed (pinned CUDA 13.0 wheels, cached per user)
+	@bash tools/cuda/build.sh
+
+.PHONY: bench-cpu
+bench-cpu: ## CPU benchmark: our pipeline and diffusers side by side (reference venv, THREADS=2)
+	$(CARGO) build --locked -q --release -p sd35-server
+	"$${SD35_REFERENCE_PYTHON:-$$HOME/.cache/sd35-reference/bin/python}" inference/reference/benchmark.py \
+	  --threads $${THREADS:-2}
+
+.PHONY: bench-kernels
+bench-kernels: ## CPU kernels side by side: sgemm, fused vs unfused attention (THREADS=2)
+	RAYON_NUM_THREADS=$${THREADS:-2} $(CARGO) bench --locked -q -p sd35-pipeline --bench cpu_kernels
+
+.PHONY: device-bench
+device-bench: ## Prepare target/cuda/ for the GPU benchmark; on the GPU machine run tools/device-bench.sh
+	bash tools/device-bench.sh --prepare
 
 .PHONY: demo-stop
 demo-stop: ## Stop the demo operator and cluster

@@ -9,12 +9,14 @@
 
 mod args;
 mod exit;
+mod gpu;
 mod layout;
 mod manifest;
 mod model;
 
 pub use args::*;
 pub use exit::*;
+pub use gpu::*;
 pub use layout::*;
 pub use manifest::*;
 pub use model::*;

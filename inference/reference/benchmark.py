@@ -5,11 +5,13 @@ Both run the same random-weight SD3 transformer big enough to be compute-bound (
 hidden 1536 = 24 heads of 64, depth 2), with the tiny text encoders and VAE of
 inference/testdata, at 512x512 for 4 steps with classifier-free guidance, from the same initial
 latents, in f32, each in its own process with the same thread count. Prints seconds per step
-(median), the ratio, each process's peak RSS, and how far apart the two images are.
+(median), the ratio, each process's peak RSS and minor page faults, and how far apart the two
+images are. With `--repeat N` the pair runs N times, alternating, and each run's ratio is printed
+with their median.
 
 Run by hand from the repository root, in the reference venv (see README.md beside this file):
     cargo build --release -p sd35-server
-    python inference/reference/benchmark.py [--threads N]
+    python inference/reference/benchmark.py [--threads N] [--repeat N]
 """
 
 import argparse
@@ -78,14 +80,14 @@ def build_model(work: Path, hidden: int, depth: int, size: int) -> Path:
 
 
 def run(cmd, env):
-    """Runs `cmd`; returns (stdout+stderr, peak RSS in MiB) of that process alone."""
+    """Runs `cmd`; returns (stdout+stderr, peak RSS in MiB, minor page faults) of that process."""
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = p.stdout.read()
     _, status, usage = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
         sys.exit(f"{cmd[0]} failed ({p.returncode}):\n{out}")
-    return out, usage.ru_maxrss / 1024
+    return out, usage.ru_maxrss / 1024, usage.ru_minflt
 
 
 def main():
@@ -96,6 +98,7 @@ def main():
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--guidance", type=float, default=3.5)
+    ap.add_argument("--repeat", type=int, default=1, help="run the pair this many times, alternating")
     ap.add_argument("--binary", default=str(ROOT / "target" / "release" / "sd35-server"))
     args = ap.parse_args()
     if not Path(args.binary).is_file():
@@ -116,34 +119,45 @@ def main():
 
         env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads),
                    NO_COLOR="1", RUST_LOG="info")
-        ours_out, ours_rss = run(
-            [args.binary, "generate", "--model", str(model), "--prompt", PROMPT, "--out", str(work / "ours.png"),
-             "--steps", common[0], "--guidance", common[1], "--width", common[2], "--height", common[2],
-             "--init-latents", str(work / "latents.safetensors"), "--precision", "f32"],
-            env,
-        )
-        clean = re.sub(r"\x1b\[[0-9;]*m", "", ours_out)
-        ours_steps = [float(m) for m in re.findall(r"step done .*?seconds=([0-9.eE+-]+)", clean)]
-
-        ref_out, ref_rss = run(
-            [sys.executable, "-c", DIFFUSERS_RUN, str(model), str(work / "latents.safetensors"),
-             str(work / "ref.png"), *common, str(args.threads), PROMPT],
-            env,
-        )
-        ref_steps = json.loads(ref_out.strip().splitlines()[-1])["steps"]
+        runs = []
+        for i in range(args.repeat):
+            ours_out, ours_rss, ours_flt = run(
+                [args.binary, "generate", "--model", str(model), "--prompt", PROMPT, "--out",
+                 str(work / "ours.png"), "--steps", common[0], "--guidance", common[1], "--width", common[2],
+                 "--height", common[2], "--init-latents", str(work / "latents.safetensors"), "--precision", "f32"],
+                env,
+            )
+            clean = re.sub(r"\x1b\[[0-9;]*m", "", ours_out)
+            ours_steps = [float(m) for m in re.findall(r"step done .*?seconds=([0-9.eE+-]+)", clean)]
+            ref_out, ref_rss, ref_flt = run(
+                [sys.executable, "-c", DIFFUSERS_RUN, str(model), str(work / "latents.safetensors"),
+                 str(work / "ref.png"), *common, str(args.threads), PROMPT],
+                env,
+            )
+            ref_steps = json.loads(ref_out.strip().splitlines()[-1])["steps"]
+            runs.append(dict(ours=statistics.median(ours_steps), ref=statistics.median(ref_steps),
+                             ours_rss=ours_rss, ref_rss=ref_rss, ours_flt=ours_flt, ref_flt=ref_flt))
+            if args.repeat > 1:
+                r = runs[-1]
+                print(f"run {i + 1}: ours {r['ours']:.3f} s/step, diffusers {r['ref']:.3f} s/step, "
+                      f"ratio {r['ours'] / r['ref']:.2f}", flush=True)
         a = np.asarray(Image.open(work / "ours.png"), dtype=np.int16)
         b = np.asarray(Image.open(work / "ref.png"), dtype=np.int16)
 
-    ours_s, ref_s = statistics.median(ours_steps), statistics.median(ref_steps)
     print(f"SD3 transformer hidden {args.hidden}, depth {args.depth}, {args.size}x{args.size}, "
           f"{args.steps} steps, CFG {args.guidance}, f32, {args.threads} threads, torch {torch.__version__}")
     print()
-    print("| pipeline | s/step (median) | peak RSS (MiB) |")
-    print("|---|---|---|")
-    print(f"| sd35-server (candle) | {ours_s:.3f} | {ours_rss:.0f} |")
-    print(f"| diffusers (PyTorch) | {ref_s:.3f} | {ref_rss:.0f} |")
+    print("| run | sd35-server s/step | diffusers s/step | ratio | sd35-server peak RSS (MiB) "
+          "| diffusers peak RSS (MiB) | sd35-server minor faults | diffusers minor faults |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for i, r in enumerate(runs):
+        print(f"| {i + 1} | {r['ours']:.3f} | {r['ref']:.3f} | {r['ours'] / r['ref']:.2f} | {r['ours_rss']:.0f} "
+              f"| {r['ref_rss']:.0f} | {r['ours_flt']} | {r['ref_flt']} |")
+    ratios = [r["ours"] / r["ref"] for r in runs]
+    rss = [r["ours_rss"] / r["ref_rss"] for r in runs]
     print()
-    print(f"time ratio ours/diffusers: {ours_s / ref_s:.2f}   RSS ratio: {ours_rss / ref_rss:.2f}")
+    print(f"time ratio ours/diffusers: {statistics.median(ratios):.2f} (median of {len(runs)}; "
+          f"min {min(ratios):.2f}, max {max(ratios):.2f})   RSS ratio: {statistics.median(rss):.2f}")
     print(f"images: max pixel difference {int(np.abs(a - b).max())}, "
           f"{float((a == b).mean()) * 100:.2f}% of values identical")
 

@@ -8,7 +8,8 @@
 //! - [`response`]: the response bodies, `/v1/models` included;
 //! - [`error`]: the one error type; its status and field are what the client sees;
 //! - [`sdapi`]: the AUTOMATIC1111 web API subset (`/sdapi/v1/...`);
-//! - [`schema`]: the JSON Schemas of all of the above, with the bounds filled in.
+//! - [`schema`]: the JSON Schemas of all of the above, with the bounds filled in;
+//! - [`properties`]: what every body satisfies, checked by the fuzz target and its corpus.
 //!
 //! The crate has no runtime dependencies (no async runtime, no model), so the fuzz targets and
 //! clients build it on its own.
@@ -16,6 +17,7 @@
 pub mod bounds;
 pub mod error;
 pub mod params;
+pub mod properties;
 pub mod request;
 pub mod response;
 pub mod schema;
@@ -32,4 +34,3 @@ pub use response::{
     COMPLETED_EVENT, ImageData, ImageStreamEvent, ImagesResponse, ModelDefaults, ModelEntry,
     ModelLimits, ModelList, PARTIAL_IMAGE_EVENT, StreamUsage, Txt2ImgResponse, UsedParameters,
 };
-pub mod properties;

@@ -90,6 +90,13 @@ pub struct ModelInfo {
     pub device: DeviceKind,
     /// The GPU's name, on CUDA.
     pub gpu_name: Option<String>,
+    /// The GPU's compute capability (`9.0`), on CUDA.
+    pub compute_capability: Option<String>,
+    /// Whether the GPU has FP8 tensor cores (compute capability 8.9 or later).
+    pub fp8_tensor_cores: bool,
+    /// How fp8 weights are computed here: `weight-only` (F8E4M3 in memory, bf16 at use) on
+    /// GPUs, `cpu` on the CPU.
+    pub fp8_path: String,
     /// Engine key of a prebuilt engine, when one is served.
     pub engine_key: Option<String>,
     /// Cache key of the cached model served (or the engine was built from).

@@ -206,6 +206,12 @@ pub struct ModelEntry {
     pub device: DeviceKind,
     /// The GPU's name, on CUDA.
     pub gpu_name: Option<String>,
+    /// The GPU's compute capability (`9.0`), on CUDA.
+    pub compute_capability: Option<String>,
+    /// Whether the GPU has FP8 tensor cores (compute capability 8.9 or later).
+    pub fp8_tensor_cores: bool,
+    /// How fp8 weights are computed here (`weight-only`, `cpu`).
+    pub fp8_path: String,
     /// Engine key of a prebuilt engine.
     pub engine_key: Option<String>,
     /// Cache key of the cached model.
@@ -283,6 +289,9 @@ impl ModelList {
             precision: m.precision,
             device: m.device,
             gpu_name: m.gpu_name.clone(),
+            compute_capability: m.compute_capability.clone(),
+            fp8_tensor_cores: m.fp8_tensor_cores,
+            fp8_path: m.fp8_path.clone(),
             engine_key: m.engine_key.clone(),
             cache_key: m.cache_key.clone(),
             t5_loaded: m.t5_loaded,

@@ -135,6 +135,9 @@ impl CandleBackend {
             precision: pipeline.precision(),
             device: o.device.kind,
             gpu_name: o.device.gpu_name.clone(),
+            compute_capability: o.device.compute_capability.map(|c| c.to_string()),
+            fp8_tensor_cores: o.device.fp8_capability() == sd35_contract::Fp8Path::TensorCore,
+            fp8_path: o.device.fp8_path().as_str().to_owned(),
             engine_key: engine.as_ref().map(|m| m.engine_key.clone()),
             cache_key: engine
                 .as_ref()

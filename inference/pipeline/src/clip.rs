@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
+use crate::attention::attention;
 use crate::linear::Linear;
 use crate::nn;
 use crate::weights::Weights;
@@ -219,7 +220,7 @@ impl ClipTextModel {
             let q = nn::split_heads(&qkv.narrow(2, 0, c)?, heads)?;
             let k = nn::split_heads(&qkv.narrow(2, c, c)?, heads)?;
             let v = nn::split_heads(&qkv.narrow(2, 2 * c, c)?, heads)?;
-            let a = nn::merge_heads(&nn::attention(&q, &k, &v, scale, Some(&mask))?)?;
+            let a = attention(&q, &k, &v, scale, Some(&mask))?;
             x = (x + l.out.forward(&a)?)?;
             let h = nn::layer_norm(&x, Some(&l.ln2_w), Some(&l.ln2_b), self.cfg.eps)?;
             let h = l.fc1.forward(&h)?;

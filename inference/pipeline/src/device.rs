@@ -5,7 +5,7 @@
 //! caller logs and reports; no CUDA failure panics, even where the driver library is missing.
 
 use candle_core::Device;
-use sd35_contract::DeviceKind;
+use sd35_contract::{ComputeCapability, DeviceKind, Fp8Path};
 
 use crate::{Error, Result};
 
@@ -18,6 +18,8 @@ pub struct OpenedDevice {
     pub kind: DeviceKind,
     /// The GPU's name (`NVIDIA H100 80GB HBM3`) on CUDA; `None` on the CPU.
     pub gpu_name: Option<String>,
+    /// The GPU's compute capability on CUDA; `None` on the CPU.
+    pub compute_capability: Option<ComputeCapability>,
     /// Set when `auto` fell back to the CPU: why, for the log and `/v1/models`.
     pub warning: Option<String>,
 }
@@ -29,7 +31,28 @@ impl OpenedDevice {
             device: Device::Cpu,
             kind: DeviceKind::Cpu,
             gpu_name: None,
+            compute_capability: None,
             warning: None,
+        }
+    }
+
+    /// The FP8 path this device could take: tensor cores from compute capability 8.9, else
+    /// weight-only; on the CPU, f32 compute.
+    pub fn fp8_capability(&self) -> Fp8Path {
+        match (self.kind, self.compute_capability) {
+            (DeviceKind::Cuda, Some(cc)) => cc.fp8_path(),
+            (DeviceKind::Cuda, None) => Fp8Path::WeightOnly,
+            _ => Fp8Path::Cpu,
+        }
+    }
+
+    /// The FP8 path this build really runs: fp8 weights stay F8E4M3 in memory and are
+    /// dequantised to bf16 at use on every GPU (the tensor-core FP8 product is not wired into
+    /// the pipeline yet), f32 compute on the CPU.
+    pub fn fp8_path(&self) -> Fp8Path {
+        match self.kind {
+            DeviceKind::Cuda => Fp8Path::WeightOnly,
+            _ => Fp8Path::Cpu,
         }
     }
 }
@@ -60,6 +83,7 @@ fn open_cuda() -> std::result::Result<OpenedDevice, String> {
     };
     Ok(OpenedDevice {
         gpu_name: gpu_name(&device),
+        compute_capability: compute_capability(&device),
         device,
         kind: DeviceKind::Cuda,
         warning: None,
@@ -80,6 +104,25 @@ fn gpu_name(device: &Device) -> Option<String> {
 
 #[cfg(not(feature = "cuda"))]
 fn gpu_name(_: &Device) -> Option<String> {
+    None
+}
+
+#[cfg(feature = "cuda")]
+fn compute_capability(device: &Device) -> Option<ComputeCapability> {
+    match device {
+        Device::Cuda(d) => {
+            let (major, minor) = d.cuda_stream().context().compute_capability().ok()?;
+            Some(ComputeCapability {
+                major: u32::try_from(major).ok()?,
+                minor: u32::try_from(minor).ok()?,
+            })
+        }
+        _ => None,
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn compute_capability(_: &Device) -> Option<ComputeCapability> {
     None
 }
 
@@ -110,6 +153,7 @@ mod tests {
     #[test]
     fn cpu_is_the_cpu_and_auto_says_why_it_fell_back() {
         let cpu = open(DeviceKind::Cpu).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cpu.fp8_path(), Fp8Path::Cpu);
         assert_eq!((cpu.kind, cpu.warning), (DeviceKind::Cpu, None));
         // This test machine has no GPU: auto runs on the CPU and says so; cuda refuses.
         if candle_core::utils::cuda_is_available() && Device::new_cuda(0).is_ok() {

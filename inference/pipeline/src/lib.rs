@@ -7,10 +7,12 @@
 //! the diffusers repository layout, the Stability single-file layout and ComfyUI `fp8_scaled`
 //! checkpoints, memory-mapped, in f32, bf16 or fp8 storage.
 
+pub mod attention;
 pub mod clip;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod fused;
 pub mod image;
 pub mod linear;
 pub mod mmdit;
@@ -19,6 +21,7 @@ pub mod nn;
 pub mod pipeline;
 pub mod scheduler;
 pub mod sentencepiece;
+mod simd;
 pub mod smoke;
 pub mod t5;
 pub mod tokenizer;

@@ -139,6 +139,16 @@ impl Linear {
 
     /// Applies the layer to `x` (`[..., in]`), computing in `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        crate::fused::bias_in_place(self.forward_unbiased(x)?, self.bias.as_ref(), false)
+    }
+
+    /// The bias, if the layer has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// `x W^T` without the bias: a fresh tensor, for fused epilogues to finish in place.
+    pub fn forward_unbiased(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.dequantized_weight(x.dtype())?;
         let y = match x.rank() {
             2 => x.matmul(&w.t()?)?,
@@ -150,15 +160,57 @@ impl Linear {
             }
             _ => x.broadcast_matmul(&w.t()?)?,
         };
-        match &self.bias {
-            None => Ok(y),
-            Some(b) => Ok(y.broadcast_add(&b.to_dtype(x.dtype())?)?),
-        }
+        Ok(y)
     }
 }
 
-/// Quantises an f32 matrix to F8E4M3 with one scale per output row (`amax / 448`).
+/// Quantises an f32 matrix to F8E4M3 with one scale per output row (`amax / 448`). On the CPU
+/// rows are quantised in parallel, in one pass each, with the arithmetic of the candle form
+/// below (bit for bit: the same products, division, clamps and conversion).
 pub fn quantize_per_channel(w: &Tensor) -> Result<(Tensor, Tensor)> {
+    if w.device().is_cpu() && w.dtype() == DType::F32 && w.rank() == 2 {
+        return quantize_rows_cpu(w);
+    }
+    quantize_per_channel_candle(w)
+}
+
+fn quantize_rows_cpu(w: &Tensor) -> Result<(Tensor, Tensor)> {
+    use rayon::prelude::*;
+    let (rows, cols) = w.dims2()?;
+    let w = w.contiguous()?;
+    let mut q = vec![float8::F8E4M3::ZERO; rows * cols];
+    let mut scales = vec![0f32; rows];
+    {
+        let (storage, layout) = w.storage_and_layout();
+        let data = match &*storage {
+            candle_core::Storage::Cpu(s) => s.as_slice::<f32>()?,
+            _ => return Err(Error::Layout("CPU quantiser on a non-CPU tensor".into())),
+        };
+        let data = &data[layout.start_offset()..][..rows * cols];
+        // `Tensor / f64` multiplies by the reciprocal in f32; the same here.
+        let inv_max = (1.0 / F8E4M3_MAX) as f32;
+        let (lo, hi) = (-F8E4M3_MAX as f32, F8E4M3_MAX as f32);
+        if cols > 0 {
+            q.par_chunks_mut(cols)
+                .zip(scales.par_iter_mut())
+                .zip(data.par_chunks(cols))
+                .for_each(|((qrow, scale), row)| {
+                    let amax = row.iter().fold(0f32, |a, &x| a.max(x.abs()));
+                    let s = (amax * inv_max).max(1e-12);
+                    for (o, &x) in qrow.iter_mut().zip(row) {
+                        *o = float8::F8E4M3::from_f32((x / s).max(lo).min(hi));
+                    }
+                    *scale = s;
+                });
+        }
+    }
+    Ok((
+        Tensor::from_vec(q, (rows, cols), w.device())?,
+        Tensor::from_vec(scales, (rows, 1), w.device())?,
+    ))
+}
+
+fn quantize_per_channel_candle(w: &Tensor) -> Result<(Tensor, Tensor)> {
     let amax = w.abs()?.max_keepdim(D::Minus1)?;
     let scale = (amax / F8E4M3_MAX)?.maximum(1e-12)?;
     let q = w
@@ -166,4 +218,40 @@ pub fn quantize_per_channel(w: &Tensor) -> Result<(Tensor, Tensor)> {
         .clamp(-F8E4M3_MAX, F8E4M3_MAX)?
         .to_dtype(DType::F8E4M3)?;
     Ok((q, scale))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn parallel_quantiser_equals_the_candle_form_bit_for_bit() {
+        let w = (Tensor::randn(0f32, 1.0, (37, 300), &candle_core::Device::Cpu).unwrap() * 3.0)
+            .unwrap();
+        // A zero row takes the 1e-12 floor.
+        let w = Tensor::cat(
+            &[
+                &w,
+                &Tensor::zeros((1, 300), DType::F32, w.device()).unwrap(),
+            ],
+            0,
+        )
+        .unwrap();
+        let (q, s) = quantize_per_channel(&w).unwrap();
+        let (qc, sc) = quantize_per_channel_candle(&w).unwrap();
+        let bits = |t: &Tensor| {
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(bits(&q), bits(&qc));
+        assert_eq!(bits(&s), bits(&sc));
+        assert_eq!(q.dtype(), DType::F8E4M3);
+        assert_eq!(s.dims(), &[38, 1]);
+    }
 }

@@ -7,6 +7,8 @@
 use candle_core::{D, DType, Tensor};
 use serde::Deserialize;
 
+use crate::attention::{self, Qkv, joint_attention};
+use crate::fused::{self, Norm};
 use crate::linear::Linear;
 use crate::nn::{self, Conv2d};
 use crate::weights::Weights;
@@ -160,9 +162,21 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&nn::gelu_tanh(&self.fc1.forward(x)?)?)
+    /// `residual + mlp(x) · gate`, the bias, GELU and gated residual fused into the products.
+    fn gated(&self, x: &Tensor, gate: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let h = fused::bias_in_place(self.fc1.forward_unbiased(x)?, self.fc1.bias(), true)?;
+        fused::gated_residual_in_place(
+            self.fc2.forward_unbiased(&h)?,
+            self.fc2.bias(),
+            gate,
+            residual,
+        )
     }
+}
+
+/// `residual + proj(a) · gate`.
+fn gated_proj(proj: &Linear, a: &Tensor, gate: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    fused::gated_residual_in_place(proj.forward_unbiased(a)?, proj.bias(), gate, residual)
 }
 
 #[derive(Debug, Clone)]
@@ -180,8 +194,7 @@ struct Block {
 
 /// `x` layer-normalised (no affine) and modulated: `ln(x) * (1 + scale) + shift`.
 fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    let n = nn::layer_norm(x, None, None, 1e-6)?;
-    Ok(n.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?)
+    fused::norm(x, Norm::Layer, 1e-6, Some(scale), 1.0, Some(shift))
 }
 
 /// The `i`-th of the `[B, k*C]` modulation chunks, as `[B, 1, C]`.
@@ -214,40 +227,45 @@ impl Block {
         };
 
         // Joint attention over [image tokens, context tokens].
-        let n_x = x.dim(1)?;
         let (qx, kx, vx) = self.x_attn.qkv_heads(&norm_x, heads)?;
         let (qc, kc, vc) = self.c_attn.qkv_heads(&norm_c, heads)?;
-        let q = Tensor::cat(&[&qx, &qc], 2)?;
-        let k = Tensor::cat(&[&kx, &kc], 2)?;
-        let v = Tensor::cat(&[&vx, &vc], 2)?;
         let scale = 1.0 / ((c / heads) as f64).sqrt();
-        let a = nn::merge_heads(&nn::attention(&q, &k, &v, scale, None)?)?;
-        let a_x = a.narrow(1, 0, n_x)?;
-        let a_c = a.narrow(1, n_x, a.dim(1)? - n_x)?;
+        let parts = [
+            Qkv {
+                q: &qx,
+                k: &kx,
+                v: &vx,
+            },
+            Qkv {
+                q: &qc,
+                k: &kc,
+                v: &vc,
+            },
+        ];
+        let (a_x, a_c) = match <[Tensor; 2]>::try_from(joint_attention(&parts, scale)?) {
+            Ok([a_x, a_c]) => (a_x, a_c),
+            Err(_) => return Err(Error::Layout("joint attention lost a part".into())),
+        };
 
         let x_proj = self
             .x_attn
             .proj
             .as_ref()
             .ok_or_else(|| Error::Layout("image attention without output projection".into()))?;
-        let mut out_x = (x + x_proj.forward(&a_x)?.broadcast_mul(&chunk(&xm, 2, c)?)?)?;
+        let mut out_x = gated_proj(x_proj, &a_x, &chunk(&xm, 2, c)?, x)?;
         if let Some(attn2) = &self.x_attn2 {
             // MMDiT-X: image-only attention on the block input, modulated by chunks 6..9.
             let norm_x2 = modulate(x, &chunk(&xm, 6, c)?, &chunk(&xm, 7, c)?)?;
             let (q, k, v) = attn2.qkv_heads(&norm_x2, heads)?;
-            let a2 = nn::merge_heads(&nn::attention(&q, &k, &v, scale, None)?)?;
+            let a2 = attention::attention(&q, &k, &v, scale, None)?;
             let proj2 = attn2
                 .proj
                 .as_ref()
                 .ok_or_else(|| Error::Layout("attn2 without output projection".into()))?;
-            out_x = (out_x + proj2.forward(&a2)?.broadcast_mul(&chunk(&xm, 8, c)?)?)?;
+            out_x = gated_proj(proj2, &a2, &chunk(&xm, 8, c)?, &out_x)?;
         }
         let ff_in = modulate(&out_x, &chunk(&xm, 3, c)?, &chunk(&xm, 4, c)?)?;
-        let out_x = (&out_x
-            + self
-                .x_mlp
-                .forward(&ff_in)?
-                .broadcast_mul(&chunk(&xm, 5, c)?)?)?;
+        let out_x = self.x_mlp.gated(&ff_in, &chunk(&xm, 5, c)?, &out_x)?;
 
         let out_c = match &self.c_mlp {
             None => None,
@@ -256,9 +274,9 @@ impl Block {
                     self.c_attn.proj.as_ref().ok_or_else(|| {
                         Error::Layout("context attention without projection".into())
                     })?;
-                let ctx = (ctx + proj.forward(&a_c)?.broadcast_mul(&chunk(&cm, 2, c)?)?)?;
+                let ctx = gated_proj(proj, &a_c, &chunk(&cm, 2, c)?, ctx)?;
                 let ff_in = modulate(&ctx, &chunk(&cm, 3, c)?, &chunk(&cm, 4, c)?)?;
-                Some((&ctx + mlp.forward(&ff_in)?.broadcast_mul(&chunk(&cm, 5, c)?)?)?)
+                Some(mlp.gated(&ff_in, &chunk(&cm, 5, c)?, &ctx)?)
             }
         };
         Ok((out_c, out_x))

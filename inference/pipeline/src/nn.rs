@@ -3,6 +3,7 @@
 use candle_core::{D, DType, Tensor};
 
 use crate::Result;
+use crate::fused::{self, Norm};
 use crate::weights::Weights;
 
 /// Converts a stored weight to the compute dtype (a no-op when it already is).
@@ -10,35 +11,19 @@ pub fn to(t: &Tensor, dtype: DType) -> Result<Tensor> {
     Ok(t.to_dtype(dtype)?)
 }
 
-/// LayerNorm over the last dimension, optionally affine.
+/// LayerNorm over the last dimension, optionally affine (one fused pass on the CPU).
 pub fn layer_norm(
     x: &Tensor,
     weight: Option<&Tensor>,
     bias: Option<&Tensor>,
     eps: f64,
 ) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let centered = x.broadcast_sub(&mean)?;
-    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    let mut y = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
-    if let Some(w) = weight {
-        y = y.broadcast_mul(&w.to_dtype(DType::F32)?)?;
-    }
-    if let Some(b) = bias {
-        y = y.broadcast_add(&b.to_dtype(DType::F32)?)?;
-    }
-    Ok(y.to_dtype(dtype)?)
+    fused::norm(x, Norm::Layer, eps, weight, 0.0, bias)
 }
 
 /// RMSNorm over the last dimension with a learned scale (qk-norm, T5's layer norm).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
-    Ok(y.to_dtype(dtype)?.broadcast_mul(&weight.to_dtype(dtype)?)?)
+    fused::norm(x, Norm::Rms, eps, Some(weight), 0.0, None)
 }
 
 /// GroupNorm of an NCHW tensor with affine parameters.
@@ -111,63 +96,6 @@ impl candle_core::CustomOp1 for GeluTanh {
             });
         Ok((candle_core::CpuStorage::F32(dst), layout.shape().clone()))
     }
-}
-
-/// Scaled dot-product attention on `[B, H, N, D]` tensors with an optional additive bias.
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    bias: Option<&Tensor>,
-) -> Result<Tensor> {
-    // Scaling the queries instead of the N x M scores saves a pass over the largest tensor.
-    let q = if scale == 1.0 {
-        q.contiguous()?
-    } else {
-        (q * scale)?
-    };
-    if bias.is_none() && q.device().is_cpu() && q.dtype() == DType::F32 {
-        return attention_blocked_cpu(&q, k, v);
-    }
-    let mut scores = q.matmul(&k.t()?.contiguous()?)?;
-    if let Some(b) = bias {
-        scores = scores.broadcast_add(b)?;
-    }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    Ok(probs.matmul(&v.contiguous()?)?)
-}
-
-/// Query rows per block of the CPU attention: a block's scores (`rows x M` f32) stay in cache.
-const ATTENTION_BLOCK_ROWS: usize = 128;
-
-/// Exact attention computed head by head and query block by query block, so the scores of
-/// one block are produced, normalised and consumed while they are still in cache, with the
-/// heads spread over the CPU threads.
-fn attention_blocked_cpu(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    use rayon::prelude::*;
-    let (b, h, n, d) = q.dims4()?;
-    let m = k.dim(2)?;
-    let qf = q.reshape((b * h, n, d))?;
-    let kf = k.contiguous()?.reshape((b * h, m, d))?;
-    let vf = v.contiguous()?.reshape((b * h, m, d))?;
-    let heads = (0..b * h)
-        .into_par_iter()
-        .map(|i| -> candle_core::Result<Tensor> {
-            let qi = qf.get(i)?;
-            let kt = kf.get(i)?.t()?;
-            let vi = vf.get(i)?;
-            let mut blocks = Vec::with_capacity(n.div_ceil(ATTENTION_BLOCK_ROWS));
-            for start in (0..n).step_by(ATTENTION_BLOCK_ROWS) {
-                let rows = ATTENTION_BLOCK_ROWS.min(n - start);
-                let scores = qi.narrow(0, start, rows)?.matmul(&kt)?;
-                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-                blocks.push(probs.matmul(&vi)?);
-            }
-            Tensor::cat(&blocks, 0)
-        })
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(Tensor::stack(&heads, 0)?.reshape((b, h, n, d))?)
 }
 
 /// Splits `[B, N, H*D]` into heads `[B, H, N, D]`.

@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
+use crate::attention::attention;
 use crate::linear::Linear;
 use crate::nn;
 use crate::weights::Weights;
@@ -172,10 +173,11 @@ impl T5Encoder {
             let q = nn::split_heads(&qkv.narrow(2, 0, inner)?, heads)?;
             let k = nn::split_heads(&qkv.narrow(2, inner, inner)?, heads)?;
             let v = nn::split_heads(&qkv.narrow(2, 2 * inner, inner)?, heads)?;
-            let a = nn::merge_heads(&nn::attention(&q, &k, &v, 1.0, Some(&bias))?)?;
+            let a = attention(&q, &k, &v, 1.0, Some(&bias))?;
             x = (x + b.o.forward(&a)?)?;
             let h = nn::rms_norm(&x, &b.ln1, self.cfg.eps)?;
-            let g = (nn::gelu_tanh(&b.wi0.forward(&h)?)? * b.wi1.forward(&h)?)?;
+            let g = (crate::fused::bias_in_place(b.wi0.forward_unbiased(&h)?, None, true)?
+                * b.wi1.forward(&h)?)?;
             x = (x + b.wo.forward(&g)?)?;
         }
         nn::rms_norm(&x, &self.final_ln, self.cfg.eps)

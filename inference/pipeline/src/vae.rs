@@ -4,6 +4,7 @@
 use candle_core::Tensor;
 use serde::Deserialize;
 
+use crate::attention::attention;
 use crate::nn::{self, Conv2d};
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -189,7 +190,7 @@ impl MidAttention {
         let q = lin(&n, &self.q)?.unsqueeze(1)?;
         let k = lin(&n, &self.k)?.unsqueeze(1)?;
         let v = lin(&n, &self.v)?.unsqueeze(1)?;
-        let a = nn::attention(&q, &k, &v, 1.0 / (c as f64).sqrt(), None)?.squeeze(1)?;
+        let a = attention(&q, &k, &v, 1.0 / (c as f64).sqrt(), None)?; // [B, HW, C]
         let o = lin(&a, &self.out)?; // [B, HW, C]
         let o = o.transpose(1, 2)?.reshape((b, c, h, wd))?;
         Ok((o + x)?)

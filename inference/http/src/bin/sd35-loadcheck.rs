@@ -12,7 +12,7 @@
 //!   than the work: answers by status, requests lost (no answer at all), the exit code;
 //! - `throughput` (not in the default set): images/s and latency unbatched against batched.
 //!
-//! make loadcheck
+//! make loadcheck    # debug builds: the figures are about HTTP behaviour, not speed
 //! target/debug/sd35-loadcheck --server target/debug/sd35-server \
 //!     --model inference/testdata/sd35-tiny-large
 
@@ -305,7 +305,7 @@ fn overload(args: &Args) -> anyhow::Result<()> {
     );
     println!("requests:              {} ({})", all.len(), by_status(&all));
     println!(
-        "429 share:             {:.1} %",
+        "429 share:             {:.2} %",
         100.0 * busy.len() as f64 / all.len().max(1) as f64
     );
     println!("429 with Retry-After:  {with_retry} of {}", busy.len());
