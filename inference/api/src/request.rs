@@ -244,6 +244,50 @@ pub fn check_model(model: &str, served: &ModelInfo) -> Result<(), ApiError> {
     .with_field("model"))
 }
 
+/// The white space `str::trim` removes (Unicode `White_Space`), as a regular expression class
+/// (ECMA-262's `\s` differs: it has U+FEFF and lacks U+0085).
+const TRIMMED_SPACE: &str =
+    r"[\t\n\x0B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*";
+
+/// The JSON Schema `pattern` of a prompt `Bounds::check_prompt` accepts when it is required:
+/// no NUL, and something besides the white space `str::trim` removes.
+pub const PROMPT_PATTERN: &str = r"^[^\u0000]*[^\u0000\t\n\x0B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000]*$";
+
+/// The JSON Schema `pattern` of a negative prompt: no NUL.
+pub const NO_NUL_PATTERN: &str = r"^[^\u0000]*$";
+
+/// The JSON Schema `pattern` of exactly the names [`check_model`] accepts: one of `names`,
+/// ASCII case ignored, with surrounding white space; `None` when there are no names yet.
+pub fn model_name_pattern(names: &[String]) -> Option<String> {
+    if names.is_empty() {
+        return None;
+    }
+    let alternatives: Vec<String> = names
+        .iter()
+        .map(|name| {
+            let mut out = String::new();
+            for c in name.chars() {
+                if c.is_ascii_alphabetic() {
+                    out.push('[');
+                    out.push(c.to_ascii_lowercase());
+                    out.push(c.to_ascii_uppercase());
+                    out.push(']');
+                } else if "\\^$.|?*+()[]{}/".contains(c) {
+                    out.push('\\');
+                    out.push(c);
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        })
+        .collect();
+    Some(format!(
+        "^{TRIMMED_SPACE}(?:{}){TRIMMED_SPACE}$",
+        alternatives.join("|")
+    ))
+}
+
 /// The pattern every `size` matches (the digits are ASCII).
 pub const SIZE_PATTERN: &str = "^[0-9]+[xX][0-9]+$";
 
@@ -626,5 +670,67 @@ pub(crate) mod tests {
         // A random first seed is drawn so that the last one still fits.
         let drawn = images(r#"{"prompt":"a","n":3}"#, max).unwrap_or_default();
         assert_eq!(drawn.last().map(|p| p.2), Some(max));
+    }
+
+    /// The document's pattern for model names accepts exactly the names `check_model` does.
+    #[test]
+    fn model_name_pattern_is_check_model() {
+        let mut model = limits().model;
+        model.served_names = vec!["sd3.5-Large".into(), "a+b/c".into()];
+        let pattern = model_name_pattern(&model.served_names).unwrap_or_default();
+        let re = regex::Regex::new(&pattern).unwrap_or_else(|e| panic!("{pattern}: {e}"));
+        for name in [
+            "sd3.5-large",
+            "SD3.5-LARGE",
+            " sd3.5-Large\t",
+            "\u{a0}sd3.5-large\u{3000}",
+            "\u{85}a+b/c",
+            "A+B/C",
+            "sd3x5-large",
+            "sd3.5-larg",
+            "sd3.5-large!",
+            "\u{feff}sd3.5-large",
+            "aab/c",
+            "",
+            "ſd3.5-large",
+        ] {
+            assert_eq!(
+                re.is_match(name),
+                check_model(name, &model).is_ok(),
+                "{name:?} against {pattern}"
+            );
+        }
+        assert_eq!(model_name_pattern(&[]), None);
+    }
+
+    /// The prompt patterns accept exactly the prompts `check_prompt` does (length aside).
+    #[test]
+    fn prompt_patterns_are_check_prompt() {
+        let bounds = limits().bounds();
+        let prompt = regex::Regex::new(PROMPT_PATTERN).unwrap_or_else(|e| panic!("{e}"));
+        let negative = regex::Regex::new(NO_NUL_PATTERN).unwrap_or_else(|e| panic!("{e}"));
+        for text in [
+            "a",
+            " a ",
+            "",
+            " ",
+            "\t\n",
+            "\u{3000}\u{85}",
+            "\u{feff}",
+            "a\0",
+            "\0",
+            "a b",
+        ] {
+            assert_eq!(
+                prompt.is_match(text),
+                bounds.check_prompt("prompt", text, true).is_ok(),
+                "{text:?}"
+            );
+            assert_eq!(
+                negative.is_match(text),
+                bounds.check_prompt("negative_prompt", text, false).is_ok(),
+                "{text:?}"
+            );
+        }
     }
 }

@@ -6,7 +6,10 @@ use serde_json::{Map, Value, json};
 
 use crate::bounds::{Bounds, IntRange};
 use crate::error::ErrorBody;
-use crate::request::{ImagesRequest, MAX_PARTIAL_IMAGES, SIZE_PATTERN, Txt2ImgRequest};
+use crate::request::{
+    ImagesRequest, MAX_PARTIAL_IMAGES, NO_NUL_PATTERN, PROMPT_PATTERN, SIZE_PATTERN,
+    Txt2ImgRequest, model_name_pattern,
+};
 use crate::response::{ImageStreamEvent, ImagesResponse, ModelList, Txt2ImgResponse};
 use crate::sdapi::{
     A1111Info, A1111Model, A1111Options, A1111OptionsUpdate, A1111Txt2ImgRequest,
@@ -104,14 +107,21 @@ pub fn components(bounds: &Bounds) -> Map<String, Value> {
             &mut defs,
             schema,
             "prompt",
-            &[("minLength", json!(1)), ("maxLength", json!(prompt_bytes))],
+            &[
+                ("minLength", json!(1)),
+                ("maxLength", json!(prompt_bytes)),
+                ("pattern", json!(PROMPT_PATTERN)),
+            ],
         );
         describe(&mut defs, schema, "prompt", &prompt_note);
         set(
             &mut defs,
             schema,
             "negative_prompt",
-            &[("maxLength", json!(prompt_bytes))],
+            &[
+                ("maxLength", json!(prompt_bytes)),
+                ("pattern", json!(NO_NUL_PATTERN)),
+            ],
         );
         describe(&mut defs, schema, "negative_prompt", &prompt_note);
         set(&mut defs, schema, "steps", &int_range(&bounds.steps));
@@ -185,18 +195,72 @@ pub fn components(bounds: &Bounds) -> Map<String, Value> {
         "send_images",
         &[("enum", json!([true, null]))],
     );
+    // The served names, as validation compares them (ASCII case ignored, trimmed).
+    let mut model_name = json!({"type": "string"});
+    if let Some(pattern) = model_name_pattern(&bounds.model_names) {
+        model_name["pattern"] = json!(pattern);
+        let names: Vec<String> = bounds
+            .model_names
+            .iter()
+            .map(|n| format!("`{n}`"))
+            .collect();
+        model_name["description"] = json!(format!(
+            "One of the served names: {} (ASCII case ignored)",
+            names.join(", ")
+        ));
+        set(
+            &mut defs,
+            "ImagesRequest",
+            "model",
+            &[("pattern", json!(pattern))],
+        );
+        describe(
+            &mut defs,
+            "ImagesRequest",
+            "model",
+            &format!("One of {} (ASCII case ignored)", names.join(", ")),
+        );
+        set(
+            &mut defs,
+            "A1111OptionsUpdate",
+            "sd_model_checkpoint",
+            &[("pattern", json!(pattern))],
+        );
+    }
     set(
         &mut defs,
         "A1111Txt2ImgRequest",
         "override_settings",
         &[
-            (
-                "properties",
-                json!({"sd_model_checkpoint": {"type": "string"}}),
-            ),
+            ("properties", json!({"sd_model_checkpoint": model_name})),
             ("additionalProperties", json!(false)),
         ],
     );
+    // AUTOMATIC1111 lets the prompt be left out; here an empty prompt is refused, so the
+    // document says it is required.
+    if let Some(Value::Object(a1111)) = defs.get_mut("A1111Txt2ImgRequest") {
+        a1111.insert("required".into(), json!(["prompt"]));
+    }
+    // batch_size × n_iter images at most: the pairs allowed, for any per-field maximum.
+    if let (Some(Value::Object(a1111)), Some(max)) =
+        (defs.get_mut("A1111Txt2ImgRequest"), bounds.images.max)
+    {
+        let one = json!({"anyOf": [{"type": "null"}, {"const": 1}]});
+        let mut pairs = vec![
+            json!({"properties": {"n_iter": one}}),
+            json!({"properties": {"batch_size": one}}),
+        ];
+        for batch in 2..=max {
+            let iterations = max / batch;
+            if iterations >= 2 {
+                pairs.push(json!({"properties": {
+                    "batch_size": {"const": batch},
+                    "n_iter": {"maximum": iterations},
+                }}));
+            }
+        }
+        a1111.insert("anyOf".into(), Value::Array(pairs));
+    }
     set(&mut defs, "ImagesRequest", "n", &int_range(&bounds.images));
     describe(&mut defs, "ImagesRequest", "n", &bounds.images.describe());
     set(

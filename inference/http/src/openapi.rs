@@ -34,10 +34,9 @@ fn ok_response(body: Body) -> Value {
              `image_generation.completed` (or `error` with an ErrorBody)",
             json!({
                 "application/json": {"schema": reference(schema)},
-                "text/event-stream": {
-                    "schema": {"type": "string"},
-                    "x-event-schema": reference(event),
-                },
+                // OpenAPI 3.1 reads the schema of an event stream as the schema of each event:
+                // its `event` name and `data`, a JSON text of the event's body.
+                "text/event-stream": {"schema": stream_event(event)},
             }),
         ),
         Body::Png => (
@@ -56,6 +55,33 @@ fn ok_response(body: Body) -> Value {
         Body::Html => ("OK", json!({"text/html": {"schema": {"type": "string"}}})),
     };
     json!({"description": description, "content": content})
+}
+
+/// One server-sent event of a streamed generation: previews and the image carry `event`
+/// (an `ImageStreamEvent`), a failure after the stream began an `ErrorBody`.
+fn stream_event(event: &str) -> Value {
+    let one = |names: Value, body: Value| {
+        json!({
+            "type": "object",
+            "required": ["event", "data"],
+            "properties": {
+                "event": {"enum": names},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": body,
+                },
+            },
+            "additionalProperties": false,
+        })
+    };
+    json!({"oneOf": [
+        one(
+            json!([crate::api::PARTIAL_IMAGE_EVENT, crate::api::COMPLETED_EVENT]),
+            reference(event),
+        ),
+        one(json!(["error"]), reference("ErrorBody")),
+    ]})
 }
 
 fn error_response(status: u16) -> Value {
@@ -168,7 +194,19 @@ mod tests {
         }
         let images = &doc["paths"]["/v1/images/generations"]["post"]["responses"];
         assert!(images["404"].is_object() && images["502"].is_object());
-        assert!(images["200"]["content"]["text/event-stream"].is_object());
+        let events = &images["200"]["content"]["text/event-stream"]["schema"]["oneOf"];
+        assert_eq!(
+            events[0]["properties"]["event"]["enum"],
+            json!([
+                "image_generation.partial_image",
+                "image_generation.completed"
+            ])
+        );
+        assert_eq!(
+            events[0]["properties"]["data"]["contentSchema"],
+            reference("ImageStreamEvent")
+        );
+        assert_eq!(events[1]["properties"]["event"]["enum"], json!(["error"]));
         let artifact = &doc["paths"]["/v1/artifacts/{name}"]["get"];
         let names: Vec<&str> = artifact["parameters"]
             .as_array()
