@@ -97,7 +97,7 @@ bench-operator: ## Operator benchmark: N SD35Deployments to Ready, requests per 
 	$(CARGO) build --locked -q --release -p sd35-operator --bin sd35-operator; \
 	$(CARGO) build --locked -q -p sd35-e2e --bin sd35-bench-operator --bin sd35-localcluster; \
 	SD35_CONTROLPLANE_BIN="$$bin" SD35_OPERATOR_BIN="$$PWD/target/release/sd35-operator" \
-	  ./target/debug/sd35-bench-operator --objects $${OBJECTS:-100,500}
+	  ./target/debug/sd35-bench-operator --objects $${OBJECTS:-100,500} $${BENCH_ARGS:-}
 
 .PHONY: cuda
 cuda: ## Build sd35-server with CUDA here, no GPU needed (pinned CUDA 13.0 wheels, cached per user)

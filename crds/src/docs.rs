@@ -10,7 +10,12 @@ use serde_json::Value;
 use crate::{SD35Deployment, condition};
 
 /// Fields whose types come from Kubernetes itself: documented upstream, not expanded here.
-const EMBEDDED: [(&str, &str, &str); 4] = [
+const EMBEDDED: [(&str, &str, &str); 5] = [
+    (
+        "from",
+        "networking/v1 NetworkPolicyPeer",
+        "https://kubernetes.io/docs/reference/kubernetes-api/policy-resources/network-policy-v1/",
+    ),
     (
         "affinity",
         "core/v1 Affinity",
@@ -34,7 +39,7 @@ const EMBEDDED: [(&str, &str, &str); 4] = [
 ];
 
 /// What each condition the operator sets means.
-const CONDITIONS: [(&str, &str); 6] = [
+const CONDITIONS: [(&str, &str); 7] = [
     (
         condition::READY,
         "The latest generation is observed and every desired replica runs it and is available. \
@@ -62,6 +67,12 @@ const CONDITIONS: [(&str, &str); 6] = [
     (
         condition::AVAILABLE,
         "At least one serving pod is available (or the object is scaled to zero).",
+    ),
+    (
+        condition::ADDONS_READY,
+        "Every add-on the spec asks for (ServiceMonitor, NetworkPolicy) is in place; False when \
+         one is skipped (for example its CRD is not installed), with the reason in the message. \
+         It never holds up Ready.",
     ),
 ];
 

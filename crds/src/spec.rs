@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -94,10 +95,72 @@ pub struct SD35DeploymentSpec {
     #[serde(default)]
     pub rollout: RolloutSpec,
 
+    /// Scraping of the server's Prometheus `/metrics` by the Prometheus Operator.
+    #[serde(default)]
+    pub monitoring: MonitoringSpec,
+
+    /// A NetworkPolicy that admits only the chosen namespaces and pods to the server port.
+    #[serde(default)]
+    pub network_policy: NetworkPolicySpec,
+
     /// When true the operator changes nothing for this object (children are left as they are)
     /// until it is set back to false.
     #[serde(default)]
     pub paused: bool,
+}
+
+/// Scraping of the server's metrics.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MonitoringSpec {
+    /// A Prometheus Operator ServiceMonitor (monitoring.coreos.com/v1) for the server's
+    /// `/metrics`.
+    #[serde(default)]
+    pub service_monitor: ServiceMonitorSettings,
+}
+
+/// The ServiceMonitor of the serving pods.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.enabled || (!has(self.interval) && !has(self.labels))")
+    .message("monitoring.serviceMonitor.interval and labels are only used with enabled: true"))]
+pub struct ServiceMonitorSettings {
+    /// Create a ServiceMonitor that scrapes every serving pod's `/metrics`. When the
+    /// ServiceMonitor CRD is not installed it is skipped, and the AddonsReady condition says
+    /// so; nothing else is affected.
+    #[serde(default)]
+    pub enabled: bool,
+
+    /// Scrape interval, for example `30s`. Unset uses Prometheus' own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]+(ms|s|m|h)$')")
+        .message("monitoring.serviceMonitor.interval must be a duration such as 30s or 1m"))]
+    pub interval: Option<String>,
+
+    /// Extra labels of the ServiceMonitor, for example the one your Prometheus selects
+    /// ServiceMonitors by (`release: prometheus`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The NetworkPolicy of the serving pods.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.enabled || !has(self.from)")
+    .message("networkPolicy.from is only used with enabled: true"))]
+pub struct NetworkPolicySpec {
+    /// Create a NetworkPolicy on the serving pods that admits traffic to the server port only
+    /// from `from` (other ports get none). It takes effect where the cluster's network plugin
+    /// enforces NetworkPolicies.
+    #[serde(default)]
+    pub enabled: bool,
+
+    /// Who may reach the server port: NetworkPolicy peers (`namespaceSelector`, `podSelector`
+    /// or both, or `ipBlock`). Empty: only pods in this SD35Deployment's namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub from: Vec<NetworkPolicyPeer>,
 }
 
 fn default_replicas() -> i32 {

@@ -23,6 +23,8 @@ pub mod condition {
     pub const ENGINE_READY: &str = "EngineReady";
     /// True when at least the minimum number of serving pods is available.
     pub const AVAILABLE: &str = "Available";
+    /// True when every add-on the spec asks for (ServiceMonitor, NetworkPolicy) is in place.
+    pub const ADDONS_READY: &str = "AddonsReady";
 }
 
 /// Observed state of an SD35Deployment.
@@ -33,7 +35,8 @@ pub struct SD35DeploymentStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
-    /// Ready, Reconciling and Stalled (kstatus), plus CacheReady, EngineReady and Available.
+    /// Ready, Reconciling and Stalled (kstatus), plus CacheReady, EngineReady, Available and
+    /// AddonsReady.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

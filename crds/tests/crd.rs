@@ -48,7 +48,7 @@ fn api_reference_documents_every_field() {
     let schema = spec_schema();
     for root in ["spec", "status"] {
         walk(root, &schema["properties"][root], &mut |path, _| {
-            let embedded = ["affinity", "tolerations", "resources", "conditions"]
+            let embedded = ["affinity", "tolerations", "resources", "conditions", "from"]
                 .iter()
                 .any(|e| path.contains(&format!(".{e}.")) || path.contains(&format!(".{e}[]")));
             if embedded || path.ends_with("{}") || path.ends_with("[]") || !path.contains('.') {
@@ -124,7 +124,7 @@ fn every_field_of_ours_is_documented_for_kubectl_explain() {
         walk(root, &schema["properties"][root], &mut |path, s| {
             // Embedded Kubernetes types (affinity, tolerations, resources, conditions) carry
             // upstream docs; only check the fields we define.
-            let embedded = ["affinity", "tolerations", "resources", "conditions"]
+            let embedded = ["affinity", "tolerations", "resources", "conditions", "from"]
                 .iter()
                 .any(|e| path.contains(&format!(".{e}.")) || path.contains(&format!(".{e}[]")));
             let described = s

@@ -1,17 +1,45 @@
-//! Apply children with server-side apply, but only when they differ from what is live.
+//! Every write a reconcile makes goes through one [`Applier`], and its [`Strategy`] decides
+//! whether writes are sent at all: `Apply` normally, `Observe` while an object is paused.
 //!
-//! A steady-state reconcile must make no write calls, and a hand-edited field the operator
-//! owns must be restored. Both follow from one rule: send the desired object when, and only
-//! when, some field of it is not what the live object has. Fields the apiserver or other
-//! controllers add (defaults, status, other managers' fields) do not count.
+//! Children are sent with server-side apply, but only when they differ from what is live, so
+//! a steady state makes no write calls. Three cases must each lead to an apply:
+//! - a field the operator owns was changed or removed by hand: some field of the desired
+//!   object is not what the live one has;
+//! - a field the spec no longer asks for must go: server-side apply removes the fields a
+//!   manager stops sending, but only when the apply is sent. The desired object carries a
+//!   hash of itself in an annotation ([`APPLIED_HASH`]); any change of the desired object,
+//!   a removal included, changes the hash and so differs from the live object;
+//! - the child does not exist.
+//!
+//! Fields the apiserver or other controllers add (defaults, status, other managers' fields)
+//! do not count. Children the spec no longer wants are deleted by one [`Applier::sweep`] by
+//! the operator's label and the owner's UID.
 
-use kube::api::{Api, Patch, PatchParams};
-use kube::{Resource, ResourceExt};
+use std::collections::BTreeMap;
+
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::Store;
+use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::index::Index;
+use crate::keys::content_hash;
 use crate::labels::MANAGER;
+
+/// Annotation on each applied child: a hash of the object the operator last sent.
+pub const APPLIED_HASH: &str = "sd35.io/applied-hash";
+
+/// Whether a reconcile changes the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    /// Send what differs: create, apply, patch and delete children.
+    Apply,
+    /// Change nothing (the object is paused): every write is skipped and reads go on, so the
+    /// status still says what is there.
+    Observe,
+}
 
 /// Whether every field set in `desired` has the same value in `live`.
 ///
@@ -43,7 +71,20 @@ fn is_empty(v: &Value) -> bool {
     }
 }
 
-/// Whether `desired` needs to be sent, given the live object.
+/// `desired` with its [`APPLIED_HASH`] annotation: what is sent.
+pub fn with_applied_hash<K: Resource + Serialize>(mut desired: K) -> K {
+    let hash = serde_json::to_vec(&desired)
+        .map(|bytes| content_hash(&bytes))
+        .unwrap_or_default();
+    desired
+        .meta_mut()
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(APPLIED_HASH.to_owned(), hash);
+    desired
+}
+
+/// Whether `desired` (with its hash annotation) needs to be sent, given the live object.
 pub fn needs_apply<K: Serialize>(desired: &K, live: Option<&K>) -> bool {
     let Some(live) = live else { return true };
     let (Ok(mut d), Ok(l)) = (serde_json::to_value(desired), serde_json::to_value(live)) else {
@@ -55,29 +96,177 @@ pub fn needs_apply<K: Serialize>(desired: &K, live: Option<&K>) -> bool {
     !is_subset(&d, &l)
 }
 
-/// Server-side apply `desired` if it differs from `live`; returns the object as it is now.
-pub async fn apply_if_changed<K>(
-    api: &Api<K>,
-    desired: &K,
-    live: Option<K>,
-) -> kube::Result<(K, bool)>
-where
-    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
-{
-    if let Some(live) = live
-        && !needs_apply(desired, Some(&live))
-    {
-        return Ok((live, false));
+/// The writes of one reconcile in one namespace, sent or skipped by its strategy.
+#[derive(Clone)]
+pub struct Applier {
+    client: Client,
+    namespace: String,
+    strategy: Strategy,
+}
+
+impl std::fmt::Debug for Applier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Applier")
+            .field("namespace", &self.namespace)
+            .field("strategy", &self.strategy)
+            .finish_non_exhaustive()
     }
-    let params = PatchParams::apply(MANAGER).force();
-    let applied = api
-        .patch(&desired.name_any(), &params, &Patch::Apply(desired))
-        .await?;
-    Ok((applied, true))
+}
+
+impl Applier {
+    /// An applier for `namespace`.
+    pub fn new(client: Client, namespace: &str, strategy: Strategy) -> Self {
+        Self {
+            client,
+            namespace: namespace.to_owned(),
+            strategy,
+        }
+    }
+
+    /// Whether writes are sent.
+    pub fn writes(&self) -> bool {
+        self.strategy == Strategy::Apply
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Server-side applies `desired` if it differs from `live`. Returns the object as it is
+    /// now (`live` when nothing was sent) and whether it was written.
+    pub async fn apply<K>(&self, desired: K, live: Option<K>) -> kube::Result<(Option<K>, bool)>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + Serialize
+            + DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let desired = with_applied_hash(desired);
+        if !self.writes() || !needs_apply(&desired, live.as_ref()) {
+            return Ok((live, false));
+        }
+        let params = PatchParams::apply(MANAGER).force();
+        let applied = self
+            .api::<K>()
+            .patch(&desired.name_any(), &params, &Patch::Apply(&desired))
+            .await?;
+        Ok((Some(applied), true))
+    }
+
+    /// Creates `desired`; an object of the name that already exists is returned instead.
+    pub async fn create<K>(&self, desired: &K) -> kube::Result<Option<(K, bool)>>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + Serialize
+            + DeserializeOwned
+            + std::fmt::Debug,
+    {
+        if !self.writes() {
+            return Ok(None);
+        }
+        let params = PostParams {
+            field_manager: Some(MANAGER.into()),
+            ..Default::default()
+        };
+        let api = self.api::<K>();
+        match api.create(&params, desired).await {
+            Ok(created) => Ok(Some((created, true))),
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                Ok(api.get_opt(&desired.name_any()).await?.map(|o| (o, false)))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Merge-patches the object `name`; returns it as it is now (None when skipped).
+    pub async fn merge_patch<K>(&self, name: &str, patch: &Value) -> kube::Result<Option<K>>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug,
+    {
+        if !self.writes() {
+            return Ok(None);
+        }
+        let patched = self
+            .api::<K>()
+            .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+            .await?;
+        Ok(Some(patched))
+    }
+
+    /// Deletes the object `name` (its dependents in the background); true when sent.
+    pub async fn delete<K>(&self, name: &str) -> kube::Result<bool>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug,
+    {
+        if !self.writes() {
+            return Ok(false);
+        }
+        match self
+            .api::<K>()
+            .delete(name, &DeleteParams::background())
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes the children of kind `K` that carry the operator's label (the caches hold
+    /// nothing else), are controlled by the owner `owner_uid` and are not named in `wanted`.
+    /// Returns the names deleted.
+    pub async fn sweep<K>(
+        &self,
+        store: &Store<K>,
+        by_owner: &Index<K>,
+        owner_uid: &str,
+        wanted: &[&str],
+    ) -> kube::Result<Vec<String>>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug
+            + 'static,
+    {
+        let mut deleted = Vec::new();
+        for r in by_owner.get(owner_uid) {
+            let unwanted = r.namespace.as_deref() == Some(self.namespace.as_str())
+                && !wanted.contains(&r.name.as_str());
+            let ours = store.get(&r).is_some_and(|o| {
+                o.labels()
+                    .get(crate::labels::MANAGED_BY)
+                    .map(String::as_str)
+                    == Some(MANAGER)
+                    && o.meta().deletion_timestamp.is_none()
+                    && o.owner_references()
+                        .iter()
+                        .any(|x| x.uid == owner_uid && x.controller == Some(true))
+            });
+            if unwanted && ours && self.delete::<K>(&r.name).await? {
+                deleted.push(r.name.clone());
+            }
+        }
+        deleted.sort();
+        Ok(deleted)
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::api::core::v1::{PodSpec, Toleration};
+    use kube::api::ObjectMeta;
     use serde_json::json;
 
     use super::*;
@@ -114,5 +303,107 @@ mod tests {
     fn numbers_compare_by_value() {
         assert!(is_subset(&json!({"a": 1}), &json!({"a": 1.0})));
         assert!(!is_subset(&json!({"a": 1}), &json!({"a": "1"})));
+    }
+
+    fn pod(tolerations: Option<Vec<Toleration>>) -> k8s_openapi::api::core::v1::Pod {
+        k8s_openapi::api::core::v1::Pod {
+            metadata: ObjectMeta {
+                name: Some("p".into()),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                tolerations,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// A client whose every request is counted and answered 404.
+    fn counting_client() -> (Client, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = sent.clone();
+        let service = tower::service_fn(move |_: http::Request<kube::client::Body>| {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let body = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#;
+            let response = http::Response::builder()
+                .status(404)
+                .header("content-type", "application/json")
+                .body(kube::client::Body::from(body.as_bytes().to_vec()));
+            async move { response }
+        });
+        (Client::new(service, "ns"), sent)
+    }
+
+    #[tokio::test]
+    async fn an_observing_applier_sends_nothing_and_an_applying_one_does() {
+        let toleration = Some(vec![Toleration::default()]);
+        let index = Index::new(crate::index::controller_uid::<k8s_openapi::api::core::v1::Pod>);
+        let (store, _writer) = kube::runtime::reflector::store();
+        let (client, sent) = counting_client();
+        let paused = Applier::new(client, "ns", Strategy::Observe);
+        assert!(!paused.writes());
+        let (now, written) = paused.apply(pod(toleration.clone()), None).await.unwrap();
+        assert!(now.is_none() && !written);
+        assert!(paused.create(&pod(None)).await.unwrap().is_none());
+        let patched = paused
+            .merge_patch::<k8s_openapi::api::core::v1::Pod>("p", &json!({}))
+            .await
+            .unwrap();
+        assert!(patched.is_none());
+        assert!(
+            !paused
+                .delete::<k8s_openapi::api::core::v1::Pod>("p")
+                .await
+                .unwrap()
+        );
+        assert!(
+            paused
+                .sweep(&store, &index, "u", &[])
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(sent.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+        let (client, sent) = counting_client();
+        let applying = Applier::new(client, "ns", Strategy::Apply);
+        // 404 on delete is "already gone"; the request was sent.
+        assert!(
+            !applying
+                .delete::<k8s_openapi::api::core::v1::Pod>("p")
+                .await
+                .unwrap()
+        );
+        assert!(applying.apply(pod(toleration), None).await.is_err());
+        assert_eq!(sent.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_field_removed_from_the_desired_object_is_sent() {
+        let toleration = Toleration {
+            key: Some("gpu".into()),
+            operator: Some("Exists".into()),
+            ..Default::default()
+        };
+        // Live: what the last apply sent, plus a default the apiserver added.
+        let mut live = with_applied_hash(pod(Some(vec![toleration])));
+        if let Some(spec) = live.spec.as_mut() {
+            spec.restart_policy = Some("Always".into());
+        }
+        let same = with_applied_hash(pod(Some(vec![Toleration {
+            key: Some("gpu".into()),
+            operator: Some("Exists".into()),
+            ..Default::default()
+        }])));
+        assert!(
+            !needs_apply(&same, Some(&live)),
+            "a steady state sends nothing"
+        );
+        // The toleration is gone from the spec: every remaining field matches the live
+        // object, but the hash does not, so the apply is sent and removes it.
+        let without = with_applied_hash(pod(None));
+        assert!(needs_apply(&without, Some(&live)));
+        assert!(needs_apply(&without, None));
     }
 }

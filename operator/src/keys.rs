@@ -20,12 +20,16 @@ fn digest(parts: &[(&str, &str)]) -> String {
         hasher.update((value.len() as u64).to_le_bytes());
         hasher.update(value.as_bytes());
     }
-    let hex: String = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    hex[..KEY_LEN].to_owned()
+    hex(&hasher.finalize())[..KEY_LEN].to_owned()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A short content hash of `bytes` ([`KEY_LEN`] hex characters of their SHA-256).
+pub fn content_hash(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))[..KEY_LEN].to_owned()
 }
 
 /// Identity of a model source, as it enters the cache key.

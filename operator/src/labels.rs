@@ -18,6 +18,9 @@ pub const ENGINE_KEY: &str = "sd35.io/engine-key";
 pub const CACHE_COMPLETE: &str = "sd35.io/cache-complete";
 /// Annotation prefix on a cache claim: `engine.sd35.io/<engine-key>: ready`.
 pub const ENGINE_READY_PREFIX: &str = "engine.sd35.io/";
+/// Annotation on a fetch or build Job: the UID of the cache claim it works on, so a Job left
+/// from an earlier claim of the same name is never taken for this one's.
+pub const CLAIM_UID: &str = "sd35.io/claim-uid";
 /// Pod template annotation: what the serving pods run.
 pub const SERVING_TARGET: &str = "sd35.io/serving-target";
 

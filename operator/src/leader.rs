@@ -1,13 +1,20 @@
 //! Leader election through a `coordination.k8s.io` Lease, so that several operator replicas
-//! can run and exactly one reconciles.
+//! can run and at most one reconciles, whatever their clocks say.
 //!
-//! A candidate takes the Lease when it is free or its holder has not renewed it within the
-//! lease duration, and renews it well within that duration. Updates use the Lease's
-//! resourceVersion, so two candidates never both win. A leader that cannot renew in time
-//! steps down (the process exits and restarts as a candidate); one that shuts down cleanly
-//! releases the Lease so another replica takes over at once.
+//! The observed-time rule (as in client-go): a candidate never compares the holder's
+//! `renewTime` with its own clock. It notes, on its own monotonic clock, when it first saw
+//! the current Lease record; the holder's claim has lapsed only once the record has not
+//! changed for a whole lease duration since then. A holder that renews changes the record,
+//! so skewed wall clocks cannot make a candidate take a Lease that is being renewed.
+//!
+//! The leader measures from the start of its last successful renewal, on its own monotonic
+//! clock, and steps down once it has not renewed for the renew deadline (two thirds of the
+//! lease duration): before any candidate, counting from when it saw that renewal (later
+//! than its start), could take the Lease. Updates carry the Lease's resourceVersion, so two
+//! candidates never both win one round. A leader that shuts down cleanly releases the Lease
+//! so another replica takes over at once.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
@@ -19,13 +26,79 @@ use tracing::{debug, info};
 /// Settings of the election.
 #[derive(Clone, Debug)]
 pub struct LeaseConfig {
+    /// Namespace of the Lease.
     pub namespace: String,
+    /// Name of the Lease.
     pub name: String,
+    /// This replica's identity, written as the holder.
     pub identity: String,
     /// How long a leader's claim lasts without renewal.
     pub lease_duration: Duration,
     /// How often candidates try and the leader renews.
     pub retry_period: Duration,
+    /// Added to the wall clock this replica writes into the Lease (to test skewed clocks;
+    /// the election itself reads no wall clock).
+    pub clock_offset: SignedDuration,
+}
+
+impl LeaseConfig {
+    /// How long a leader may go without renewing before it steps down: two thirds of the
+    /// lease duration, so it stops well before a candidate may take over.
+    pub fn renew_deadline(&self) -> Duration {
+        self.lease_duration * 2 / 3
+    }
+}
+
+/// What a candidate does with the Lease it read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// It holds the Lease: renew it.
+    Renew,
+    /// Nobody holds it, or the holder's claim has lapsed: take it.
+    Take,
+    /// Another replica holds it: wait.
+    Wait,
+}
+
+/// The Lease record as this candidate last saw it, and when (on its monotonic clock) it first
+/// saw it so.
+#[derive(Clone, Debug)]
+pub struct Observation {
+    record: Option<LeaseSpec>,
+    since: Instant,
+}
+
+impl Observation {
+    /// Notes the record read at `now`: its observed time moves only when it changed.
+    pub fn update(previous: Option<Self>, record: Option<&LeaseSpec>, now: Instant) -> Self {
+        match previous {
+            Some(p) if p.record.as_ref() == record => p,
+            _ => Self {
+                record: record.cloned(),
+                since: now,
+            },
+        }
+    }
+
+    /// What `identity` should do at `now` (its monotonic clock).
+    pub fn decide(&self, identity: &str, now: Instant) -> Decision {
+        let Some(spec) = &self.record else {
+            return Decision::Take;
+        };
+        match spec.holder_identity.as_deref() {
+            None | Some("") => Decision::Take,
+            Some(holder) if holder == identity => Decision::Renew,
+            Some(_) => {
+                let seconds = spec.lease_duration_seconds.unwrap_or(15).max(1);
+                let duration = Duration::from_secs(u64::try_from(seconds).unwrap_or(15));
+                if now.saturating_duration_since(self.since) > duration {
+                    Decision::Take
+                } else {
+                    Decision::Wait
+                }
+            }
+        }
+    }
 }
 
 /// A candidate for the Lease.
@@ -33,34 +106,25 @@ pub struct LeaseConfig {
 pub struct Elector {
     api: Api<Lease>,
     config: LeaseConfig,
-    last_renew: Option<std::time::Instant>,
-}
-
-/// Whether `lease` may be taken by `identity` at `now`.
-fn may_take(lease: &Lease, identity: &str, now: Timestamp) -> bool {
-    let Some(spec) = &lease.spec else { return true };
-    match spec.holder_identity.as_deref() {
-        None | Some("") => true,
-        Some(holder) if holder == identity => true,
-        Some(_) => {
-            let duration = i64::from(spec.lease_duration_seconds.unwrap_or(15));
-            match &spec.renew_time {
-                None => true,
-                Some(MicroTime(renewed)) => renewed
-                    .saturating_add(SignedDuration::from_secs(duration))
-                    .is_ok_and(|expiry| expiry < now),
-            }
-        }
-    }
+    observed: Option<Observation>,
+    /// Start of this replica's last successful acquisition or renewal.
+    renewed_at: Option<Instant>,
 }
 
 impl Elector {
+    /// A candidate that has not seen the Lease yet.
     pub fn new(client: Client, config: LeaseConfig) -> Self {
         Self {
             api: Api::namespaced(client, &config.namespace),
             config,
-            last_renew: None,
+            observed: None,
+            renewed_at: None,
         }
+    }
+
+    fn wall_clock(&self) -> Timestamp {
+        let now = Timestamp::now();
+        now.checked_add(self.config.clock_offset).unwrap_or(now)
     }
 
     fn spec(&self, previous: Option<&LeaseSpec>, now: Timestamp) -> LeaseSpec {
@@ -89,41 +153,54 @@ impl Elector {
 
     /// One attempt to acquire or renew; true while this candidate leads.
     pub async fn try_acquire_or_renew(&mut self) -> kube::Result<bool> {
-        let now = Timestamp::now();
-        let won = match self.api.get_opt(&self.config.name).await? {
-            None => {
+        let started = Instant::now();
+        let wall = self.wall_clock();
+        let live = self.api.get_opt(&self.config.name).await?;
+        let observation = Observation::update(
+            self.observed.take(),
+            live.as_ref().and_then(|l| l.spec.as_ref()),
+            Instant::now(),
+        );
+        let decision = observation.decide(&self.config.identity, Instant::now());
+        self.observed = Some(observation);
+        let written = match (live, decision) {
+            (_, Decision::Wait) => None,
+            (None, _) => {
                 let lease = Lease {
                     metadata: ObjectMeta {
                         name: Some(self.config.name.clone()),
                         ..Default::default()
                     },
-                    spec: Some(self.spec(None, now)),
+                    spec: Some(self.spec(None, wall)),
                 };
                 match self.api.create(&PostParams::default(), &lease).await {
-                    Ok(_) => true,
-                    Err(kube::Error::Api(e)) if e.code == 409 => false,
+                    Ok(l) => Some(l),
+                    Err(kube::Error::Api(e)) if e.code == 409 => None,
                     Err(e) => return Err(e),
                 }
             }
-            Some(lease) if may_take(&lease, &self.config.identity, now) => {
+            (Some(lease), _) => {
                 let mut updated = lease.clone();
-                updated.spec = Some(self.spec(lease.spec.as_ref(), now));
+                updated.spec = Some(self.spec(lease.spec.as_ref(), wall));
+                // The resourceVersion makes this a compare-and-swap: of two candidates
+                // taking the same record, one gets 409.
                 match self
                     .api
                     .replace(&self.config.name, &PostParams::default(), &updated)
                     .await
                 {
-                    Ok(_) => true,
-                    Err(kube::Error::Api(e)) if e.code == 409 => false,
+                    Ok(l) => Some(l),
+                    Err(kube::Error::Api(e)) if e.code == 409 => None,
                     Err(e) => return Err(e),
                 }
             }
-            Some(_) => false,
         };
-        if won {
-            self.last_renew = Some(std::time::Instant::now());
-        }
-        Ok(won)
+        let Some(lease) = written else {
+            return Ok(false);
+        };
+        self.observed = Some(Observation::update(None, lease.spec.as_ref(), started));
+        self.renewed_at = Some(started);
+        Ok(true)
     }
 
     /// Waits until this candidate holds the Lease.
@@ -142,22 +219,28 @@ impl Elector {
         }
     }
 
-    /// Renews the Lease until renewal fails for longer than the lease duration; returns then,
-    /// when this replica must stop reconciling.
+    /// Renews the Lease; returns when this replica must stop reconciling: another replica
+    /// took the Lease, or no renewal succeeded within the renew deadline (a renewal still in
+    /// flight then is abandoned).
     pub async fn keep(&mut self) {
         loop {
             tokio::time::sleep(self.config.retry_period).await;
-            match self.try_acquire_or_renew().await {
-                Ok(true) => {}
-                Ok(false) => {
+            let Some(renewed) = self.renewed_at else {
+                return;
+            };
+            let deadline = renewed + self.config.renew_deadline();
+            match tokio::time::timeout_at(deadline.into(), self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => {
                     info!("leadership taken by another replica");
                     return;
                 }
-                Err(e) => debug!(error = %e, "could not renew the lease"),
+                Ok(Err(e)) => debug!(error = %e, "could not renew the lease"),
+                Err(_) => {}
             }
             if self
-                .last_renew
-                .is_none_or(|t| t.elapsed() > self.config.lease_duration)
+                .renewed_at
+                .is_none_or(|t| t.elapsed() >= self.config.renew_deadline())
             {
                 info!("could not renew the lease in time");
                 return;
@@ -198,33 +281,70 @@ impl Elector {
 mod tests {
     use super::*;
 
-    fn lease(holder: Option<&str>, renewed_secs_ago: i64, duration: i32) -> (Lease, Timestamp) {
-        let now = Timestamp::from_second(1_000_000).unwrap();
-        let renewed = Timestamp::from_second(1_000_000 - renewed_secs_ago).unwrap();
-        let l = Lease {
-            metadata: ObjectMeta::default(),
-            spec: Some(LeaseSpec {
-                holder_identity: holder.map(str::to_owned),
-                lease_duration_seconds: Some(duration),
-                renew_time: Some(MicroTime(renewed)),
-                ..Default::default()
-            }),
+    fn record(holder: Option<&str>, renewed_at_second: i64) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: holder.map(str::to_owned),
+            lease_duration_seconds: Some(6),
+            renew_time: Some(MicroTime(
+                Timestamp::from_second(renewed_at_second).unwrap_or(Timestamp::UNIX_EPOCH),
+            )),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_renewed_lease_is_never_taken_whatever_its_timestamps_say() {
+        let start = Instant::now();
+        // The holder's clock is far behind: every renewTime it writes looks a day old.
+        let mut seen = None;
+        for tick in 0..20u32 {
+            let now = start + Duration::from_secs(u64::from(tick) * 2);
+            let r = record(Some("a"), 1_000 + i64::from(tick) * 2);
+            let o = Observation::update(seen.take(), Some(&r), now);
+            assert_eq!(o.decide("b", now), Decision::Wait, "tick {tick}");
+            seen = Some(o);
+        }
+    }
+
+    #[test]
+    fn a_lease_that_stops_changing_is_taken_one_duration_after_it_was_first_seen() {
+        let start = Instant::now();
+        // Renewed "in the future" by a holder whose clock runs ahead: irrelevant.
+        let r = record(Some("a"), i64::from(i32::MAX));
+        let o = Observation::update(None, Some(&r), start);
+        let o = Observation::update(Some(o), Some(&r), start + Duration::from_secs(5));
+        assert_eq!(
+            o.decide("b", start + Duration::from_secs(5)),
+            Decision::Wait
+        );
+        assert_eq!(
+            o.decide("b", start + Duration::from_secs(7)),
+            Decision::Take
+        );
+        // The holder renews it itself.
+        assert_eq!(o.decide("a", start), Decision::Renew);
+    }
+
+    #[test]
+    fn a_released_or_missing_lease_is_taken() {
+        let now = Instant::now();
+        let o = Observation::update(None, Some(&record(None, 1)), now);
+        assert_eq!(o.decide("b", now), Decision::Take);
+        let o = Observation::update(None, None, now);
+        assert_eq!(o.decide("b", now), Decision::Take);
+    }
+
+    #[test]
+    fn the_leader_steps_down_before_a_candidate_may_take_over() {
+        let config = LeaseConfig {
+            namespace: "ns".into(),
+            name: "l".into(),
+            identity: "a".into(),
+            lease_duration: Duration::from_secs(15),
+            retry_period: Duration::from_secs(3),
+            clock_offset: SignedDuration::ZERO,
         };
-        (l, now)
-    }
-
-    #[test]
-    fn a_fresh_lease_of_another_holder_is_not_taken() {
-        let (l, now) = lease(Some("a"), 5, 15);
-        assert!(!may_take(&l, "b", now));
-        assert!(may_take(&l, "a", now), "the holder renews");
-    }
-
-    #[test]
-    fn an_expired_or_released_lease_is_taken() {
-        let (l, now) = lease(Some("a"), 16, 15);
-        assert!(may_take(&l, "b", now));
-        let (l, now) = lease(None, 1, 15);
-        assert!(may_take(&l, "b", now));
+        assert!(config.renew_deadline() < config.lease_duration);
+        assert!(config.renew_deadline() > config.retry_period * 2);
     }
 }

@@ -3,13 +3,15 @@
 //! that kubectl, Helm, Argo CD and Flux understand.
 //!
 //! Layout follows the reconcile pipeline: [`resolve`] (validate and default, pure) →
-//! [`build`] (children, pure) → [`apply`] (write only what differs) → [`status`] (pure) →
-//! [`reconcile`] (the client-side glue), plus [`leader`] election and the [`admin`] port.
+//! [`build`] (typed children, pure) → [`apply`] (every write, only what differs, one sweep of
+//! what is no longer wanted) → [`status`] (pure) → [`reconcile`] (the client-side glue),
+//! with [`index`]es over the watch caches, plus [`leader`] election and the [`admin`] port.
 
 pub mod admin;
 pub mod apply;
 pub mod build;
 pub mod config;
+pub mod index;
 pub mod jobs;
 pub mod keys;
 pub mod labels;

@@ -3,15 +3,16 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
@@ -21,11 +22,16 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use sd35_crds::SD35Deployment;
 use sd35_operator::admin::{AdminState, router};
+use sd35_operator::build::ServiceMonitor;
 use sd35_operator::config::OperatorConfig;
+use sd35_operator::index::{self, Index};
 use sd35_operator::labels;
 use sd35_operator::leader::{Elector, LeaseConfig};
 use sd35_operator::metrics::Metrics;
-use sd35_operator::reconcile::{ChildStores, Context, error_policy, reconcile, users_of_cache_key};
+use sd35_operator::reconcile::{
+    ChildStores, Context, Owned, cache_key_of, error_policy, instance_of, reconcile,
+    users_of_cache_key,
+};
 use tracing::{Instrument, error, info, info_span, warn};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -78,6 +84,17 @@ struct Args {
     #[arg(long, env = "SD35_LEASE_DURATION_SECONDS", default_value_t = 15)]
     lease_duration_seconds: u64,
 
+    /// Shifts the wall clock this replica writes into the Lease by this many seconds, to test
+    /// the election under clock skew.
+    #[arg(
+        long,
+        env = "SD35_CLOCK_OFFSET_SECONDS",
+        default_value_t = 0,
+        hide = true,
+        allow_negative_numbers = true
+    )]
+    clock_offset_seconds: i64,
+
     /// Seconds a finished Job is kept for `kubectl logs`.
     #[arg(long, env = "SD35_JOB_TTL_SECONDS", default_value_t = OperatorConfig::default().job_ttl_seconds)]
     job_ttl_seconds: i32,
@@ -126,6 +143,23 @@ async fn check_crd(client: &Client, namespace: Option<&str>) -> anyhow::Result<(
     }
 }
 
+/// Returns once the ServiceMonitor CRD is served, checking at once and then every minute.
+async fn wait_for_service_monitor_crd(client: &Client) {
+    loop {
+        match client
+            .list_api_group_resources("monitoring.coreos.com/v1")
+            .await
+        {
+            Ok(list) if list.resources.iter().any(|r| r.name == "servicemonitors") => {
+                info!("the ServiceMonitor CRD is installed: ServiceMonitors are managed");
+                return;
+            }
+            Ok(_) | Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+}
+
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     let term = async {
@@ -170,11 +204,13 @@ async fn run_controller(
     let ns = args.namespace.as_ref();
     let ours =
         watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGER));
-    // One watch per child type feeds both the controller's triggers and a cache that the
-    // reconciler reads instead of asking the API server.
+    // One watch per child type feeds the controller's triggers, a cache that the reconciler
+    // reads instead of asking the API server, and an index of that cache.
     fn cached<K>(
         api: Api<K>,
         config: watcher::Config,
+        index: Option<Index<K>>,
+        trim: fn(&mut K),
     ) -> (
         Store<K>,
         impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
@@ -189,19 +225,76 @@ async fn run_controller(
             + 'static,
     {
         let (store, writer) = reflector::store();
-        // managedFields are never read; dropping them keeps the caches small.
+        // managedFields (and what `trim` drops) are never read; dropping them keeps the caches
+        // small. The index sees each event before the store, so an object that triggers a
+        // reconcile is indexed.
         let events = watcher(api, config)
             .default_backoff()
-            .modify(|o| o.managed_fields_mut().clear());
+            .modify(move |o| {
+                o.managed_fields_mut().clear();
+                trim(o);
+            })
+            .inspect_ok(move |event| {
+                if let Some(index) = &index {
+                    index.apply_watcher_event(event);
+                }
+            });
         let stream = reflector(writer, events).touched_objects();
         (store, stream)
     }
-    let (deployments, deployment_events) = cached(api::<Deployment>(&client, ns), ours.clone());
-    let (services, service_events) = cached(api::<Service>(&client, ns), ours.clone());
-    let (pdbs, pdb_events) = cached(api::<PodDisruptionBudget>(&client, ns), ours.clone());
-    let (jobs, job_events) = cached(api::<Job>(&client, ns), ours.clone());
-    let (claims, claim_events) = cached(api::<PersistentVolumeClaim>(&client, ns), ours.clone());
+    fn owned<K>(
+        api: Api<K>,
+        config: watcher::Config,
+    ) -> (
+        Owned<K>,
+        impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+    )
+    where
+        K: kube::Resource<DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let by_owner = Index::new(index::controller_uid::<K>);
+        let (store, stream) = cached(api, config, Some(by_owner.clone()), |_| {});
+        (Owned { store, by_owner }, stream)
+    }
+    let (deployments, deployment_events) = owned(api::<Deployment>(&client, ns), ours.clone());
+    let (services, service_events) = owned(api::<Service>(&client, ns), ours.clone());
+    let (pdbs, pdb_events) = owned(api::<PodDisruptionBudget>(&client, ns), ours.clone());
+    let (network_policies, network_policy_events) =
+        owned(api::<NetworkPolicy>(&client, ns), ours.clone());
+    // ServiceMonitors are watched once their CRD is there; until then the reconciler says
+    // that it skips them.
+    let service_monitor_crd = Arc::new(AtomicBool::new(false));
+    let (service_monitors, service_monitor_events) =
+        owned(api::<ServiceMonitor>(&client, ns), ours.clone());
+    let service_monitor_events = {
+        let (client, installed) = (client.clone(), service_monitor_crd.clone());
+        let mut events = Some(service_monitor_events);
+        futures::stream::once(async move {
+            wait_for_service_monitor_crd(&client).await;
+            installed.store(true, Ordering::Relaxed);
+        })
+        .filter_map(move |()| std::future::ready(events.take()))
+        .flatten()
+    };
+    // Of a Job the reconciler reads its metadata and status (it creates a Job and never
+    // compares it with a desired one), of a serving pod its container statuses.
+    let (jobs, job_events) = cached(api::<Job>(&client, ns), ours.clone(), None, |j| {
+        j.spec = None;
+    });
+    let (claims, claim_events) = cached(
+        api::<PersistentVolumeClaim>(&client, ns),
+        ours.clone(),
+        None,
+        |_| {},
+    );
     // Serving pods only: their exit codes say why a server could not start.
+    let pods_by_instance = Index::new(instance_of);
     let (pods, pod_events) = cached(
         api::<Pod>(&client, ns),
         watcher::Config::default().labels(&format!(
@@ -211,12 +304,27 @@ async fn run_controller(
             labels::NAME,
             labels::SERVER_NAME
         )),
+        Some(pods_by_instance.clone()),
+        |p| p.spec = None,
     );
-    let controller = Controller::new(sd35, watcher::Config::default().any_semantic())
+    // SD35Deployments, indexed by cache key: a Job or claim event finds its users there.
+    let users = {
+        let (config, metrics) = (config.clone(), metrics.clone());
+        Index::new(move |o: &SD35Deployment| cache_key_of(o, &config, &metrics))
+    };
+    let (store, writer) = reflector::store();
+    let user_index = users.clone();
+    let sd35_events = reflector(
+        writer,
+        watcher(sd35, watcher::Config::default().any_semantic())
+            .default_backoff()
+            .modify(|o| o.managed_fields_mut().clear())
+            .inspect_ok(move |event| user_index.apply_watcher_event(event)),
+    )
+    .applied_objects();
+    let controller = Controller::for_stream(sd35_events, store.clone())
         .with_config(ControllerConfig::default().concurrency(args.concurrency));
-    let store = controller.store();
-    let (job_store, claim_store) = (store.clone(), store.clone());
-    let (job_config, claim_config) = (config.clone(), config.clone());
+    let (job_users, claim_users) = (users.clone(), users.clone());
     let ctx = Arc::new(Context {
         client: client.clone(),
         config,
@@ -229,13 +337,18 @@ async fn run_controller(
             },
         ),
         store,
+        users,
         children: ChildStores {
             claims,
             jobs,
             deployments,
             services,
             pdbs,
+            network_policies,
+            service_monitors,
+            service_monitor_crd,
             pods,
+            pods_by_instance,
         },
     });
     let mut shutdown = shutdown;
@@ -243,12 +356,13 @@ async fn run_controller(
         .owns_stream(deployment_events)
         .owns_stream(service_events)
         .owns_stream(pdb_events)
+        .owns_stream(network_policy_events)
+        .owns_stream(service_monitor_events)
         .watches_stream(job_events, move |job: Job| {
             users_of_cache_key(
-                &job_store,
+                &job_users,
                 job.namespace().as_deref(),
                 job.labels().get(labels::CACHE_KEY).map(String::as_str),
-                &job_config,
             )
         })
         .watches_stream(pod_events, |pod: Pod| {
@@ -267,10 +381,9 @@ async fn run_controller(
         })
         .watches_stream(claim_events, move |pvc: PersistentVolumeClaim| {
             users_of_cache_key(
-                &claim_store,
+                &claim_users,
                 pvc.namespace().as_deref(),
                 pvc.labels().get(labels::CACHE_KEY).map(String::as_str),
-                &claim_config,
             )
         })
         .graceful_shutdown_on(async move {
@@ -345,6 +458,9 @@ async fn main() -> anyhow::Result<()> {
                 identity: identity.clone(),
                 lease_duration: Duration::from_secs(args.lease_duration_seconds),
                 retry_period: Duration::from_secs((args.lease_duration_seconds / 5).max(1)),
+                clock_offset: k8s_openapi::jiff::SignedDuration::from_secs(
+                    args.clock_offset_seconds,
+                ),
             },
         )
     });
@@ -360,7 +476,8 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    let controller = run_controller(client, &args, metrics, stop_rx.clone())
+    metrics.set_leader(true);
+    let controller = run_controller(client, &args, metrics.clone(), stop_rx.clone())
         .instrument(info_span!("controller"));
     match elector.as_mut() {
         Some(e) => {
@@ -374,6 +491,7 @@ async fn main() -> anyhow::Result<()> {
                     std::process::exit(1);
                 }
             }
+            metrics.set_leader(false);
             e.release().await;
         }
         None => controller.await,

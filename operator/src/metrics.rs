@@ -29,6 +29,8 @@ pub struct Metrics {
     reconciliations: Counter,
     failures: Family<ErrorLabels, Counter>,
     duration: Histogram,
+    resolutions: Counter,
+    leader: Gauge,
     by_phase: Family<PhaseLabels, Gauge>,
     phases: Mutex<HashMap<String, String>>,
 }
@@ -42,6 +44,18 @@ impl Default for Metrics {
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ]);
         let by_phase = Family::<PhaseLabels, Gauge>::default();
+        let resolutions = Counter::default();
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica leads (or runs without leader election), else 0",
+            leader.clone(),
+        );
+        registry.register(
+            "spec_resolutions",
+            "SD35Deployment specs validated and defaulted: the operator's work per event",
+            resolutions.clone(),
+        );
         registry.register(
             "reconciliations",
             "Reconciliations started",
@@ -63,6 +77,8 @@ impl Default for Metrics {
             reconciliations,
             failures,
             duration,
+            resolutions,
+            leader,
             by_phase,
             phases: Mutex::new(HashMap::new()),
         }
@@ -90,6 +106,16 @@ impl Metrics {
             start: Instant::now(),
             duration: &self.duration,
         }
+    }
+
+    /// Records whether this replica leads.
+    pub fn set_leader(&self, leads: bool) {
+        self.leader.set(i64::from(leads));
+    }
+
+    /// Counts one spec validated and defaulted.
+    pub fn spec_resolved(&self) {
+        self.resolutions.inc();
     }
 
     /// Counts a failed reconciliation.

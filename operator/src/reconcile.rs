@@ -1,37 +1,44 @@
 //! The reconciler: dereference (client) → validate (pure) → build (pure) → apply (client) →
 //! status (client), for one SD35Deployment at a time.
 //!
-//! Guarantees: children are only written when they differ from what is live, so a steady
-//! state makes no write calls; the serving pods are switched to a new cache or engine only once
-//! it is ready; shared caches are owned by all their users (or none, when one asks to retain),
-//! so Kubernetes' garbage collector deletes them with their last user.
+//! Guarantees: every write goes through one [`Applier`], whose strategy is `Observe` while the
+//! object is paused; children are only written when they differ from what is live, so a
+//! steady state makes no write calls; children the spec no longer wants are swept by label
+//! and owner; the serving pods are switched to a new cache or engine only once it is ready.
+//! Shared caches and their Jobs are owned by all their users, so Kubernetes' garbage collector
+//! deletes them with their last user; a newcomer of the same model waits for a claim being
+//! deleted to go, and says so. Lookups of related objects go through indexes, never a scan of
+//! a whole cache, so the work of a reconcile does not grow with the number of objects.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
-use sd35_contract::ExitReason;
 use sd35_crds::{SD35Deployment, SD35DeploymentStatus, condition};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use crate::apply::apply_if_changed;
-use crate::build::{self, ServingTarget};
+use crate::apply::{Applier, Strategy};
+use crate::build::{self, ServiceMonitor, ServingTarget};
 use crate::config::OperatorConfig;
+use crate::index::{Index, namespaced};
 use crate::jobs::{JobOutcome, outcome};
 use crate::labels::{self, MANAGER};
 use crate::metrics::Metrics;
-use crate::resolve::{Resolved, resolve};
-use crate::status::{Observed, Rollout, StepState, compute, transitions};
+use crate::resolve::{Resolved, resolve, storage_bytes};
+use crate::status::{Addons, Note, Observed, Rollout, StepState, compute};
 
 /// Errors of a reconciliation; the variant names are the `error` label of the metrics.
 #[derive(Debug, thiserror::Error)]
@@ -54,63 +61,90 @@ impl Error {
 
 /// What every reconciliation shares.
 pub struct Context {
+    /// The API client.
     pub client: Client,
+    /// The operator's settings.
     pub config: OperatorConfig,
+    /// The operator's metrics.
     pub metrics: Arc<Metrics>,
+    /// Publishes the events of transitions.
     pub recorder: Recorder,
-    /// All SD35Deployments, for finding the users of a shared cache.
+    /// All SD35Deployments.
     pub store: Store<SD35Deployment>,
+    /// SD35Deployments by `namespace/cache key`: the users of a shared cache.
+    pub users: Index<SD35Deployment>,
     /// The children the operator watches, read instead of asking the API server.
     pub children: ChildStores,
+}
+
+/// A watch cache of children controlled by an SD35Deployment, and the same children by the
+/// UID of their controller (for the sweep).
+#[allow(missing_debug_implementations)] // Store has no Debug
+#[derive(Clone)]
+pub struct Owned<K: Resource<DynamicType = ()> + 'static> {
+    /// The children.
+    pub store: Store<K>,
+    /// The children by controller UID.
+    pub by_owner: Index<K>,
 }
 
 /// Caches of the operator's children, filled by the controller's watches.
 #[derive(Clone)]
 #[allow(missing_debug_implementations)] // Store has no Debug
 pub struct ChildStores {
+    /// Cache claims (shared by cache key).
     pub claims: Store<PersistentVolumeClaim>,
+    /// Fetch and build Jobs (shared by cache and engine key).
     pub jobs: Store<Job>,
-    pub deployments: Store<Deployment>,
-    pub services: Store<Service>,
-    pub pdbs: Store<PodDisruptionBudget>,
+    /// Serving Deployments.
+    pub deployments: Owned<Deployment>,
+    /// Serving Services.
+    pub services: Owned<Service>,
+    /// Serving PodDisruptionBudgets.
+    pub pdbs: Owned<PodDisruptionBudget>,
+    /// Serving NetworkPolicies.
+    pub network_policies: Owned<NetworkPolicy>,
+    /// Serving ServiceMonitors (watched once their CRD is installed).
+    pub service_monitors: Owned<ServiceMonitor>,
+    /// Whether the ServiceMonitor CRD (monitoring.coreos.com/v1) is installed.
+    pub service_monitor_crd: Arc<AtomicBool>,
     /// Serving pods, read for the exit codes of containers that could not start.
     pub pods: Store<Pod>,
+    /// Serving pods by `namespace/instance`.
+    pub pods_by_instance: Index<Pod>,
 }
 
-/// The first serving container of these pods that ended with one of the server's documented
-/// exit codes: its reason word and a message quoting its termination message.
-pub fn server_failure<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Option<(String, String)> {
-    pods.into_iter().find_map(|pod| {
-        let status = pod.status.as_ref()?;
-        status.container_statuses.iter().flatten().find_map(|c| {
-            // A container running now has recovered; what ended it before is history.
-            if c.state.as_ref().is_some_and(|s| s.running.is_some()) {
-                return None;
-            }
-            let ended = c
-                .state
-                .as_ref()
-                .and_then(|s| s.terminated.as_ref())
-                .or_else(|| c.last_state.as_ref().and_then(|s| s.terminated.as_ref()))?;
-            let reason = ExitReason::from_code(ended.exit_code)?;
-            let said = ended
-                .message
-                .as_deref()
-                .map(str::trim)
-                .filter(|m| !m.is_empty())
-                .unwrap_or("(no termination message)");
-            Some((
-                reason.as_str().to_owned(),
-                format!(
-                    "pod {} exited with code {} ({}): {said}; {}",
-                    pod.metadata.name.as_deref().unwrap_or("?"),
-                    ended.exit_code,
-                    reason.as_str(),
-                    reason.hint()
-                ),
-            ))
-        })
-    })
+/// The index key of an SD35Deployment: `namespace/cache key`, when its spec resolves.
+pub fn cache_key_of(
+    obj: &SD35Deployment,
+    config: &OperatorConfig,
+    metrics: &Metrics,
+) -> Vec<String> {
+    metrics.spec_resolved();
+    match (obj.namespace(), resolve(obj, config)) {
+        (Some(ns), Ok(r)) => vec![namespaced(&ns, &r.cache_key)],
+        _ => Vec::new(),
+    }
+}
+
+/// The index key of a serving pod: `namespace/instance`.
+pub fn instance_of(pod: &Pod) -> Vec<String> {
+    match (pod.namespace(), pod.labels().get(labels::INSTANCE)) {
+        (Some(ns), Some(instance)) => vec![namespaced(&ns, instance)],
+        _ => Vec::new(),
+    }
+}
+
+/// The SD35Deployments a Job or claim belongs to, found by its cache key label.
+pub fn users_of_cache_key(
+    users: &Index<SD35Deployment>,
+    namespace: Option<&str>,
+    key: Option<&str>,
+) -> Vec<ObjectRef<SD35Deployment>> {
+    match (namespace, key) {
+        (Some(ns), Some(key)) => users.get(&namespaced(ns, key)),
+        _ => Vec::new(),
+    }
 }
 
 /// An object from the watch cache, or from the API server when the cache does not have it
@@ -130,6 +164,18 @@ where
     }
 }
 
+/// A server-side applied child from the watch cache alone. Applying is idempotent, so a
+/// child the cache does not have yet is applied as new (one write, the same as creating it)
+/// rather than looked up first on every reconcile until it exists.
+fn cached<K>(store: &Store<K>, namespace: &str, name: &str) -> Option<K>
+where
+    K: Resource<DynamicType = ()> + Clone,
+{
+    store
+        .get(&ObjectRef::new(name).within(namespace))
+        .map(|o| o.as_ref().clone())
+}
+
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context")
@@ -138,54 +184,27 @@ impl std::fmt::Debug for Context {
     }
 }
 
-/// The SD35Deployments a Job or claim belongs to, found by its cache key label.
-pub fn users_of_cache_key(
-    store: &Store<SD35Deployment>,
-    namespace: Option<&str>,
-    key: Option<&str>,
-    config: &OperatorConfig,
-) -> Vec<ObjectRef<SD35Deployment>> {
-    let (Some(ns), Some(key)) = (namespace, key) else {
-        return Vec::new();
-    };
-    store
-        .state()
-        .iter()
-        .filter(|o| o.namespace().as_deref() == Some(ns))
-        .filter(|o| resolve(o, config).is_ok_and(|r| r.cache_key == key))
-        .map(|o| ObjectRef::from_obj(o.as_ref()))
-        .collect()
+/// A non-controller owner reference to `obj`.
+fn shared_owner(obj: &SD35Deployment) -> Option<OwnerReference> {
+    let mut o = obj.controller_owner_ref(&())?;
+    o.controller = Some(false);
+    o.block_owner_deletion = Some(false);
+    Some(o)
 }
 
-/// Owner references for a shared cache claim: every live user, or none when a user asks to
-/// retain the cache.
-fn cache_owners(ctx: &Context, obj: &SD35Deployment, r: &Resolved) -> Vec<OwnerReference> {
+/// The live users of this object's cache (itself included, as reconciled now), by UID.
+fn cache_users(ctx: &Context, obj: &SD35Deployment, r: &Resolved) -> Vec<Arc<SD35Deployment>> {
     let mut users: Vec<Arc<SD35Deployment>> = ctx
-        .store
-        .state()
-        .into_iter()
-        .filter(|o| {
-            o.namespace().as_deref() == Some(r.namespace.as_str())
-                && o.metadata.deletion_timestamp.is_none()
-        })
-        .filter(|o| resolve(o, &ctx.config).is_ok_and(|u| u.cache_key == r.cache_key))
+        .users
+        .get(&namespaced(&r.namespace, &r.cache_key))
+        .iter()
+        .filter_map(|u| ctx.store.get(u))
+        .filter(|o| o.metadata.deletion_timestamp.is_none() && o.uid() != obj.uid())
         .collect();
     // The object being reconciled may be newer than the store.
-    users.retain(|u| u.uid() != obj.uid());
     users.push(Arc::new(obj.clone()));
-    if users.iter().any(|u| u.spec.cache.retain) {
-        return Vec::new();
-    }
     users.sort_by_key(|u| u.uid());
     users
-        .iter()
-        .filter_map(|u| {
-            let mut o = u.controller_owner_ref(&())?;
-            o.controller = Some(false);
-            o.block_owner_deletion = Some(false);
-            Some(o)
-        })
-        .collect()
 }
 
 fn same_owners(a: Option<&Vec<OwnerReference>>, b: &[OwnerReference]) -> bool {
@@ -198,22 +217,20 @@ fn same_owners(a: Option<&Vec<OwnerReference>>, b: &[OwnerReference]) -> bool {
     x == y
 }
 
-/// A non-controller owner reference to a claim, so Jobs go with their cache.
-fn claim_owner(pvc: &PersistentVolumeClaim) -> Option<OwnerReference> {
-    let mut o = pvc.controller_owner_ref(&())?;
-    o.controller = Some(false);
-    o.block_owner_deletion = Some(false);
-    Some(o)
-}
-
-/// One reconciliation's client-side work, with writes switched off when paused.
+/// One reconciliation's client-side work; its writes go through `apply`.
 struct Run<'a> {
     ctx: &'a Context,
-    obj: &'a SD35Deployment,
     r: &'a Resolved,
     owner: OwnerReference,
-    write: bool,
+    apply: Applier,
     previous: Option<&'a SD35DeploymentStatus>,
+    /// Owners of the cache claim: every user, or none when one asks to retain it.
+    claim_owners: Vec<OwnerReference>,
+    /// Owners of the fetch and build Jobs: every user, so that no Job (and no completed pod
+    /// of one, which holds the volume) outlives the last user of its cache.
+    job_owners: Vec<OwnerReference>,
+    /// What this reconcile did, told in its one event.
+    actions: std::sync::Mutex<Vec<Note>>,
 }
 
 impl Run<'_> {
@@ -237,24 +254,16 @@ impl Run<'_> {
             &self.r.cache.claim,
         )
         .await?;
-        if !self.r.cache.managed || !self.write {
+        if !self.r.cache.managed {
             return Ok(live);
         }
-        let owners = cache_owners(self.ctx, self.obj, self.r);
         match live {
+            // Being deleted: nothing is added to it; the cache step waits for it to go.
+            Some(live) if live.metadata.deletion_timestamp.is_some() => Ok(Some(live)),
             None => {
-                let desired = build::cache_claim(self.r, &owners);
-                match api
-                    .create(
-                        &PostParams {
-                            field_manager: Some(MANAGER.into()),
-                            ..Default::default()
-                        },
-                        &desired,
-                    )
-                    .await
-                {
-                    Ok(created) => {
+                let desired = build::cache_claim(self.r, &self.claim_owners);
+                match self.apply.create(&desired).await? {
+                    Some((created, true)) => {
                         self.event(
                             EventType::Normal,
                             "CacheClaimCreated",
@@ -263,53 +272,143 @@ impl Run<'_> {
                         .await;
                         Ok(Some(created))
                     }
-                    Err(kube::Error::Api(e)) if e.code == 409 => {
-                        Ok(api.get_opt(&self.r.cache.claim).await?)
-                    }
-                    Err(e) => Err(e.into()),
+                    Some((existing, false)) => Ok(Some(existing)),
+                    None => Ok(None),
                 }
             }
-            Some(live) if !same_owners(live.metadata.owner_references.as_ref(), &owners) => {
-                let patch = json!({"metadata": {"ownerReferences": owners}});
-                Ok(Some(
-                    api.patch(
-                        &self.r.cache.claim,
-                        &PatchParams::default(),
-                        &Patch::Merge(&patch),
-                    )
-                    .await?,
-                ))
+            Some(live)
+                if !same_owners(live.metadata.owner_references.as_ref(), &self.claim_owners) =>
+            {
+                let patch = json!({"metadata": {"ownerReferences": self.claim_owners}});
+                let patched = self.apply.merge_patch(&self.r.cache.claim, &patch).await?;
+                Ok(Some(patched.unwrap_or(live)))
             }
             Some(live) => Ok(Some(live)),
         }
     }
 
-    async fn annotate_claim(&self, key: &str, value: &str) -> Result<(), Error> {
-        let api: Api<PersistentVolumeClaim> =
-            Api::namespaced(self.ctx.client.clone(), &self.r.namespace);
-        let patch = json!({"metadata": {"annotations": {key: value}}});
-        api.patch(
-            &self.r.cache.claim,
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await?;
-        Ok(())
+    /// Grows a managed claim to `spec.cache.size` when its StorageClass allows expansion.
+    /// Returns the claim as it is now and, while its size is not what the spec asks for, a
+    /// reason and a message for the CacheReady condition.
+    async fn grow_claim(
+        &self,
+        claim: PersistentVolumeClaim,
+    ) -> Result<(PersistentVolumeClaim, Option<(&'static str, String)>), Error> {
+        let size = |q: Option<&k8s_openapi::apimachinery::pkg::api::resource::Quantity>| {
+            q.map(|q| q.0.clone()).unwrap_or_default()
+        };
+        let requested = size(
+            claim
+                .spec
+                .as_ref()
+                .and_then(|s| s.resources.as_ref())
+                .and_then(|r| r.requests.as_ref())
+                .and_then(|r| r.get("storage")),
+        );
+        let capacity = size(
+            claim
+                .status
+                .as_ref()
+                .and_then(|s| s.capacity.as_ref())
+                .and_then(|c| c.get("storage")),
+        );
+        let name = &self.r.cache.claim;
+        let want = &self.r.cache.size;
+        let (Some(want_bytes), Some(requested_bytes)) =
+            (storage_bytes(want), storage_bytes(&requested))
+        else {
+            return Ok((claim, None));
+        };
+        if want_bytes <= requested_bytes {
+            let growing = storage_bytes(&capacity).is_some_and(|c| c < requested_bytes);
+            return Ok((
+                claim,
+                growing.then(|| {
+                    (
+                        "Expanding",
+                        format!(
+                            "cache claim {name} is being expanded to {requested} (now {capacity})"
+                        ),
+                    )
+                }),
+            ));
+        }
+        let class = claim
+            .spec
+            .as_ref()
+            .and_then(|s| s.storage_class_name.clone())
+            .unwrap_or_default();
+        let classes: Api<StorageClass> = Api::all(self.ctx.client.clone());
+        let allowed = match classes.get_opt(&class).await {
+            Ok(sc) => sc.and_then(|sc| sc.allow_volume_expansion) == Some(true),
+            Err(kube::Error::Api(e)) if e.code == 403 => false,
+            Err(e) => return Err(e.into()),
+        };
+        if !allowed {
+            return Ok((
+                claim,
+                Some((
+                    "ExpansionNotAllowed",
+                    format!(
+                        "spec.cache.size is {want}, but StorageClass {class:?} of cache claim {name} does not allow volume expansion (allowVolumeExpansion is not true): the claim stays at {requested}; the cache is usable as it is"
+                    ),
+                )),
+            ));
+        }
+        let patch = json!({"spec": {"resources": {"requests": {"storage": want}}}});
+        let grown = self
+            .apply
+            .merge_patch::<PersistentVolumeClaim>(name, &patch)
+            .await?;
+        if grown.is_some() {
+            self.event(
+                EventType::Normal,
+                "CacheClaimExpanding",
+                &format!("growing cache claim {name} from {requested} to {want}"),
+            )
+            .await;
+        }
+        Ok((
+            grown.unwrap_or(claim),
+            Some((
+                "Expanding",
+                format!("cache claim {name} is growing from {requested} to {want}"),
+            )),
+        ))
     }
 
-    /// Drive one Job-backed step (fetch or build) and say where it stands.
+    /// Records facts about the cache on its claim, in one patch.
+    async fn annotate_claim(
+        &self,
+        claim: &PersistentVolumeClaim,
+        annotations: &[(&str, &str)],
+    ) -> Result<PersistentVolumeClaim, Error> {
+        let annotations: serde_json::Map<String, serde_json::Value> = annotations
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), json!(v)))
+            .collect();
+        let patch = json!({"metadata": {"annotations": annotations}});
+        let patched = self
+            .apply
+            .merge_patch::<PersistentVolumeClaim>(&self.r.cache.claim, &patch)
+            .await?;
+        Ok(patched.unwrap_or_else(|| claim.clone()))
+    }
+
+    /// Drive one Job-backed step (fetch or build) on `claim` and say where it stands.
     async fn job_step(
         &self,
         name: &str,
         what: &str,
         pending: &str,
+        claim: &PersistentVolumeClaim,
         desired: impl FnOnce() -> Job,
     ) -> Result<(StepState, bool), Error> {
         let api: Api<Job> = Api::namespaced(self.ctx.client.clone(), &self.r.namespace);
         let live = lookup(&self.ctx.children.jobs, &api, &self.r.namespace, name).await?;
         let Some(job) = live else {
-            if self.write {
-                apply_if_changed(&api, &desired(), None).await?;
+            let (_, written) = self.apply.apply(desired(), None).await?;
+            if written {
                 self.event(
                     EventType::Normal,
                     &format!("{what}Started"),
@@ -322,7 +421,31 @@ impl Run<'_> {
                 false,
             ));
         };
-        match outcome(&job, what) {
+        let claim_uid = claim.uid().unwrap_or_default();
+        let for_claim = job.annotations().get(labels::CLAIM_UID);
+        if job.metadata.deletion_timestamp.is_some()
+            || for_claim.is_some_and(|uid| *uid != claim_uid)
+        {
+            // A Job of an earlier claim of this name: it says nothing about this one.
+            if job.metadata.deletion_timestamp.is_none() {
+                self.apply.delete::<Job>(name).await?;
+            }
+            return Ok((
+                StepState::Pending(
+                    "Waiting".into(),
+                    format!("Job {name} of an earlier cache claim is being deleted"),
+                ),
+                false,
+            ));
+        }
+        let outcome = outcome(&job, what);
+        if matches!(outcome, JobOutcome::Running { .. })
+            && !same_owners(job.metadata.owner_references.as_ref(), &self.job_owners)
+        {
+            let patch = json!({"metadata": {"ownerReferences": self.job_owners}});
+            self.apply.merge_patch::<Job>(name, &patch).await?;
+        }
+        match outcome {
             JobOutcome::Succeeded => Ok((StepState::Done("", String::new()), true)),
             JobOutcome::Running { active, failed } => {
                 let msg = if failed > 0 {
@@ -335,8 +458,7 @@ impl Run<'_> {
                 Ok((StepState::Pending(pending.to_owned(), msg), false))
             }
             JobOutcome::Failed { reason, message } => {
-                if self.write && self.retry_requested() {
-                    api.delete(name, &DeleteParams::background()).await?;
+                if self.retry_requested() && self.apply.delete::<Job>(name).await? {
                     self.event(
                         EventType::Normal,
                         &format!("{what}Retried"),
@@ -353,22 +475,53 @@ impl Run<'_> {
         }
     }
 
-    async fn cache_step(&self, claim: Option<&PersistentVolumeClaim>) -> Result<StepState, Error> {
+    /// The cache step, and the claim as it is after it.
+    async fn cache_step(
+        &self,
+        claim: Option<PersistentVolumeClaim>,
+    ) -> Result<(StepState, Option<PersistentVolumeClaim>), Error> {
         let Some(claim) = claim else {
-            return Ok(if self.r.cache.managed {
+            return Ok((
+                if self.r.cache.managed {
+                    StepState::Pending(
+                        "ClaimPending".into(),
+                        format!("cache claim {} is being created", self.r.cache.claim),
+                    )
+                } else {
+                    StepState::Failed(
+                        "ClaimNotFound".into(),
+                        format!(
+                            "spec.cache.existingClaim {} does not exist in this namespace; create it or unset the field",
+                            self.r.cache.claim
+                        ),
+                    )
+                },
+                None,
+            ));
+        };
+        if claim.metadata.deletion_timestamp.is_some() {
+            let name = &self.r.cache.claim;
+            return Ok((
                 StepState::Pending(
-                    "ClaimPending".into(),
-                    format!("cache claim {} is being created", self.r.cache.claim),
-                )
-            } else {
-                StepState::Failed(
-                    "ClaimNotFound".into(),
+                    "ClaimTerminating".into(),
                     format!(
-                        "spec.cache.existingClaim {} does not exist in this namespace; create it or unset the field",
-                        self.r.cache.claim
+                        "cache claim {name} is being deleted (its last user went away); a new one is created once it is gone (kubectl describe pvc {name} shows what holds it)"
                     ),
-                )
-            });
+                ),
+                Some(claim),
+            ));
+        }
+        let (claim, growth) = if self.r.cache.managed {
+            self.grow_claim(claim).await?
+        } else {
+            (claim, None)
+        };
+        let done = |growth: Option<(&'static str, String)>| match growth {
+            Some((reason, message)) => StepState::Done(reason, message),
+            None => StepState::Done(
+                "Cached",
+                format!("model cached in claim {}", self.r.cache.claim),
+            ),
         };
         if claim
             .annotations()
@@ -376,42 +529,50 @@ impl Run<'_> {
             .map(String::as_str)
             == Some("true")
         {
-            return Ok(StepState::Done("Cached", String::new()));
+            return Ok((done(growth), Some(claim)));
         }
-        let owner = match (self.r.cache.managed, claim_owner(claim)) {
-            (true, Some(o)) => o,
-            _ => self.owner.clone(),
-        };
         let name = labels::fetch_job(&self.r.cache_key);
+        let claim_uid = claim.uid().unwrap_or_default();
         let (state, succeeded) = self
-            .job_step(&name, "Fetch", "Fetching", || {
-                build::fetch_job(self.r, &self.ctx.config, &owner)
+            .job_step(&name, "Fetch", "Fetching", &claim, || {
+                build::fetch_job(self.r, &self.ctx.config, &self.job_owners, &claim_uid)
             })
             .await?;
         if succeeded {
-            if self.write {
-                self.annotate_claim(labels::CACHE_COMPLETE, "true").await?;
-                self.event(
-                    EventType::Normal,
-                    "Cached",
-                    &format!("model cached in claim {}", self.r.cache.claim),
-                )
-                .await;
+            // With an engine to build, the fetch Job's success is recorded on the claim in
+            // the same patch as the engine's (one write fewer); until then the Job says it.
+            if self.r.engine_key.is_some() {
+                return Ok((done(growth), Some(claim)));
             }
-            return Ok(StepState::Done("Cached", String::new()));
+            let claim = self
+                .annotate_claim(&claim, &[(labels::CACHE_COMPLETE, "true")])
+                .await?;
+            return Ok((done(growth), Some(claim)));
         }
+        // A claim is Pending for a moment after it is created; only one that stays so is
+        // worth a status of its own.
+        let pending_for = claim
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| k8s_openapi::jiff::Timestamp::now().duration_since(t.0))
+            .unwrap_or_default();
         if matches!(state, StepState::Pending(..))
             && claim.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Pending")
+            && pending_for > k8s_openapi::jiff::SignedDuration::from_secs(30)
         {
-            return Ok(StepState::Pending(
-                "ClaimPending".into(),
-                format!(
-                    "cache claim {} is not bound yet; check its StorageClass (kubectl describe pvc {})",
-                    self.r.cache.claim, self.r.cache.claim
+            return Ok((
+                StepState::Pending(
+                    "ClaimPending".into(),
+                    format!(
+                        "cache claim {} is not bound yet; check its StorageClass (kubectl describe pvc {})",
+                        self.r.cache.claim, self.r.cache.claim
+                    ),
                 ),
+                Some(claim),
             ));
         }
-        Ok(state)
+        Ok((state, Some(claim)))
     }
 
     async fn engine_step(
@@ -437,146 +598,200 @@ impl Run<'_> {
             ));
         };
         let annotation = labels::engine_ready_annotation(key);
-        if claim.annotations().get(&annotation).map(String::as_str) == Some("ready") {
-            return Ok(StepState::Done("Built", String::new()));
-        }
-        let owner = match (self.r.cache.managed, claim_owner(claim)) {
-            (true, Some(o)) => o,
-            _ => self.owner.clone(),
+        let built = || {
+            StepState::Done(
+                "Built",
+                format!("{} engine {key} built", self.r.precision.as_str()),
+            )
         };
+        // The cache is complete: recorded on the claim already, or to be recorded now.
+        let record_cache = (!claim.annotations().contains_key(labels::CACHE_COMPLETE))
+            .then_some((labels::CACHE_COMPLETE, "true"));
+        if claim.annotations().get(&annotation).map(String::as_str) == Some("ready") {
+            if let Some(cache) = record_cache {
+                self.annotate_claim(claim, &[cache]).await?;
+            }
+            return Ok(built());
+        }
         let name = labels::build_job(key);
+        let claim_uid = claim.uid().unwrap_or_default();
         let (state, succeeded) = self
-            .job_step(&name, "Build", "Building", || {
-                build::build_job(self.r, &self.ctx.config, &owner, key)
+            .job_step(&name, "Build", "Building", claim, || {
+                build::build_job(self.r, &self.ctx.config, &self.job_owners, &claim_uid, key)
             })
             .await?;
         if succeeded {
-            if self.write {
-                self.annotate_claim(&annotation, "ready").await?;
-                self.event(
-                    EventType::Normal,
-                    "EngineBuilt",
-                    &format!("{} engine {key} built", self.r.precision.as_str()),
-                )
-                .await;
-            }
-            return Ok(StepState::Done("Built", String::new()));
+            let mut record = vec![(annotation.as_str(), "ready")];
+            record.extend(record_cache);
+            self.annotate_claim(claim, &record).await?;
+            return Ok(built());
         }
         Ok(state)
     }
 
-    async fn serving(&self, ready_for_desired: bool) -> Result<Option<Rollout>, Error> {
-        let client = self.ctx.client.clone();
+    /// The add-ons the spec asks for, applied; those that cannot be are skipped and said so.
+    async fn addons(&self) -> Result<Addons, Error> {
         let ns = &self.r.namespace;
-        let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-        let live = lookup(
-            &self.ctx.children.deployments,
-            &deployments,
-            ns,
-            &self.r.name,
-        )
-        .await?;
+        let name = self.r.name.as_str();
+        let children = &self.ctx.children;
+        let uid = self.owner.uid.as_str();
+        let mut addons = Addons::default();
+        let policy = build::network_policy(self.r, &self.owner);
+        if let Some(desired) = policy.clone() {
+            let live = cached(&children.network_policies.store, ns, name);
+            if self.apply.apply(desired, live).await?.0.is_some() {
+                addons.applied.push("NetworkPolicy");
+            }
+        }
+        let wanted: &[&str] = if policy.is_some() { &[name] } else { &[] };
+        let c = &children.network_policies;
+        self.apply.sweep(&c.store, &c.by_owner, uid, wanted).await?;
+
+        let monitor = build::service_monitor(self.r, &self.owner);
+        let not_installed = || {
+            "ServiceMonitor skipped: the Prometheus Operator's ServiceMonitor CRD \
+             (servicemonitors.monitoring.coreos.com) is not installed; the operator creates it \
+             once the CRD is there"
+                .to_owned()
+        };
+        if !children.service_monitor_crd.load(Ordering::Relaxed) {
+            if monitor.is_some() {
+                addons.skipped.push(not_installed());
+            }
+            return Ok(addons);
+        }
+        if let Some(desired) = monitor.clone() {
+            let live = cached(&children.service_monitors.store, ns, name);
+            let applied = self.apply.apply(desired, live).await;
+            match applied {
+                Ok((Some(_), _)) => addons.applied.push("ServiceMonitor"),
+                Ok((None, _)) => {}
+                // The CRD went away since it was seen.
+                Err(kube::Error::Api(e)) if e.code == 404 => {
+                    addons.skipped.push(not_installed());
+                    return Ok(addons);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let wanted: &[&str] = if monitor.is_some() { &[name] } else { &[] };
+        let c = &children.service_monitors;
+        self.apply.sweep(&c.store, &c.by_owner, uid, wanted).await?;
+        Ok(addons)
+    }
+
+    async fn serving(&self, ready_for_desired: bool) -> Result<Option<Rollout>, Error> {
+        let ns = &self.r.namespace;
+        let name = self.r.name.as_str();
+        let children = &self.ctx.children;
+        let uid = self.owner.uid.as_str();
+        let live = cached(&children.deployments.store, ns, name);
         let desired_target = ServingTarget::desired(self.r);
         let target = if ready_for_desired {
             Some(desired_target.clone())
         } else {
             live.as_ref().and_then(ServingTarget::of)
         };
-        let deployment = match (&target, self.write) {
-            (Some(t), true) => {
+        let deployment = match &target {
+            Some(t) => {
                 let desired = build::deployment(self.r, &self.ctx.config, &self.owner, t);
                 let had = live.is_some();
-                let (now, changed) = apply_if_changed(&deployments, &desired, live).await?;
-                if changed && had && ServingTarget::of(&now).as_ref() == Some(&desired_target) {
-                    debug!("serving Deployment updated");
-                }
-                if !had {
+                let (now, written) = self.apply.apply(desired, live).await?;
+                if written && !had {
                     self.event(
                         EventType::Normal,
                         "DeploymentCreated",
-                        &format!("created serving Deployment {}", self.r.name),
+                        &format!("created serving Deployment {name}"),
                     )
                     .await;
+                } else if written {
+                    debug!("serving Deployment updated");
                 }
-                Some(now)
+                now
             }
-            _ => live,
+            None => live,
         };
 
-        if self.write {
-            let services: Api<Service> = Api::namespaced(client.clone(), ns);
-            let live = lookup(&self.ctx.children.services, &services, ns, &self.r.name).await?;
-            apply_if_changed(&services, &build::service(self.r, &self.owner), live).await?;
-            let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client, ns);
-            let live = lookup(&self.ctx.children.pdbs, &pdbs, ns, &self.r.name).await?;
-            match build::pdb(self.r, &self.owner) {
-                Some(desired) => {
-                    apply_if_changed(&pdbs, &desired, live).await?;
-                }
-                None if live.is_some() => {
-                    pdbs.delete(&self.r.name, &DeleteParams::background())
-                        .await?;
-                }
-                None => {}
-            }
+        let live = cached(&children.services.store, ns, name);
+        self.apply
+            .apply(build::service(self.r, &self.owner), live)
+            .await?;
+        let pdb = build::pdb(self.r, &self.owner);
+        if let Some(desired) = pdb.clone() {
+            let live = cached(&children.pdbs.store, ns, name);
+            self.apply.apply(desired, live).await?;
         }
 
-        let selector = labels::server_selector(&self.r.name);
-        let pods: Vec<Arc<Pod>> = self
-            .ctx
-            .children
-            .pods
-            .state()
-            .into_iter()
-            .filter(|p| {
-                p.metadata.namespace.as_deref() == Some(ns.as_str())
-                    && selector.iter().all(|(k, v)| p.labels().get(k) == Some(v))
-            })
+        // One sweep, by the operator's label and this object's UID, of each child kind the
+        // spec can stop wanting: whatever it does not want now goes. (The serving Deployment
+        // is always wanted, under the object's name.)
+        let mut swept = Vec::new();
+        let c = &children.services;
+        swept.extend(
+            self.apply
+                .sweep(&c.store, &c.by_owner, uid, &[name])
+                .await?,
+        );
+        let wanted: &[&str] = if pdb.is_some() { &[name] } else { &[] };
+        let c = &children.pdbs;
+        swept.extend(self.apply.sweep(&c.store, &c.by_owner, uid, wanted).await?);
+        if !swept.is_empty() {
+            info!(?swept, "deleted children the spec no longer wants");
+        }
+
+        let pods: Vec<Arc<Pod>> = children
+            .pods_by_instance
+            .get(&namespaced(ns, name))
+            .iter()
+            .filter_map(|p| children.pods.get(p))
             .collect();
-        let failure = server_failure(pods.iter().map(AsRef::as_ref));
-        Ok(deployment.map(|d| {
-            let status = d.status.clone().unwrap_or_default();
-            Rollout {
-                server_failure: failure,
-                runs_desired_target: ServingTarget::of(&d).as_ref() == Some(&desired_target),
-                observed: status.observed_generation.unwrap_or(0)
-                    >= d.metadata.generation.unwrap_or(0),
-                replicas: status.replicas.unwrap_or(0),
-                ready: status.ready_replicas.unwrap_or(0),
-                updated: status.updated_replicas.unwrap_or(0),
-                available: status.available_replicas.unwrap_or(0),
-                progress_deadline_exceeded: status.conditions.unwrap_or_default().iter().any(|c| {
-                    c.type_ == "Progressing"
-                        && c.status == "False"
-                        && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
-                }),
-            }
-        }))
+        Ok(deployment.map(|d| Rollout::of(&d, &desired_target, pods.iter().map(AsRef::as_ref))))
     }
 
+    /// Notes an action for this reconcile's event.
     async fn event(&self, type_: EventType, reason: &str, note: &str) {
-        publish(self.ctx, self.obj, type_, reason, note).await;
+        if let Ok(mut actions) = self.actions.lock() {
+            actions.push(Note {
+                warning: type_ == EventType::Warning,
+                reason: reason.to_owned(),
+                text: note.to_owned(),
+            });
+        }
+    }
+
+    fn take_actions(&self) -> Vec<Note> {
+        self.actions
+            .lock()
+            .map(|mut a| std::mem::take(&mut *a))
+            .unwrap_or_default()
     }
 }
 
-async fn publish(ctx: &Context, obj: &SD35Deployment, type_: EventType, reason: &str, note: &str) {
+async fn publish(ctx: &Context, obj: &SD35Deployment, note: Note) {
     let event = Event {
-        type_,
-        reason: reason.to_owned(),
-        note: Some(note.to_owned()),
+        type_: if note.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: note.reason.clone(),
+        note: Some(note.text),
         action: "Reconcile".to_owned(),
         secondary: None,
     };
+    let reason = note.reason;
     if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
-        warn!(error = %e, reason, "could not publish event");
+        warn!(error = %e, %reason, "could not publish event");
     }
 }
 
-/// Write the status if it changed, and report each condition transition as an event.
+/// Write the status if it changed, and publish this reconcile's one event: its actions and
+/// the condition transitions worth telling.
 async fn write_status(
     ctx: &Context,
     obj: &SD35Deployment,
     status: SD35DeploymentStatus,
+    actions: Vec<Note>,
 ) -> Result<(), Error> {
     let ns = obj
         .namespace()
@@ -594,45 +809,22 @@ async fn write_status(
             })
             .as_deref(),
     );
-    if previous == Some(&status) {
-        return Ok(());
-    }
-    for c in transitions(previous, &status) {
-        let warning = (c.type_ == condition::STALLED && c.status == "True")
-            || (c.type_ != condition::STALLED
-                && c.type_ != condition::RECONCILING
-                && c.status == "False"
-                && previous.is_some());
-        if c.type_ == condition::RECONCILING {
-            continue;
-        }
-        let note = if c.message.is_empty() {
-            format!("{} is {}", c.type_, c.status)
-        } else {
-            format!("{} is {}: {}", c.type_, c.status, c.message)
-        };
-        publish(
-            ctx,
-            obj,
-            if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            &c.reason,
-            &note,
+    let event = crate::status::event(&actions, previous, &status);
+    if previous != Some(&status) {
+        let api: Api<SD35Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch =
+            json!({"apiVersion": "sd35.io/v1alpha1", "kind": "SD35Deployment", "status": status});
+        api.patch_status(
+            &obj.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
         )
-        .await;
+        .await?;
     }
-    let api: Api<SD35Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let patch =
-        json!({"apiVersion": "sd35.io/v1alpha1", "kind": "SD35Deployment", "status": status});
-    api.patch_status(
-        &obj.name_any(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
+    // After the status: what a watcher of the object waits for is not held up by the event.
+    if let Some(note) = event {
+        publish(ctx, obj, note).await;
+    }
     Ok(())
 }
 
@@ -655,6 +847,7 @@ pub async fn reconcile(obj: Arc<SD35Deployment>, ctx: Arc<Context>) -> Result<Ac
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let selector = labels::selector_string(&name);
 
+    ctx.metrics.spec_resolved();
     let r = match resolve(&obj, &ctx.config) {
         Ok(r) => r,
         Err(invalid) => {
@@ -666,44 +859,49 @@ pub async fn reconcile(obj: Arc<SD35Deployment>, ctx: Arc<Context>) -> Result<Ac
                 cache: StepState::Pending("InvalidSpec".into(), invalid.0.clone()),
                 engine: StepState::Pending("InvalidSpec".into(), invalid.0),
                 rollout: None,
+                addons: Addons::default(),
                 cache_claim: String::new(),
                 cache_key: String::new(),
                 engine_key: None,
                 selector,
                 endpoint: None,
             };
-            write_status(&ctx, &obj, compute(&observed, obj.status.as_ref(), now)).await?;
+            let status = compute(&observed, obj.status.as_ref(), now);
+            write_status(&ctx, &obj, status, Vec::new()).await?;
             return Ok(Action::await_change());
         }
     };
     let owner = obj
         .controller_owner_ref(&())
         .ok_or(Error::MissingField("metadata.uid"))?;
+    let users = cache_users(&ctx, &obj, &r);
+    let job_owners: Vec<OwnerReference> = users.iter().filter_map(|u| shared_owner(u)).collect();
+    let claim_owners = if users.iter().any(|u| u.spec.cache.retain) {
+        Vec::new()
+    } else {
+        job_owners.clone()
+    };
+    let strategy = if obj.spec.paused {
+        Strategy::Observe
+    } else {
+        Strategy::Apply
+    };
     let run = Run {
         ctx: &ctx,
-        obj: &obj,
         r: &r,
         owner,
-        write: !obj.spec.paused,
+        apply: Applier::new(ctx.client.clone(), &ns, strategy),
         previous: obj.status.as_ref(),
+        claim_owners,
+        job_owners,
+        actions: std::sync::Mutex::new(Vec::new()),
     };
 
     let claim = run.ensure_claim().await?;
-    let cache = run.cache_step(claim.as_ref()).await?;
-    // Re-read the claim if this run just marked the cache complete.
-    let claim = if cache.is_done()
-        && claim
-            .as_ref()
-            .is_some_and(|c| !c.annotations().contains_key(labels::CACHE_COMPLETE))
-    {
-        Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &ns)
-            .get_opt(&r.cache.claim)
-            .await?
-    } else {
-        claim
-    };
+    let (cache, claim) = run.cache_step(claim).await?;
     let engine = run.engine_step(claim.as_ref(), &cache).await?;
     let rollout = run.serving(cache.is_done() && engine.is_done()).await?;
+    let addons = run.addons().await?;
 
     let observed = Observed {
         generation,
@@ -713,6 +911,7 @@ pub async fn reconcile(obj: Arc<SD35Deployment>, ctx: Arc<Context>) -> Result<Ac
         cache,
         engine,
         rollout,
+        addons,
         cache_claim: r.cache.claim.clone(),
         cache_key: r.cache_key.clone(),
         engine_key: r.engine_key.clone(),
@@ -724,7 +923,7 @@ pub async fn reconcile(obj: Arc<SD35Deployment>, ctx: Arc<Context>) -> Result<Ac
     if obj.status.as_ref().and_then(|s| s.phase) != status.phase {
         info!(phase = ?status.phase, "phase changed");
     }
-    write_status(&ctx, &obj, status).await?;
+    write_status(&ctx, &obj, status, run.take_actions()).await?;
     Ok(if ready || obj.spec.paused {
         Action::requeue(Duration::from_secs(600))
     } else {
@@ -737,53 +936,4 @@ pub fn error_policy(obj: Arc<SD35Deployment>, error: &Error, ctx: Arc<Context>) 
     warn!(name = %obj.name_any(), namespace = ?obj.namespace(), %error, "reconcile failed");
     ctx.metrics.reconcile_failed(error.kind());
     Action::requeue(Duration::from_secs(10))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pod(name: &str, state: serde_json::Value, last: serde_json::Value) -> Pod {
-        serde_json::from_value(json!({
-            "metadata": {"name": name},
-            "status": {"containerStatuses": [{
-                "name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 3,
-                "state": state, "lastState": last,
-            }]},
-        }))
-        .unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    #[test]
-    fn a_documented_exit_code_of_a_server_becomes_the_reason_with_its_message() {
-        let crashing = pod(
-            "tiny-1",
-            json!({"waiting": {"reason": "CrashLoopBackOff"}}),
-            json!({"terminated": {"exitCode": 17, "message": "GPUUnavailable: --device cuda: no usable GPU: no CUDA driver\n"}}),
-        );
-        let (reason, message) = server_failure([&crashing]).unwrap_or_default();
-        assert_eq!(reason, "GPUUnavailable");
-        assert!(
-            message.contains("pod tiny-1 exited with code 17")
-                && message.contains("no CUDA driver")
-                && message.contains("device plugin"),
-            "{message}"
-        );
-        // Running again: what ended it before is history. Unknown codes are not ours to name.
-        let recovered = pod(
-            "tiny-2",
-            json!({"running": {}}),
-            json!({"terminated": {"exitCode": 17}}),
-        );
-        let oom = pod(
-            "tiny-3",
-            json!({"terminated": {"exitCode": 137, "reason": "OOMKilled"}}),
-            json!({}),
-        );
-        assert_eq!(server_failure([&recovered, &oom]), None);
-        let mismatch = pod("tiny-4", json!({"terminated": {"exitCode": 18}}), json!({}));
-        let (reason, message) = server_failure([&recovered, &mismatch]).unwrap_or_default();
-        assert_eq!(reason, "EngineMismatch");
-        assert!(message.contains("(no termination message)"), "{message}");
-    }
 }

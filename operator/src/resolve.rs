@@ -349,3 +349,48 @@ mod tests {
         );
     }
 }
+
+/// Bytes of a storage quantity (`100Gi`, `50G`, `1.5Ti`, `1e9`), for comparing claim sizes;
+/// None for what is not a plain storage quantity.
+pub fn storage_bytes(quantity: &str) -> Option<f64> {
+    let q = quantity.trim();
+    let split = q
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+'))
+        .unwrap_or(q.len());
+    let (number, suffix) = q.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let scale = match suffix {
+        "" => 1.0,
+        "Ki" => 1024f64,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        exp if exp.starts_with(['e', 'E']) => 10f64.powi(exp[1..].parse().ok()?),
+        _ => return None,
+    };
+    Some(number * scale)
+}
+
+#[cfg(test)]
+mod quantity_tests {
+    use super::storage_bytes;
+
+    #[test]
+    fn storage_quantities_compare_by_bytes() {
+        assert_eq!(storage_bytes("1Gi"), Some(1024f64.powi(3)));
+        assert_eq!(storage_bytes("1.5Ki"), Some(1536.0));
+        assert_eq!(storage_bytes("2G"), Some(2e9));
+        assert_eq!(storage_bytes("1e3"), Some(1000.0));
+        assert!(storage_bytes("100Gi") > storage_bytes("100G"));
+        assert_eq!(storage_bytes("lots"), None);
+        assert_eq!(storage_bytes("5Xi"), None);
+    }
+}

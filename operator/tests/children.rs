@@ -46,16 +46,21 @@ fn resolved(obj: &SD35Deployment) -> (Resolved, OwnerReference) {
     (r, obj.controller_owner_ref(&()).unwrap())
 }
 
-fn claim_owner() -> OwnerReference {
-    OwnerReference {
-        api_version: "v1".into(),
-        kind: "PersistentVolumeClaim".into(),
-        name: "sd35-cache-x".into(),
-        uid: "uid-claim".into(),
-        controller: Some(false),
-        block_owner_deletion: Some(false),
-    }
+/// The users of a shared cache, as the reconciler passes them to the Jobs.
+fn users() -> Vec<OwnerReference> {
+    ["a", "b"]
+        .map(|name| OwnerReference {
+            api_version: "sd35.io/v1alpha1".into(),
+            kind: "SD35Deployment".into(),
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            controller: Some(false),
+            block_owner_deletion: Some(false),
+        })
+        .to_vec()
 }
+
+const CLAIM_UID: &str = "uid-claim";
 
 fn pod_of_job(job: &k8s_openapi::api::batch::v1::Job) -> PodSpec {
     job.spec.as_ref().unwrap().template.spec.clone().unwrap()
@@ -102,9 +107,9 @@ fn large_fp8_with_surge_on_h100_nodes() {
     let config = OperatorConfig::default();
     let target = ServingTarget::desired(&r);
     let deployment = build::deployment(&r, &config, &owner, &target);
-    let fetch = build::fetch_job(&r, &config, &claim_owner());
+    let fetch = build::fetch_job(&r, &config, &users(), CLAIM_UID);
     let engine_key = r.engine_key.clone().unwrap();
-    let build_job = build::build_job(&r, &config, &claim_owner(), &engine_key);
+    let build_job = build::build_job(&r, &config, &users(), CLAIM_UID, &engine_key);
 
     // The contract: every command line the operator builds is one the server parses, and
     // points at the same cache paths.
@@ -246,7 +251,7 @@ fn large_fp8_with_surge_on_h100_nodes() {
 fn pvc_source_mounts_the_claim_read_only_and_imports_from_it() {
     let obj = example("large-bf16-pvc.yaml");
     let (r, _) = resolved(&obj);
-    let fetch = build::fetch_job(&r, &OperatorConfig::default(), &claim_owner());
+    let fetch = build::fetch_job(&r, &OperatorConfig::default(), &users(), CLAIM_UID);
     let pod = pod_of_job(&fetch);
     let import = pod
         .volumes

@@ -43,6 +43,10 @@ pub struct ClusterOptions {
     pub provisioner: Option<PathBuf>,
     /// Whether the processes die with this process or keep running on their own.
     pub lifetime: Lifetime,
+    /// Raise the client rate limits of kube-controller-manager and kube-scheduler, the
+    /// controllers' sync concurrency and kwok's parallelism, so that a benchmark of a
+    /// controller measures the controller rather than the control plane's defaults.
+    pub high_throughput: bool,
 }
 
 impl Default for ClusterOptions {
@@ -52,6 +56,7 @@ impl Default for ClusterOptions {
             state_dir: None,
             provisioner: None,
             lifetime: Lifetime::Attached,
+            high_throughput: false,
         }
     }
 }
@@ -98,12 +103,19 @@ impl Cluster {
             kubeconfig::write(&layout, &server_url, identity, &path)?;
         }
         std::fs::write(layout.audit_policy(), AUDIT_POLICY)?;
+        if options.high_throughput {
+            std::fs::write(
+                components::kwok_config_path(&layout),
+                components::KWOK_HIGH_THROUGHPUT,
+            )?;
+        }
 
         let inputs = Inputs {
             layout: &layout,
             ports: &ports,
             binaries: &binaries,
             provisioner: &provisioner,
+            high_throughput: options.high_throughput,
         };
         for spec in components::api(inputs) {
             supervisor.launch(&spec)?;

@@ -53,7 +53,29 @@ pub(crate) struct Inputs<'a> {
     pub(crate) binaries: &'a Binaries,
     /// The executable that has the `provision` subcommand.
     pub(crate) provisioner: &'a Path,
+    /// Raise client limits and sync concurrency (see `ClusterOptions::high_throughput`).
+    pub(crate) high_throughput: bool,
 }
+
+/// kwok's configuration with raised parallelism (its client has no rate limit of its own).
+pub(crate) const KWOK_HIGH_THROUGHPUT: &str = "\
+apiVersion: config.kwok.x-k8s.io/v1alpha1
+kind: KwokConfiguration
+options:
+  podPlayStageParallelism: 32
+  nodePlayStageParallelism: 8
+  podsOnNodeSyncParallelism: 8
+";
+
+/// Where kwok's configuration is written when throughput is raised.
+pub(crate) fn kwok_config_path(layout: &Layout) -> std::path::PathBuf {
+    layout.root().join("kwok-config.yaml")
+}
+
+/// Client limits and sync concurrency of a control plane that is not a benchmark's ceiling.
+const HIGH_QPS: &str = "2000";
+const HIGH_BURST: &str = "4000";
+const HIGH_CONCURRENCY: &str = "50";
 
 /// The storage and the API server, started first.
 pub(crate) fn api(inputs: Inputs<'_>) -> Vec<ProcessSpec> {
@@ -192,6 +214,19 @@ fn kube_controller_manager(inputs: Inputs<'_>) -> ProcessSpec {
         flag("cluster-signing-key-file", layout.key(pki::CA)),
         flag("service-cluster-ip-range", SERVICE_CLUSTER_IP_RANGE),
     ]);
+    if inputs.high_throughput {
+        args.extend([
+            flag("kube-api-qps", HIGH_QPS),
+            flag("kube-api-burst", HIGH_BURST),
+            flag("concurrent-deployment-syncs", HIGH_CONCURRENCY),
+            flag("concurrent-replicaset-syncs", HIGH_CONCURRENCY),
+            flag("concurrent-job-syncs", HIGH_CONCURRENCY),
+            flag("concurrent-gc-syncs", HIGH_CONCURRENCY),
+            flag("concurrent-service-endpoint-syncs", HIGH_CONCURRENCY),
+            flag("concurrent-endpoint-syncs", HIGH_CONCURRENCY),
+            flag("concurrent-ttl-after-finished-syncs", HIGH_CONCURRENCY),
+        ]);
+    }
     spec("kube-controller-manager", inputs, args)
 }
 
@@ -202,6 +237,12 @@ fn kube_scheduler(inputs: Inputs<'_>) -> ProcessSpec {
         flag("secure-port", inputs.ports.scheduler.to_string()),
         flag("leader-elect", "false"),
     ]);
+    if inputs.high_throughput {
+        args.extend([
+            flag("kube-api-qps", HIGH_QPS),
+            flag("kube-api-burst", HIGH_BURST),
+        ]);
+    }
     spec("kube-scheduler", inputs, args)
 }
 
@@ -223,6 +264,10 @@ fn kwok(inputs: Inputs<'_>) -> ProcessSpec {
             flag("node-lease-duration-seconds", "40"),
         ],
     );
+    if inputs.high_throughput {
+        spec.args
+            .push(flag("config", kwok_config_path(inputs.layout)));
+    }
     // kwok also reads ~/.kwok/kwok.yaml when it exists; its work dir keeps it hermetic, so
     // only the built-in stages apply.
     spec.envs
@@ -252,6 +297,10 @@ mod tests {
     use super::*;
 
     fn all_specs() -> Vec<ProcessSpec> {
+        specs(false)
+    }
+
+    fn specs(high_throughput: bool) -> Vec<ProcessSpec> {
         let layout = Layout::new(PathBuf::from("/state"));
         let ports = Ports {
             etcd_client: 1001,
@@ -267,6 +316,7 @@ mod tests {
             ports: &ports,
             binaries: &binaries,
             provisioner: Path::new("/bin-dir/sd35-localcluster"),
+            high_throughput,
         };
         let mut specs = api(inputs);
         specs.extend(clients(inputs));
@@ -325,5 +375,33 @@ mod tests {
             .unwrap();
         assert!(controllers.starts_with("--controllers=*,"));
         assert!(controllers.contains("-cloud-node-lifecycle-controller"));
+    }
+
+    #[test]
+    fn high_throughput_raises_client_limits_and_concurrency_only_when_asked() {
+        let raised = |specs: &[ProcessSpec], name: &str| {
+            let spec = specs.iter().find(|s| s.name == name).unwrap();
+            args(spec)
+        };
+        let normal = specs(false);
+        let fast = specs(true);
+        for name in ["kube-controller-manager", "kube-scheduler"] {
+            assert!(
+                !raised(&normal, name)
+                    .iter()
+                    .any(|a| a.starts_with("--kube-api-qps"))
+            );
+            assert!(raised(&fast, name).contains(&format!("--kube-api-qps={HIGH_QPS}")));
+        }
+        assert!(
+            raised(&fast, "kube-controller-manager")
+                .contains(&"--concurrent-job-syncs=50".to_owned())
+        );
+        assert!(raised(&fast, "kwok").contains(&"--config=/state/kwok-config.yaml".to_owned()));
+        assert!(
+            !raised(&normal, "kwok")
+                .iter()
+                .any(|a| a.starts_with("--config"))
+        );
     }
 }

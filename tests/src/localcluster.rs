@@ -48,6 +48,7 @@ pub fn start(state_dir: &Path, gpu_nodes: usize) -> Result<()> {
         state_dir: Some(state_dir.to_path_buf()),
         provisioner: None,
         lifetime: Lifetime::Detached,
+        ..ClusterOptions::default()
     })?;
     let kubeconfig = cluster.kubeconfig_path();
     let server = cluster.server_url().to_owned();

@@ -50,10 +50,24 @@ const OPERATOR_RULES: &[(&str, &str, &[&str])] = &[
         "deployments",
         &["create", "get", "list", "patch", "watch"],
     ),
-    ("", "services", &["create", "get", "list", "patch", "watch"]),
+    (
+        "",
+        "services",
+        &["create", "delete", "get", "list", "patch", "watch"],
+    ),
     (
         "policy",
         "poddisruptionbudgets",
+        &["create", "delete", "get", "list", "patch", "watch"],
+    ),
+    (
+        "networking.k8s.io",
+        "networkpolicies",
+        &["create", "delete", "get", "list", "patch", "watch"],
+    ),
+    (
+        "monitoring.coreos.com",
+        "servicemonitors",
         &["create", "delete", "get", "list", "patch", "watch"],
     ),
     ("", "pods", &["list", "watch"]),
@@ -528,20 +542,27 @@ fn the_operator_gets_exactly_the_permissions_it_uses() {
         ])
     };
 
+    // Reading StorageClasses (may a cache claim grow?) is cluster-wide in every mode.
+    let storage_classes = grant("", "storage.k8s.io", "storageclasses", "", "get");
+
     // All namespaces: one ClusterRole, and nothing else.
     let default = render(&[scenario("default")], &[]);
-    assert_eq!(grants_to(&default, "sd35-system", sa), operator_grants(""));
+    let mut expected = operator_grants("");
+    expected.insert(storage_classes.clone());
+    assert_eq!(grants_to(&default, "sd35-system", sa), expected);
 
     // High availability adds the Lease, in the release namespace only, by name.
     let ha = render(&[scenario("ha")], &[]);
     let mut expected = operator_grants("");
     expected.extend(lease("sd35-system"));
+    expected.insert(storage_classes.clone());
     assert_eq!(grants_to(&ha, "sd35-system", sa), expected);
 
-    // One namespace: everything there, nothing cluster-wide.
+    // One namespace: everything there; cluster-wide, only reading StorageClasses.
     let single = render(&[scenario("single-namespace")], &["replicas=2"]);
     let mut expected = operator_grants("ml-serving");
     expected.extend(lease("sd35-system"));
+    expected.insert(storage_classes);
     assert_eq!(grants_to(&single, "sd35-system", sa), expected);
 
     // Nothing in any role of any scenario is a wildcard or touches what the operator never

@@ -156,25 +156,28 @@ async fn an_example_goes_cached_built_ready_then_scales_heals_and_deletes() {
         table.contains("VARIANT") && table.contains("large") && table.contains("Ready"),
         "{table}"
     );
+    // One event per reconcile that did something tells every step.
     let events: Api<Event> = s.ns.api();
-    let reasons: Vec<String> = events
+    let notes: Vec<String> = events
         .list(&ListParams::default())
         .await
         .unwrap()
         .items
         .into_iter()
-        .filter_map(|e| e.reason)
+        .filter_map(|e| e.message)
         .collect();
-    for r in [
-        "FetchStarted",
-        "Cached",
-        "BuildStarted",
-        "EngineBuilt",
-        "DeploymentCreated",
+    for step in [
+        "created cache claim",
+        "started Job sd35-fetch-",
+        "CacheReady is True",
+        "started Job sd35-build-",
+        "EngineReady is True",
+        "created serving Deployment sd35-large",
+        "Ready is True",
     ] {
         assert!(
-            reasons.iter().any(|x| x == r),
-            "no {r} event in {reasons:?}"
+            notes.iter().any(|n| n.contains(step)),
+            "no event tells {step:?}: {notes:?}"
         );
     }
 
@@ -982,4 +985,623 @@ async fn a_serving_pod_without_a_usable_gpu_is_reported_in_its_own_words_until_i
     let o = ready(&s, "nogpu").await;
     assert!(has_condition(&o, "Stalled", "False"), "{}", summary(&o));
     heartbeat.abort();
+}
+
+/// A counter or gauge of the operator's `/metrics`, 0 when absent.
+async fn metric(operator: &OperatorProcess, name: &str) -> f64 {
+    let text = operator.admin_get("/metrics").await.expect("read metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Waits until the object's status describes its current generation: the reconcile that
+/// wrote it has applied every child for that generation first.
+async fn observed(s: &Setup, name: &str) -> SD35Deployment {
+    wait_for(&s.api, name, "current generation observed", TIMEOUT, |o| {
+        o.status.as_ref().and_then(|st| st.observed_generation) == o.metadata.generation
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{}", s.operator.log()))
+}
+
+#[tokio::test]
+async fn removing_a_field_from_the_spec_removes_it_from_the_live_deployment_within_one_reconcile() {
+    let s = setup("removal").await;
+    let priority_class = format!("{}-high", s.ns.name());
+    let classes: Api<k8s_openapi::api::scheduling::v1::PriorityClass> =
+        Api::all(s.cluster.client());
+    let class: k8s_openapi::api::scheduling::v1::PriorityClass =
+        serde_json::from_value(json!({"metadata": {"name": priority_class}, "value": 1000}))
+            .unwrap();
+    classes
+        .create(&PostParams::default(), &class)
+        .await
+        .unwrap();
+    let full = format!(
+        "variant: medium\nscheduling:\n  nodeSelector: {{kubernetes.io/os: linux, nvidia.com/gpu.present: 'true'}}\n  \
+         tolerations: [{{key: sd35.io/e2e, operator: Exists, effect: NoSchedule}}]\n  priorityClassName: {priority_class}"
+    );
+    apply(&s, &manifest("rm", &full));
+    ready(&s, "rm").await;
+    let deployments: Api<Deployment> = s.ns.api();
+    let pod_spec = |d: Deployment| d.spec.unwrap().template.spec.unwrap();
+    let before = pod_spec(deployments.get("rm").await.unwrap());
+    assert_eq!(
+        before.node_selector.as_ref().map(|m| m.len()),
+        Some(2),
+        "{before:?}"
+    );
+    assert!(before.tolerations.is_some() && before.priority_class_name.is_some());
+
+    // One selector key, the toleration and the priority class go; the status of the new
+    // generation is written by the reconcile that applied it.
+    apply(
+        &s,
+        &manifest(
+            "rm",
+            "variant: medium\nscheduling:\n  nodeSelector: {kubernetes.io/os: linux}",
+        ),
+    );
+    observed(&s, "rm").await;
+    let after = pod_spec(deployments.get("rm").await.unwrap());
+    assert_eq!(
+        after.node_selector,
+        Some([("kubernetes.io/os".to_owned(), "linux".to_owned())].into()),
+        "a removed nodeSelector key stayed on the live Deployment"
+    );
+    assert_eq!(after.tolerations, None, "a removed toleration stayed");
+    assert_eq!(
+        after.priority_class_name, None,
+        "a removed priorityClassName stayed"
+    );
+    ready(&s, "rm").await;
+
+    // A hand edit of a field the operator owns is still undone.
+    let edit =
+        json!({"spec": {"template": {"spec": {"nodeSelector": {"kubernetes.io/os": "windows"}}}}});
+    deployments
+        .patch("rm", &PatchParams::default(), &Patch::Strategic(&edit))
+        .await
+        .unwrap();
+    poll_until("hand edit undone", TIMEOUT, || async {
+        let selector = pod_spec(deployments.get("rm").await?).node_selector;
+        Ok(
+            match selector.as_ref().and_then(|m| m.get("kubernetes.io/os")) {
+                Some(os) if os == "linux" => Probe::Ready(()),
+                other => Probe::Pending(format!("{other:?}")),
+            },
+        )
+    })
+    .await
+    .unwrap();
+    let _ = classes
+        .delete(&priority_class, &DeleteParams::default())
+        .await;
+}
+
+#[tokio::test]
+async fn a_job_event_costs_the_same_work_with_one_object_or_many() {
+    let s = setup("index").await;
+    apply(&s, &manifest("one", "variant: medium"));
+    let obj = ready(&s, "one").await;
+    // Thirty more objects of other models, paused: in the operator's caches, doing nothing.
+    for i in 0..30 {
+        apply(
+            &s,
+            &manifest(
+                &format!("other-{i}"),
+                &format!(
+                    "variant: medium\npaused: true\nmodel: {{source: {{http: {{url: 'https://mirror.invalid/{i}/'}}}}}}"
+                ),
+            ),
+        );
+    }
+    for i in 0..30 {
+        wait_for(&s.api, &format!("other-{i}"), "Paused", TIMEOUT, |o| {
+            o.status.as_ref().and_then(|st| st.phase) == Some(sd35_crds::Phase::Paused)
+        })
+        .await
+        .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let jobs: Api<Job> = s.ns.api();
+    let fetch = format!("sd35-fetch-{}", obj.status.unwrap().cache.unwrap().key);
+    let (resolved, reconciled) = (
+        metric(&s.operator, "sd35_operator_spec_resolutions_total").await,
+        reconciliations(&s.operator).await,
+    );
+    // Each touch of the Job is an event the operator maps to the object that uses it.
+    for i in 0..10 {
+        let patch = json!({"metadata": {"labels": {"touch": i.to_string()}}});
+        jobs.patch(&fetch, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let resolutions = metric(&s.operator, "sd35_operator_spec_resolutions_total").await - resolved;
+    let reconciles = reconciliations(&s.operator).await - reconciled;
+    assert!(reconciles >= 1, "the Job events triggered no reconcile");
+    // The work is one resolve per reconcile, whatever the number of other objects; a scan
+    // of the store would resolve all 31 on every event.
+    assert!(
+        resolutions <= 2.0 * reconciles as f64 + 2.0,
+        "{resolutions} specs resolved for 10 Job events and {reconciles} reconciles with 31 objects"
+    );
+}
+
+#[tokio::test]
+async fn two_operators_with_clocks_30_s_apart_never_both_lead() {
+    let cluster = shared_cluster();
+    install_crd(cluster).unwrap();
+    let ns = cluster.temp_namespace("skew").await;
+    let start = |id: &str, offset: i64| {
+        let flags = [
+            "--leader-elect".to_owned(),
+            format!("--identity={id}"),
+            "--lease-duration-seconds=6".to_owned(),
+            format!("--clock-offset-seconds={offset}"),
+        ];
+        OperatorProcess::start(
+            cluster,
+            ns.name(),
+            &flags.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+        .unwrap()
+    };
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = ns.api();
+    let holder = || async {
+        leases
+            .get_opt("sd35-operator")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec)
+            .and_then(|sp| sp.holder_identity)
+    };
+    let mut a = start("op-a", 0);
+    poll_until("op-a leads", TIMEOUT, || async {
+        let h = holder().await;
+        Ok(if h.as_deref() == Some("op-a") {
+            Probe::Ready(())
+        } else {
+            Probe::Pending(format!("{h:?}"))
+        })
+    })
+    .await
+    .unwrap();
+    // A candidate whose clock runs 30 s ahead sees every renewal as 30 s old.
+    let mut b = start("op-b", 30);
+    let watched = std::time::Instant::now();
+    while watched.elapsed() < Duration::from_secs(20) {
+        let h = holder().await;
+        assert_eq!(
+            h.as_deref(),
+            Some("op-a"),
+            "the lease changed hands while its holder renewed it; op-b log:\n{}",
+            b.log()
+        );
+        assert!(
+            a.try_status().is_none(),
+            "op-a stopped leading:\n{}",
+            a.log()
+        );
+        assert!(b.try_status().is_none(), "op-b exited:\n{}", b.log());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(reconciliations(&b).await, 0, "the standby reconciled");
+
+    // The leader dies without releasing: op-b takes over one lease duration after it last
+    // saw the lease change, whatever the clocks say.
+    a.kill();
+    poll_until("op-b leads", Duration::from_secs(30), || async {
+        let h = holder().await;
+        Ok(if h.as_deref() == Some("op-b") {
+            Probe::Ready(())
+        } else {
+            Probe::Pending(format!("{h:?}"))
+        })
+    })
+    .await
+    .unwrap();
+    // Now the leader's clock is 30 s ahead of a new candidate's: its renewals look 30 s in
+    // the future. The candidate still waits while they continue, and takes over promptly
+    // once they stop.
+    let mut c = start("op-c", 0);
+    let watched = std::time::Instant::now();
+    while watched.elapsed() < Duration::from_secs(12) {
+        assert_eq!(
+            holder().await.as_deref(),
+            Some("op-b"),
+            "op-c log:\n{}",
+            c.log()
+        );
+        assert!(
+            b.try_status().is_none(),
+            "op-b stopped leading:\n{}",
+            b.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    b.kill();
+    poll_until("op-c leads", Duration::from_secs(25), || async {
+        let h = holder().await;
+        Ok(if h.as_deref() == Some("op-c") {
+            Probe::Ready(())
+        } else {
+            Probe::Pending(format!("{h:?}"))
+        })
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\nop-c log:\n{}", c.log()));
+    assert!(c.try_status().is_none());
+}
+
+#[tokio::test]
+async fn children_the_spec_no_longer_wants_are_swept_by_label_and_owner() {
+    let s = setup("sweep").await;
+    apply(&s, &manifest("sw", "variant: medium\nreplicas: 2"));
+    let obj = ready(&s, "sw").await;
+    let services: Api<Service> = s.ns.api();
+    let pdbs: Api<k8s_openapi::api::policy::v1::PodDisruptionBudget> = s.ns.api();
+    assert!(pdbs.get_opt("sw").await.unwrap().is_some());
+    // A Service an earlier spec wanted (the operator's labels, owned by the object), and
+    // two it must leave alone: one owned by something else, one without the operator's label.
+    let owner = json!({"apiVersion": "sd35.io/v1alpha1", "kind": "SD35Deployment", "name": "sw",
+                       "uid": obj.metadata.uid, "controller": true});
+    let svc = |name: &str, managed: bool, owners: serde_json::Value| -> Service {
+        let mut labels =
+            json!({"app.kubernetes.io/instance": "sw", "app.kubernetes.io/name": "sd35-server"});
+        if managed {
+            labels["app.kubernetes.io/managed-by"] = json!("sd35-operator");
+        }
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": labels, "ownerReferences": owners},
+            "spec": {"ports": [{"name": "http", "port": 8080}]}
+        }))
+        .unwrap()
+    };
+    for (name, managed, owners) in [
+        ("sw-stale", true, json!([owner])),
+        ("sw-foreign", true, json!([])),
+        ("sw-unlabelled", false, json!([owner])),
+    ] {
+        services
+            .create(&PostParams::default(), &svc(name, managed, owners))
+            .await
+            .unwrap();
+    }
+    // Scaling to one replica: the PDB is no longer wanted either.
+    s.api
+        .patch(
+            "sw",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 1}})),
+        )
+        .await
+        .unwrap();
+    poll_until("stale children swept", TIMEOUT, || async {
+        let stale = services.get_opt("sw-stale").await?.is_some();
+        let pdb = pdbs.get_opt("sw").await?.is_some();
+        Ok(if !stale && !pdb {
+            Probe::Ready(())
+        } else {
+            Probe::Pending(format!("stale Service {stale}, PDB {pdb}"))
+        })
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{}", s.operator.log()));
+    ready(&s, "sw").await;
+    for kept in ["sw", "sw-foreign", "sw-unlabelled"] {
+        assert!(
+            services.get_opt(kept).await.unwrap().is_some(),
+            "{kept} was deleted"
+        );
+    }
+}
+
+/// The fetch and build Jobs of a cache key, by name.
+async fn jobs_of(s: &Setup, cache_key: &str) -> Vec<String> {
+    let jobs: Api<Job> = s.ns.api();
+    jobs.list(&ListParams::default().labels(&format!("sd35.io/cache-key={cache_key}")))
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect()
+}
+
+#[tokio::test]
+async fn after_the_last_user_goes_its_claim_and_jobs_go_within_a_minute_and_a_newcomer_waits() {
+    let s = setup("lastuser").await;
+    apply(&s, &manifest("a", "variant: large-turbo"));
+    apply(&s, &manifest("b", "variant: large-turbo\nprecision: fp8"));
+    let a = ready(&s, "a").await;
+    ready(&s, "b").await;
+    let cache = a.status.unwrap().cache.unwrap();
+    assert_eq!(
+        jobs_of(&s, &cache.key).await.len(),
+        3,
+        "one fetch and two builds"
+    );
+    let claims: Api<PersistentVolumeClaim> = s.ns.api();
+    let pods: Api<Pod> = s.ns.api();
+    for name in ["a", "b"] {
+        s.api.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    let deleted = std::time::Instant::now();
+    poll_until(
+        "claim, Jobs and their pods gone",
+        Duration::from_secs(60),
+        || async {
+            let claim = claims.get_opt(&cache.claim_name).await?;
+            let jobs = jobs_of(&s, &cache.key).await;
+            let job_pods = pods
+                .list(&ListParams::default().labels(&format!("sd35.io/cache-key={}", cache.key)))
+                .await?
+                .items
+                .len();
+            Ok(if claim.is_none() && jobs.is_empty() && job_pods == 0 {
+                Probe::Ready(())
+            } else {
+                Probe::Pending(format!(
+                    "claim {:?}, jobs {jobs:?}, {job_pods} pods",
+                    claim.map(|c| c.metadata.deletion_timestamp)
+                ))
+            })
+        },
+    )
+    .await
+    .unwrap();
+    assert!(deleted.elapsed() < Duration::from_secs(60));
+
+    // A newcomer of the same model while the claim is still being deleted (held here by a
+    // finalizer of the test) waits and says why, then proceeds on a new claim.
+    apply(&s, &manifest("c", "variant: large-turbo"));
+    ready(&s, "c").await;
+    let old = claims.get(&cache.claim_name).await.unwrap();
+    let hold = json!({"metadata": {"finalizers": ["sd35.io/e2e-hold"]}});
+    claims
+        .patch(
+            &cache.claim_name,
+            &PatchParams::default(),
+            &Patch::Merge(&hold),
+        )
+        .await
+        .unwrap();
+    s.api.delete("c", &DeleteParams::default()).await.unwrap();
+    poll_until("claim terminating", TIMEOUT, || async {
+        let c = claims.get(&cache.claim_name).await?;
+        Ok(if c.metadata.deletion_timestamp.is_some() {
+            Probe::Ready(())
+        } else {
+            Probe::Pending("not yet".into())
+        })
+    })
+    .await
+    .unwrap();
+    apply(&s, &manifest("d", "variant: large-turbo"));
+    let waiting = wait_for(
+        &s.api,
+        "d",
+        "CacheReady=False ClaimTerminating",
+        TIMEOUT,
+        |o| condition(o, "CacheReady").is_some_and(|c| c.reason == "ClaimTerminating"),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{}", s.operator.log()));
+    let message = &condition(&waiting, "CacheReady").unwrap().message;
+    assert!(message.contains(&cache.claim_name), "{message}");
+    assert!(
+        has_condition(&waiting, "Stalled", "False"),
+        "{}",
+        summary(&waiting)
+    );
+    let release = json!({"metadata": {"finalizers": null}});
+    claims
+        .patch(
+            &cache.claim_name,
+            &PatchParams::default(),
+            &Patch::Merge(&release),
+        )
+        .await
+        .unwrap();
+    ready(&s, "d").await;
+    let new = claims.get(&cache.claim_name).await.unwrap();
+    assert_ne!(new.uid(), old.uid(), "d runs on a new claim");
+}
+
+/// The Prometheus Operator's ServiceMonitor CRD, reduced to what the API server needs to
+/// serve it.
+const SERVICE_MONITOR_CRD: &str = "\
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: servicemonitors.monitoring.coreos.com}
+spec:
+  group: monitoring.coreos.com
+  names: {kind: ServiceMonitor, listKind: ServiceMonitorList, plural: servicemonitors, singular: servicemonitor}
+  scope: Namespaced
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+";
+
+#[tokio::test]
+async fn add_ons_are_applied_when_asked_skipped_without_their_crd_and_swept_when_turned_off() {
+    let mut s = setup("addons").await;
+    let spec = |policy: bool, monitor: bool| {
+        format!(
+            "variant: medium\nnetworkPolicy: {{enabled: {policy}{}}}\nmonitoring: {{serviceMonitor: {{enabled: {monitor}{}}}}}",
+            if policy {
+                ", from: [{namespaceSelector: {matchLabels: {team: web}}}]"
+            } else {
+                ""
+            },
+            if monitor {
+                ", labels: {release: prom}"
+            } else {
+                ""
+            },
+        )
+    };
+    apply(&s, &manifest("ad", &spec(true, true)));
+    let o = ready(&s, "ad").await;
+    // No ServiceMonitor CRD in this cluster: skipped, said so, and Ready all the same.
+    let addons = condition(&o, "AddonsReady").unwrap();
+    assert_eq!(
+        (addons.status.as_str(), addons.reason.as_str()),
+        ("False", "Skipped"),
+        "{}",
+        summary(&o)
+    );
+    assert!(
+        addons.message.contains("ServiceMonitor") && addons.message.contains("not installed"),
+        "{}",
+        addons.message
+    );
+    assert!(has_condition(&o, "Stalled", "False"));
+    let policies: Api<k8s_openapi::api::networking::v1::NetworkPolicy> = s.ns.api();
+    let np = policies.get("ad").await.unwrap().spec.unwrap();
+    let rule = &np.ingress.unwrap()[0];
+    assert_eq!(
+        rule.ports.as_ref().unwrap()[0].port,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(8080))
+    );
+    assert!(rule.from.as_ref().unwrap()[0].namespace_selector.is_some());
+
+    // The CRD arrives; an operator started now manages ServiceMonitors.
+    let out = kubectl_apply(s.cluster, s.ns.name(), SERVICE_MONITOR_CRD).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let monitors: Api<kube::core::DynamicObject> = Api::namespaced_with(
+        s.ns.client(),
+        s.ns.name(),
+        &kube::core::ApiResource::from_gvk_with_plural(
+            &kube::core::GroupVersionKind::gvk("monitoring.coreos.com", "v1", "ServiceMonitor"),
+            "servicemonitors",
+        ),
+    );
+    poll_until("ServiceMonitors served", TIMEOUT, || async {
+        Ok(match monitors.list(&ListParams::default()).await {
+            Ok(_) => Probe::Ready(()),
+            Err(e) => Probe::Pending(e.to_string()),
+        })
+    })
+    .await
+    .unwrap();
+    s.operator.kill();
+    s.operator = OperatorProcess::start(s.cluster, s.ns.name(), &[]).unwrap();
+    let o = wait_for(&s.api, "ad", "AddonsReady", TIMEOUT, |o| {
+        has_condition(o, "AddonsReady", "True")
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{}", s.operator.log()));
+    assert_eq!(
+        condition(&o, "AddonsReady").unwrap().message,
+        "NetworkPolicy and ServiceMonitor in place"
+    );
+    let sm = monitors.get("ad").await.unwrap();
+    assert_eq!(sm.metadata.labels.as_ref().unwrap()["release"], "prom");
+    assert_eq!(sm.data["spec"]["endpoints"][0]["path"], "/metrics");
+    assert_eq!(sm.data["spec"]["endpoints"][0]["port"], "http");
+
+    // Turned off: the sweep deletes both.
+    apply(&s, &manifest("ad", &spec(false, false)));
+    poll_until("add-ons swept", TIMEOUT, || async {
+        let np = policies.get_opt("ad").await?.is_some();
+        let sm = monitors.get_opt("ad").await?.is_some();
+        Ok(if !np && !sm {
+            Probe::Ready(())
+        } else {
+            Probe::Pending(format!("NetworkPolicy {np}, ServiceMonitor {sm}"))
+        })
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{}", s.operator.log()));
+    let o = ready(&s, "ad").await;
+    assert_eq!(
+        condition(&o, "AddonsReady").unwrap().reason,
+        "NoneRequested"
+    );
+}
+
+#[tokio::test]
+async fn raising_the_cache_size_grows_the_claim_when_its_class_allows_and_says_so_when_not() {
+    let s = setup("grow").await;
+    let claims: Api<PersistentVolumeClaim> = s.ns.api();
+    let request = |c: &PersistentVolumeClaim| {
+        c.spec
+            .as_ref()
+            .unwrap()
+            .resources
+            .as_ref()
+            .unwrap()
+            .requests
+            .as_ref()
+            .unwrap()["storage"]
+            .0
+            .clone()
+    };
+    // The default class does not allow expansion.
+    let fixed = |size: &str| format!("variant: medium\ncache: {{size: {size}}}");
+    apply(&s, &manifest("fixed", &fixed("1Gi")));
+    let o = ready(&s, "fixed").await;
+    let claim = o.status.unwrap().cache.unwrap().claim_name;
+    apply(&s, &manifest("fixed", &fixed("2Gi")));
+    let o = wait_for(&s.api, "fixed", "ExpansionNotAllowed", TIMEOUT, |o| {
+        condition(o, "CacheReady").is_some_and(|c| c.reason == "ExpansionNotAllowed")
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{}", s.operator.log()));
+    let message = &condition(&o, "CacheReady").unwrap().message;
+    assert!(
+        message.contains("standard") && message.contains("2Gi"),
+        "{message}"
+    );
+    assert!(has_condition(&o, "CacheReady", "True") && has_condition(&o, "Ready", "True"));
+    assert_eq!(request(&claims.get(&claim).await.unwrap()), "1Gi");
+
+    // A class that allows it: the claim asks for the new size.
+    let classes: Api<k8s_openapi::api::storage::v1::StorageClass> = Api::all(s.cluster.client());
+    let class = format!("{}-expandable", s.ns.name());
+    let sc: k8s_openapi::api::storage::v1::StorageClass = serde_json::from_value(json!({
+        "metadata": {"name": class}, "provisioner": sd35_e2e::LOCAL_PROVISIONER,
+        "reclaimPolicy": "Delete", "volumeBindingMode": "Immediate", "allowVolumeExpansion": true
+    }))
+    .unwrap();
+    classes.create(&PostParams::default(), &sc).await.unwrap();
+    let grows = |size: &str| {
+        format!(
+            "variant: medium\nmodel: {{source: {{http: {{url: 'https://mirror.invalid/grow/'}}}}}}\ncache: {{size: {size}, storageClassName: {class}}}"
+        )
+    };
+    apply(&s, &manifest("grows", &grows("1Gi")));
+    let o = ready(&s, "grows").await;
+    let claim = o.status.unwrap().cache.unwrap().claim_name;
+    apply(&s, &manifest("grows", &grows("3Gi")));
+    poll_until("claim asks for 3Gi", TIMEOUT, || async {
+        let r = request(&claims.get(&claim).await?);
+        Ok(if r == "3Gi" {
+            Probe::Ready(())
+        } else {
+            Probe::Pending(r)
+        })
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{}", s.operator.log()));
+    let o = wait_for(&s.api, "grows", "Expanding", TIMEOUT, |o| {
+        condition(o, "CacheReady").is_some_and(|c| c.reason == "Expanding")
+    })
+    .await
+    .unwrap();
+    assert!(has_condition(&o, "Ready", "True"), "{}", summary(&o));
+    let _ = classes.delete(&class, &DeleteParams::default()).await;
 }

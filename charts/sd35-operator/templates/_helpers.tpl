@@ -102,8 +102,8 @@ well as patch when the object does not exist yet.
 - apiGroups: ["sd35.io"]
   resources: ["sd35deployments/finalizers"]
   verbs: ["update"]
-# The weight cache: created once, then annotated (cache complete, engine built) and given
-# owner references by merge patch.
+# The weight cache: created once, then annotated (cache complete, engine built), given
+# owner references and grown (spec.cache.size) by merge patch.
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
   verbs: ["get", "list", "watch", "create", "patch"]
@@ -111,16 +111,23 @@ well as patch when the object does not exist yet.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# The serving Deployment and Service.
+# The serving Deployment (always wanted), and its Service, PodDisruptionBudget,
+# NetworkPolicy and ServiceMonitor (Prometheus Operator): one sweep by label and owner
+# deletes those the spec no longer wants.
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "list", "watch", "create", "patch"]
-# The serving PodDisruptionBudget, deleted when no longer wanted.
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["monitoring.coreos.com"]
+  resources: ["servicemonitors"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # Serving pods, read only: a server that exits with a documented code (no usable GPU, an
 # engine that is not what was asked for) becomes a condition that quotes its reason.

@@ -2,15 +2,24 @@
 //! (`sd35-server build-engine`). These are shared by every SD35Deployment of the namespace
 //! with the same keys, so they are named by key, not by object.
 
-use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::batch::v1::{
+    Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement,
+    PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
+};
+use k8s_openapi::api::core::v1::{
+    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec,
+    ResourceRequirements, SecretKeySelector, Volume, VolumeMount, VolumeResourceRequirements,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use sd35_contract::{
     BuildEngineArgs, CACHE_MOUNT, ExitReason, FetchArgs, IMPORT_MOUNT, SourceArgs, TOKEN_ENV,
 };
-use serde_json::{Value, json};
 
-use super::{container_security, placement, pod_security, typed};
+use super::{container_security, meta, placement, pod_security, pull_policy, pull_secrets};
 use crate::config::{OperatorConfig, default_build_resources, default_fetch_resources};
 use crate::labels;
 use crate::resolve::{FetchSource, Resolved};
@@ -21,25 +30,43 @@ pub fn cache_claim(r: &Resolved, owners: &[OwnerReference]) -> PersistentVolumeC
     let mut labels = labels::common("cache");
     labels.insert(labels::NAME.into(), "sd35-cache".into());
     labels.insert(labels::CACHE_KEY.into(), r.cache_key.clone());
-    let mut spec = json!({
-        "accessModes": r.cache.access_modes,
-        "resources": {"requests": {"storage": r.cache.size}},
-        "volumeMode": "Filesystem",
-    });
-    if let Some(class) = &r.cache.storage_class {
-        spec["storageClassName"] = json!(class);
+    PersistentVolumeClaim {
+        metadata: meta(&r.cache.claim, &r.namespace, labels, owners),
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(r.cache.access_modes.clone()),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([(
+                    "storage".to_owned(),
+                    Quantity(r.cache.size.clone()),
+                )])),
+                ..Default::default()
+            }),
+            volume_mode: Some("Filesystem".into()),
+            storage_class_name: r.cache.storage_class.clone(),
+            ..Default::default()
+        }),
+        status: None,
     }
-    typed(json!({
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": {
-            "name": r.cache.claim,
-            "namespace": r.namespace,
-            "labels": labels,
-            "ownerReferences": owners,
-        },
-        "spec": spec,
-    }))
+}
+
+fn claim_volume(name: &str, claim: &str, read_only: Option<bool>) -> Volume {
+    Volume {
+        name: name.to_owned(),
+        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+            claim_name: claim.to_owned(),
+            read_only,
+        }),
+        ..Default::default()
+    }
+}
+
+fn mount(name: &str, path: &str, read_only: Option<bool>) -> VolumeMount {
+    VolumeMount {
+        name: name.to_owned(),
+        mount_path: path.to_owned(),
+        read_only,
+        ..Default::default()
+    }
 }
 
 /// Exit codes after which a retry cannot help: the Job fails at once instead of burning its
@@ -56,99 +83,128 @@ fn fail_job_exit_codes() -> Vec<i32> {
 struct JobParts<'a> {
     name: String,
     component: &'a str,
-    owner: &'a OwnerReference,
+    owners: &'a [OwnerReference],
+    claim_uid: &'a str,
     limits: &'a sd35_crds::JobSpec,
-    container: Value,
-    volumes: Vec<Value>,
+    container: Container,
+    volumes: Vec<Volume>,
+    /// Extra labels of the Job and its pods.
+    labels: Vec<(String, String)>,
 }
 
 fn job(r: &Resolved, config: &OperatorConfig, parts: JobParts<'_>) -> Job {
     let JobParts {
         name,
         component,
-        owner,
+        owners,
+        claim_uid,
         limits: job_spec,
         container,
         mut volumes,
+        labels: extra,
     } = parts;
     let mut labels = labels::common(component);
     labels.insert(labels::NAME.into(), format!("sd35-{component}"));
     labels.insert(labels::CACHE_KEY.into(), r.cache_key.clone());
-    volumes.push(json!({"name": "cache", "persistentVolumeClaim": {"claimName": r.cache.claim}}));
-    volumes.push(json!({"name": "tmp", "emptyDir": {}}));
-    let mut pod = json!({
-        "restartPolicy": "Never",
-        "securityContext": pod_security(),
-        "automountServiceAccountToken": false,
-        "containers": [container],
-        "volumes": volumes,
+    labels.extend(extra);
+    volumes.push(claim_volume("cache", &r.cache.claim, None));
+    volumes.push(Volume {
+        name: "tmp".into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Default::default()
     });
-    for (k, v) in placement(r) {
-        pod[k] = v;
-    }
-    if !r.spec.server.image_pull_secrets.is_empty() {
-        pod["imagePullSecrets"] = json!(
-            r.spec
-                .server
-                .image_pull_secrets
-                .iter()
-                .map(|n| json!({"name": n}))
-                .collect::<Vec<_>>()
-        );
-    }
-    typed(json!({
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": name,
-            "namespace": r.namespace,
-            "labels": labels,
-            "ownerReferences": [owner],
-        },
-        "spec": {
-            "backoffLimit": job_spec.backoff_limit,
-            "activeDeadlineSeconds": job_spec.active_deadline_seconds,
-            "ttlSecondsAfterFinished": config.job_ttl_seconds,
-            "podFailurePolicy": {"rules": [
-                {"action": "FailJob", "onExitCodes": {"containerName": component, "operator": "In", "values": fail_job_exit_codes()}},
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-            ]},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": pod,
+    let place = placement(r);
+    let pod = PodSpec {
+        restart_policy: Some("Never".into()),
+        security_context: Some(pod_security()),
+        automount_service_account_token: Some(false),
+        containers: vec![container],
+        volumes: Some(volumes),
+        node_selector: place.node_selector,
+        tolerations: place.tolerations,
+        affinity: place.affinity,
+        image_pull_secrets: pull_secrets(r),
+        ..Default::default()
+    };
+    let mut metadata = meta(&name, &r.namespace, labels.clone(), owners);
+    metadata.annotations = Some(BTreeMap::from([(
+        labels::CLAIM_UID.to_owned(),
+        claim_uid.to_owned(),
+    )]));
+    Job {
+        metadata,
+        spec: Some(JobSpec {
+            backoff_limit: Some(job_spec.backoff_limit),
+            active_deadline_seconds: Some(job_spec.active_deadline_seconds),
+            ttl_seconds_after_finished: Some(config.job_ttl_seconds),
+            pod_failure_policy: Some(PodFailurePolicy {
+                rules: vec![
+                    PodFailurePolicyRule {
+                        action: "FailJob".into(),
+                        on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
+                            container_name: Some(component.to_owned()),
+                            operator: "In".into(),
+                            values: fail_job_exit_codes(),
+                        }),
+                        on_pod_conditions: None,
+                    },
+                    PodFailurePolicyRule {
+                        action: "Ignore".into(),
+                        on_exit_codes: None,
+                        on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern {
+                            type_: "DisruptionTarget".into(),
+                            status: "True".into(),
+                        }]),
+                    },
+                ],
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..Default::default()
+                }),
+                spec: Some(pod),
             },
-        },
-    }))
+            ..Default::default()
+        }),
+        status: None,
+    }
 }
 
 fn container(
     r: &Resolved,
     name: &str,
     args: Vec<String>,
-    resources: Value,
-    env: Vec<Value>,
-) -> Value {
-    let mut c = json!({
-        "name": name,
-        "image": r.image,
-        "command": ["sd35-server"],
-        "args": args,
-        "env": env,
-        "resources": resources,
-        "securityContext": container_security(),
-        "volumeMounts": [
-            {"name": "cache", "mountPath": CACHE_MOUNT},
-            {"name": "tmp", "mountPath": "/tmp"},
-        ],
-    });
-    if let Some(policy) = r.spec.server.image_pull_policy {
-        c["imagePullPolicy"] = json!(policy);
+    resources: ResourceRequirements,
+    env: Vec<EnvVar>,
+) -> Container {
+    Container {
+        name: name.to_owned(),
+        image: Some(r.image.clone()),
+        image_pull_policy: pull_policy(r),
+        command: Some(vec!["sd35-server".into()]),
+        args: Some(args),
+        env: Some(env),
+        resources: Some(resources),
+        security_context: Some(container_security()),
+        volume_mounts: Some(vec![
+            mount("cache", CACHE_MOUNT, None),
+            mount("tmp", "/tmp", None),
+        ]),
+        ..Default::default()
     }
-    c
 }
 
 /// The fetch Job: downloads (or imports) the model into `<cache>/models/<cache-key>`.
-pub fn fetch_job(r: &Resolved, config: &OperatorConfig, owner: &OwnerReference) -> Job {
+///
+/// `owners` are the SD35Deployments using the cache, so the Job (and its completed pod, which
+/// holds the volume) goes with the last of them; `claim_uid` names the claim it fills.
+pub fn fetch_job(
+    r: &Resolved,
+    config: &OperatorConfig,
+    owners: &[OwnerReference],
+    claim_uid: &str,
+) -> Job {
     let mut source = SourceArgs {
         hf_repo: None,
         http_url: None,
@@ -175,9 +231,8 @@ pub fn fetch_job(r: &Resolved, config: &OperatorConfig, owner: &OwnerReference) 
                 format!("{IMPORT_MOUNT}/{path}")
             };
             source.import_dir = Some(dir.into());
-            volumes.push(json!({"name": "import", "persistentVolumeClaim": {"claimName": claim, "readOnly": true}}));
-            import_mount =
-                Some(json!({"name": "import", "mountPath": IMPORT_MOUNT, "readOnly": true}));
+            volumes.push(claim_volume("import", claim, Some(true)));
+            import_mount = Some(mount("import", IMPORT_MOUNT, Some(true)));
         }
     }
     let args = FetchArgs {
@@ -191,7 +246,18 @@ pub fn fetch_job(r: &Resolved, config: &OperatorConfig, owner: &OwnerReference) 
     let mut env = Vec::new();
     if let Some(token) = &r.token {
         // The token travels from the Secret to the process only; the spec names the Secret.
-        env.push(json!({"name": TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}}));
+        env.push(EnvVar {
+            name: TOKEN_ENV.into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: token.name.clone(),
+                    key: token.key.clone(),
+                    optional: None,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
     }
     let resources = r
         .spec
@@ -204,11 +270,11 @@ pub fn fetch_job(r: &Resolved, config: &OperatorConfig, owner: &OwnerReference) 
         r,
         "fetch",
         [vec!["fetch".to_owned()], args.to_args()].concat(),
-        json!(resources),
+        resources,
         env,
     );
-    if let (Some(mount), Some(mounts)) = (import_mount, c["volumeMounts"].as_array_mut()) {
-        mounts.push(mount);
+    if let (Some(m), Some(mounts)) = (import_mount, c.volume_mounts.as_mut()) {
+        mounts.push(m);
     }
     job(
         r,
@@ -216,20 +282,24 @@ pub fn fetch_job(r: &Resolved, config: &OperatorConfig, owner: &OwnerReference) 
         JobParts {
             name: labels::fetch_job(&r.cache_key),
             component: "fetch",
-            owner,
+            owners,
+            claim_uid,
             limits: &r.spec.cache.fetch,
             container: c,
             volumes,
+            labels: Vec::new(),
         },
     )
 }
 
 /// The engine build Job: converts `<cache>/models/<cache-key>` into
 /// `<cache>/engines/<engine-key>` for the precision. Only built when there is an engine key.
+/// Owned like the fetch Job.
 pub fn build_job(
     r: &Resolved,
     config: &OperatorConfig,
-    owner: &OwnerReference,
+    owners: &[OwnerReference],
+    claim_uid: &str,
     engine_key: &str,
 ) -> Job {
     let args = BuildEngineArgs {
@@ -250,31 +320,21 @@ pub fn build_job(
         r,
         "build",
         [vec!["build-engine".to_owned()], args.to_args()].concat(),
-        json!(resources),
+        resources,
         Vec::new(),
     );
-    let mut j = job(
+    job(
         r,
         config,
         JobParts {
             name: labels::build_job(engine_key),
             component: "build",
-            owner,
+            owners,
+            claim_uid,
             limits: &r.spec.engine.job,
             container: c,
             volumes: Vec::new(),
+            labels: vec![(labels::ENGINE_KEY.into(), engine_key.to_owned())],
         },
-    );
-    if let Some(l) = j.metadata.labels.as_mut() {
-        l.insert(labels::ENGINE_KEY.into(), engine_key.to_owned());
-    }
-    if let Some(l) = j
-        .spec
-        .as_mut()
-        .and_then(|s| s.template.metadata.as_mut())
-        .and_then(|m| m.labels.as_mut())
-    {
-        l.insert(labels::ENGINE_KEY.into(), engine_key.to_owned());
-    }
-    j
+    )
 }

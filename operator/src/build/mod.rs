@@ -1,63 +1,110 @@
 //! Build the children of an SD35Deployment (pure and infallible): the cache claim, the fetch
-//! and engine build Jobs, the serving Deployment, its Service and PodDisruptionBudget.
+//! and engine build Jobs, the serving Deployment, its Service and PodDisruptionBudget, and the
+//! optional NetworkPolicy and ServiceMonitor.
 //!
-//! Builders take the resolved spec and return complete objects; the apply step sends them
-//! with server-side apply. Everything a test wants to know about a child is visible here.
+//! Builders take the resolved spec and return complete objects, typed with the Kubernetes API
+//! structs (k8s-openapi), so the compiler checks every field; the apply step sends them with
+//! server-side apply. Everything a test wants to know about a child is visible here.
 
+mod addons;
 mod cache;
 mod serving;
 
+pub use addons::{ServiceMonitor, ServiceMonitorSpec, network_policy, service_monitor};
 pub use cache::{build_job, cache_claim, fetch_job};
 pub use serving::{ServingTarget, deployment, pdb, service};
 
-use serde::de::DeserializeOwned;
-use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, LocalObjectReference, PodSecurityContext, SeccompProfile,
+    SecurityContext, Toleration,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
 use crate::resolve::Resolved;
 
-/// Turns a JSON literal into a typed object. The literals in this module are written against
-/// the Kubernetes API types and covered by snapshot tests, so a mismatch is a bug here.
-fn typed<T: DeserializeOwned>(value: Value) -> T {
-    match serde_json::from_value(value) {
-        Ok(v) => v,
-        Err(e) => panic!("child manifest does not match its Kubernetes type: {e}"),
+/// Metadata of a namespaced child.
+fn meta(
+    name: &str,
+    namespace: &str,
+    labels: BTreeMap<String, String>,
+    owners: &[OwnerReference],
+) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: Some(namespace.to_owned()),
+        labels: Some(labels),
+        owner_references: Some(owners.to_vec()),
+        ..Default::default()
     }
 }
 
 /// Pod-level security defaults: non-root, RuntimeDefault seccomp, volumes group-owned.
-fn pod_security() -> Value {
-    json!({
-        "runAsNonRoot": true,
-        "runAsUser": 65532,
-        "runAsGroup": 65532,
-        "fsGroup": 65532,
-        "fsGroupChangePolicy": "OnRootMismatch",
-        "seccompProfile": {"type": "RuntimeDefault"}
-    })
+fn pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(65532),
+        run_as_group: Some(65532),
+        fs_group: Some(65532),
+        fs_group_change_policy: Some("OnRootMismatch".into()),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 /// Container-level security defaults: read-only root, no privilege escalation, no capabilities.
-fn container_security() -> Value {
-    json!({
-        "allowPrivilegeEscalation": false,
-        "readOnlyRootFilesystem": true,
-        "capabilities": {"drop": ["ALL"]}
-    })
+fn container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 /// Node placement shared by the serving pods and the Jobs (so that a ReadWriteOnce cache is
 /// written and read in the same place).
-fn placement(r: &Resolved) -> serde_json::Map<String, Value> {
+struct Placement {
+    node_selector: Option<BTreeMap<String, String>>,
+    tolerations: Option<Vec<Toleration>>,
+    affinity: Option<Affinity>,
+}
+
+fn placement(r: &Resolved) -> Placement {
     let s = &r.spec.scheduling;
-    let mut m = serde_json::Map::new();
-    if !s.node_selector.is_empty() {
-        m.insert("nodeSelector".into(), json!(s.node_selector));
+    Placement {
+        node_selector: (!s.node_selector.is_empty()).then(|| s.node_selector.clone()),
+        tolerations: (!s.tolerations.is_empty()).then(|| s.tolerations.clone()),
+        affinity: s.affinity.clone(),
     }
-    if !s.tolerations.is_empty() {
-        m.insert("tolerations".into(), json!(s.tolerations));
-    }
-    if let Some(a) = &s.affinity {
-        m.insert("affinity".into(), json!(a));
-    }
-    m
+}
+
+/// The image pull secrets of the server image, if any.
+fn pull_secrets(r: &Resolved) -> Option<Vec<LocalObjectReference>> {
+    let names = &r.spec.server.image_pull_secrets;
+    (!names.is_empty()).then(|| {
+        names
+            .iter()
+            .map(|n| LocalObjectReference { name: n.clone() })
+            .collect()
+    })
+}
+
+/// The pull policy of the server image, as Kubernetes spells it.
+fn pull_policy(r: &Resolved) -> Option<String> {
+    r.spec.server.image_pull_policy.map(|p| {
+        match p {
+            sd35_crds::PullPolicy::Always => "Always",
+            sd35_crds::PullPolicy::IfNotPresent => "IfNotPresent",
+            sd35_crds::PullPolicy::Never => "Never",
+        }
+        .to_owned()
+    })
 }

@@ -5,19 +5,28 @@
 //! target the pods already run otherwise, so a precision change never takes serving pods down
 //! before the new engine exists.
 
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, KeyToPath,
+    PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe, SecretVolumeSource,
+    Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use sd35_contract::{
     CACHE_MOUNT, DeviceKind, Precision, ServeArgs, TERMINATION_MESSAGE_PATH, Variant,
     dedup_in_order, default_served_names, engine_dir, model_dir,
 };
 use sd35_crds::RolloutStrategy;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
-use super::{container_security, placement, pod_security, typed};
+use super::{container_security, meta, placement, pod_security, pull_policy, pull_secrets};
 use crate::config::{OperatorConfig, default_server_resources};
 use crate::labels;
 use crate::resolve::{FetchSource, Resolved};
@@ -65,17 +74,25 @@ impl ServingTarget {
     }
 }
 
-/// Metadata of the serving Deployment, Service and PDB: named after the object, labelled as
-/// its server, owned by it.
-fn server_metadata(r: &Resolved, owner: &OwnerReference) -> serde_json::Value {
+/// Metadata of the serving Deployment, Service and PDB (and the add-ons): named after the
+/// object, labelled as its server, owned by it.
+pub(super) fn server_metadata(r: &Resolved, owner: &OwnerReference) -> ObjectMeta {
     let mut meta_labels = labels::common("server");
     meta_labels.extend(labels::server_selector(&r.name));
-    json!({
-        "name": r.name,
-        "namespace": r.namespace,
-        "labels": meta_labels,
-        "ownerReferences": [owner],
-    })
+    meta(
+        &r.name,
+        &r.namespace,
+        meta_labels,
+        std::slice::from_ref(owner),
+    )
+}
+
+/// The label selector of the serving pods.
+pub(super) fn server_selector(r: &Resolved) -> LabelSelector {
+    LabelSelector {
+        match_labels: Some(labels::server_selector(&r.name)),
+        ..Default::default()
+    }
 }
 
 /// The model names the server answers to: the SD35Deployment's name first, then the
@@ -127,6 +144,29 @@ fn serve_args(r: &Resolved, target: &ServingTarget) -> ServeArgs {
     }
 }
 
+fn probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("http".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(5),
+        failure_threshold: Some(failures),
+        ..Default::default()
+    }
+}
+
+fn mount(name: &str, path: &str, read_only: Option<bool>) -> VolumeMount {
+    VolumeMount {
+        name: name.to_owned(),
+        mount_path: path.to_owned(),
+        read_only,
+        ..Default::default()
+    }
+}
+
 /// The serving Deployment for a target.
 pub fn deployment(
     r: &Resolved,
@@ -137,121 +177,158 @@ pub fn deployment(
     let s = &r.spec.server;
     let selector = labels::server_selector(&r.name);
     let mut pod_labels = labels::common("server");
-    pod_labels.extend(selector.clone());
+    pod_labels.extend(selector);
     let mut args = vec!["serve".to_owned()];
     args.extend(serve_args(r, target).to_args());
 
-    let mut resources = json!(s.resources.clone().unwrap_or_else(default_server_resources));
+    let mut resources = s.resources.clone().unwrap_or_else(default_server_resources);
     if s.gpu.count > 0 {
         // Extended resources are set as limits; Kubernetes copies them to requests.
-        resources["limits"][s.gpu.resource_name.as_str()] = json!(s.gpu.count.to_string());
-    }
-    let mut mounts = vec![
-        json!({"name": "cache", "mountPath": CACHE_MOUNT, "readOnly": true}),
-        json!({"name": "tmp", "mountPath": "/tmp"}),
-    ];
-    let mut volumes = vec![
-        json!({"name": "cache", "persistentVolumeClaim": {"claimName": target.cache_claim, "readOnly": true}}),
-        json!({"name": "tmp", "emptyDir": {}}),
-    ];
-    if let Some(auth) = &s.auth {
-        mounts.push(json!({"name": "auth", "mountPath": "/etc/sd35/auth", "readOnly": true}));
-        volumes.push(json!({"name": "auth", "secret": {"secretName": auth.secret_ref.name, "items": [{"key": auth.secret_ref.key, "path": auth.secret_ref.key}]}}));
-    }
-    let probe = |path: &str, period: i32, failures: i32| json!({"httpGet": {"path": path, "port": "http"}, "periodSeconds": period, "timeoutSeconds": 5, "failureThreshold": failures});
-    let mut container = json!({
-        "name": "server",
-        "image": r.image,
-        "command": ["sd35-server"],
-        "args": args,
-        "ports": [{"name": "http", "containerPort": s.port, "protocol": "TCP"}],
-        "resources": resources,
-        "securityContext": container_security(),
-        "volumeMounts": mounts,
-        // The server writes why it could not start (no GPU, a wrong engine) here; the
-        // operator quotes it in the SD35Deployment's conditions.
-        "terminationMessagePath": TERMINATION_MESSAGE_PATH,
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-        // Model loading gets the whole startup budget; after that, readiness gates traffic
-        // and liveness restarts a wedged server.
-        "startupProbe": probe("/readyz", 10, (config.startup_seconds / 10).max(1)),
-        "readinessProbe": probe("/readyz", 5, 2),
-        "livenessProbe": probe("/healthz", 10, 3),
-    });
-    if let Some(policy) = s.image_pull_policy {
-        container["imagePullPolicy"] = json!(policy);
-    }
-    let mut pod = json!({
-        "securityContext": pod_security(),
-        "automountServiceAccountToken": false,
-        "enableServiceLinks": false,
-        // In-flight requests may run up to the request timeout; SIGTERM lets them finish.
-        "terminationGracePeriodSeconds": s.limits.request_timeout_seconds + 30,
-        "containers": [container],
-        "volumes": volumes,
-    });
-    for (k, v) in placement(r) {
-        pod[k] = v;
-    }
-    let sched = &r.spec.scheduling;
-    if let Some(p) = &sched.priority_class_name {
-        pod["priorityClassName"] = json!(p);
-    }
-    if let Some(rc) = &sched.runtime_class_name {
-        pod["runtimeClassName"] = json!(rc);
-    }
-    if !s.image_pull_secrets.is_empty() {
-        pod["imagePullSecrets"] = json!(
-            s.image_pull_secrets
-                .iter()
-                .map(|n| json!({"name": n}))
-                .collect::<Vec<_>>()
+        resources.limits.get_or_insert_with(BTreeMap::new).insert(
+            s.gpu.resource_name.clone(),
+            Quantity(s.gpu.count.to_string()),
         );
     }
-    let strategy = match r.spec.rollout.strategy {
-        // No spare GPU assumed: replace pods one at a time.
-        RolloutStrategy::NoSurge => json!({"maxSurge": 0, "maxUnavailable": 1}),
-        RolloutStrategy::Surge => {
-            json!({"maxSurge": r.spec.rollout.max_surge.unwrap_or(1), "maxUnavailable": 0})
-        }
-    };
-    typed(json!({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": server_metadata(r, owner),
-        "spec": {
-            "replicas": r.spec.replicas,
-            "selector": {"matchLabels": selector},
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": strategy},
-            "revisionHistoryLimit": 3,
-            "progressDeadlineSeconds": config.startup_seconds + 600,
-            "template": {
-                "metadata": {
-                    "labels": pod_labels,
-                    "annotations": {
-                        labels::SERVING_TARGET: target.to_annotation(),
-                        labels::CACHE_KEY: target.cache_key,
-                        labels::ENGINE_KEY: target.engine_key.clone().unwrap_or_default(),
-                    },
-                },
-                "spec": pod,
-            },
+    let mut mounts = vec![
+        mount("cache", CACHE_MOUNT, Some(true)),
+        mount("tmp", "/tmp", None),
+    ];
+    let mut volumes = vec![
+        Volume {
+            name: "cache".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: target.cache_claim.clone(),
+                read_only: Some(true),
+            }),
+            ..Default::default()
         },
-    }))
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        },
+    ];
+    if let Some(auth) = &s.auth {
+        mounts.push(mount("auth", "/etc/sd35/auth", Some(true)));
+        volumes.push(Volume {
+            name: "auth".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(auth.secret_ref.name.clone()),
+                items: Some(vec![KeyToPath {
+                    key: auth.secret_ref.key.clone(),
+                    path: auth.secret_ref.key.clone(),
+                    mode: None,
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    let container = Container {
+        name: "server".into(),
+        image: Some(r.image.clone()),
+        image_pull_policy: pull_policy(r),
+        command: Some(vec!["sd35-server".into()]),
+        args: Some(args),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: s.port,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        resources: Some(resources),
+        security_context: Some(container_security()),
+        volume_mounts: Some(mounts),
+        // The server writes why it could not start (no GPU, a wrong engine) here; the
+        // operator quotes it in the SD35Deployment's conditions.
+        termination_message_path: Some(TERMINATION_MESSAGE_PATH.into()),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        // Model loading gets the whole startup budget; after that, readiness gates traffic
+        // and liveness restarts a wedged server.
+        startup_probe: Some(probe("/readyz", 10, (config.startup_seconds / 10).max(1))),
+        readiness_probe: Some(probe("/readyz", 5, 2)),
+        liveness_probe: Some(probe("/healthz", 10, 3)),
+        ..Default::default()
+    };
+    let place = placement(r);
+    let sched = &r.spec.scheduling;
+    let pod = PodSpec {
+        security_context: Some(pod_security()),
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        // In-flight requests may run up to the request timeout; SIGTERM lets them finish.
+        termination_grace_period_seconds: Some(i64::from(s.limits.request_timeout_seconds) + 30),
+        containers: vec![container],
+        volumes: Some(volumes),
+        node_selector: place.node_selector,
+        tolerations: place.tolerations,
+        affinity: place.affinity,
+        priority_class_name: sched.priority_class_name.clone(),
+        runtime_class_name: sched.runtime_class_name.clone(),
+        image_pull_secrets: pull_secrets(r),
+        ..Default::default()
+    };
+    let rolling = match r.spec.rollout.strategy {
+        // No spare GPU assumed: replace pods one at a time.
+        RolloutStrategy::NoSurge => RollingUpdateDeployment {
+            max_surge: Some(IntOrString::Int(0)),
+            max_unavailable: Some(IntOrString::Int(1)),
+        },
+        RolloutStrategy::Surge => RollingUpdateDeployment {
+            max_surge: Some(IntOrString::Int(r.spec.rollout.max_surge.unwrap_or(1))),
+            max_unavailable: Some(IntOrString::Int(0)),
+        },
+    };
+    Deployment {
+        metadata: server_metadata(r, owner),
+        spec: Some(DeploymentSpec {
+            replicas: Some(r.spec.replicas),
+            selector: server_selector(r),
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(rolling),
+            }),
+            revision_history_limit: Some(3),
+            progress_deadline_seconds: Some(config.startup_seconds + 600),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(BTreeMap::from([
+                        (labels::SERVING_TARGET.to_owned(), target.to_annotation()),
+                        (labels::CACHE_KEY.to_owned(), target.cache_key.clone()),
+                        (
+                            labels::ENGINE_KEY.to_owned(),
+                            target.engine_key.clone().unwrap_or_default(),
+                        ),
+                    ])),
+                    ..Default::default()
+                }),
+                spec: Some(pod),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    }
 }
 
 /// The Service in front of the serving pods.
 pub fn service(r: &Resolved, owner: &OwnerReference) -> Service {
-    typed(json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": server_metadata(r, owner),
-        "spec": {
-            "type": "ClusterIP",
-            "selector": labels::server_selector(&r.name),
-            "ports": [{"name": "http", "port": r.spec.server.port, "targetPort": "http", "protocol": "TCP"}],
-        },
-    }))
+    Service {
+        metadata: server_metadata(r, owner),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(labels::server_selector(&r.name)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: r.spec.server.port,
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        status: None,
+    }
 }
 
 /// A PodDisruptionBudget keeping all but one serving pod up during voluntary disruptions;
@@ -260,13 +337,13 @@ pub fn pdb(r: &Resolved, owner: &OwnerReference) -> Option<PodDisruptionBudget> 
     if r.spec.replicas <= 1 {
         return None;
     }
-    Some(typed(json!({
-        "apiVersion": "policy/v1",
-        "kind": "PodDisruptionBudget",
-        "metadata": server_metadata(r, owner),
-        "spec": {
-            "maxUnavailable": 1,
-            "selector": {"matchLabels": labels::server_selector(&r.name)},
-        },
-    })))
+    Some(PodDisruptionBudget {
+        metadata: server_metadata(r, owner),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(server_selector(r)),
+            ..Default::default()
+        }),
+        status: None,
+    })
 }
