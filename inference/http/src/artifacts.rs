@@ -28,6 +28,21 @@ use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 use sd35_contract::{ArtifactArgs, S3UrlStyle};
 use sha2::Sha256;
 
+/// A transport error without its URL, with its causes: a presigned URL carries the access key
+/// id and a signature that is valid for a minute, neither of which belongs in an answer or a
+/// log line.
+fn transport(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// The route the local store's files are served at (`/v1/artifacts/<name>`).
 pub const LOCAL_ROUTE: &str = "/v1/artifacts";
 
@@ -500,12 +515,10 @@ impl S3Store {
     pub async fn check(&self) -> Result<(), StoreError> {
         let url = rusty_s3::actions::HeadBucket::new(&self.bucket, Some(&self.credentials))
             .sign(Duration::from_secs(60));
-        let resp = self
-            .client
-            .head(url)
-            .send()
-            .await
-            .map_err(|e| StoreError(format!("{}: unreachable: {e}", self.place())))?;
+        let resp =
+            self.client.head(url).send().await.map_err(|e| {
+                StoreError(format!("{}: unreachable: {}", self.place(), transport(e)))
+            })?;
         match resp.status().as_u16() {
             200..=299 => Ok(()),
             404 => Err(StoreError(format!("{}: no such bucket", self.place()))),
@@ -529,7 +542,7 @@ impl S3Store {
             .send()
             .await
             .map_err(|e| PutFailure {
-                message: format!("unreachable: {e}"),
+                message: format!("unreachable: {}", transport(e)),
                 transient: true,
             })?;
         let status = resp.status();

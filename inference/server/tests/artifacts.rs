@@ -169,4 +169,24 @@ fn wrong_credentials_and_a_missing_bucket_are_a_502_naming_the_bucket() {
             "a secret in the log"
         );
     }
+    // An endpoint nobody listens on: a 502 naming the bucket and the endpoint, without the
+    // presigned URL it could not reach (its access key id and a signature still valid).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let s = serve(&endpoint, BUCKET, &[], &S3Server::credentials_env());
+    let r = images(&s, "url");
+    assert_eq!(r.status, 502, "{}", r.text());
+    let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(
+        message.contains(&format!("bucket {BUCKET} at {endpoint}: unreachable")),
+        "{message}"
+    );
+    let log = serde_json::to_string(&s.log()).unwrap();
+    for text in [&message, &log] {
+        assert!(
+            !text.contains("X-Amz-") && !text.contains(ACCESS_KEY) && !text.contains(SECRET_KEY),
+            "a presigned URL or a key: {text}"
+        );
+    }
 }
