@@ -71,6 +71,40 @@ impl Fp8Path {
     }
 }
 
+/// The FP8 path the server takes on every GPU in this build: fp8 weights stay F8E4M3 in memory
+/// and are dequantised to bf16 one layer at a time. FP8 tensor-core products are not wired in
+/// yet, so a GPU with them is reported as able to take that path, not as taking it.
+pub const SERVED_GPU_FP8_PATH: Fp8Path = Fp8Path::WeightOnly;
+
+/// What a deployment gets on a GPU of a given capability.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpuFit {
+    /// The server runs there; with the FP8 path it takes for fp8 and the one the GPU could
+    /// take.
+    Runs {
+        /// The path the server takes ([`SERVED_GPU_FP8_PATH`]).
+        served: Fp8Path,
+        /// The best path the GPU has.
+        capable: Fp8Path,
+    },
+    /// Older than [`ComputeCapability::CUDA_BUILD_MIN`]: the server's CUDA kernels do not run.
+    TooOld,
+}
+
+impl GpuFit {
+    /// The fit of a GPU of capability `cc`.
+    pub fn of(cc: ComputeCapability) -> Self {
+        if cc < ComputeCapability::CUDA_BUILD_MIN {
+            GpuFit::TooOld
+        } else {
+            GpuFit::Runs {
+                served: SERVED_GPU_FP8_PATH,
+                capable: cc.fp8_path(),
+            }
+        }
+    }
+}
+
 /// Compute capabilities of the data-centre and workstation GPUs people serve on, by a word of
 /// their product name as GPU feature discovery writes it (`NVIDIA-L40S`, `Tesla-T4`).
 const PRODUCTS: &[(&str, u32, u32)] = &[
@@ -104,6 +138,10 @@ const PRODUCTS: &[(&str, u32, u32)] = &[
 impl ComputeCapability {
     /// The first compute capability with FP8 tensor cores.
     pub const FP8_TENSOR_CORES: ComputeCapability = ComputeCapability { major: 8, minor: 9 };
+
+    /// The oldest GPU generation the CUDA build of the server runs on: its kernels are compiled
+    /// for compute capability 8.0 (Ampere) and later, which also have bf16 tensor cores.
+    pub const CUDA_BUILD_MIN: ComputeCapability = ComputeCapability { major: 8, minor: 0 };
 
     /// The FP8 path a GPU of this capability can take.
     pub fn fp8_path(self) -> Fp8Path {
@@ -163,6 +201,26 @@ mod tests {
         assert_eq!(cc(9, 0).fp8_path(), Fp8Path::TensorCore);
         assert_eq!(cc(10, 0).fp8_path(), Fp8Path::TensorCore);
         assert_eq!(cc(7, 5).fp8_path(), Fp8Path::WeightOnly);
+    }
+
+    #[test]
+    fn the_cuda_build_runs_from_ampere_and_serves_fp8_weight_only() {
+        assert_eq!(GpuFit::of(cc(7, 5)), GpuFit::TooOld);
+        assert_eq!(GpuFit::of(cc(7, 0)), GpuFit::TooOld);
+        assert_eq!(
+            GpuFit::of(cc(8, 0)),
+            GpuFit::Runs {
+                served: Fp8Path::WeightOnly,
+                capable: Fp8Path::WeightOnly
+            }
+        );
+        assert_eq!(
+            GpuFit::of(cc(9, 0)),
+            GpuFit::Runs {
+                served: Fp8Path::WeightOnly,
+                capable: Fp8Path::TensorCore
+            }
+        );
     }
 
     #[test]

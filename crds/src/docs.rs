@@ -39,7 +39,7 @@ const EMBEDDED: [(&str, &str, &str); 5] = [
 ];
 
 /// What each condition the operator sets means.
-const CONDITIONS: [(&str, &str); 7] = [
+const CONDITIONS: [(&str, &str); 8] = [
     (
         condition::READY,
         "The latest generation is observed and every desired replica runs it and is available. \
@@ -73,6 +73,15 @@ const CONDITIONS: [(&str, &str); 7] = [
         "Every add-on the spec asks for (ServiceMonitor, NetworkPolicy) is in place; False when \
          one is skipped (for example its CRD is not installed), with the reason in the message. \
          It never holds up Ready.",
+    ),
+    (
+        condition::GPU_COMPATIBLE,
+        "Set when the serving pods request GPUs: the GPUs of the nodes they run on (before \
+         they are scheduled, of the GPU nodes matching spec.scheduling.nodeSelector), from GPU \
+         feature discovery's labels, and the path the precision takes there (reason \
+         FP8WeightOnly, FP8TensorCores or Supported). False (ComputeCapabilityTooLow) only on \
+         a GPU older than compute capability 8.0, where the server's CUDA build cannot run; \
+         Unknown when no node says. It never holds up Ready.",
     ),
 ];
 

@@ -25,6 +25,10 @@ pub mod condition {
     pub const AVAILABLE: &str = "Available";
     /// True when every add-on the spec asks for (ServiceMonitor, NetworkPolicy) is in place.
     pub const ADDONS_READY: &str = "AddonsReady";
+    /// What the serving pods' GPUs are and which precision path the deployment gets there
+    /// (from the nodes' GPU feature discovery labels); False only on a GPU the server cannot
+    /// run on. Set only when the serving pods request GPUs.
+    pub const GPU_COMPATIBLE: &str = "GPUCompatible";
 }
 
 /// Observed state of an SD35Deployment.
@@ -35,8 +39,8 @@ pub struct SD35DeploymentStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
-    /// Ready, Reconciling and Stalled (kstatus), plus CacheReady, EngineReady, Available and
-    /// AddonsReady.
+    /// Ready, Reconciling and Stalled (kstatus), plus CacheReady, EngineReady, Available,
+    /// AddonsReady and GPUCompatible.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

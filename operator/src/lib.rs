@@ -11,6 +11,7 @@ pub mod admin;
 pub mod apply;
 pub mod build;
 pub mod config;
+pub mod gpu;
 pub mod index;
 pub mod jobs;
 pub mod keys;

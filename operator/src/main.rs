@@ -11,10 +11,10 @@ use clap::{Parser, ValueEnum};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod, PodSpec, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ListParams, PartialObjectMeta};
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
@@ -305,8 +305,34 @@ async fn run_controller(
             labels::SERVER_NAME
         )),
         Some(pods_by_instance.clone()),
-        |p| p.spec = None,
+        // Of the spec only the node it runs on: which GPU it got.
+        |p| {
+            p.spec = p.spec.take().map(|s| PodSpec {
+                node_name: s.node_name,
+                ..PodSpec::default()
+            });
+        },
     );
+    // Nodes, metadata only (their labels say which GPU they have); read when a status is
+    // computed, never a trigger: a relabelled node shows at the next reconcile.
+    let (nodes, node_writer) = reflector::store();
+    let node_events = reflector(
+        node_writer,
+        watcher(
+            Api::<PartialObjectMeta<Node>>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .modify(|n| {
+            n.managed_fields_mut().clear();
+            n.annotations_mut().clear();
+        }),
+    );
+    tokio::spawn(node_events.for_each(|event| async move {
+        if let Err(e) = event {
+            warn!(error = %e, "watching nodes (for their GPU labels)");
+        }
+    }));
     // SD35Deployments, indexed by cache key: a Job or claim event finds its users there.
     let users = {
         let (config, metrics) = (config.clone(), metrics.clone());
@@ -349,6 +375,7 @@ async fn run_controller(
             service_monitor_crd,
             pods,
             pods_by_instance,
+            nodes,
         },
     });
     let mut shutdown = shutdown;

@@ -10,18 +10,19 @@
 //! deleted to go, and says so. Lookups of related objects go through indexes, never a scan of
 //! a whole cache, so the work of a reconcile does not grow with the number of objects.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -112,6 +113,47 @@ pub struct ChildStores {
     pub pods: Store<Pod>,
     /// Serving pods by `namespace/instance`.
     pub pods_by_instance: Index<Pod>,
+    /// Nodes, metadata only: their GPU feature discovery labels.
+    pub nodes: Store<PartialObjectMeta<Node>>,
+}
+
+/// The GPUs the serving pods of `r` get: those of the nodes they run on, else of the GPU
+/// nodes their nodeSelector admits. `None` when they request no GPU.
+fn gpu_report(children: &ChildStores, r: &Resolved) -> Option<crate::gpu::GpuReport> {
+    use crate::gpu::{NodeGpu, matches_selector, report};
+    if r.spec.server.gpu.count == 0 {
+        return None;
+    }
+    let node_gpu = |node: &PartialObjectMeta<Node>| {
+        NodeGpu::of_labels(node.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()))
+    };
+    let scheduled: Vec<NodeGpu> = children
+        .pods_by_instance
+        .get(&namespaced(&r.namespace, &r.name))
+        .iter()
+        .filter_map(|p| children.pods.get(p))
+        .filter_map(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()))
+        .filter_map(|n| children.nodes.get(&ObjectRef::new(&n)))
+        .filter_map(|n| node_gpu(&n))
+        .collect();
+    let gpus = if scheduled.is_empty() {
+        let selector = &r.spec.scheduling.node_selector;
+        children
+            .nodes
+            .state()
+            .iter()
+            .filter(|n| {
+                matches_selector(
+                    n.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()),
+                    selector,
+                )
+            })
+            .filter_map(|n| node_gpu(n))
+            .collect()
+    } else {
+        scheduled
+    };
+    Some(report(r.precision, &gpus))
 }
 
 /// The index key of an SD35Deployment: `namespace/cache key`, when its spec resolves.
@@ -860,6 +902,7 @@ pub async fn reconcile(obj: Arc<SD35Deployment>, ctx: Arc<Context>) -> Result<Ac
                 engine: StepState::Pending("InvalidSpec".into(), invalid.0),
                 rollout: None,
                 addons: Addons::default(),
+                gpu: None,
                 cache_claim: String::new(),
                 cache_key: String::new(),
                 engine_key: None,
@@ -912,6 +955,7 @@ pub async fn reconcile(obj: Arc<SD35Deployment>, ctx: Arc<Context>) -> Result<Ac
         engine,
         rollout,
         addons,
+        gpu: gpu_report(&ctx.children, &r),
         cache_claim: r.cache.claim.clone(),
         cache_key: r.cache_key.clone(),
         engine_key: r.engine_key.clone(),

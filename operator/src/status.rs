@@ -168,6 +168,8 @@ pub struct Observed {
     pub rollout: Option<Rollout>,
     /// The add-ons; they never hold up Ready.
     pub addons: Addons,
+    /// The GPUs the serving pods get, when they request GPUs; never holds up Ready.
+    pub gpu: Option<crate::gpu::GpuReport>,
     pub cache_claim: String,
     pub cache_key: String,
     pub engine_key: Option<String>,
@@ -332,6 +334,16 @@ pub fn compute(
     });
 
     conditions.push(o.addons.condition(g, &now));
+    if let Some(gpu) = &o.gpu {
+        conditions.push(Condition {
+            type_: condition::GPU_COMPATIBLE.to_owned(),
+            status: gpu.status.to_owned(),
+            reason: gpu.reason.to_owned(),
+            message: gpu.message.chars().take(32 * 1024).collect(),
+            observed_generation: Some(g),
+            last_transition_time: now.clone(),
+        });
+    }
 
     // Keep the transition time of a condition whose status did not change.
     if let Some(prev) = previous {
@@ -556,6 +568,7 @@ mod tests {
                 server_failure: None,
             }),
             addons: Addons::default(),
+            gpu: None,
             cache_claim: "sd35-cache-c".into(),
             cache_key: "c".into(),
             engine_key: Some("e".into()),
@@ -782,5 +795,32 @@ mod tests {
         let s = compute(&o, None, t(2));
         assert_eq!(s.phase, Some(Phase::Building));
         assert_eq!(get(&s, "Ready").status, "False");
+    }
+
+    #[test]
+    fn a_gpu_the_server_cannot_run_on_is_reported_without_holding_up_ready() {
+        let mut o = observed();
+        assert!(
+            compute(&o, None, t(1))
+                .conditions
+                .iter()
+                .all(|c| c.type_ != "GPUCompatible"),
+            "no GPU requested, no condition"
+        );
+        o.gpu = Some(crate::gpu::GpuReport {
+            status: "False",
+            reason: "ComputeCapabilityTooLow",
+            message: "Tesla-T4 (compute capability 7.5) is older than 8.0".into(),
+        });
+        let s = compute(&o, None, t(1));
+        let gpu = get(&s, "GPUCompatible");
+        assert_eq!(
+            (gpu.status.as_str(), gpu.reason.as_str()),
+            ("False", "ComputeCapabilityTooLow")
+        );
+        assert_eq!(get(&s, "Ready").status, "True");
+        // Its transition time is kept while its status holds.
+        let again = compute(&o, Some(&s), t(9));
+        assert_eq!(get(&again, "GPUCompatible").last_transition_time, t(1));
     }
 }

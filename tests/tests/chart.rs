@@ -542,35 +542,42 @@ fn the_operator_gets_exactly_the_permissions_it_uses() {
         ])
     };
 
-    // Reading StorageClasses (may a cache claim grow?) is cluster-wide in every mode.
-    let storage_classes = grant("", "storage.k8s.io", "storageclasses", "", "get");
+    // Reading StorageClasses (may a cache claim grow?) and Nodes (their GPU labels) is
+    // cluster-wide in every mode.
+    let cluster_reads = BTreeSet::from([
+        grant("", "storage.k8s.io", "storageclasses", "", "get"),
+        grant("", "", "nodes", "", "get"),
+        grant("", "", "nodes", "", "list"),
+        grant("", "", "nodes", "", "watch"),
+    ]);
 
     // All namespaces: one ClusterRole, and nothing else.
     let default = render(&[scenario("default")], &[]);
     let mut expected = operator_grants("");
-    expected.insert(storage_classes.clone());
+    expected.extend(cluster_reads.clone());
     assert_eq!(grants_to(&default, "sd35-system", sa), expected);
 
     // High availability adds the Lease, in the release namespace only, by name.
     let ha = render(&[scenario("ha")], &[]);
     let mut expected = operator_grants("");
     expected.extend(lease("sd35-system"));
-    expected.insert(storage_classes.clone());
+    expected.extend(cluster_reads.clone());
     assert_eq!(grants_to(&ha, "sd35-system", sa), expected);
 
-    // One namespace: everything there; cluster-wide, only reading StorageClasses.
+    // One namespace: everything there; cluster-wide, only reading StorageClasses and Nodes.
     let single = render(&[scenario("single-namespace")], &["replicas=2"]);
     let mut expected = operator_grants("ml-serving");
     expected.extend(lease("sd35-system"));
-    expected.insert(storage_classes);
+    expected.extend(cluster_reads);
     assert_eq!(grants_to(&single, "sd35-system", sa), expected);
 
     // Nothing in any role of any scenario is a wildcard or touches what the operator never
-    // needs, and the roles for people are bound to nobody by the chart. Pods are only read.
+    // needs, and the roles for people are bound to nobody by the chart. Pods and Nodes are
+    // only read.
     let forbidden_resources = [
         "secrets",
         "pods/exec",
-        "nodes",
+        "nodes/proxy",
         "configmaps",
         "serviceaccounts",
         "serviceaccounts/token",
@@ -607,14 +614,20 @@ fn the_operator_gets_exactly_the_permissions_it_uses() {
                         !["escalate", "bind", "impersonate"].contains(&verb.as_str().unwrap()),
                         "{at} grants {verb}"
                     );
-                    let on_pods = rule["resources"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .any(|r| r == "pods");
+                    let on = |kind: &str| {
+                        rule["resources"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .any(|r| r == kind)
+                    };
                     assert!(
-                        !on_pods || ["list", "watch"].contains(&verb.as_str().unwrap()),
+                        !on("pods") || ["list", "watch"].contains(&verb.as_str().unwrap()),
                         "{at} grants {verb} on pods"
+                    );
+                    assert!(
+                        !on("nodes") || ["get", "list", "watch"].contains(&verb.as_str().unwrap()),
+                        "{at} grants {verb} on nodes"
                     );
                 }
             }

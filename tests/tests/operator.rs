@@ -96,6 +96,16 @@ async fn an_example_goes_cached_built_ready_then_scales_heals_and_deletes() {
     assert!(has_condition(&obj, "Reconciling", "False") && has_condition(&obj, "Stalled", "False"));
     assert_eq!(status.phase, Some(sd35_crds::Phase::Ready));
     assert_eq!(status.ready_replicas, 1);
+    // The GPUs, from the simulated nodes' GPU feature discovery labels.
+    let gpu = condition(&obj, "GPUCompatible").expect("a GPUCompatible condition");
+    assert_eq!(
+        (gpu.status.as_str(), gpu.reason.as_str()),
+        ("True", "Supported")
+    );
+    assert_eq!(
+        gpu.message,
+        format!("bf16 on {} (compute capability 9.0)", sd35_e2e::GPU_PRODUCT)
+    );
     let cache = status.cache.clone().unwrap();
     assert!(cache.ready);
     let engine = status.engine.clone().unwrap();
@@ -1058,6 +1068,112 @@ async fn a_serving_pod_without_a_usable_gpu_is_reported_in_its_own_words_until_i
     let o = ready(&s, "nogpu").await;
     assert!(has_condition(&o, "Stalled", "False"), "{}", summary(&o));
     heartbeat.abort();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_nodes_gpu_labels_say_which_path_a_deployment_gets_and_nothing_is_refused() {
+    let s = setup("gpulabels").await;
+    let label = format!("{}-gpu", s.ns.name());
+    let (node, heartbeat) = manual_node(s.cluster, &label).await;
+    // A T4, tainted so that only this test's pods go there.
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(s.cluster.client());
+    let relabel = |product: &str, compute: Option<(&str, &str)>| {
+        let mut labels = json!({"nvidia.com/gpu.product": product});
+        if let Some((major, minor)) = compute {
+            labels["nvidia.com/gpu.compute.major"] = json!(major);
+            labels["nvidia.com/gpu.compute.minor"] = json!(minor);
+        }
+        json!({"metadata": {"labels": labels},
+               "spec": {"taints": [{"key": "sd35.io/e2e-gpu", "value": label, "effect": "NoSchedule"}]}})
+    };
+    nodes
+        .patch(
+            &node,
+            &PatchParams::default(),
+            &Patch::Merge(relabel("Tesla-T4", None)),
+        )
+        .await
+        .unwrap();
+    apply(
+        &s,
+        &manifest(
+            "gl",
+            &format!(
+                "variant: medium\nprecision: fp8\nmodel: {{source: {{http: {{url: 'http://127.0.0.1:9/'}}}}}}\n\
+                 scheduling:\n  nodeSelector: {{sd35.io/e2e-node: {label}}}\n  \
+                 tolerations: [{{key: sd35.io/e2e-gpu, operator: Equal, value: {label}, effect: NoSchedule}}]"
+            ),
+        ),
+    );
+    let o = wait_for(
+        &s.api,
+        "gl",
+        "GPUCompatible=False ComputeCapabilityTooLow",
+        TIMEOUT,
+        |o| {
+            condition(o, "GPUCompatible")
+                .is_some_and(|c| c.status == "False" && c.reason == "ComputeCapabilityTooLow")
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{}", s.operator.log()));
+    let gpu = condition(&o, "GPUCompatible").unwrap();
+    assert!(
+        gpu.message
+            .starts_with("Tesla-T4 (compute capability 7.5) is older than compute capability 8.0"),
+        "{}",
+        gpu.message
+    );
+    // Nothing is refused: the fetch Job is there, and Ready waits on the cache, not the GPU.
+    let jobs: Api<Job> = s.ns.api();
+    let fetches = jobs
+        .list(&ListParams::default().labels("app.kubernetes.io/component=fetch"))
+        .await
+        .unwrap();
+    assert_eq!(fetches.items.len(), 1, "{}", summary(&o));
+    assert_ne!(
+        condition(&o, "Ready").unwrap().reason,
+        "ComputeCapabilityTooLow"
+    );
+
+    // The node turns out to be an L40S by its compute labels: fp8 there is weight-only, with
+    // tensor cores the build does not use yet. Labels are read at the next reconcile.
+    nodes
+        .patch(
+            &node,
+            &PatchParams::default(),
+            &Patch::Merge(relabel("NVIDIA-L40S", Some(("8", "9")))),
+        )
+        .await
+        .unwrap();
+    s.api
+        .patch(
+            "gl",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"sd35.io/e2e-touch": "1"}}})),
+        )
+        .await
+        .unwrap();
+    let o = wait_for(
+        &s.api,
+        "gl",
+        "GPUCompatible=True FP8WeightOnly",
+        TIMEOUT,
+        |o| condition(o, "GPUCompatible").is_some_and(|c| c.reason == "FP8WeightOnly"),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{}", s.operator.log()));
+    let gpu = condition(&o, "GPUCompatible").unwrap();
+    assert_eq!(gpu.status, "True");
+    assert!(
+        gpu.message.starts_with(
+            "fp8 on NVIDIA-L40S (compute capability 8.9): weight-only FP8: F8E4M3 weights"
+        ) && gpu.message.contains("have FP8 tensor cores"),
+        "{}",
+        gpu.message
+    );
+    heartbeat.abort();
+    nodes.delete(&node, &DeleteParams::default()).await.unwrap();
 }
 
 /// A counter or gauge of the operator's `/metrics`, 0 when absent.

@@ -51,7 +51,7 @@ impl OpenedDevice {
     /// the pipeline yet), f32 compute on the CPU.
     pub fn fp8_path(&self) -> Fp8Path {
         match self.kind {
-            DeviceKind::Cuda => Fp8Path::WeightOnly,
+            DeviceKind::Cuda => sd35_contract::SERVED_GPU_FP8_PATH,
             _ => Fp8Path::Cpu,
         }
     }

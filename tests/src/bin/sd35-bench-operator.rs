@@ -94,9 +94,21 @@ fn proc_stats(pid: u32) -> Result<(f64, f64)> {
     Ok((hwm_kib / 1024.0, ticks / 100.0))
 }
 
-/// The operator's requests from the audit log (by its user agent), by verb and resource.
+/// The operator's requests from the audit log (by its user agent), by verb and resource. The
+/// API server rotates its audit log every 100 MB (`audit-<time>.log` beside `audit.log`, all
+/// kept), which a run of a few thousand objects exceeds: every part is read.
 fn audit_requests(cluster: &Cluster) -> Result<BTreeMap<(String, String), usize>> {
-    let text = std::fs::read_to_string(cluster.audit_log_path())?;
+    let path = cluster.audit_log_path();
+    let dir = path.parent().context("the audit log has a directory")?;
+    let mut text = String::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("audit") && name.ends_with(".log") {
+            text.push_str(&std::fs::read_to_string(dir.join(&*name))?);
+            text.push('\n');
+        }
+    }
     let mut counts = BTreeMap::new();
     for line in text.lines() {
         let Ok(e) = serde_json::from_str::<serde_json::Value>(line) else {
