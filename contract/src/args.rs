@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::layout::CACHE_MOUNT;
-use crate::model::{DeviceKind, Precision, Variant};
+use crate::model::{DeviceKind, Precision, S3UrlStyle, Variant};
 
 /// Where `fetch` gets the model from: exactly one of the three.
 #[derive(Args, Clone, Debug, PartialEq, Eq)]
@@ -82,6 +82,105 @@ pub struct BuildEngineArgs {
     /// cache was fetched as).
     #[arg(long, env = "SD35_VARIANT")]
     pub variant: Option<Variant>,
+}
+
+/// The longest lifetime of an artifact URL: S3 presigned URLs live at most 7 days.
+pub const MAX_ARTIFACT_URL_SECONDS: u32 = 7 * 24 * 3600;
+
+/// Where `serve` stores the images it is asked to store (`response_format: "url"`, or
+/// `store` on `/v1/txt2img`). Neither a directory nor a bucket: images are only returned
+/// inline. The S3 credentials never go on the command line: `AWS_ACCESS_KEY_ID` and
+/// `AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`) come from the environment.
+#[derive(Args, Clone, Debug, PartialEq, Eq)]
+pub struct ArtifactArgs {
+    /// Store images in this directory; the server serves them back itself on signed URLs
+    /// that expire (`GET /v1/artifacts/<name>`).
+    #[arg(
+        long,
+        env = "SD35_ARTIFACTS_DIR",
+        conflicts_with = "artifacts_s3_bucket"
+    )]
+    pub artifacts_dir: Option<PathBuf>,
+
+    /// Store images in this bucket of an S3-compatible object store and hand out presigned
+    /// GET URLs.
+    #[arg(long, env = "SD35_ARTIFACTS_S3_BUCKET")]
+    pub artifacts_s3_bucket: Option<String>,
+
+    /// The S3 endpoint, `http(s)://host[:port]` (unset: AWS's endpoint of the region).
+    #[arg(
+        long,
+        env = "SD35_ARTIFACTS_S3_ENDPOINT",
+        requires = "artifacts_s3_bucket"
+    )]
+    pub artifacts_s3_endpoint: Option<String>,
+
+    /// The bucket's region (part of every signature).
+    #[arg(long, env = "SD35_ARTIFACTS_S3_REGION", default_value = "us-east-1")]
+    pub artifacts_s3_region: String,
+
+    /// Prepended to every object key, for example `sd35/`.
+    #[arg(long, env = "SD35_ARTIFACTS_S3_PREFIX", default_value = "")]
+    pub artifacts_s3_prefix: String,
+
+    /// How the endpoint addresses the bucket: `path` (`<endpoint>/<bucket>/<key>`) or
+    /// `virtual-host` (`<bucket>.<endpoint host>/<key>`).
+    #[arg(long, env = "SD35_ARTIFACTS_S3_URL_STYLE", value_enum, default_value_t = S3UrlStyle::Path)]
+    pub artifacts_s3_url_style: S3UrlStyle,
+
+    /// Seconds an artifact URL stays valid (at most 7 days, S3's limit for presigned URLs).
+    #[arg(long, env = "SD35_ARTIFACTS_URL_SECONDS", default_value_t = 3600,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_ARTIFACT_URL_SECONDS)))]
+    pub artifacts_url_seconds: u32,
+}
+
+/// What the command line gives when no artifact flag is set: no storage.
+impl Default for ArtifactArgs {
+    fn default() -> Self {
+        Self {
+            artifacts_dir: None,
+            artifacts_s3_bucket: None,
+            artifacts_s3_endpoint: None,
+            artifacts_s3_region: "us-east-1".to_owned(),
+            artifacts_s3_prefix: String::new(),
+            artifacts_s3_url_style: S3UrlStyle::Path,
+            artifacts_url_seconds: 3600,
+        }
+    }
+}
+
+impl ArtifactArgs {
+    /// Whether any storage is configured.
+    pub fn enabled(&self) -> bool {
+        self.artifacts_dir.is_some() || self.artifacts_s3_bucket.is_some()
+    }
+
+    fn push_args(&self, a: &mut Vec<String>) {
+        let defaults = Self::default();
+        push_opt(
+            a,
+            "artifacts-dir",
+            self.artifacts_dir.as_ref().map(|p| p.display()),
+        );
+        push_opt(a, "artifacts-s3-bucket", self.artifacts_s3_bucket.as_ref());
+        push_opt(
+            a,
+            "artifacts-s3-endpoint",
+            self.artifacts_s3_endpoint.as_ref(),
+        );
+        if self.artifacts_s3_region != defaults.artifacts_s3_region {
+            push(a, "artifacts-s3-region", &self.artifacts_s3_region);
+        }
+        if self.artifacts_s3_prefix != defaults.artifacts_s3_prefix {
+            push(a, "artifacts-s3-prefix", &self.artifacts_s3_prefix);
+        }
+        if self.artifacts_s3_url_style != defaults.artifacts_s3_url_style {
+            push(a, "artifacts-s3-url-style", self.artifacts_s3_url_style);
+        }
+        if self.artifacts_url_seconds != defaults.artifacts_url_seconds {
+            push(a, "artifacts-url-seconds", self.artifacts_url_seconds);
+        }
+    }
 }
 
 /// `sd35-server serve`: the flags the operator sets on serving pods.
@@ -171,6 +270,10 @@ pub struct ServeArgs {
     /// File with accepted bearer tokens, one per line; unset turns auth off.
     #[arg(long, env = "SD35_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<PathBuf>,
+
+    /// Where generated images are stored when a client asks for URLs.
+    #[command(flatten)]
+    pub artifacts: ArtifactArgs,
 }
 
 fn push(args: &mut Vec<String>, flag: &str, value: impl std::fmt::Display) {
@@ -255,6 +358,7 @@ impl ServeArgs {
             "auth-token-file",
             self.auth_token_file.as_ref().map(|p| p.display()),
         );
+        self.artifacts.push_args(&mut a);
         a
     }
 }
@@ -364,6 +468,19 @@ mod tests {
     }
 
     #[test]
+    fn serve_refuses_two_artifact_stores_and_an_endpoint_without_a_bucket() {
+        let base = ["sd35-server", "serve", "--model=/m"];
+        for extra in [
+            &["--artifacts-dir=/a", "--artifacts-s3-bucket=b"][..],
+            &["--artifacts-s3-endpoint=http://s3.example"][..],
+            &["--artifacts-dir=/a", "--artifacts-url-seconds=604801"][..],
+        ] {
+            let argv = base.iter().chain(extra).copied();
+            assert!(Cli::try_parse_from(argv).is_err(), "{extra:?} was accepted");
+        }
+    }
+
+    #[test]
     fn serve_command_lines_parse_back_with_and_without_options() {
         let full = ServeArgs {
             model: "/cache/models/c".into(),
@@ -389,6 +506,22 @@ mod tests {
             max_batch_size: 4,
             request_timeout_seconds: 30,
             auth_token_file: Some("/etc/sd35/auth/tokens".into()),
+            artifacts: ArtifactArgs {
+                artifacts_dir: None,
+                artifacts_s3_bucket: Some("images".into()),
+                artifacts_s3_endpoint: Some("http://s3.example:9000".into()),
+                artifacts_s3_region: "eu-west-1".into(),
+                artifacts_s3_prefix: "sd35/".into(),
+                artifacts_s3_url_style: S3UrlStyle::VirtualHost,
+                artifacts_url_seconds: 600,
+            },
+        };
+        let local = ServeArgs {
+            artifacts: ArtifactArgs {
+                artifacts_dir: Some("/tmp/artifacts".into()),
+                ..ArtifactArgs::default()
+            },
+            ..full.clone()
         };
         let bare = ServeArgs {
             engine: None,
@@ -403,9 +536,19 @@ mod tests {
             default_width: None,
             default_height: None,
             auth_token_file: None,
+            artifacts: ArtifactArgs::default(),
             ..full.clone()
         };
-        for args in [full, bare] {
+        assert!(!bare.artifacts.enabled() && local.artifacts.enabled());
+        // The default is what the command line gives without artifact flags.
+        assert_eq!(
+            bare.to_args()
+                .iter()
+                .filter(|a| a.contains("artifacts"))
+                .count(),
+            0
+        );
+        for args in [full, local, bare] {
             match parse("serve", args.to_args()) {
                 Command::Serve(parsed) => assert_eq!(parsed, args),
                 other => panic!("parsed as {other:?}"),

@@ -25,7 +25,8 @@ pub const COMPLETE_MARKER: &str = ".sd35-complete.json";
 pub const ENGINE_MANIFEST: &str = "engine.json";
 
 /// Version of the engine layout; part of every engine key, so a new format gets new engines.
-pub const ENGINE_FORMAT_VERSION: u32 = 2;
+/// 3: `engine.json` records the smoke image servers check before they turn ready.
+pub const ENGINE_FORMAT_VERSION: u32 = 3;
 
 /// Where a container's termination message goes (Kubernetes' default
 /// `terminationMessagePath`); `serve` writes its start-up failure there.

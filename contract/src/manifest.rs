@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::layout::{COMPLETE_MARKER, ENGINE_FORMAT_VERSION, ENGINE_MANIFEST};
-use crate::model::{Precision, Variant};
+use crate::model::{DeviceKind, Precision, Variant};
 
 /// Why a manifest could not be read or written.
 #[derive(Debug)]
@@ -212,7 +212,41 @@ pub struct EngineManifest {
     pub tool_version: String,
     /// Every file but the manifest.
     pub files: Vec<FileRecord>,
+    /// The fixed-seed image the engine made right after it was built; a server repeats it
+    /// before it reports ready and refuses an engine whose image is outside the bound. An
+    /// engine without one was not built to completion and is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smoke: Option<SmokeRecord>,
 }
+
+/// A small image generated with fixed parameters and seed (T5 left out, so servers running
+/// without T5 can repeat it), and where it was generated.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SmokeRecord {
+    /// What was drawn.
+    pub prompt: String,
+    /// The negative prompt (used with guidance > 1).
+    pub negative_prompt: String,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Sampling steps.
+    pub steps: u32,
+    /// Classifier-free guidance scale.
+    pub guidance: f64,
+    /// Seed of the initial noise.
+    pub seed: u64,
+    /// The device it was generated on (`cpu` or `cuda`).
+    pub device: DeviceKind,
+    /// Lower-case hex sha256 of [`SmokeRecord::pixels`]' bytes.
+    pub sha256: String,
+    /// The 8-bit RGB pixels, row by row, base64 (standard alphabet, padded).
+    pub pixels: String,
+}
+
+// `guidance` is a finite number written by the builder; equality of records compares bits.
+impl Eq for SmokeRecord {}
 
 impl EngineManifest {
     /// Reads an engine's manifest and checks its format version and precision; the error says
@@ -279,6 +313,18 @@ mod tests {
                 size: 3,
                 sha256: "00".into(),
             }],
+            smoke: Some(SmokeRecord {
+                prompt: "p".into(),
+                negative_prompt: String::new(),
+                width: 32,
+                height: 32,
+                steps: 2,
+                guidance: 3.5,
+                seed: 0,
+                device: DeviceKind::Cpu,
+                sha256: "11".into(),
+                pixels: "AAAA".into(),
+            }),
         }
     }
 

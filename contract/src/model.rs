@@ -121,6 +121,30 @@ impl DeviceKind {
     }
 }
 
+/// How an S3-compatible endpoint addresses a bucket.
+#[derive(ValueEnum, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[value(rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case")]
+pub enum S3UrlStyle {
+    /// `https://<endpoint>/<bucket>/<key>`: works with every S3-compatible server and with
+    /// endpoints given as an IP address.
+    #[default]
+    Path,
+    /// `https://<bucket>.<endpoint>/<key>`: what AWS recommends; needs DNS (or a `*.localhost`
+    /// endpoint) that resolves `<bucket>.<endpoint host>`.
+    VirtualHost,
+}
+
+impl S3UrlStyle {
+    /// The name on the command line and in the CRD.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            S3UrlStyle::Path => "path",
+            S3UrlStyle::VirtualHost => "virtual-host",
+        }
+    }
+}
+
 macro_rules! text_enum {
     ($t:ty, $what:literal) => {
         impl fmt::Display for $t {
@@ -155,6 +179,7 @@ macro_rules! text_enum {
 text_enum!(Variant, "variant");
 text_enum!(Precision, "precision");
 text_enum!(DeviceKind, "device");
+text_enum!(S3UrlStyle, "S3 URL style");
 
 /// The model names a server answers to when none are given: the variant, its official
 /// repository id (or `repo`, the repository it was fetched from), `sd3.5` and
@@ -182,7 +207,7 @@ mod schema {
 
     use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 
-    use super::{DeviceKind, Precision, Variant};
+    use super::{DeviceKind, Precision, S3UrlStyle, Variant};
 
     macro_rules! string_enum_schema {
         ($t:ty, $name:literal) => {
@@ -209,6 +234,7 @@ mod schema {
     string_enum_schema!(Variant, "Variant");
     string_enum_schema!(Precision, "Precision");
     string_enum_schema!(DeviceKind, "DeviceKind");
+    string_enum_schema!(S3UrlStyle, "S3UrlStyle");
 }
 
 #[cfg(test)]
@@ -232,6 +258,13 @@ mod tests {
         }
         for d in [DeviceKind::Auto, DeviceKind::Cuda, DeviceKind::Cpu] {
             assert_eq!(d.as_str().parse::<DeviceKind>(), Ok(d));
+        }
+        for s in [S3UrlStyle::Path, S3UrlStyle::VirtualHost] {
+            assert_eq!(s.as_str().parse::<S3UrlStyle>(), Ok(s));
+            assert_eq!(
+                serde_json::to_string(&s).unwrap_or_default(),
+                format!("\"{s}\"")
+            );
         }
         let err = "xl".parse::<Variant>().unwrap_err();
         assert!(err.contains("large-turbo"), "{err}");

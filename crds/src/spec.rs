@@ -12,7 +12,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use sd35_contract::{Precision, Variant};
+pub use sd35_contract::{Precision, S3UrlStyle, Variant};
 
 use crate::status::SD35DeploymentStatus;
 
@@ -482,6 +482,12 @@ pub struct ServerSpec {
     /// stay open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthSpec>,
+
+    /// Store generated images in an S3-compatible bucket when a client asks for URLs
+    /// (`response_format: "url"` on `/v1/images/generations`, `store: true` on
+    /// `/v1/txt2img`) and hand out presigned GET URLs. Unset: images are only sent inline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifacts: Option<ArtifactsSpec>,
 }
 
 impl Default for ServerSpec {
@@ -496,6 +502,7 @@ impl Default for ServerSpec {
             defaults: GenerationDefaults::default(),
             limits: ServerLimits::default(),
             auth: None,
+            artifacts: None,
         }
     }
 }
@@ -622,6 +629,88 @@ fn default_request_timeout() -> i32 {
 pub struct AuthSpec {
     /// A Secret key holding the accepted tokens, one per line.
     pub secret_ref: SecretKeyRef,
+}
+
+/// An S3-compatible bucket for generated images.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ArtifactsSpec {
+    /// Name of the bucket (S3 naming: 3 to 63 lowercase letters, digits, dots and hyphens,
+    /// starting and ending with a letter or digit). The operator does not create it.
+    #[schemars(length(min = 3, max = 63))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9][a-z0-9.-]*[a-z0-9]$') && !self.contains('..')")
+        .message("artifacts.bucket must be an S3 bucket name: lowercase letters, digits, dots and hyphens, starting and ending with a letter or digit"))]
+    pub bucket: String,
+
+    /// Endpoint of the object store, `http(s)://host[:port]`, for example
+    /// `https://s3.eu-west-1.amazonaws.com` or `http://minio.storage:9000`. Unset: AWS's
+    /// endpoint of `region`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = Rule::new("isURL(self) && self.matches('^https?://[^/?#@]+/?$')")
+        .message("artifacts.endpoint must be http(s)://host[:port] with no path, query or credentials"))]
+    pub endpoint: Option<String>,
+
+    /// Region of the bucket (part of every signature).
+    #[serde(default = "default_region")]
+    #[schemars(length(min = 1, max = 64))]
+    pub region: String,
+
+    /// Prepended to every object key, for example `sd35/`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = 512))]
+    #[x_kube(validation = Rule::new("!self.startsWith('/')")
+        .message("artifacts.prefix must not start with /"))]
+    pub prefix: String,
+
+    /// How the endpoint addresses the bucket: `path` (`<endpoint>/<bucket>/<key>`, works
+    /// with every S3-compatible server) or `virtual-host` (`<bucket>.<endpoint host>/<key>`).
+    #[serde(default)]
+    pub url_style: S3UrlStyle,
+
+    /// Seconds a handed-out URL stays valid (at most 7 days, S3's limit for presigned URLs).
+    #[serde(default = "default_url_seconds")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub url_seconds: i32,
+
+    /// The Secret holding the access key pair. Only its name and keys are read by the
+    /// operator; the serving pods get the values as environment variables from the Secret.
+    pub credentials_secret: S3CredentialsSecret,
+}
+
+fn default_region() -> String {
+    "us-east-1".to_owned()
+}
+
+fn default_url_seconds() -> i32 {
+    3600
+}
+
+/// A Secret in this namespace with an S3 access key pair.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct S3CredentialsSecret {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+
+    /// Key of the access key id within the Secret.
+    #[serde(default = "default_access_key_id_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub access_key_id_key: String,
+
+    /// Key of the secret access key within the Secret.
+    #[serde(default = "default_secret_access_key_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_access_key_key: String,
+}
+
+fn default_access_key_id_key() -> String {
+    "AWS_ACCESS_KEY_ID".to_owned()
+}
+
+fn default_secret_access_key_key() -> String {
+    "AWS_SECRET_ACCESS_KEY".to_owned()
 }
 
 /// Where the serving pods and the Jobs may run.

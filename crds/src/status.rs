@@ -46,7 +46,8 @@ pub struct SD35DeploymentStatus {
     pub conditions: Vec<Condition>,
 
     /// One word for where the object is: Pending, Caching, Building, Deploying, Ready,
-    /// Degraded, Failed or Paused.
+    /// ScaledToZero (`replicas: 0`, cache and engine kept; Ready is True), Degraded, Failed or
+    /// Paused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
 
@@ -91,6 +92,10 @@ pub enum Phase {
     Building,
     Deploying,
     Ready,
+    // `spec.replicas` is 0: no serving pod runs; the cache and the engine are kept, so scaling
+    // up serves again without fetching or building. (A `///` here would change the schema's
+    // shape: schemars describes documented variants one by one.)
+    ScaledToZero,
     Degraded,
     Failed,
     Paused,

@@ -963,7 +963,10 @@ pub async fn reconcile(obj: Arc<SD35Deployment>, ctx: Arc<Context>) -> Result<Ac
         endpoint: Some(format!("http://{name}.{ns}.svc:{}", r.spec.server.port)),
     };
     let status = compute(&observed, obj.status.as_ref(), now);
-    let ready = status.phase == Some(sd35_crds::Phase::Ready);
+    let ready = matches!(
+        status.phase,
+        Some(sd35_crds::Phase::Ready | sd35_crds::Phase::ScaledToZero)
+    );
     if obj.status.as_ref().and_then(|s| s.phase) != status.phase {
         info!(phase = ?status.phase, "phase changed");
     }

@@ -257,8 +257,19 @@ pub fn compute(
         None
     };
 
+    let scaled_to_zero = not_ready.is_none() && o.desired_replicas == 0;
     let mut conditions = vec![
         match &not_ready {
+            // Healthy for kstatus and Argo CD: nothing is wrong, nothing is pending.
+            None if scaled_to_zero => cond(
+                condition::READY,
+                true,
+                "ScaledToZero",
+                "spec.replicas is 0: no serving pod runs; the cache and the engine are kept, \
+                 so scaling up serves again without fetching or building",
+                g,
+                &now,
+            ),
             None => cond(
                 condition::READY,
                 true,
@@ -353,6 +364,8 @@ pub fn compute(
         Phase::Caching
     } else if !o.engine.is_done() {
         Phase::Building
+    } else if rolled_out && scaled_to_zero {
+        Phase::ScaledToZero
     } else if rolled_out {
         Phase::Ready
     } else if r.runs_desired_target
@@ -769,7 +782,19 @@ mod tests {
         });
         let s = compute(&o, None, t(1));
         assert_eq!(get(&s, "Ready").status, "True");
+        assert_eq!(get(&s, "Ready").reason, "ScaledToZero");
+        assert_eq!(get(&s, "Reconciling").status, "False");
+        assert_eq!(get(&s, "Stalled").status, "False");
         assert_eq!(get(&s, "Available").reason, "ScaledToZero");
+        assert_eq!(get(&s, "CacheReady").status, "True");
+        assert_eq!(get(&s, "EngineReady").status, "True");
+        assert_eq!(s.phase, Some(Phase::ScaledToZero));
+        // Scaling to zero while the new engine is still being built is not "scaled to zero"
+        // yet: the build is reported.
+        o.engine = StepState::Pending("Building".into(), "Job sd35-build-1 is running".into());
+        let s = compute(&o, None, t(2));
+        assert_eq!(s.phase, Some(Phase::Building));
+        assert_eq!(get(&s, "Ready").status, "False");
     }
 
     #[test]

@@ -401,3 +401,95 @@ fn the_serving_target_round_trips_through_the_pod_template() {
     let d = build::deployment(&r, &OperatorConfig::default(), &owner, &target);
     assert_eq!(ServingTarget::of(&d), Some(target));
 }
+
+#[test]
+fn s3_artifacts_reach_the_server_as_flags_and_the_keys_by_secret_reference_only() {
+    let obj = example("large-turbo-s3-artifacts.yaml");
+    let (r, owner) = resolved(&obj);
+    let deployment = build::deployment(
+        &r,
+        &OperatorConfig::default(),
+        &owner,
+        &ServingTarget::desired(&r),
+    );
+    let pod = deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .clone()
+        .unwrap();
+    let c = &pod.containers[0];
+    match parse(c.command.as_ref().unwrap(), c.args.as_ref().unwrap()) {
+        Command::Serve(s) => {
+            let a = s.artifacts;
+            assert_eq!(a.artifacts_s3_bucket.as_deref(), Some("generated-images"));
+            assert_eq!(
+                a.artifacts_s3_endpoint.as_deref(),
+                Some("http://minio.storage.svc:9000")
+            );
+            assert_eq!(a.artifacts_s3_prefix, "sd35-turbo/");
+            assert_eq!(a.artifacts_s3_region, "us-east-1");
+            assert_eq!(a.artifacts_s3_url_style, sd35_contract::S3UrlStyle::Path);
+            assert_eq!(a.artifacts_url_seconds, 900);
+            assert_eq!(a.artifacts_dir, None);
+        }
+        other => panic!("{other:?}"),
+    }
+    // The key pair comes from the Secret by reference: no value is written anywhere the
+    // operator writes, and nothing about the keys is on the command line.
+    let env = c.env.clone().unwrap_or_default();
+    let refs: Vec<(String, String, String)> = env
+        .iter()
+        .map(|e| {
+            assert_eq!(e.value, None, "{} has a literal value", e.name);
+            let r = e
+                .value_from
+                .as_ref()
+                .and_then(|v| v.secret_key_ref.clone())
+                .unwrap();
+            (e.name.clone(), r.name, r.key)
+        })
+        .collect();
+    assert_eq!(
+        refs,
+        [
+            (
+                "AWS_ACCESS_KEY_ID".into(),
+                "sd35-s3".into(),
+                "AWS_ACCESS_KEY_ID".into()
+            ),
+            (
+                "AWS_SECRET_ACCESS_KEY".into(),
+                "sd35-s3".into(),
+                "AWS_SECRET_ACCESS_KEY".into()
+            ),
+        ]
+    );
+    assert!(
+        !c.args
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|a| a.contains("sd35-s3")),
+        "the Secret's name is not an argument"
+    );
+    // Without artifacts, no storage flag and no environment.
+    let (plain, owner) = resolved(&example("large-turbo-bf16.yaml"));
+    let d = build::deployment(
+        &plain,
+        &OperatorConfig::default(),
+        &owner,
+        &ServingTarget::desired(&plain),
+    );
+    let c = &d.spec.unwrap().template.spec.unwrap().containers[0];
+    assert!(c.env.is_none());
+    assert!(
+        !c.args
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|a| a.contains("artifacts"))
+    );
+}

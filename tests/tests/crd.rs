@@ -184,6 +184,36 @@ const INVALID: &[(&str, &str, &str)] = &[
         "rollout.maxSurge is only used with strategy Surge",
     ),
     (
+        "bad-bucket",
+        "variant: large\nserver:\n  artifacts: {bucket: My_Images, credentialsSecret: {name: s3}}",
+        "artifacts.bucket must be an S3 bucket name",
+    ),
+    (
+        "endpoint-with-path",
+        "variant: large\nserver:\n  artifacts: {bucket: images, endpoint: 'https://s3.example/images', credentialsSecret: {name: s3}}",
+        "artifacts.endpoint must be http(s)://host[:port] with no path, query or credentials",
+    ),
+    (
+        "endpoint-with-credentials",
+        "variant: large\nserver:\n  artifacts: {bucket: images, endpoint: 'https://key:secret@s3.example', credentialsSecret: {name: s3}}",
+        "artifacts.endpoint must be http(s)://host[:port] with no path, query or credentials",
+    ),
+    (
+        "url-longer-than-s3-allows",
+        "variant: large\nserver:\n  artifacts: {bucket: images, urlSeconds: 604801, credentialsSecret: {name: s3}}",
+        "should be less than or equal to 604800",
+    ),
+    (
+        "absolute-prefix",
+        "variant: large\nserver:\n  artifacts: {bucket: images, prefix: /sd35, credentialsSecret: {name: s3}}",
+        "artifacts.prefix must not start with /",
+    ),
+    (
+        "artifacts-without-credentials",
+        "variant: large\nserver:\n  artifacts: {bucket: images}",
+        "credentialsSecret: Required value",
+    ),
+    (
         "unknown-field",
         "variant: large\nreplica: 2",
         "unknown field \"spec.replica\"",

@@ -221,6 +221,79 @@ async fn an_example_goes_cached_built_ready_then_scales_heals_and_deletes() {
         "a PDB once replicas > 1"
     );
 
+    // Scaled to zero: no serving pod, cache and engine kept, and healthy (Ready True, nothing
+    // reconciling) for kstatus and Argo CD; back to 3 without a Job.
+    let scale = |n: u32| {
+        let out = s
+            .cluster
+            .kubectl()
+            .args([
+                "scale",
+                "-n",
+                s.ns.name(),
+                "sd35/sd35-large",
+                &format!("--replicas={n}"),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    scale(0);
+    let zero = wait_for(&s.api, "sd35-large", "scaled to zero", TIMEOUT, |o| {
+        o.status
+            .as_ref()
+            .is_some_and(|st| st.phase == Some(sd35_crds::Phase::ScaledToZero))
+    })
+    .await
+    .unwrap();
+    assert!(
+        has_condition(&zero, "Ready", "True")
+            && has_condition(&zero, "Reconciling", "False")
+            && has_condition(&zero, "Stalled", "False")
+            && has_condition(&zero, "CacheReady", "True")
+            && has_condition(&zero, "EngineReady", "True"),
+        "{}",
+        summary(&zero)
+    );
+    poll_until("serving pods gone", TIMEOUT, || async {
+        Ok(if server_pods(&s, "sd35-large").await.is_empty() {
+            Probe::Ready(())
+        } else {
+            Probe::Pending("serving pods still exist".into())
+        })
+    })
+    .await
+    .unwrap();
+    let claims: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> = s.ns.api();
+    assert!(
+        claims.get_opt(&cache.claim_name).await.unwrap().is_some(),
+        "the cache claim is kept at zero replicas"
+    );
+    let jobs_before = jobs.list(&ListParams::default()).await.unwrap().items.len();
+    scale(3);
+    wait_for(
+        &s.api,
+        "sd35-large",
+        "3 ready replicas again",
+        TIMEOUT,
+        |o| {
+            o.status.as_ref().is_some_and(|st| {
+                st.ready_replicas == 3 && st.phase == Some(sd35_crds::Phase::Ready)
+            })
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        jobs.list(&ListParams::default()).await.unwrap().items.len(),
+        jobs_before,
+        "scaling up from zero started a Job"
+    );
+
     // Deleted children come back; a hand edit of an owned field is undone.
     let deployments: Api<Deployment> = s.ns.api();
     let services: Api<Service> = s.ns.api();

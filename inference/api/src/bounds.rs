@@ -71,6 +71,9 @@ pub struct Bounds {
     pub guidance: (f64, f64),
     /// Longest prompt and negative prompt, in bytes of UTF-8.
     pub prompt_bytes: usize,
+    /// The names a request may give as its model (`model`, `sd_model_checkpoint`), ASCII case
+    /// ignored and surrounding white space trimmed; empty before the model is loaded.
+    pub model_names: Vec<String>,
 }
 
 impl Bounds {
@@ -111,6 +114,7 @@ impl Bounds {
             },
             guidance: (0.0, MAX_GUIDANCE),
             prompt_bytes: max_prompt_bytes,
+            model_names: Vec::new(),
         }
     }
 
@@ -179,7 +183,10 @@ impl Limits {
 
     /// The bounds of every request field for this model and server.
     pub fn bounds(&self) -> Bounds {
-        Bounds::for_model(self.max_size(), self.max_steps, self.max_prompt_bytes)
+        Bounds {
+            model_names: self.model.served_names.clone(),
+            ..Bounds::for_model(self.max_size(), self.max_steps, self.max_prompt_bytes)
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 //!   written into the JSON Schemas, so the OpenAPI document cannot drift from what is enforced;
 //! - [`response`]: the response bodies, `/v1/models` included;
 //! - [`error`]: the one error type; its status and field are what the client sees;
+//! - [`sdapi`]: the AUTOMATIC1111 web API subset (`/sdapi/v1/...`);
 //! - [`schema`]: the JSON Schemas of all of the above, with the bounds filled in;
 //! - [`properties`]: what every body satisfies, checked by the fuzz target and its corpus.
 //!
@@ -20,12 +21,16 @@ pub mod properties;
 pub mod request;
 pub mod response;
 pub mod schema;
+pub mod sdapi;
 
 pub use bounds::{Bounds, IntRange, Limits, MAX_GUIDANCE, MAX_IMAGES_PER_REQUEST, SIZE_MULTIPLE};
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 pub use params::{BatchKey, Defaults, GenParams, ModelInfo, SkipLayerInfo};
-pub use request::{ImagesRequest, Sampling, Txt2ImgRequest, check_model, parse_json, parse_size};
+pub use request::{
+    Delivery, ImagesRequest, MAX_PARTIAL_IMAGES, ResponseFormat, Sampling, Txt2ImgRequest,
+    check_model, parse_json, parse_size,
+};
 pub use response::{
-    ImageData, ImagesResponse, ModelDefaults, ModelEntry, ModelLimits, ModelList, Txt2ImgResponse,
-    UsedParameters,
+    COMPLETED_EVENT, ImageData, ImageStreamEvent, ImagesResponse, ModelDefaults, ModelEntry,
+    ModelLimits, ModelList, PARTIAL_IMAGE_EVENT, StreamUsage, Txt2ImgResponse, UsedParameters,
 };

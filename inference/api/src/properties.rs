@@ -2,7 +2,7 @@
 //! (`inference/api/fuzz`, coverage-guided with `cargo fuzz`) and by the replay of its
 //! committed corpus in the unit tests.
 //!
-//! For both endpoints: parsing either fails with a 400 or yields a request that validation
+//! For the three generation endpoints: parsing either fails with a 400 or yields a request that validation
 //! either refuses with a 4xx naming a field, or turns into images whose every value lies
 //! inside [`Bounds`]; the same body always gives the same answer; an accepted request,
 //! written back as JSON, is accepted again with the same images; seeds never wrap.
@@ -14,6 +14,7 @@ use crate::bounds::{Bounds, Limits, max_first_seed};
 use crate::error::ApiError;
 use crate::params::{Defaults, GenParams, ModelInfo};
 use crate::request::{ImagesRequest, Txt2ImgRequest, parse_json};
+use crate::sdapi::{A1111Txt2ImgRequest, MAX_RANDOM_SEED};
 
 /// The limits the properties are checked against: a model of 256 px at most, 50 steps,
 /// 100-byte prompts (small limits, so the fuzzer reaches them).
@@ -136,9 +137,35 @@ pub fn images(body: &[u8], seed: u64) {
     }
 }
 
-/// Both endpoints, with a random seed taken from the input's length (any value will do).
+/// The body as `POST /sdapi/v1/txt2img` would take it.
+pub fn sdapi_txt2img(body: &[u8], seed: u64) {
+    let limits = limits();
+    let bounds = limits.bounds();
+    match parse_json::<A1111Txt2ImgRequest>(body).map(|r| (r.resolve(&limits, || seed), r)) {
+        Err(e) => check_error(&e, false),
+        Ok((Err(e), _)) => check_error(&e, true),
+        Ok((Ok((images, batch, iterations)), req)) => {
+            assert_eq!(images.len(), (batch * iterations) as usize);
+            assert!(images.len() <= crate::bounds::MAX_IMAGES_PER_REQUEST as usize);
+            let first = images.first().map_or(0, |p| p.seed);
+            if matches!(req.seed, None | Some(-1)) {
+                assert!(
+                    first <= MAX_RANDOM_SEED,
+                    "a drawn seed {first} cannot be sent back"
+                );
+            }
+            for (i, p) in images.iter().enumerate() {
+                check_image(p, &bounds);
+                assert_eq!(p.seed, first + i as u64, "seeds are consecutive");
+            }
+        }
+    }
+}
+
+/// Every endpoint, with a random seed taken from the input's length (any value will do).
 pub fn request(body: &[u8]) {
     let seed = u64::MAX - body.len() as u64;
     txt2img(body, seed);
     images(body, seed);
+    sdapi_txt2img(body, seed);
 }

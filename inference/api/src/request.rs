@@ -37,6 +37,32 @@ pub struct Txt2ImgRequest {
     /// Seed of the initial noise (random when left out; the response reports it).
     #[serde(default)]
     pub seed: Option<u64>,
+    /// Also store the image (the server must have artifact storage): the PNG answer carries
+    /// its URL in `X-Artifact-Url` (and its expiry, Unix seconds, in `X-Artifact-Expires`),
+    /// the JSON answer in `url` and `expires_at`.
+    #[serde(default)]
+    pub store: Option<bool>,
+}
+
+/// Largest `partial_images` of a streamed generation (the OpenAI Images API's limit).
+pub const MAX_PARTIAL_IMAGES: u32 = 3;
+
+/// How `POST /v1/images/generations` hands the images back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFormat {
+    /// Inline, base64 PNG.
+    B64Json,
+    /// Stored; the answer carries an expiring URL per image.
+    Url,
+}
+
+/// How a request to `POST /v1/images/generations` is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    /// Inline or stored.
+    pub format: ResponseFormat,
+    /// Streamed as server-sent events with this many partial images, or one JSON answer.
+    pub stream: Option<u32>,
 }
 
 /// `POST /v1/images/generations`: the OpenAI Images API body, plus our sampling fields.
@@ -51,7 +77,8 @@ pub struct ImagesRequest {
     /// `"WxH"`, e.g. `"1024x1024"`; each side a multiple of 16 up to the model's limit.
     #[serde(default)]
     pub size: Option<String>,
-    /// Only `b64_json` is supported.
+    /// `b64_json` (the default: the PNG inline) or `url` (the image is stored and the answer
+    /// carries a URL that expires; the server must have artifact storage).
     #[serde(default)]
     pub response_format: Option<String>,
     /// One of the served model names (`GET /v1/models`); left out, the served model.
@@ -73,6 +100,15 @@ pub struct ImagesRequest {
     /// 64 bits (seeds never wrap around; a larger seed is a 422 naming `seed`).
     #[serde(default)]
     pub seed: Option<u64>,
+    /// Answer with server-sent events (`text/event-stream`): `image_generation.partial_image`
+    /// events with previews while sampling, then `image_generation.completed` with the image
+    /// (one image: `n` must be 1; inline: `response_format` must be `b64_json`).
+    #[serde(default)]
+    pub stream: Option<bool>,
+    /// Previews streamed before the image (with `stream: true`), spread evenly over the
+    /// sampling steps; fewer when there are too few steps.
+    #[serde(default)]
+    pub partial_images: Option<u32>,
 }
 
 /// Parses a JSON body: exactly one JSON object (surrounding whitespace allowed), no unknown
@@ -208,6 +244,50 @@ pub fn check_model(model: &str, served: &ModelInfo) -> Result<(), ApiError> {
     .with_field("model"))
 }
 
+/// The white space `str::trim` removes (Unicode `White_Space`), as a regular expression class
+/// (ECMA-262's `\s` differs: it has U+FEFF and lacks U+0085).
+const TRIMMED_SPACE: &str =
+    r"[\t\n\x0B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*";
+
+/// The JSON Schema `pattern` of a prompt `Bounds::check_prompt` accepts when it is required:
+/// no NUL, and something besides the white space `str::trim` removes.
+pub const PROMPT_PATTERN: &str = r"^[^\u0000]*[^\u0000\t\n\x0B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000]*$";
+
+/// The JSON Schema `pattern` of a negative prompt: no NUL.
+pub const NO_NUL_PATTERN: &str = r"^[^\u0000]*$";
+
+/// The JSON Schema `pattern` of exactly the names [`check_model`] accepts: one of `names`,
+/// ASCII case ignored, with surrounding white space; `None` when there are no names yet.
+pub fn model_name_pattern(names: &[String]) -> Option<String> {
+    if names.is_empty() {
+        return None;
+    }
+    let alternatives: Vec<String> = names
+        .iter()
+        .map(|name| {
+            let mut out = String::new();
+            for c in name.chars() {
+                if c.is_ascii_alphabetic() {
+                    out.push('[');
+                    out.push(c.to_ascii_lowercase());
+                    out.push(c.to_ascii_uppercase());
+                    out.push(']');
+                } else if "\\^$.|?*+()[]{}/".contains(c) {
+                    out.push('\\');
+                    out.push(c);
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        })
+        .collect();
+    Some(format!(
+        "^{TRIMMED_SPACE}(?:{}){TRIMMED_SPACE}$",
+        alternatives.join("|")
+    ))
+}
+
 /// The pattern every `size` matches (the digits are ASCII).
 pub const SIZE_PATTERN: &str = "^[0-9]+[xX][0-9]+$";
 
@@ -236,6 +316,57 @@ pub fn parse_size(size: &str) -> Result<(u32, u32), ApiError> {
 }
 
 impl ImagesRequest {
+    /// How the request is answered: inline or stored, streamed or not; a combination the API
+    /// does not define is a 422 naming the field.
+    pub fn delivery(&self) -> Result<Delivery, ApiError> {
+        let format = match self.response_format.as_deref() {
+            None | Some("b64_json") => ResponseFormat::B64Json,
+            Some("url") => ResponseFormat::Url,
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    "response_format",
+                    format!("`{other}` is not supported; use \"b64_json\" or \"url\""),
+                ));
+            }
+        };
+        if let Some(p) = self.partial_images
+            && p > MAX_PARTIAL_IMAGES
+        {
+            return Err(ApiError::invalid(
+                "partial_images",
+                format!("must be a whole number from 0 to {MAX_PARTIAL_IMAGES}; got {p}"),
+            ));
+        }
+        if self.stream != Some(true) {
+            if self.partial_images.is_some_and(|p| p > 0) {
+                return Err(ApiError::invalid(
+                    "partial_images",
+                    "partial images are streamed: send `stream: true` with them",
+                ));
+            }
+            return Ok(Delivery {
+                format,
+                stream: None,
+            });
+        }
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::invalid(
+                "n",
+                "a streamed generation makes one image: `n` must be 1 with `stream: true`",
+            ));
+        }
+        if format == ResponseFormat::Url {
+            return Err(ApiError::invalid(
+                "response_format",
+                "streamed images are sent inline: use \"b64_json\" with `stream: true`",
+            ));
+        }
+        Ok(Delivery {
+            format,
+            stream: Some(self.partial_images.unwrap_or(0)),
+        })
+    }
+
     /// Validates the request into one parameter set per image (seeds `seed`, `seed + 1`, …).
     pub fn resolve(
         &self,
@@ -244,15 +375,7 @@ impl ImagesRequest {
     ) -> Result<Vec<GenParams>, ApiError> {
         let bounds: Bounds = limits.bounds();
         let n = bounds.images.check("n", self.n.unwrap_or(1))?;
-        match self.response_format.as_deref() {
-            None | Some("b64_json") => {}
-            Some(other) => {
-                return Err(ApiError::invalid(
-                    "response_format",
-                    format!("`{other}` is not supported; use \"b64_json\""),
-                ));
-            }
-        }
+        self.delivery()?;
         if let Some(m) = &self.model {
             check_model(m, &limits.model)?;
         }
@@ -461,8 +584,12 @@ pub(crate) mod tests {
             assert_eq!(run(&body), Err((422, Some("size".into()))), "{size}");
         }
         assert_eq!(
-            run(r#"{"prompt":"a","response_format":"url"}"#),
+            run(r#"{"prompt":"a","response_format":"png"}"#),
             Err((422, Some("response_format".into())))
+        );
+        assert_eq!(
+            run(r#"{"prompt":"a","response_format":"url","seed":1}"#),
+            Ok(vec![(64, 64, 1)])
         );
         assert_eq!(
             run(r#"{"prompt":"a","model":"dall-e-3"}"#),
@@ -472,6 +599,52 @@ pub(crate) mod tests {
             run(r#"{"prompt":"a","quality":"hd"}"#),
             Err((400, Some("quality".into())))
         );
+    }
+
+    #[test]
+    fn streaming_is_one_inline_image_with_up_to_three_previews() {
+        let delivery = |body: &str| {
+            parse_json::<ImagesRequest>(body.as_bytes())
+                .and_then(|r| r.delivery())
+                .map_err(|e| (e.status.as_u16(), e.field))
+        };
+        assert_eq!(
+            delivery(r#"{"prompt":"a","stream":true,"partial_images":2}"#),
+            Ok(Delivery {
+                format: ResponseFormat::B64Json,
+                stream: Some(2)
+            })
+        );
+        assert_eq!(
+            delivery(r#"{"prompt":"a","stream":true}"#).map(|d| d.stream),
+            Ok(Some(0))
+        );
+        assert_eq!(
+            delivery(r#"{"prompt":"a","stream":false,"response_format":"url"}"#),
+            Ok(Delivery {
+                format: ResponseFormat::Url,
+                stream: None
+            })
+        );
+        for (body, field) in [
+            (
+                r#"{"prompt":"a","stream":true,"partial_images":4}"#,
+                "partial_images",
+            ),
+            (r#"{"prompt":"a","partial_images":1}"#, "partial_images"),
+            (r#"{"prompt":"a","stream":true,"n":2}"#, "n"),
+            (
+                r#"{"prompt":"a","stream":true,"response_format":"url"}"#,
+                "response_format",
+            ),
+        ] {
+            assert_eq!(delivery(body), Err((422, Some(field.into()))), "{body}");
+            assert_eq!(
+                images(body, 0),
+                Err((422, Some(field.into()))),
+                "resolve refuses {body} too"
+            );
+        }
     }
 
     #[test]
@@ -497,5 +670,67 @@ pub(crate) mod tests {
         // A random first seed is drawn so that the last one still fits.
         let drawn = images(r#"{"prompt":"a","n":3}"#, max).unwrap_or_default();
         assert_eq!(drawn.last().map(|p| p.2), Some(max));
+    }
+
+    /// The document's pattern for model names accepts exactly the names `check_model` does.
+    #[test]
+    fn model_name_pattern_is_check_model() {
+        let mut model = limits().model;
+        model.served_names = vec!["sd3.5-Large".into(), "a+b/c".into()];
+        let pattern = model_name_pattern(&model.served_names).unwrap_or_default();
+        let re = regex::Regex::new(&pattern).unwrap_or_else(|e| panic!("{pattern}: {e}"));
+        for name in [
+            "sd3.5-large",
+            "SD3.5-LARGE",
+            " sd3.5-Large\t",
+            "\u{a0}sd3.5-large\u{3000}",
+            "\u{85}a+b/c",
+            "A+B/C",
+            "sd3x5-large",
+            "sd3.5-larg",
+            "sd3.5-large!",
+            "\u{feff}sd3.5-large",
+            "aab/c",
+            "",
+            "ſd3.5-large",
+        ] {
+            assert_eq!(
+                re.is_match(name),
+                check_model(name, &model).is_ok(),
+                "{name:?} against {pattern}"
+            );
+        }
+        assert_eq!(model_name_pattern(&[]), None);
+    }
+
+    /// The prompt patterns accept exactly the prompts `check_prompt` does (length aside).
+    #[test]
+    fn prompt_patterns_are_check_prompt() {
+        let bounds = limits().bounds();
+        let prompt = regex::Regex::new(PROMPT_PATTERN).unwrap_or_else(|e| panic!("{e}"));
+        let negative = regex::Regex::new(NO_NUL_PATTERN).unwrap_or_else(|e| panic!("{e}"));
+        for text in [
+            "a",
+            " a ",
+            "",
+            " ",
+            "\t\n",
+            "\u{3000}\u{85}",
+            "\u{feff}",
+            "a\0",
+            "\0",
+            "a b",
+        ] {
+            assert_eq!(
+                prompt.is_match(text),
+                bounds.check_prompt("prompt", text, true).is_ok(),
+                "{text:?}"
+            );
+            assert_eq!(
+                negative.is_match(text),
+                bounds.check_prompt("negative_prompt", text, false).is_ok(),
+                "{text:?}"
+            );
+        }
     }
 }

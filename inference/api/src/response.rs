@@ -16,6 +16,12 @@ pub struct Txt2ImgResponse {
     pub image: String,
     /// The parameters actually used (defaults and seed filled in).
     pub parameters: UsedParameters,
+    /// With `store: true`: where the stored image can be fetched until `expires_at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// With `store: true`: when `url` stops working, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
 }
 
 /// The parameters that produced an image; sending them back reproduces it.
@@ -62,14 +68,106 @@ pub struct ImagesResponse {
     pub data: Vec<ImageData>,
 }
 
-/// One generated image.
+/// One generated image: inline (`b64_json`) or stored (`url`, `expires_at`).
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImageData {
-    /// The PNG, base64.
-    pub b64_json: String,
+    /// The PNG, base64 (`response_format: "b64_json"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub b64_json: Option<String>,
+    /// Where the stored PNG can be fetched until `expires_at` (`response_format: "url"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// When `url` stops working, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
     /// The seed of this image.
     pub seed: u64,
+}
+
+/// The token counts OpenAI's GPT image models report; zero here (nothing is counted in
+/// tokens), present so OpenAI clients read the event.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StreamUsage {
+    /// Always 0.
+    pub input_tokens: u64,
+    /// Always zeros.
+    pub input_tokens_details: StreamTokenDetails,
+    /// Always 0.
+    pub output_tokens: u64,
+    /// Always 0.
+    pub total_tokens: u64,
+}
+
+/// Input token details of [`StreamUsage`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StreamTokenDetails {
+    /// Always 0.
+    pub image_tokens: u64,
+    /// Always 0.
+    pub text_tokens: u64,
+}
+
+/// The `type` of a partial image event.
+pub const PARTIAL_IMAGE_EVENT: &str = "image_generation.partial_image";
+/// The `type` of the final event of a streamed generation.
+pub const COMPLETED_EVENT: &str = "image_generation.completed";
+
+/// One server-sent event of a streamed `POST /v1/images/generations` (`stream: true`), in the
+/// OpenAI Images API's shape: the event name is `type`, the data this object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImageStreamEvent {
+    /// `image_generation.partial_image` (a preview) or `image_generation.completed`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The PNG, base64: a preview of the image the model predicts at that step, or the image.
+    pub b64_json: String,
+    /// Always `opaque`.
+    pub background: String,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Always `png`.
+    pub output_format: String,
+    /// Always `auto`.
+    pub quality: String,
+    /// `WIDTHxHEIGHT`.
+    pub size: String,
+    /// Partial images only: 0, 1, … in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_image_index: Option<u32>,
+    /// The completed event only: zeros.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<StreamUsage>,
+    /// The seed of the image.
+    pub seed: u64,
+}
+
+impl ImageStreamEvent {
+    /// An event of `kind` for a `width`×`height` image.
+    pub fn new(
+        kind: &str,
+        png_b64: String,
+        width: u32,
+        height: u32,
+        seed: u64,
+        created_at: u64,
+    ) -> Self {
+        Self {
+            kind: kind.to_owned(),
+            b64_json: png_b64,
+            background: "opaque".into(),
+            created_at,
+            output_format: "png".into(),
+            quality: "auto".into(),
+            size: format!("{width}x{height}"),
+            partial_image_index: None,
+            usage: (kind == COMPLETED_EVENT).then(StreamUsage::default),
+            seed,
+        }
+    }
 }
 
 /// `GET /v1/models`: one entry per served name (the OpenAI list shape).

@@ -6,8 +6,15 @@ use serde_json::{Map, Value, json};
 
 use crate::bounds::{Bounds, IntRange};
 use crate::error::ErrorBody;
-use crate::request::{ImagesRequest, SIZE_PATTERN, Txt2ImgRequest};
-use crate::response::{ImagesResponse, ModelList, Txt2ImgResponse};
+use crate::request::{
+    ImagesRequest, MAX_PARTIAL_IMAGES, NO_NUL_PATTERN, PROMPT_PATTERN, SIZE_PATTERN,
+    Txt2ImgRequest, model_name_pattern,
+};
+use crate::response::{ImageStreamEvent, ImagesResponse, ModelList, Txt2ImgResponse};
+use crate::sdapi::{
+    A1111Info, A1111Model, A1111Options, A1111OptionsUpdate, A1111Txt2ImgRequest,
+    A1111Txt2ImgResponse,
+};
 
 /// Where the schemas live in the OpenAPI document.
 pub const COMPONENTS: &str = "/components/schemas";
@@ -67,8 +74,10 @@ fn describe(defs: &mut Map<String, Value>, schema: &str, field: &str, more: &str
 }
 
 /// Every schema the API uses, keyed by name, with `bounds` applied: `Txt2ImgRequest`,
-/// `ImagesRequest`, `Txt2ImgResponse`, `ImagesResponse`, `ModelList`, `ErrorBody` and the
-/// schemas they refer to.
+/// `ImagesRequest`, `Txt2ImgResponse`, `ImagesResponse`, `ImageStreamEvent`, `ModelList`,
+/// `ErrorBody`, the AUTOMATIC1111 bodies (`A1111Txt2ImgRequest`, `A1111Txt2ImgResponse`,
+/// `A1111Info`, `A1111Model`, `A1111Options`, `A1111OptionsUpdate`) and the schemas they
+/// refer to.
 pub fn components(bounds: &Bounds) -> Map<String, Value> {
     let mut generator = SchemaSettings::draft2020_12()
         .with(|s| s.definitions_path = COMPONENTS.into())
@@ -79,6 +88,13 @@ pub fn components(bounds: &Bounds) -> Map<String, Value> {
     generator.subschema_for::<ImagesResponse>();
     generator.subschema_for::<ModelList>();
     generator.subschema_for::<ErrorBody>();
+    generator.subschema_for::<ImageStreamEvent>();
+    generator.subschema_for::<A1111Txt2ImgRequest>();
+    generator.subschema_for::<A1111Txt2ImgResponse>();
+    generator.subschema_for::<A1111Info>();
+    generator.subschema_for::<A1111Model>();
+    generator.subschema_for::<A1111Options>();
+    generator.subschema_for::<A1111OptionsUpdate>();
     let mut defs = generator.take_definitions(true);
 
     let prompt_bytes = bounds.prompt_bytes;
@@ -86,19 +102,26 @@ pub fn components(bounds: &Bounds) -> Map<String, Value> {
         "At most {prompt_bytes} bytes of UTF-8 (so at most {prompt_bytes} characters); no NUL"
     );
     let (g_min, g_max) = bounds.guidance;
-    for schema in ["Txt2ImgRequest", "ImagesRequest"] {
+    for schema in ["Txt2ImgRequest", "ImagesRequest", "A1111Txt2ImgRequest"] {
         set(
             &mut defs,
             schema,
             "prompt",
-            &[("minLength", json!(1)), ("maxLength", json!(prompt_bytes))],
+            &[
+                ("minLength", json!(1)),
+                ("maxLength", json!(prompt_bytes)),
+                ("pattern", json!(PROMPT_PATTERN)),
+            ],
         );
         describe(&mut defs, schema, "prompt", &prompt_note);
         set(
             &mut defs,
             schema,
             "negative_prompt",
-            &[("maxLength", json!(prompt_bytes))],
+            &[
+                ("maxLength", json!(prompt_bytes)),
+                ("pattern", json!(NO_NUL_PATTERN)),
+            ],
         );
         describe(&mut defs, schema, "negative_prompt", &prompt_note);
         set(&mut defs, schema, "steps", &int_range(&bounds.steps));
@@ -108,12 +131,19 @@ pub fn components(bounds: &Bounds) -> Map<String, Value> {
             "steps",
             &format!("{}; left out, the model's default", bounds.steps.describe()),
         );
+        let guidance = if schema == "A1111Txt2ImgRequest" {
+            "cfg_scale"
+        } else {
+            "guidance_scale"
+        };
         set(
             &mut defs,
             schema,
-            "guidance_scale",
+            guidance,
             &[("minimum", json!(g_min)), ("maximum", json!(g_max))],
         );
+    }
+    for schema in ["Txt2ImgRequest", "ImagesRequest"] {
         set(
             &mut defs,
             schema,
@@ -121,9 +151,115 @@ pub fn components(bounds: &Bounds) -> Map<String, Value> {
             &[("minimum", json!(0)), ("maximum", json!(u64::MAX))],
         );
     }
-    for field in ["width", "height"] {
-        set(&mut defs, "Txt2ImgRequest", field, &int_range(&bounds.size));
-        describe(&mut defs, "Txt2ImgRequest", field, &bounds.size.describe());
+    set(
+        &mut defs,
+        "A1111Txt2ImgRequest",
+        "seed",
+        &[("minimum", json!(-1)), ("maximum", json!(i64::MAX))],
+    );
+    for schema in ["Txt2ImgRequest", "A1111Txt2ImgRequest"] {
+        for field in ["width", "height"] {
+            set(&mut defs, schema, field, &int_range(&bounds.size));
+            describe(&mut defs, schema, field, &bounds.size.describe());
+        }
+    }
+    for field in ["batch_size", "n_iter"] {
+        set(
+            &mut defs,
+            "A1111Txt2ImgRequest",
+            field,
+            &int_range(&bounds.images),
+        );
+        describe(
+            &mut defs,
+            "A1111Txt2ImgRequest",
+            field,
+            &format!(
+                "{}; batch_size × n_iter at most {}",
+                bounds.images.describe(),
+                bounds.images.max.unwrap_or(1)
+            ),
+        );
+    }
+    for field in ["enable_hr", "restore_faces", "tiling"] {
+        set(
+            &mut defs,
+            "A1111Txt2ImgRequest",
+            field,
+            &[("enum", json!([false, null]))],
+        );
+    }
+    set(
+        &mut defs,
+        "A1111Txt2ImgRequest",
+        "send_images",
+        &[("enum", json!([true, null]))],
+    );
+    // The served names, as validation compares them (ASCII case ignored, trimmed).
+    let mut model_name = json!({"type": "string"});
+    if let Some(pattern) = model_name_pattern(&bounds.model_names) {
+        model_name["pattern"] = json!(pattern);
+        let names: Vec<String> = bounds
+            .model_names
+            .iter()
+            .map(|n| format!("`{n}`"))
+            .collect();
+        model_name["description"] = json!(format!(
+            "One of the served names: {} (ASCII case ignored)",
+            names.join(", ")
+        ));
+        set(
+            &mut defs,
+            "ImagesRequest",
+            "model",
+            &[("pattern", json!(pattern))],
+        );
+        describe(
+            &mut defs,
+            "ImagesRequest",
+            "model",
+            &format!("One of {} (ASCII case ignored)", names.join(", ")),
+        );
+        set(
+            &mut defs,
+            "A1111OptionsUpdate",
+            "sd_model_checkpoint",
+            &[("pattern", json!(pattern))],
+        );
+    }
+    set(
+        &mut defs,
+        "A1111Txt2ImgRequest",
+        "override_settings",
+        &[
+            ("properties", json!({"sd_model_checkpoint": model_name})),
+            ("additionalProperties", json!(false)),
+        ],
+    );
+    // AUTOMATIC1111 lets the prompt be left out; here an empty prompt is refused, so the
+    // document says it is required.
+    if let Some(Value::Object(a1111)) = defs.get_mut("A1111Txt2ImgRequest") {
+        a1111.insert("required".into(), json!(["prompt"]));
+    }
+    // batch_size × n_iter images at most: the pairs allowed, for any per-field maximum.
+    if let (Some(Value::Object(a1111)), Some(max)) =
+        (defs.get_mut("A1111Txt2ImgRequest"), bounds.images.max)
+    {
+        let one = json!({"anyOf": [{"type": "null"}, {"const": 1}]});
+        let mut pairs = vec![
+            json!({"properties": {"n_iter": one}}),
+            json!({"properties": {"batch_size": one}}),
+        ];
+        for batch in 2..=max {
+            let iterations = max / batch;
+            if iterations >= 2 {
+                pairs.push(json!({"properties": {
+                    "batch_size": {"const": batch},
+                    "n_iter": {"maximum": iterations},
+                }}));
+            }
+        }
+        a1111.insert("anyOf".into(), Value::Array(pairs));
     }
     set(&mut defs, "ImagesRequest", "n", &int_range(&bounds.images));
     describe(&mut defs, "ImagesRequest", "n", &bounds.images.describe());
@@ -143,7 +279,16 @@ pub fn components(bounds: &Bounds) -> Map<String, Value> {
         &mut defs,
         "ImagesRequest",
         "response_format",
-        &[("enum", json!(["b64_json", null]))],
+        &[("enum", json!(["b64_json", "url", null]))],
+    );
+    set(
+        &mut defs,
+        "ImagesRequest",
+        "partial_images",
+        &[
+            ("minimum", json!(0)),
+            ("maximum", json!(MAX_PARTIAL_IMAGES)),
+        ],
     );
     defs
 }
@@ -195,11 +340,28 @@ mod tests {
         let body = |v: &Value| format!(r#"{{"prompt":"a","guidance_scale":{v}}}"#);
         assert!(accepts(body(&g["minimum"])) && accepts(body(&g["maximum"])));
         assert!(!accepts(body(&json!(30.001))) && !accepts(body(&json!(-0.001))));
+        let a1111 = prop(&defs, "A1111Txt2ImgRequest", "cfg_scale");
+        assert_eq!(
+            (&a1111["minimum"], &a1111["maximum"]),
+            (&json!(0.0), &json!(30.0))
+        );
+        assert_eq!(prop(&defs, "A1111Txt2ImgRequest", "seed")["minimum"], -1);
+        assert_eq!(
+            prop(&defs, "A1111Txt2ImgRequest", "batch_size")["maximum"],
+            4
+        );
+        assert_eq!(prop(&defs, "ImagesRequest", "partial_images")["maximum"], 3);
         for name in [
             "ModelList",
             "ErrorBody",
             "ImagesResponse",
             "Txt2ImgResponse",
+            "ImageStreamEvent",
+            "A1111Txt2ImgResponse",
+            "A1111Info",
+            "A1111Model",
+            "A1111Options",
+            "A1111OptionsUpdate",
         ] {
             assert!(defs.contains_key(name), "{name}");
         }

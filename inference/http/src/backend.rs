@@ -2,7 +2,7 @@
 //! deterministic fake backend for scheduling tests.
 //!
 //! A backend only sees validated parameters; it reports each step so the caller can count,
-//! time, and cancel work at step boundaries.
+//! time, and cancel work at step boundaries, and hands back the previews the caller asks for.
 
 use std::time::Duration;
 
@@ -20,6 +20,15 @@ pub enum GenFailure {
     Failed(String),
 }
 
+/// What the caller of [`Backend::generate`] sees of a generation: the sampler's step hooks
+/// ([`StepControl`]: cancellation, progress, which previews are wanted) and the previews, as
+/// PNGs.
+pub trait GenControl: StepControl {
+    /// A preview (PNG) of batch item `index` after step `step`, one that
+    /// [`StepControl::preview_wanted`] asked for.
+    fn partial_image(&mut self, index: usize, step: usize, png: Vec<u8>);
+}
+
 /// A loaded text-to-image model.
 pub trait Backend: Send {
     /// What the model is.
@@ -28,7 +37,7 @@ pub trait Backend: Send {
     fn generate(
         &mut self,
         batch: &[GenParams],
-        control: &mut dyn StepControl,
+        control: &mut dyn GenControl,
     ) -> Vec<Result<Vec<u8>, GenFailure>>;
 }
 
@@ -139,7 +148,7 @@ impl Backend for FakeBackend {
     fn generate(
         &mut self,
         batch: &[GenParams],
-        control: &mut dyn StepControl,
+        control: &mut dyn GenControl,
     ) -> Vec<Result<Vec<u8>, GenFailure>> {
         if let Ok(mut seen) = self.batches.lock() {
             seen.push(batch.len());
@@ -156,6 +165,14 @@ impl Backend for FakeBackend {
             }
             std::thread::sleep(self.step_time);
             control.step_done(step, steps, live, self.step_time.as_secs_f64());
+            for (i, p) in batch.iter().enumerate() {
+                if alive[i] && control.preview_wanted(i, step, steps) {
+                    // A preview: another picture for each step (the seed moved by the step).
+                    let mut preview = p.clone();
+                    preview.seed = preview.seed.wrapping_add(step as u64);
+                    control.partial_image(i, step, fake_png(&preview));
+                }
+            }
         }
         batch
             .iter()

@@ -1,6 +1,7 @@
 //! The candle SD3.5 pipeline as a [`Backend`]. Sampling is the pipeline's own
 //! [`Pipeline::sample_batch`] — the loop `generate` runs and the goldens test — so a served
-//! image for a seed is the image `generate` makes for it.
+//! image for a seed is the image `generate` makes for it; previews are the sampler's preview
+//! latents decoded by the VAE, and the engine's smoke image is checked with the same sampler.
 
 use std::path::{Path, PathBuf};
 
@@ -9,7 +10,7 @@ use sd35_pipeline::device::OpenedDevice;
 use sd35_pipeline::{GenerateRequest, Pipeline, PipelineOptions, VariantSource, model_card};
 
 use crate::backend::{
-    Backend, Defaults, GenFailure, GenParams, ModelInfo, SkipLayerInfo, StepControl,
+    Backend, Defaults, GenControl, GenFailure, GenParams, ModelInfo, SkipLayerInfo, StepControl,
 };
 
 /// The loaded pipeline and what the server reports about it.
@@ -17,6 +18,38 @@ use crate::backend::{
 pub struct CandleBackend {
     pipeline: Pipeline,
     info: ModelInfo,
+    smoke: Option<sd35_contract::SmokeRecord>,
+}
+
+fn decode_png(pipeline: &Pipeline, latents: &candle_core::Tensor) -> Result<Vec<u8>, String> {
+    let decoded = pipeline.decode(latents).map_err(|e| e.to_string())?;
+    let img = sd35_pipeline::image::to_rgb(&decoded).map_err(|e| e.to_string())?;
+    img.to_png().map_err(|e| e.to_string())
+}
+
+/// The caller's control, with preview latents decoded into PNGs on the way.
+struct Decoding<'a> {
+    pipeline: &'a Pipeline,
+    outer: &'a mut dyn GenControl,
+}
+
+impl StepControl for Decoding<'_> {
+    fn wanted(&mut self, index: usize) -> bool {
+        self.outer.wanted(index)
+    }
+    fn step_done(&mut self, step: usize, steps: usize, live: usize, seconds: f64) {
+        self.outer.step_done(step, steps, live, seconds);
+    }
+    fn preview_wanted(&mut self, index: usize, step: usize, steps: usize) -> bool {
+        self.outer.preview_wanted(index, step, steps)
+    }
+    fn preview(&mut self, index: usize, step: usize, latents: &candle_core::Tensor) {
+        match decode_png(self.pipeline, latents) {
+            Ok(png) => self.outer.partial_image(index, step, png),
+            // A preview is a courtesy: the image itself still comes.
+            Err(e) => tracing::warn!(step, error = %e, "a preview could not be decoded"),
+        }
+    }
 }
 
 /// How to load the candle backend.
@@ -127,7 +160,32 @@ impl CandleBackend {
             warnings,
         };
         debug_assert!(o.device.kind != DeviceKind::Auto);
-        Ok(Self { pipeline, info })
+        Ok(Self {
+            pipeline,
+            info,
+            smoke: engine.and_then(|m| m.smoke),
+        })
+    }
+
+    /// Whether the served engine has its smoke image (an engine without one was not built to
+    /// completion); `None` when no engine is served.
+    pub fn engine_has_smoke(&self) -> Option<bool> {
+        self.info.engine_key.as_ref().map(|_| self.smoke.is_some())
+    }
+
+    /// Repeats the engine's smoke image and compares it with the record (see
+    /// [`sd35_pipeline::smoke`]); `None` when no engine with a smoke image is served.
+    pub fn check_smoke(
+        &self,
+        min_psnr_db: Option<f64>,
+    ) -> Option<sd35_pipeline::Result<sd35_pipeline::smoke::SmokeCheck>> {
+        let record = self.smoke.as_ref()?;
+        Some(sd35_pipeline::smoke::check(
+            &self.pipeline,
+            record,
+            self.info.device,
+            min_psnr_db,
+        ))
     }
 
     /// The pipeline request for validated parameters: the variant's model card for what the
@@ -142,12 +200,6 @@ impl CandleBackend {
         req.seed = p.seed;
         req
     }
-
-    fn decode_png(&self, latents: &candle_core::Tensor) -> Result<Vec<u8>, String> {
-        let decoded = self.pipeline.decode(latents).map_err(|e| e.to_string())?;
-        let img = sd35_pipeline::image::to_rgb(&decoded).map_err(|e| e.to_string())?;
-        img.to_png().map_err(|e| e.to_string())
-    }
 }
 
 impl Backend for CandleBackend {
@@ -158,15 +210,24 @@ impl Backend for CandleBackend {
     fn generate(
         &mut self,
         batch: &[GenParams],
-        control: &mut dyn StepControl,
+        control: &mut dyn GenControl,
     ) -> Vec<Result<Vec<u8>, GenFailure>> {
         let reqs: Vec<GenerateRequest> = batch.iter().map(|p| self.request(p)).collect();
-        match self.pipeline.sample_batch(&reqs, control) {
+        let sampled = {
+            let mut decoding = Decoding {
+                pipeline: &self.pipeline,
+                outer: &mut *control,
+            };
+            self.pipeline.sample_batch(&reqs, &mut decoding)
+        };
+        match sampled {
             Ok(latents) => latents
                 .into_iter()
                 .enumerate()
                 .map(|(i, l)| match l {
-                    Some(l) if control.wanted(i) => self.decode_png(&l).map_err(GenFailure::Failed),
+                    Some(l) if control.wanted(i) => {
+                        decode_png(&self.pipeline, &l).map_err(GenFailure::Failed)
+                    }
                     _ => Err(GenFailure::Cancelled),
                 })
                 .collect(),

@@ -74,10 +74,36 @@ pub struct ServeConfig {
     #[arg(long, env = "SD35_AUTH_TOKENS", hide_env_values = true)]
     pub auth_tokens: Option<String>,
 
-    /// Skip the warm-up generation before reporting ready.
+    /// Skip the warm-up generation before reporting ready (an engine's smoke check still runs).
     #[arg(long, env = "SD35_NO_WARMUP")]
     pub no_warmup: bool,
+
+    /// The least PSNR in dB the engine's smoke image must reach before the server turns ready,
+    /// replacing the bound for this device and precision (see the smoke module of the
+    /// pipeline: 40 dB on the CPU, 24 dB for bf16 and 20 dB for fp8 on CUDA against a CPU
+    /// reference).
+    #[arg(long, env = "SD35_ENGINE_CHECK_MIN_PSNR_DB")]
+    pub engine_check_min_psnr_db: Option<f64>,
+
+    /// Base URL clients reach this server at (`https://images.example.com`), for the URLs of
+    /// images in `--artifacts-dir`; unset: `http://` and the request's Host header.
+    #[arg(long, env = "SD35_ARTIFACTS_PUBLIC_URL")]
+    pub artifacts_public_url: Option<String>,
+
+    /// File with the key that signs the URLs of images in `--artifacts-dir` (at least 16
+    /// bytes; the `SD35_ARTIFACTS_SIGNING_KEY` variable works too). Unset: a key drawn at
+    /// start, so URLs stop working when the server restarts and work on this replica only.
+    #[arg(long, env = "SD35_ARTIFACTS_SIGNING_KEY_FILE")]
+    pub artifacts_signing_key_file: Option<std::path::PathBuf>,
+
+    /// AWS shared credentials file with the S3 credentials (profile `AWS_PROFILE`, else
+    /// `default`), read when `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` are not set.
+    #[arg(long, env = "SD35_ARTIFACTS_S3_CREDENTIALS_FILE")]
+    pub artifacts_s3_credentials_file: Option<std::path::PathBuf>,
 }
+
+/// The variable that may carry the local artifact signing key itself.
+pub const SIGNING_KEY_ENV: &str = "SD35_ARTIFACTS_SIGNING_KEY";
 
 impl ServeConfig {
     /// The accepted bearer tokens from the token file and the token list; empty turns auth off.
@@ -111,6 +137,31 @@ impl ServeConfig {
             );
         }
         Ok(tokens)
+    }
+
+    /// What the artifact store needs beyond the contract's flags: the signing key (file or
+    /// variable) and the S3 credentials file.
+    pub fn store_options(&self) -> anyhow::Result<crate::artifacts::StoreOptions> {
+        let signing_key = match &self.artifacts_signing_key_file {
+            Some(path) => {
+                let bytes = std::fs::read(path).map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot read the artifact signing key file {}: {e}",
+                        path.display()
+                    )
+                })?;
+                let trimmed = String::from_utf8_lossy(&bytes).trim().as_bytes().to_vec();
+                Some(trimmed)
+            }
+            None => std::env::var(SIGNING_KEY_ENV)
+                .ok()
+                .filter(|k| !k.is_empty())
+                .map(String::into_bytes),
+        };
+        Ok(crate::artifacts::StoreOptions {
+            signing_key,
+            credentials_file: self.artifacts_s3_credentials_file.clone(),
+        })
     }
 
     /// The step cap for a variant.
@@ -166,6 +217,15 @@ mod tests {
             max_batch_size: 4,
             request_timeout_seconds: 30,
             auth_token_file: Some("/etc/sd35/auth/tokens".into()),
+            artifacts: sd35_contract::ArtifactArgs {
+                artifacts_dir: None,
+                artifacts_s3_bucket: Some("images".into()),
+                artifacts_s3_endpoint: Some("https://s3.example".into()),
+                artifacts_s3_region: "eu-west-1".into(),
+                artifacts_s3_prefix: "sd35/".into(),
+                artifacts_s3_url_style: sd35_contract::S3UrlStyle::VirtualHost,
+                artifacts_url_seconds: 900,
+            },
         };
         let argv = std::iter::once("serve".to_owned()).chain(args.to_args());
         let config = ServeConfig::try_parse_from(argv).unwrap_or_else(|e| panic!("{e}"));

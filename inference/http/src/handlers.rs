@@ -1,5 +1,6 @@
 //! The route handlers: read the body within its deadline, validate, queue, wait for the
-//! images within the request's deadline (or until the drain deadline), answer.
+//! images within the request's deadline (or until the drain deadline), store them when asked,
+//! answer — as one body, or as server-sent events while the images are sampled.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -10,14 +11,28 @@ use axum::extract::{FromRequest, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use base64::Engine as _;
+use tokio::sync::oneshot;
 
+use crate::api::sdapi::{self, A1111Options, A1111OptionsUpdate, A1111Txt2ImgRequest};
 use crate::api::{
-    self, ApiError, Bounds, ImageData, ImagesRequest, ImagesResponse, Limits, Txt2ImgRequest,
-    Txt2ImgResponse, UsedParameters,
+    self, ApiError, Bounds, COMPLETED_EVENT, ImageData, ImageStreamEvent, ImagesRequest,
+    ImagesResponse, Limits, PARTIAL_IMAGE_EVENT, ResponseFormat, Txt2ImgRequest, Txt2ImgResponse,
+    UsedParameters,
 };
+use crate::artifacts::{self, Refusal, Stored};
 use crate::backend::GenParams;
-use crate::queue::{QueueError, retry_after};
+use crate::queue::{ImageResult, Partial, PreviewRequest, QueueError, retry_after};
 use crate::routes::{AppState, RequestId};
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 
 pub(crate) async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if state.draining.load(Ordering::SeqCst) {
@@ -131,33 +146,35 @@ fn head(req: &Request) -> Head {
     }
 }
 
-/// Queues the images and waits for all of them within the request's deadline; when the drain
-/// deadline passes first, answers 503 (and dropping the receivers stops the work).
-async fn run_images(
-    state: &AppState,
-    images: Vec<GenParams>,
-    request_id: &str,
-) -> Result<Vec<Vec<u8>>, ApiError> {
-    let mut expired = state.drain_expired.subscribe();
-    tokio::select! {
-        r = wait_images(state, images, request_id) => r,
-        Ok(_) = expired.wait_for(|e| *e) => {
-            state.cut_at_drain.fetch_add(1, Ordering::SeqCst);
-            Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the server shut down before this request finished (--drain-seconds ran out); \
-                 send it again",
-            )
-            .retry_after(1))
-        }
-    }
+/// The 503 of a request still unanswered when the drain deadline passed.
+fn cut_at_drain(state: &AppState) -> ApiError {
+    state.cut_at_drain.fetch_add(1, Ordering::SeqCst);
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the server shut down before this request finished (--drain-seconds ran out); \
+         send it again",
+    )
+    .retry_after(1)
 }
 
-async fn wait_images(
+fn timed_out(state: &AppState) -> ApiError {
+    ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        format!(
+            "the request did not finish within {} s",
+            state.request_timeout.as_secs()
+        ),
+    )
+}
+
+/// Queues the images of one request (with previews when asked); returns the receivers and
+/// the request's deadline.
+fn submit_images(
     state: &AppState,
     images: Vec<GenParams>,
     request_id: &str,
-) -> Result<Vec<Vec<u8>>, ApiError> {
+    previews: Option<PreviewRequest>,
+) -> Result<(Vec<oneshot::Receiver<ImageResult>>, Instant), ApiError> {
     let deadline = Instant::now() + state.request_timeout;
     if state.log_prompts
         && let Some(p) = images.first()
@@ -177,7 +194,7 @@ async fn wait_images(
     let steps = images.first().map_or(1, |p| p.steps);
     let rxs = state
         .queue
-        .submit(images, deadline, request_id)
+        .submit_with_previews(images, deadline, request_id, previews)
         .map_err(|e| match e {
             QueueError::Full => {
                 let step = state.metrics.recent_step_seconds();
@@ -190,31 +207,112 @@ async fn wait_images(
             }
             _ => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the model is not running"),
         })?;
+    Ok((rxs, deadline))
+}
+
+/// One image's result as the client's error, or its PNG.
+fn image_result(
+    state: &AppState,
+    result: Result<Result<ImageResult, oneshot::error::RecvError>, tokio::time::error::Elapsed>,
+) -> Result<Vec<u8>, ApiError> {
+    match result {
+        Err(_) | Ok(Ok(Err(QueueError::Timeout))) => Err(timed_out(state)),
+        Ok(Ok(Ok(png))) => Ok(png),
+        Ok(Ok(Err(QueueError::Failed(msg)))) => {
+            Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, msg))
+        }
+        Ok(Ok(Err(_)) | Err(_)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the model stopped before finishing the request",
+        )),
+    }
+}
+
+/// Queues the images and waits for all of them within the request's deadline; when the drain
+/// deadline passes first, answers 503 (and dropping the receivers stops the work).
+async fn run_images(
+    state: &AppState,
+    images: Vec<GenParams>,
+    request_id: &str,
+) -> Result<Vec<Vec<u8>>, ApiError> {
+    let mut expired = state.drain_expired.subscribe();
+    tokio::select! {
+        r = wait_images(state, images, request_id) => r,
+        Ok(_) = expired.wait_for(|e| *e) => Err(cut_at_drain(state)),
+    }
+}
+
+async fn wait_images(
+    state: &AppState,
+    images: Vec<GenParams>,
+    request_id: &str,
+) -> Result<Vec<Vec<u8>>, ApiError> {
+    let (rxs, deadline) = submit_images(state, images, request_id, None)?;
     let mut out = Vec::with_capacity(rxs.len());
     for rx in rxs {
         let result = tokio::time::timeout_at(deadline.into(), rx).await;
-        let png = match result {
-            Err(_) | Ok(Ok(Err(QueueError::Timeout))) => {
+        out.push(image_result(state, result)?);
+    }
+    Ok(out)
+}
+
+/// This server's base URL as the client reached it, for locally stored images.
+fn origin(state: &AppState, headers: &HeaderMap) -> String {
+    if let Some(url) = &state.public_url {
+        return url.trim_end_matches('/').to_owned();
+    }
+    headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+        })
+        .map_or_else(String::new, |h| format!("http://{h}"))
+}
+
+/// The 422 of a request that asks to store images on a server without storage.
+fn no_storage(field: &str) -> ApiError {
+    ApiError::invalid(
+        field,
+        "this server stores no images: it runs without --artifacts-dir or \
+         --artifacts-s3-bucket (spec.server.artifacts); ask for the image inline",
+    )
+}
+
+/// Stores the PNGs of one request; a failure is a 502 naming the bucket or directory, logged
+/// and counted (the images were made: the client is told, not left with a partial answer).
+async fn store_images(
+    state: &AppState,
+    headers: &HeaderMap,
+    request_id: &str,
+    pngs: &[Vec<u8>],
+) -> Result<Vec<Stored>, ApiError> {
+    let Some(store) = &state.artifacts else {
+        return Err(no_storage("response_format"));
+    };
+    let origin = origin(state, headers);
+    let mut out = Vec::with_capacity(pngs.len());
+    for (i, png) in pngs.iter().enumerate() {
+        let name = artifacts::new_name(i);
+        match store.put(&name, png.clone(), &origin).await {
+            Ok(stored) => {
+                state.metrics.artifacts_stored.inc();
+                tracing::info!(artifact = %name, store = %store.describe(), "image stored");
+                out.push(stored);
+            }
+            Err(e) => {
+                state.metrics.artifact_store_failures.inc();
+                tracing::error!(request_id, error = %e, "an image could not be stored");
                 return Err(ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
+                    StatusCode::BAD_GATEWAY,
                     format!(
-                        "the request did not finish within {} s",
-                        state.request_timeout.as_secs()
+                        "the images were generated but not stored: {e}; send the request \
+                         again, or ask for them inline"
                     ),
                 ));
             }
-            Ok(Ok(Ok(png))) => png,
-            Ok(Ok(Err(QueueError::Failed(msg)))) => {
-                return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, msg));
-            }
-            Ok(Ok(Err(_)) | Err(_)) => {
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the model stopped before finishing the request",
-                ));
-            }
-        };
-        out.push(png);
+        }
     }
     Ok(out)
 }
@@ -236,16 +334,28 @@ pub(crate) async fn txt2img(
     let limits = ready_limits(&state)?;
     let req: Txt2ImgRequest = api::parse_json(&body)?;
     let params = req.resolve(limits, rand::random)?;
+    let store = req.store == Some(true);
+    if store && state.artifacts.is_none() {
+        return Err(no_storage("store"));
+    }
     let used = UsedParameters::from(&params);
     let png = run_images(&state, vec![params], &id)
         .await?
         .pop()
         .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no image"))?;
+    let stored = if store {
+        store_images(&state, &headers, &id, std::slice::from_ref(&png))
+            .await?
+            .pop()
+    } else {
+        None
+    };
     if wants_json(&headers) {
-        let b64 = base64::engine::general_purpose::STANDARD.encode(&png);
         return Ok(axum::Json(Txt2ImgResponse {
-            image: b64,
+            image: b64(&png),
             parameters: used,
+            url: stored.as_ref().map(|s| s.url.clone()),
+            expires_at: stored.as_ref().map(|s| s.expires_at),
         })
         .into_response());
     }
@@ -254,6 +364,12 @@ pub(crate) async fn txt2img(
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
     if let Ok(v) = HeaderValue::from_str(&used.seed.to_string()) {
         h.insert("x-seed", v);
+    }
+    if let Some(s) = stored {
+        if let Ok(v) = HeaderValue::from_str(&s.url) {
+            h.insert("x-artifact-url", v);
+        }
+        h.insert("x-artifact-expires", HeaderValue::from(s.expires_at));
     }
     Ok(resp)
 }
@@ -268,18 +384,283 @@ pub(crate) async fn images(
     let limits = ready_limits(&state)?;
     let req: ImagesRequest = api::parse_json(&body)?;
     let params = req.resolve(limits, rand::random)?;
+    let delivery = req.delivery()?;
+    if delivery.format == ResponseFormat::Url && state.artifacts.is_none() {
+        // Refused before any compute is spent.
+        return Err(no_storage("response_format"));
+    }
+    if let Some(partials) = delivery.stream {
+        return stream_image(state.clone(), params, &id, partials);
+    }
     let seeds: Vec<u64> = params.iter().map(|p| p.seed).collect();
     let pngs = run_images(&state, params, &id).await?;
-    let created = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let data = pngs
-        .iter()
-        .zip(seeds)
-        .map(|(png, seed)| ImageData {
-            b64_json: base64::engine::general_purpose::STANDARD.encode(png),
-            seed,
-        })
-        .collect();
-    Ok(axum::Json(ImagesResponse { created, data }).into_response())
+    let data = match delivery.format {
+        ResponseFormat::B64Json => pngs
+            .iter()
+            .zip(seeds)
+            .map(|(png, seed)| ImageData {
+                b64_json: Some(b64(png)),
+                url: None,
+                expires_at: None,
+                seed,
+            })
+            .collect(),
+        ResponseFormat::Url => store_images(&state, &headers, &id, &pngs)
+            .await?
+            .into_iter()
+            .zip(seeds)
+            .map(|(stored, seed)| ImageData {
+                b64_json: None,
+                url: Some(stored.url),
+                expires_at: Some(stored.expires_at),
+                seed,
+            })
+            .collect(),
+    };
+    Ok(axum::Json(ImagesResponse {
+        created: unix_now(),
+        data,
+    })
+    .into_response())
+}
+
+/// One server-sent event.
+fn sse(event: &str, data: &impl serde::Serialize) -> Bytes {
+    let json = serde_json::to_string(data).unwrap_or_else(|_| "{}".to_owned());
+    Bytes::from(format!("event: {event}\ndata: {json}\n\n"))
+}
+
+/// Where a streamed generation is.
+enum Streaming {
+    Running {
+        state: Arc<AppState>,
+        params: GenParams,
+        partials: tokio::sync::mpsc::UnboundedReceiver<Partial>,
+        image: oneshot::Receiver<ImageResult>,
+        deadline: Instant,
+        expired: tokio::sync::watch::Receiver<bool>,
+    },
+    Done,
+}
+
+/// Answers a streamed generation: the image is queued now (a full queue is still a 429),
+/// then the body sends each preview as it is made and the image last, or an `error` event.
+/// The body owns the image's receivers: a client that goes away drops them, and the model
+/// stops the image at its next step.
+fn stream_image(
+    state: Arc<AppState>,
+    mut params: Vec<GenParams>,
+    request_id: &str,
+    partials: u32,
+) -> Result<Response, ApiError> {
+    let one = params
+        .pop()
+        .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no image"))?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let preview = PreviewRequest {
+        count: partials,
+        tx,
+    };
+    let (mut rxs, deadline) = submit_images(&state, vec![one.clone()], request_id, Some(preview))?;
+    let image = rxs
+        .pop()
+        .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no image"))?;
+    let expired = state.drain_expired.subscribe();
+    let start = Streaming::Running {
+        state,
+        params: one,
+        partials: rx,
+        image,
+        deadline,
+        expired,
+    };
+    let events = futures::stream::unfold(start, |phase| async move {
+        let Streaming::Running {
+            state,
+            params,
+            mut partials,
+            mut image,
+            deadline,
+            mut expired,
+        } = phase
+        else {
+            return None;
+        };
+        let event = |kind: &str, png: &[u8]| {
+            ImageStreamEvent::new(
+                kind,
+                b64(png),
+                params.width,
+                params.height,
+                params.seed,
+                unix_now(),
+            )
+        };
+        let error = |e: ApiError| sse("error", &e.body());
+        enum Next {
+            Partial(Partial),
+            Image(
+                Result<Result<ImageResult, oneshot::error::RecvError>, tokio::time::error::Elapsed>,
+            ),
+            Drained,
+        }
+        let next = tokio::select! {
+            biased;
+            Some(p) = partials.recv() => Next::Partial(p),
+            r = tokio::time::timeout_at(deadline.into(), &mut image) => Next::Image(r),
+            Ok(_) = expired.wait_for(|e| *e) => Next::Drained,
+        };
+        let bytes = match next {
+            Next::Partial(p) => {
+                state.metrics.partial_images.inc();
+                let mut e = event(PARTIAL_IMAGE_EVENT, &p.png);
+                e.partial_image_index = Some(p.index);
+                let bytes = sse(PARTIAL_IMAGE_EVENT, &e);
+                let running = Streaming::Running {
+                    state,
+                    params,
+                    partials,
+                    image,
+                    deadline,
+                    expired,
+                };
+                return Some((Ok::<_, std::convert::Infallible>(bytes), running));
+            }
+            Next::Image(r) => match image_result(&state, r) {
+                Ok(png) => sse(COMPLETED_EVENT, &event(COMPLETED_EVENT, &png)),
+                Err(e) => error(e),
+            },
+            Next::Drained => error(cut_at_drain(&state)),
+        };
+        Some((Ok(bytes), Streaming::Done))
+    });
+    let mut resp = Response::new(Body::from_stream(events));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Proxies that buffer (nginx) would hold the previews back.
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(resp)
+}
+
+/// `GET /v1/artifacts/{name}?expires=…&signature=…`: a locally stored image on its signed URL.
+pub(crate) async fn artifact(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let Some(store) = &state.local_artifacts else {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "this server keeps no artifacts (it runs without --artifacts-dir)",
+        )
+        .into_response();
+    };
+    let uri = req.uri();
+    let name = uri
+        .path()
+        .strip_prefix(artifacts::LOCAL_ROUTE)
+        .and_then(|p| p.strip_prefix('/'))
+        .unwrap_or("");
+    let (mut expires, mut signature) = (None, None);
+    for pair in uri.query().unwrap_or("").split('&') {
+        match pair.split_once('=') {
+            Some(("expires", v)) => expires = v.parse::<u64>().ok(),
+            Some(("signature", v)) => signature = Some(v),
+            _ => {}
+        }
+    }
+    match store.fetch(name, expires, signature, unix_now()) {
+        Ok(png) => {
+            let left = expires.unwrap_or(0).saturating_sub(unix_now());
+            let mut resp = Response::new(Body::from(png));
+            let h = resp.headers_mut();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
+            if let Ok(v) = HeaderValue::from_str(&format!("private, max-age={left}")) {
+                h.insert(header::CACHE_CONTROL, v);
+            }
+            resp
+        }
+        Err(Refusal::BadSignature) => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "the URL's signature does not match: use the URL exactly as the server gave it",
+        )
+        .into_response(),
+        Err(Refusal::Expired) => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "the URL expired; generate the image again (or ask for a longer \
+             --artifacts-url-seconds)",
+        )
+        .into_response(),
+        Err(Refusal::NotFound) => {
+            ApiError::new(StatusCode::NOT_FOUND, "no such artifact").into_response()
+        }
+    }
+}
+
+/// `POST /sdapi/v1/txt2img`.
+pub(crate) async fn sdapi_txt2img(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let Head { headers, id } = head(&req);
+    let body = read_body(&state, req).await?;
+    json_body(&headers)?;
+    let limits = ready_limits(&state)?;
+    let req: A1111Txt2ImgRequest = api::parse_json(&body)?;
+    let (params, batch, iterations) = req.resolve(limits, rand::random)?;
+    let pngs = run_images(&state, params.clone(), &id).await?;
+    let (parameters, info) = sdapi::describe(&params, batch, iterations, &limits.model);
+    Ok(axum::Json(sdapi::A1111Txt2ImgResponse {
+        images: pngs.iter().map(|p| b64(p)).collect(),
+        parameters,
+        info: serde_json::to_string(&info).unwrap_or_default(),
+    })
+    .into_response())
+}
+
+/// `GET /sdapi/v1/sd-models`.
+pub(crate) async fn sdapi_models(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let limits = ready_limits(&state)?;
+    Ok(axum::Json(sdapi::models(&limits.model)).into_response())
+}
+
+fn current_options(state: &AppState, limits: &Limits) -> A1111Options {
+    let chosen = state.checkpoint.lock().ok().and_then(|c| c.clone());
+    A1111Options {
+        sd_model_checkpoint: chosen.unwrap_or_else(|| limits.model.id.clone()),
+    }
+}
+
+/// `GET /sdapi/v1/options`.
+pub(crate) async fn sdapi_options(
+    State(state): State<Arc<AppState>>,
+) -> Result<Response, ApiError> {
+    let limits = ready_limits(&state)?;
+    Ok(axum::Json(current_options(&state, limits)).into_response())
+}
+
+/// `POST /sdapi/v1/options`: the model name only. Every served name is the same model, so the
+/// choice is the name `GET` reports, per server process.
+pub(crate) async fn sdapi_set_options(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let Head { headers, .. } = head(&req);
+    let body = read_body(&state, req).await?;
+    json_body(&headers)?;
+    let limits = ready_limits(&state)?;
+    let update: A1111OptionsUpdate = api::parse_json(&body)?;
+    if let Some(name) = &update.sd_model_checkpoint {
+        sdapi::check_checkpoint(name, &limits.model, "sd_model_checkpoint")?;
+        let served = limits
+            .model
+            .served_names
+            .iter()
+            .find(|n| n.eq_ignore_ascii_case(name.trim()))
+            .cloned();
+        if let Ok(mut c) = state.checkpoint.lock() {
+            *c = served;
+        }
+    }
+    Ok(axum::Json(current_options(&state, limits)).into_response())
 }

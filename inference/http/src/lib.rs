@@ -10,10 +10,13 @@
 //!   read, graceful shutdown;
 //! - [`routes`]: the axum edge — request types and validation ([`api`]), one error→status
 //!   table, auth, request ids, metrics, OpenAPI and the playground page; the request and
-//!   response types, their bounds and validation are the `sd35-api` crate ([`api`]).
+//!   response types, their bounds and validation are the `sd35-api` crate ([`api`]);
+//! - [`artifacts`]: where images go when a client asks for URLs — a local directory served
+//!   back on signed, expiring URLs, or an S3-compatible bucket with presigned URLs.
 //!
 //! [`server::run`] wires them from one [`config::ServeConfig`].
 
+pub mod artifacts;
 pub mod auth;
 pub mod backend;
 pub mod candle;

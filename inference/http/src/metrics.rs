@@ -48,6 +48,17 @@ pub struct Metrics {
     pub header_read_timeouts: Counter,
     /// Requests answered 503 because the drain deadline passed before they finished.
     pub drain_cut: Counter,
+    /// Images being sampled now (the batch on the model).
+    pub images_in_flight: Gauge,
+    /// Sampling steps still to run for every admitted image (queued or being sampled): with
+    /// the recent seconds per step, the work ahead of a new request.
+    pub steps_outstanding: Gauge,
+    /// Images stored in the artifact store.
+    pub artifacts_stored: Counter,
+    /// Images that could not be stored (each answered with a 502).
+    pub artifact_store_failures: Counter,
+    /// Previews sent on streamed generations.
+    pub partial_images: Counter,
     /// Moving average of the seconds per step (f64 bits; 0 before the first step).
     recent_step: AtomicU64,
 }
@@ -128,8 +139,43 @@ impl Metrics {
             "Requests answered 503 because the drain deadline passed",
             drain_cut.clone(),
         );
+        let images_in_flight = Gauge::default();
+        registry.register(
+            "images_in_flight",
+            "Images being sampled now",
+            images_in_flight.clone(),
+        );
+        let steps_outstanding = Gauge::default();
+        registry.register(
+            "steps_outstanding",
+            "Sampling steps still to run for every admitted image",
+            steps_outstanding.clone(),
+        );
+        let artifacts_stored = Counter::default();
+        registry.register(
+            "artifacts_stored",
+            "Images stored in the artifact store",
+            artifacts_stored.clone(),
+        );
+        let artifact_store_failures = Counter::default();
+        registry.register(
+            "artifact_store_failures",
+            "Images that could not be stored (answered 502)",
+            artifact_store_failures.clone(),
+        );
+        let partial_images = Counter::default();
+        registry.register(
+            "partial_images",
+            "Previews sent on streamed generations",
+            partial_images.clone(),
+        );
         Self {
             registry,
+            images_in_flight,
+            steps_outstanding,
+            artifacts_stored,
+            artifact_store_failures,
+            partial_images,
             connections_refused,
             connections_reading,
             header_read_timeouts,

@@ -24,6 +24,25 @@ fn ok_response(body: Body) -> Value {
             "OK",
             json!({"application/json": {"schema": reference(schema)}}),
         ),
+        Body::JsonList(schema) => (
+            "OK",
+            json!({"application/json": {"schema": {"type": "array", "items": reference(schema)}}}),
+        ),
+        Body::JsonOrEvents(schema, event) => (
+            "The images as JSON; with `stream: true`, server-sent events (`event: <type>`, \
+             `data: <ImageStreamEvent>`): `image_generation.partial_image` previews, then \
+             `image_generation.completed` (or `error` with an ErrorBody)",
+            json!({
+                "application/json": {"schema": reference(schema)},
+                // OpenAPI 3.1 reads the schema of an event stream as the schema of each event:
+                // its `event` name and `data`, a JSON text of the event's body.
+                "text/event-stream": {"schema": stream_event(event)},
+            }),
+        ),
+        Body::Png => (
+            "The PNG",
+            json!({"image/png": {"schema": {"type": "string", "format": "binary"}}}),
+        ),
         Body::AnyJson => (
             "OK",
             json!({"application/json": {"schema": {"type": "object"}}}),
@@ -36,6 +55,33 @@ fn ok_response(body: Body) -> Value {
         Body::Html => ("OK", json!({"text/html": {"schema": {"type": "string"}}})),
     };
     json!({"description": description, "content": content})
+}
+
+/// One server-sent event of a streamed generation: previews and the image carry `event`
+/// (an `ImageStreamEvent`), a failure after the stream began an `ErrorBody`.
+fn stream_event(event: &str) -> Value {
+    let one = |names: Value, body: Value| {
+        json!({
+            "type": "object",
+            "required": ["event", "data"],
+            "properties": {
+                "event": {"enum": names},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": body,
+                },
+            },
+            "additionalProperties": false,
+        })
+    };
+    json!({"oneOf": [
+        one(
+            json!([crate::api::PARTIAL_IMAGE_EVENT, crate::api::COMPLETED_EVENT]),
+            reference(event),
+        ),
+        one(json!(["error"]), reference("ErrorBody")),
+    ]})
 }
 
 fn error_response(status: u16) -> Value {
@@ -61,6 +107,29 @@ fn error_response(status: u16) -> Value {
     r
 }
 
+/// The path parameters (`{name}`) and the route's query parameters.
+fn parameters(r: &Route) -> Vec<Value> {
+    let mut out: Vec<Value> = r
+        .path
+        .split('/')
+        .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+        .map(|name| {
+            json!({
+                "name": name, "in": "path", "required": true,
+                "schema": {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9._-]*$"},
+            })
+        })
+        .collect();
+    for (name, kind) in r.query {
+        let schema = match *kind {
+            "integer" => json!({"type": "integer", "minimum": 0}),
+            _ => json!({"type": "string"}),
+        };
+        out.push(json!({"name": name, "in": "query", "required": true, "schema": schema}));
+    }
+    out
+}
+
 fn operation(r: &Route) -> Value {
     let mut responses = Map::new();
     responses.insert("200".into(), ok_response(r.ok));
@@ -68,6 +137,10 @@ fn operation(r: &Route) -> Value {
         responses.insert(status.to_string(), error_response(status));
     }
     let mut op = json!({"summary": r.summary, "responses": responses});
+    let params = parameters(r);
+    if !params.is_empty() {
+        op["parameters"] = Value::Array(params);
+    }
     if let Some(schema) = r.request {
         op["requestBody"] = json!({
             "required": true,
@@ -120,7 +193,32 @@ mod tests {
             }
         }
         let images = &doc["paths"]["/v1/images/generations"]["post"]["responses"];
-        assert!(images["404"].is_object());
+        assert!(images["404"].is_object() && images["502"].is_object());
+        let events = &images["200"]["content"]["text/event-stream"]["schema"]["oneOf"];
+        assert_eq!(
+            events[0]["properties"]["event"]["enum"],
+            json!([
+                "image_generation.partial_image",
+                "image_generation.completed"
+            ])
+        );
+        assert_eq!(
+            events[0]["properties"]["data"]["contentSchema"],
+            reference("ImageStreamEvent")
+        );
+        assert_eq!(events[1]["properties"]["event"]["enum"], json!(["error"]));
+        let artifact = &doc["paths"]["/v1/artifacts/{name}"]["get"];
+        let names: Vec<&str> = artifact["parameters"]
+            .as_array()
+            .map(|p| p.iter().filter_map(|v| v["name"].as_str()).collect())
+            .unwrap_or_default();
+        assert_eq!(names, ["name", "expires", "signature"]);
+        assert!(
+            artifact.get("security").is_none(),
+            "the signature is the credential"
+        );
+        let options = &doc["paths"]["/sdapi/v1/options"];
+        assert!(options["get"].is_object() && options["post"].is_object());
         let w = &doc["components"]["schemas"]["Txt2ImgRequest"]["properties"]["width"];
         assert_eq!((&w["maximum"], &w["multipleOf"]), (&json!(256), &json!(16)));
     }

@@ -4,7 +4,12 @@
 //! at once, so memory stays bounded); a request whose client went away or whose deadline
 //! passed is dropped before compute is spent on it and stops at the next step when already
 //! running; waiting requests with the same shape run together, up to `max_batch_size`, in
-//! arrival order of the oldest.
+//! arrival order of the oldest; a request that asks for previews gets them on its channel
+//! while it is sampled.
+//!
+//! The gauges `sd35_queue_depth` (images admitted and not finished), `sd35_images_in_flight`
+//! (images being sampled now) and `sd35_steps_outstanding` (sampling steps still to run for
+//! every admitted image) are kept here, at admission, at each step and at each answer.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, mpsc};
@@ -12,7 +17,7 @@ use std::time::Instant;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
-use crate::backend::{Backend, GenFailure, GenParams, ModelInfo, StepControl};
+use crate::backend::{Backend, GenControl, GenFailure, GenParams, ModelInfo, StepControl};
 use crate::metrics::Metrics;
 
 /// Why a job could not be admitted or finished.
@@ -31,12 +36,54 @@ pub enum QueueError {
 /// The result of one image.
 pub type ImageResult = Result<Vec<u8>, QueueError>;
 
+/// A preview of one image of a request, made while it is sampled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partial {
+    /// Which image of the request (0-based).
+    pub image: usize,
+    /// 0, 1, … in the order the previews of that image are made.
+    pub index: u32,
+    /// The sampling step it shows.
+    pub step: usize,
+    /// The PNG.
+    pub png: Vec<u8>,
+}
+
+/// Previews a request wants: up to `count` per image, sent on `tx` as they are made.
+#[derive(Debug, Clone)]
+pub struct PreviewRequest {
+    /// Previews per image (fewer when the image has too few steps).
+    pub count: u32,
+    /// Where they go.
+    pub tx: tokio::sync::mpsc::UnboundedSender<Partial>,
+}
+
+/// The steps after which `count` previews of a `steps`-step image are made: spread evenly,
+/// never the last step (that is the image itself), each at most once.
+pub fn preview_steps(steps: u32, count: u32) -> Vec<usize> {
+    let (steps, count) = (u64::from(steps), u64::from(count));
+    let mut out: Vec<usize> = (1..=count)
+        .map(|k| (2 * k * steps + count + 1) / (2 * (count + 1)))
+        .filter(|&s| s >= 1 && s < steps)
+        .map(|s| s as usize)
+        .collect();
+    out.dedup();
+    out
+}
+
+struct JobPreviews {
+    steps: Vec<usize>,
+    image: usize,
+    tx: tokio::sync::mpsc::UnboundedSender<Partial>,
+}
+
 struct Job {
     params: GenParams,
     enqueued: Instant,
     deadline: Instant,
     request_id: String,
     reply: oneshot::Sender<ImageResult>,
+    previews: Option<JobPreviews>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -131,6 +178,17 @@ impl Queue {
         deadline: Instant,
         request_id: &str,
     ) -> Result<Vec<oneshot::Receiver<ImageResult>>, QueueError> {
+        self.submit_with_previews(images, deadline, request_id, None)
+    }
+
+    /// [`Queue::submit`], with previews of every image sent as they are made.
+    pub fn submit_with_previews(
+        &self,
+        images: Vec<GenParams>,
+        deadline: Instant,
+        request_id: &str,
+        previews: Option<PreviewRequest>,
+    ) -> Result<Vec<oneshot::Receiver<ImageResult>>, QueueError> {
         let n = u32::try_from(images.len()).map_err(|_| QueueError::Full)?;
         let mut permit = self
             .permits
@@ -143,9 +201,15 @@ impl Queue {
         }
         permits.push(permit);
         let mut out = Vec::with_capacity(images.len());
-        for (params, one) in images.into_iter().zip(permits) {
+        for (image, (params, one)) in images.into_iter().zip(permits).enumerate() {
             let (reply, rx) = oneshot::channel();
+            let steps = params.steps;
             let job = Job {
+                previews: previews.as_ref().map(|p| JobPreviews {
+                    steps: preview_steps(params.steps, p.count),
+                    image,
+                    tx: p.tx.clone(),
+                }),
                 params,
                 enqueued: Instant::now(),
                 deadline,
@@ -154,6 +218,7 @@ impl Queue {
                 _permit: one,
             };
             self.tx.send(job).map_err(|_| QueueError::Closed)?;
+            self.metrics.steps_outstanding.inc_by(i64::from(steps));
             out.push(rx);
         }
         self.metrics.queue_depth.set(self.depth() as i64);
@@ -176,15 +241,55 @@ impl Depth {
 struct Control<'a> {
     jobs: &'a [Job],
     metrics: &'a Metrics,
+    /// Whether each item was wanted when last asked (before each step).
+    live: Vec<bool>,
+    /// Steps run for each item.
+    done: Vec<u32>,
 }
 
 impl StepControl for Control<'_> {
     fn wanted(&mut self, index: usize) -> bool {
-        self.jobs.get(index).is_some_and(|j| !j.abandoned())
+        let wanted = self.jobs.get(index).is_some_and(|j| !j.abandoned());
+        if let Some(l) = self.live.get_mut(index) {
+            *l = wanted;
+        }
+        wanted
     }
 
     fn step_done(&mut self, _step: usize, _steps: usize, batch: usize, seconds: f64) {
         self.metrics.step_done(batch, seconds);
+        let mut ran = 0;
+        for (live, done) in self.live.iter().zip(&mut self.done) {
+            if *live {
+                *done += 1;
+                ran += 1;
+            }
+        }
+        self.metrics.steps_outstanding.dec_by(ran);
+    }
+
+    fn preview_wanted(&mut self, index: usize, step: usize, _steps: usize) -> bool {
+        self.jobs
+            .get(index)
+            .and_then(|j| j.previews.as_ref())
+            .is_some_and(|p| p.steps.contains(&step))
+    }
+}
+
+impl GenControl for Control<'_> {
+    fn partial_image(&mut self, index: usize, step: usize, png: Vec<u8>) {
+        let Some(p) = self.jobs.get(index).and_then(|j| j.previews.as_ref()) else {
+            return;
+        };
+        if let Some(n) = p.steps.iter().position(|&s| s == step) {
+            // A client that went away is noticed at the next step; nothing to do here.
+            let _ = p.tx.send(Partial {
+                image: p.image,
+                index: n as u32,
+                step,
+                png,
+            });
+        }
     }
 }
 
@@ -210,6 +315,7 @@ fn worker(
         pending.retain(|j| {
             if j.abandoned() {
                 m.cancelled.inc();
+                m.steps_outstanding.dec_by(i64::from(j.params.steps));
                 tracing::info!(request_id = %j.request_id, "dropped from the queue: client gone or deadline passed");
                 false
             } else {
@@ -237,15 +343,23 @@ fn worker(
                 .observe(now.duration_since(j.enqueued).as_secs_f64());
         }
         m.batch_size.observe(batch.len() as f64);
+        m.images_in_flight.set(batch.len() as i64);
         let params: Vec<GenParams> = batch.iter().map(|j| j.params.clone()).collect();
-        let results = {
+        let (results, done) = {
             let mut control = Control {
                 jobs: &batch,
                 metrics: m,
+                live: vec![false; batch.len()],
+                done: vec![0; batch.len()],
             };
-            backend.generate(&params, &mut control)
+            let results = backend.generate(&params, &mut control);
+            (results, control.done)
         };
-        for (job, result) in batch.into_iter().zip(results) {
+        for ((job, result), done) in batch.into_iter().zip(results).zip(done) {
+            // Steps it will never run (cancelled early, or a backend that ran fewer).
+            m.steps_outstanding
+                .dec_by(i64::from(job.params.steps.saturating_sub(done)));
+            m.images_in_flight.dec();
             let reply = match result {
                 Ok(png) => {
                     m.images.inc();

@@ -6,7 +6,7 @@
 //! documented with every status it lists; nothing else is needed.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -18,6 +18,7 @@ use axum::routing::{MethodRouter, get, post};
 use tracing::Instrument;
 
 use crate::api::{ApiError, Limits};
+use crate::artifacts::{ArtifactStore, LocalStore};
 use crate::auth::Tokens;
 use crate::handlers;
 use crate::metrics::{Metrics, RequestLabels};
@@ -55,6 +56,14 @@ pub struct AppState {
     pub max_prompt_bytes: usize,
     /// When the server started, in Unix seconds (the models' `created`).
     pub started_unix: u64,
+    /// Where images are stored when a client asks for URLs; `None`: nowhere.
+    pub artifacts: Option<Arc<dyn ArtifactStore>>,
+    /// The local store, whose files `GET /v1/artifacts/{name}` serves.
+    pub local_artifacts: Option<Arc<LocalStore>>,
+    /// Base URL of this server for locally stored artifacts (unset: from the Host header).
+    pub public_url: Option<String>,
+    /// The model name `POST /sdapi/v1/options` chose last (unset: the primary name).
+    pub checkpoint: Mutex<Option<String>>,
 }
 
 /// What a 200 answer carries.
@@ -64,6 +73,13 @@ pub enum Body {
     PngOrJson(&'static str),
     /// JSON of the named schema.
     Json(&'static str),
+    /// A JSON array of the named schema.
+    JsonList(&'static str),
+    /// JSON of the first named schema, or with `stream: true` server-sent events whose data
+    /// are the second.
+    JsonOrEvents(&'static str, &'static str),
+    /// A PNG.
+    Png,
     /// Any JSON object (the OpenAPI document itself).
     AnyJson,
     /// Plain text.
@@ -87,6 +103,9 @@ pub struct Route {
     pub auth: bool,
     /// The JSON schema of the request body, for routes that take one.
     pub request: Option<&'static str>,
+    /// Required query parameters: name and JSON type (`integer`, `string`). Path parameters
+    /// (`{name}`) are read from the path.
+    pub query: &'static [(&'static str, &'static str)],
     /// What a 200 carries.
     pub ok: Body,
     /// Every other status the route can answer, each with the JSON error body.
@@ -95,11 +114,11 @@ pub struct Route {
     pub handler: fn() -> MethodRouter<Arc<AppState>>,
 }
 
-/// The statuses of a generation route.
-const GENERATION_ERRORS: &[u16] = &[400, 401, 408, 413, 415, 422, 429, 500, 503, 504];
-/// The statuses of the OpenAI images route: a generation route's plus 404 for an unknown
-/// `model`.
-const IMAGES_ERRORS: &[u16] = &[400, 401, 404, 408, 413, 415, 422, 429, 500, 503, 504];
+/// The statuses of a generation route (502: the image could not be stored).
+const GENERATION_ERRORS: &[u16] = &[400, 401, 408, 413, 415, 422, 429, 500, 502, 503, 504];
+/// The statuses of the OpenAI and AUTOMATIC1111 image routes: a generation route's plus 404
+/// for a model name that is not served.
+const IMAGES_ERRORS: &[u16] = &[400, 401, 404, 408, 413, 415, 422, 429, 500, 502, 503, 504];
 
 /// Every route the server has.
 pub const ROUTES: &[Route] = &[
@@ -109,6 +128,7 @@ pub const ROUTES: &[Route] = &[
         summary: "Generate one image",
         auth: true,
         request: Some("Txt2ImgRequest"),
+        query: &[],
         ok: Body::PngOrJson("Txt2ImgResponse"),
         errors: GENERATION_ERRORS,
         handler: || post(handlers::txt2img),
@@ -119,9 +139,65 @@ pub const ROUTES: &[Route] = &[
         summary: "Generate images (OpenAI Images API shape)",
         auth: true,
         request: Some("ImagesRequest"),
-        ok: Body::Json("ImagesResponse"),
+        query: &[],
+        ok: Body::JsonOrEvents("ImagesResponse", "ImageStreamEvent"),
         errors: IMAGES_ERRORS,
         handler: || post(handlers::images),
+    },
+    Route {
+        method: "GET",
+        path: "/v1/artifacts/{name}",
+        summary: "A stored image, on the signed URL a generation answered with (local storage)",
+        auth: false,
+        request: None,
+        query: &[("expires", "integer"), ("signature", "string")],
+        ok: Body::Png,
+        errors: &[403, 404],
+        handler: || get(handlers::artifact),
+    },
+    Route {
+        method: "POST",
+        path: "/sdapi/v1/txt2img",
+        summary: "Generate images (AUTOMATIC1111 web API shape)",
+        auth: true,
+        request: Some("A1111Txt2ImgRequest"),
+        query: &[],
+        ok: Body::Json("A1111Txt2ImgResponse"),
+        errors: IMAGES_ERRORS,
+        handler: || post(handlers::sdapi_txt2img),
+    },
+    Route {
+        method: "GET",
+        path: "/sdapi/v1/sd-models",
+        summary: "The served model under each served name (AUTOMATIC1111 shape)",
+        auth: true,
+        request: None,
+        query: &[],
+        ok: Body::JsonList("A1111Model"),
+        errors: &[401, 503],
+        handler: || get(handlers::sdapi_models),
+    },
+    Route {
+        method: "GET",
+        path: "/sdapi/v1/options",
+        summary: "The model name (the only AUTOMATIC1111 option here)",
+        auth: true,
+        request: None,
+        query: &[],
+        ok: Body::Json("A1111Options"),
+        errors: &[401, 503],
+        handler: || get(handlers::sdapi_options),
+    },
+    Route {
+        method: "POST",
+        path: "/sdapi/v1/options",
+        summary: "Choose the model name (one of the served names)",
+        auth: true,
+        request: Some("A1111OptionsUpdate"),
+        query: &[],
+        ok: Body::Json("A1111Options"),
+        errors: &[400, 401, 404, 408, 413, 415, 503],
+        handler: || post(handlers::sdapi_set_options),
     },
     Route {
         method: "GET",
@@ -129,6 +205,7 @@ pub const ROUTES: &[Route] = &[
         summary: "The served model under each served name, its defaults and limits",
         auth: true,
         request: None,
+        query: &[],
         ok: Body::Json("ModelList"),
         errors: &[401, 503],
         handler: || get(handlers::models),
@@ -139,6 +216,7 @@ pub const ROUTES: &[Route] = &[
         summary: "Liveness",
         auth: false,
         request: None,
+        query: &[],
         ok: Body::Text,
         errors: &[],
         handler: || get(|| async { "ok" }),
@@ -149,6 +227,7 @@ pub const ROUTES: &[Route] = &[
         summary: "Readiness: model loaded and warmed up, not shutting down",
         auth: false,
         request: None,
+        query: &[],
         ok: Body::Text,
         errors: &[503],
         handler: || get(handlers::readyz),
@@ -159,6 +238,7 @@ pub const ROUTES: &[Route] = &[
         summary: "Prometheus metrics",
         auth: false,
         request: None,
+        query: &[],
         ok: Body::Metrics,
         errors: &[],
         handler: || get(handlers::metrics),
@@ -169,6 +249,7 @@ pub const ROUTES: &[Route] = &[
         summary: "This document",
         auth: false,
         request: None,
+        query: &[],
         ok: Body::AnyJson,
         errors: &[],
         handler: || get(handlers::openapi),
@@ -179,6 +260,7 @@ pub const ROUTES: &[Route] = &[
         summary: "The playground page",
         auth: false,
         request: None,
+        query: &[],
         ok: Body::Html,
         errors: &[],
         handler: || get(handlers::playground),
@@ -190,13 +272,19 @@ pub fn status_description(status: u16) -> &'static str {
     match status {
         400 => "Malformed body: not one JSON object, a wrong type or an unknown field",
         401 => "Missing or wrong bearer token",
-        404 => "The `model` is not served here (the message lists the served names)",
+        403 => "The artifact URL's signature is wrong or it expired",
+        404 => {
+            "Not found: a model name that is not served (the message lists the served names), or an artifact that does not exist"
+        }
         408 => "The body did not arrive in time (--body-read-timeout-seconds)",
         413 => "Body too large (--max-body-bytes)",
         415 => "The body is not sent as application/json",
         422 => "A field is out of range (the field is named)",
         429 => "Queue full; retry after Retry-After seconds",
         500 => "The model failed on this request",
+        502 => {
+            "The images were made but could not be stored (the message names the bucket or directory)"
+        }
         503 => "Model loading, or the server is shutting down",
         504 => "The request deadline passed (--request-timeout-seconds)",
         _ => "Error",

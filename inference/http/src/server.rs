@@ -13,7 +13,8 @@ use sd35_contract::ExitReason;
 use tokio::sync::oneshot;
 
 use crate::api::Limits;
-use crate::backend::{Backend, Defaults, GenParams, StepControl};
+use crate::artifacts::{ArtifactStore as _, Opened};
+use crate::backend::{Backend, Defaults, GenControl, GenParams, StepControl};
 use crate::candle::{CandleBackend, CandleOptions};
 use crate::config::{LogFormat, ServeConfig};
 use crate::edge::{self, EdgeLimits};
@@ -45,6 +46,10 @@ impl StepControl for Quiet {
         true
     }
     fn step_done(&mut self, _: usize, _: usize, _: usize, _: f64) {}
+}
+
+impl GenControl for Quiet {
+    fn partial_image(&mut self, _: usize, _: usize, _: Vec<u8>) {}
 }
 
 /// A start-up failure of `serve`, with the documented exit code it ends with (17: no usable
@@ -117,6 +122,7 @@ pub fn candle_loader(config: &ServeConfig) -> anyhow::Result<LoadFn> {
         t5_max_tokens: a.t5_max_tokens as usize,
     };
     let warmup = !config.no_warmup;
+    let min_psnr = config.engine_check_min_psnr_db;
     Ok(Box::new(move || {
         let started = Instant::now();
         let dir = options
@@ -137,6 +143,7 @@ pub fn candle_loader(config: &ServeConfig) -> anyhow::Result<LoadFn> {
             device = info.device.as_str(),
             "model loaded"
         );
+        check_engine(&backend, &dir, min_psnr)?;
         if warmup {
             let size = 64.min(info.max_size);
             let params = GenParams {
@@ -159,6 +166,60 @@ pub fn candle_loader(config: &ServeConfig) -> anyhow::Result<LoadFn> {
         }
         Ok(Box::new(backend) as Box<dyn Backend>)
     }))
+}
+
+/// The golden-image gate: an engine must bring its smoke image, and repeating it must land
+/// within the bound for this device and precision; otherwise start-up fails with
+/// `EngineMismatch` (exit code 18) and `/readyz` never turns ready, so a rollout to this
+/// engine stops at this pod and the pods already serving keep serving.
+fn check_engine(
+    backend: &CandleBackend,
+    dir: &std::path::Path,
+    min_psnr: Option<f64>,
+) -> anyhow::Result<()> {
+    if backend.engine_has_smoke() == Some(false) {
+        return Err(StartupError::new(
+            ExitReason::EngineMismatch,
+            format!(
+                "the engine {} has no smoke image in its engine.json: it was not built to \
+                 completion; run build-engine for it again",
+                dir.display()
+            ),
+        )
+        .into());
+    }
+    let Some(result) = backend.check_smoke(min_psnr) else {
+        return Ok(());
+    };
+    let started = Instant::now();
+    let check = result
+        .map_err(|e| StartupError::pipeline("the engine's smoke image could not be made", &e))?;
+    let info = backend.info();
+    if !check.passed() {
+        return Err(StartupError::new(
+            ExitReason::EngineMismatch,
+            format!(
+                "the engine {} fails its smoke check: its image is {:.1} dB PSNR from the one \
+                 build-engine recorded, below the {:.1} dB required on {} in {}; the engine no \
+                 longer makes what it made when it was built (damaged or changed weights): \
+                 delete it to have it rebuilt",
+                dir.display(),
+                check.psnr_db,
+                check.min_psnr_db,
+                info.device.as_str(),
+                info.precision.as_str()
+            ),
+        )
+        .into());
+    }
+    tracing::info!(
+        psnr_db = check.psnr_db,
+        min_psnr_db = check.min_psnr_db,
+        identical = check.identical,
+        seconds = started.elapsed().as_secs_f64(),
+        "engine smoke check passed"
+    );
+    Ok(())
 }
 
 /// Runs `serve` and exits: 0 after a drain (cut short by `--drain-seconds` or not), the
@@ -279,6 +340,17 @@ pub async fn serve(
              SD35_AUTH_TOKENS variable instead"
         );
     }
+    let store = crate::artifacts::open(&config.args.artifacts, &config.store_options()?)
+        .map_err(|e| StartupError::new(ExitReason::Usage, e))?;
+    if let Some(Opened::S3(s3)) = &store {
+        // A bucket that is missing now may exist by the first request: warn, do not refuse.
+        match s3.check().await {
+            Ok(()) => tracing::info!(store = %s3.describe(), "artifact storage ready"),
+            Err(e) => tracing::warn!(error = %e, "artifact storage is not usable yet"),
+        }
+    } else if let Some(s) = &store {
+        tracing::info!(store = %s.store().describe(), "artifact storage ready");
+    }
     let metrics = Arc::new(Metrics::new());
     let limits = QueueLimits {
         queue_size: config.args.queue_size as usize,
@@ -304,6 +376,10 @@ pub async fn serve(
         started_unix: std::time::SystemTime::now()
             .duration_since(std::time::SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        artifacts: store.as_ref().map(Opened::store),
+        local_artifacts: store.as_ref().and_then(Opened::local),
+        public_url: config.artifacts_public_url.clone(),
+        checkpoint: Mutex::new(None),
     });
     let load_error: Arc<Mutex<Option<anyhow::Error>>> = Arc::default();
     let (failed_tx, failed_rx) = oneshot::channel::<()>();

@@ -1,11 +1,11 @@
 //! The candle backend with the tiny models: a batch of images equals the images generated
-//! one at a time (up to f32 rounding), and an item dropped mid-batch does not disturb the
-//! others.
+//! one at a time (up to f32 rounding), an item dropped mid-batch does not disturb the
+//! others, and asking for previews changes no image.
 
 use std::path::Path;
 
 use sd35_http::backend::{
-    Backend, GenFailure, GenParams, StepControl, decode_png, pixel_difference,
+    Backend, GenControl, GenFailure, GenParams, StepControl, decode_png, pixel_difference,
 };
 use sd35_http::candle::{CandleBackend, CandleOptions};
 use sd35_pipeline::Precision;
@@ -25,15 +25,41 @@ impl StepControl for Keep {
     }
 }
 
+impl GenControl for Keep {
+    fn partial_image(&mut self, _: usize, _: usize, _: Vec<u8>) {}
+}
+
+/// Wants every item and a preview of each after `at`; keeps the previews.
+struct Previews {
+    at: Vec<usize>,
+    got: Vec<(usize, usize, Vec<u8>)>,
+}
+
+impl StepControl for Previews {
+    fn wanted(&mut self, _: usize) -> bool {
+        true
+    }
+    fn step_done(&mut self, _: usize, _: usize, _: usize, _: f64) {}
+    fn preview_wanted(&mut self, _: usize, step: usize, _: usize) -> bool {
+        self.at.contains(&step)
+    }
+}
+
+impl GenControl for Previews {
+    fn partial_image(&mut self, index: usize, step: usize, png: Vec<u8>) {
+        self.got.push((index, step, png));
+    }
+}
+
 fn decode(png_bytes: &[u8]) -> Vec<u8> {
     decode_png(png_bytes).expect("a PNG")
 }
 
-fn batch_equals_singles(model: &str) {
+fn load(model: &str) -> CandleBackend {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../testdata")
         .join(model);
-    let mut backend = CandleBackend::load(CandleOptions {
+    CandleBackend::load(CandleOptions {
         model: dir,
         engine: None,
         variant: None,
@@ -43,7 +69,11 @@ fn batch_equals_singles(model: &str) {
         load_t5: true,
         t5_max_tokens: 256,
     })
-    .expect("load");
+    .expect("load")
+}
+
+fn batch_equals_singles(model: &str) {
+    let mut backend = load(model);
     let items: Vec<GenParams> = (0..3)
         .map(|i| GenParams {
             prompt: format!("thing {i}"),
@@ -92,4 +122,46 @@ fn large_batch_equals_singles() {
 #[test]
 fn medium_batch_equals_singles() {
     batch_equals_singles("sd35-tiny-medium");
+}
+
+#[test]
+fn previews_are_decoded_at_the_steps_asked_for_and_change_no_image() {
+    let mut backend = load("sd35-tiny-large");
+    let items: Vec<GenParams> = (0..2)
+        .map(|i| GenParams {
+            prompt: format!("thing {i}"),
+            negative_prompt: String::new(),
+            width: 32,
+            height: 32,
+            steps: 4,
+            guidance_scale: 3.5,
+            seed: i,
+        })
+        .collect();
+    let plain = backend.generate(&items, &mut Keep(vec![true; 2], false));
+    let mut previews = Previews {
+        at: vec![1, 3],
+        got: Vec::new(),
+    };
+    let watched = backend.generate(&items, &mut previews);
+    assert_eq!(plain, watched, "asking for previews changed an image");
+    let order: Vec<(usize, usize)> = previews.got.iter().map(|(i, s, _)| (*i, *s)).collect();
+    assert_eq!(order, [(0, 1), (1, 1), (0, 3), (1, 3)]);
+    let last = decode(watched[0].as_ref().expect("image"));
+    let early = decode(&previews.got[0].2);
+    let late = decode(&previews.got[2].2);
+    assert_eq!((early.len(), late.len()), (last.len(), last.len()));
+    // The model's prediction converges on the image: step 3 is nearer than step 1.
+    let distance = |a: &[u8]| {
+        a.iter()
+            .zip(&last)
+            .map(|(x, y)| u64::from(x.abs_diff(*y)))
+            .sum::<u64>()
+    };
+    assert!(
+        distance(&late) < distance(&early),
+        "step 3 preview is not nearer the image than step 1's ({} vs {})",
+        distance(&late),
+        distance(&early)
+    );
 }

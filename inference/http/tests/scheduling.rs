@@ -701,10 +701,10 @@ fn arbitrary_json_bodies_never_break_the_server() {
                 *b ^= rng.random::<u8>();
             }
         }
-        let path = if i % 2 == 0 {
-            "/v1/txt2img"
-        } else {
-            "/v1/images/generations"
+        let path = match i % 3 {
+            0 => "/v1/txt2img",
+            1 => "/v1/images/generations",
+            _ => "/sdapi/v1/txt2img",
         };
         let r = client::request(
             s.addr,

@@ -270,11 +270,38 @@ pub fn build(
         source_repo: opts.source_repo.clone(),
         tool_version: opts.tool_version.clone(),
         files: entries,
+        smoke: None,
     };
-    manifest.write(out).map_err(|e| match e {
+    write_manifest(&manifest, out)?;
+    Ok(manifest)
+}
+
+fn write_manifest(manifest: &EngineManifest, dir: &Path) -> Result<()> {
+    manifest.write(dir).map_err(|e| match e {
         ManifestError::Io(path, source) => Error::io(path, source),
-        other => engine_err(out, other.to_string()),
-    })?;
+        other => engine_err(dir, other.to_string()),
+    })
+}
+
+/// Makes the engine's smoke image on the CPU (see [`crate::smoke`]) with the engine as a
+/// server loads it, and writes it into `engine.json` (atomically, last again): only an engine
+/// with its smoke image is served.
+pub fn record_smoke(dir: &Path) -> Result<EngineManifest> {
+    let mut manifest = open(dir, false)?;
+    let opts = crate::PipelineOptions {
+        precision: Some(manifest.precision),
+        device: Device::Cpu,
+        // The smoke image leaves T5 out; not loading it saves the builder its memory.
+        load_t5: false,
+        variant: Some(manifest.variant),
+        ..crate::PipelineOptions::default()
+    };
+    let pipeline = crate::Pipeline::load(dir, &opts)?;
+    manifest.smoke = Some(crate::smoke::record(
+        &pipeline,
+        sd35_contract::DeviceKind::Cpu,
+    )?);
+    write_manifest(&manifest, dir)?;
     Ok(manifest)
 }
 

@@ -22,6 +22,7 @@ pub mod pipeline;
 pub mod scheduler;
 pub mod sentencepiece;
 mod simd;
+pub mod smoke;
 pub mod t5;
 pub mod tokenizer;
 pub mod vae;

@@ -108,6 +108,9 @@ pub struct GenerateRequest {
     pub slg: Option<SkipLayerGuidance>,
     /// Initial latents `[1, 16, H/8, W/8]` replacing the seeded noise.
     pub init_latents: Option<Tensor>,
+    /// Encode the prompts as if T5 were not loaded (its embedding zeros), so that servers with
+    /// and without T5 can repeat the same image (the engine's smoke image).
+    pub without_t5: bool,
 }
 
 /// Per-encoder outputs for one prompt, as the reference computes them.
@@ -133,12 +136,22 @@ pub struct PromptTokens {
 }
 
 /// What happens between sampling steps: which batch items are still wanted (the others are
-/// dropped at the next step), and progress.
+/// dropped at the next step), progress, and previews of chosen steps.
 pub trait StepControl {
     /// Whether batch item `index` is still wanted.
     fn wanted(&mut self, index: usize) -> bool;
     /// Step `step` of `steps` finished for `live` items in `seconds`.
     fn step_done(&mut self, step: usize, steps: usize, live: usize, seconds: f64);
+    /// Whether batch item `index` wants a preview after step `step` of `steps` (by default
+    /// none does). Asked after the step, for items still sampled.
+    fn preview_wanted(&mut self, _index: usize, _step: usize, _steps: usize) -> bool {
+        false
+    }
+    /// The preview of batch item `index` after step `step`: the latents `[1, 16, H/8, W/8]`
+    /// (f32) of the image the model predicts at that step — the current latents with the
+    /// predicted remaining noise taken out — for [`Pipeline::decode`]. Reading them changes
+    /// nothing in the sampling.
+    fn preview(&mut self, _index: usize, _step: usize, _latents: &Tensor) {}
 }
 
 /// Every item wanted; each step reported to a closure.
@@ -387,6 +400,7 @@ impl Pipeline {
             seed: 0,
             slg: d.slg,
             init_latents: None,
+            without_t5: false,
         }
     }
 
@@ -401,12 +415,17 @@ impl Pipeline {
 
     /// Each encoder's output for `prompt`.
     pub fn encode_parts(&self, prompt: &str) -> Result<PromptParts> {
+        self.encode_parts_with(prompt, true)
+    }
+
+    /// [`Pipeline::encode_parts`], with T5 left out (zeros) when `t5` is false.
+    fn encode_parts_with(&self, prompt: &str, t5: bool) -> Result<PromptParts> {
         let ids = self.tokenize(prompt)?;
         let clip_l = self.clip_l.forward(&ids.clip_l, self.dtype)?;
         let clip_g = self.clip_g.forward(&ids.clip_g, self.dtype)?;
         let joint = self.mmdit.config().joint_attention_dim;
         let t5 = match (&self.t5, &ids.t5) {
-            (Some(t5), Some(ids)) => t5.forward(ids, self.dtype)?,
+            (Some(encoder), Some(ids)) if t5 => encoder.forward(ids, self.dtype)?,
             _ => Tensor::zeros((1, self.t5_length, joint), self.dtype, &self.device)?,
         };
         Ok(PromptParts { clip_l, clip_g, t5 })
@@ -414,7 +433,11 @@ impl Pipeline {
 
     /// The transformer's context `[1, 77 + L, joint]` and pooled vector `[1, P]` for `prompt`.
     pub fn encode_prompt(&self, prompt: &str) -> Result<(Tensor, Tensor)> {
-        let p = self.encode_parts(prompt)?;
+        self.encode_prompt_with(prompt, true)
+    }
+
+    fn encode_prompt_with(&self, prompt: &str, t5: bool) -> Result<(Tensor, Tensor)> {
+        let p = self.encode_parts_with(prompt, t5)?;
         let clip = Tensor::cat(&[&p.clip_l.penultimate, &p.clip_g.penultimate], 2)?;
         let joint = self.mmdit.config().joint_attention_dim;
         let width = clip.dim(2)?;
@@ -564,11 +587,11 @@ impl Pipeline {
             (vec![], vec![], vec![], vec![], vec![]);
         for req in reqs {
             lat.push(self.initial_latents(req)?);
-            let (c, p) = self.encode_prompt(&req.prompt)?;
+            let (c, p) = self.encode_prompt_with(&req.prompt, !req.without_t5)?;
             ctx.push(c);
             pooled.push(p);
             if cfg {
-                let (c, p) = self.encode_prompt(&req.negative_prompt)?;
+                let (c, p) = self.encode_prompt_with(&req.negative_prompt, !req.without_t5)?;
                 nctx.push(c);
                 npooled.push(p);
             }
@@ -638,8 +661,16 @@ impl Pipeline {
                         .to_dtype(DType::F32)?
                 }
             };
-            latents = (latents + (noise * f64::from(schedule.dt(i)))?)?;
+            latents = (latents + (&noise * f64::from(schedule.dt(i)))?)?;
             control.step_done(i + 1, steps, b, started.elapsed().as_secs_f64());
+            for (r, &orig) in rows.iter().enumerate() {
+                if control.preview_wanted(orig, i + 1, steps) {
+                    // x0 = x_t - sigma_t * v, written with the latents after the step.
+                    let sigma = f64::from(schedule.sigmas[i + 1]);
+                    let predicted = (latents.narrow(0, r, 1)? - (noise.narrow(0, r, 1)? * sigma)?)?;
+                    control.preview(orig, i + 1, &predicted);
+                }
+            }
         }
         let mut out = vec![None; reqs.len()];
         for (r, &orig) in rows.iter().enumerate() {

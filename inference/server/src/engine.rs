@@ -1,8 +1,10 @@
 //! `sd35-server build-engine`: converts a complete cached model into the engine of one
-//! precision under `<cache-root>/engines/<engine-key>/`, with progress in the logs.
+//! precision under `<cache-root>/engines/<engine-key>/`, with progress in the logs, then makes
+//! the engine's smoke image on the CPU and records it in `engine.json` (see
+//! `sd35_pipeline::smoke`): servers repeat it before they turn ready.
 //!
 //! An engine whose manifest already matches (format version, source, precision, every file's
-//! size and sha256) is kept; anything else in the directory is rebuilt.
+//! size and sha256, a smoke image) is kept; anything else in the directory is rebuilt.
 
 use std::time::Instant;
 
@@ -73,6 +75,7 @@ pub fn run(cmd: &BuildEngineCommand) -> Result<(), JobError> {
         && m.variant == variant
         && m.precision == precision
         && m.fp8_scale == (precision == Precision::Fp8).then_some(cmd.fp8_scale)
+        && m.smoke.is_some()
     {
         tracing::info!(engine = %out.display(), "engine already built, nothing to do");
         return Ok(());
@@ -117,8 +120,32 @@ pub fn run(cmd: &BuildEngineCommand) -> Result<(), JobError> {
         bytes = manifest.files.iter().map(|f| f.size).sum::<u64>(),
         seconds = started.elapsed().as_secs_f64(),
         peak_rss_bytes = peak_rss_bytes().unwrap_or(0),
-        "engine complete"
+        "engine files written"
     );
+    // The fixed-seed image servers repeat before they turn ready: without it the engine is
+    // not complete, and a server refuses it.
+    let smoke_started = Instant::now();
+    let manifest = sd35_pipeline::engine::record_smoke(&out).map_err(|e| {
+        let e = pipeline_error(e);
+        JobError::new(
+            e.reason,
+            format!(
+                "the engine's files are written but its smoke image could not be made, so no \
+                 server will serve it: {}",
+                e.message
+            ),
+        )
+    })?;
+    if let Some(smoke) = &manifest.smoke {
+        tracing::info!(
+            seconds = smoke_started.elapsed().as_secs_f64(),
+            width = smoke.width,
+            height = smoke.height,
+            steps = smoke.steps,
+            sha256 = %smoke.sha256,
+            "engine complete: smoke image recorded"
+        );
+    }
     Ok(())
 }
 

@@ -1,5 +1,7 @@
 //! `sd35-server build-engine` on the tiny model: the engine serves the same image as the cache
-//! in bf16, holds the fp8 PSNR bound, is refused when damaged, and is built in bounded memory.
+//! in bf16, holds the fp8 PSNR bound, is refused when damaged, is built in bounded memory, and
+//! records its smoke image — which a server repeats before it turns ready, refusing an engine
+//! whose weights were changed even when its manifest was made to match.
 
 #![allow(clippy::unwrap_used)]
 
@@ -7,7 +9,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use base64::Engine as _;
 use candle_core::{DType, Device, Tensor};
+use common::serving::{BIN, Server};
 use common::{server, stderr, testdata};
 use sd35_contract::{ENGINE_MANIFEST, ExitReason};
 use sd35_pipeline::{Pipeline, PipelineOptions, Precision};
@@ -144,6 +148,22 @@ fn bf16_engine_gives_the_same_image_as_the_cache_in_bf16() {
             .iter()
             .all(|f| f["sha256"].as_str().unwrap().len() == 64)
     );
+    // The smoke image: its parameters, where it was made, its pixels and their hash.
+    let smoke = &manifest["smoke"];
+    assert_eq!(
+        (smoke["width"].as_u64(), smoke["height"].as_u64()),
+        (Some(32), Some(32))
+    );
+    assert_eq!(
+        (smoke["steps"].as_u64(), smoke["seed"].as_u64()),
+        (Some(2), Some(0))
+    );
+    assert_eq!(smoke["device"], "cpu");
+    let pixels = base64::engine::general_purpose::STANDARD
+        .decode(smoke["pixels"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(pixels.len(), 32 * 32 * 3);
+    assert_eq!(smoke["sha256"], common::sha256_hex(&pixels));
     // Every float weight is stored in bf16.
     let shard = dir.join("transformer/diffusion_pytorch_model-00001-of-00003.safetensors");
     for (name, t) in candle_core::safetensors::load(&shard, &Device::Cpu).unwrap() {
@@ -380,9 +400,16 @@ fn build_memory_stays_near_one_tensor_not_the_model() {
 
     for precision in ["fp8", "bf16"] {
         let (out, polled) = build_polling_rss(cache.path(), precision, precision);
-        assert!(out.status.success(), "{}", stderr(&out));
-        // The builder's own high-water mark at exit, read from /proc/self/status.
+        // The files convert; a transformer alone cannot make the smoke image, and an engine
+        // without one is not complete (no server would serve it).
         let log = stderr(&out);
+        assert_eq!(
+            out.status.code(),
+            Some(ExitReason::InvalidModel.code()),
+            "{log}"
+        );
+        assert!(log.contains("smoke image could not be made"), "{log}");
+        // The builder's high-water mark after the conversion, read from /proc/self/status.
         let logged: u64 = log
             .split("peak_rss_bytes")
             .nth(1)
@@ -394,6 +421,7 @@ fn build_memory_stays_near_one_tensor_not_the_model() {
             })
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| panic!("no peak_rss_bytes in {log}"));
+        assert!(log.contains("engine files written"), "{log}");
         let peak = logged.max(polled);
         let largest = (rows * cols * 4) as u64;
         let model_bytes = largest * names.len() as u64;
@@ -422,5 +450,111 @@ fn build_memory_stays_near_one_tensor_not_the_model() {
     assert_eq!(
         t["transformer_blocks.0.ff.net.0.proj.scale_weight"].dims(),
         &[rows, 1]
+    );
+}
+
+/// Runs `serve` on an engine expecting it to fail at start-up; its exit code and termination
+/// message.
+fn refused(cache: &Path, engine: &Path) -> (Option<i32>, String) {
+    let message = cache.join("termination-log");
+    let out = std::process::Command::new(BIN)
+        .arg("serve")
+        .arg("--model")
+        .arg(cache.join("models/c"))
+        .arg(format!("--engine={}", engine.display()))
+        .args(["--host", "127.0.0.1", "--port", "0", "--no-warmup"])
+        .arg(format!("--termination-message-path={}", message.display()))
+        .output()
+        .unwrap();
+    let text = std::fs::read_to_string(&message).unwrap_or_default();
+    assert_eq!(
+        text.lines().count(),
+        1,
+        "one line: {text:?} ({})",
+        stderr(&out)
+    );
+    (out.status.code(), text)
+}
+
+/// Negates every value of one bf16 tensor in place: same size, other weights.
+fn negate_tensor(file: &Path, name: &str) {
+    let mut bytes = std::fs::read(file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let t = &header[name];
+    assert_eq!(t["dtype"], "BF16", "{name}");
+    let (from, to) = (
+        t["data_offsets"][0].as_u64().unwrap() as usize,
+        t["data_offsets"][1].as_u64().unwrap() as usize,
+    );
+    for pair in bytes[8 + n + from..8 + n + to].chunks_exact_mut(2) {
+        pair[1] ^= 0x80; // the sign bit of a little-endian bf16
+    }
+    std::fs::write(file, bytes).unwrap();
+}
+
+#[test]
+fn a_server_repeats_the_smoke_image_and_refuses_an_engine_whose_weights_changed() {
+    let cache = cache_with("sd35-tiny-large");
+    let out = build(cache.path(), "e", "bf16", &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dir = engine(cache.path(), "e");
+
+    // The engine as built: the server repeats the image exactly on this machine.
+    let model = cache.path().join("models/c");
+    let engine_flag = format!("--engine={}", dir.display());
+    let s = Server::start(model.to_str().unwrap(), &[&engine_flag, "--no-warmup"]);
+    let passed = s
+        .log()
+        .into_iter()
+        .find(|l| l["fields"]["message"] == "engine smoke check passed")
+        .expect("the smoke check ran before ready");
+    assert_eq!(passed["fields"]["identical"], true, "{passed}");
+    drop(s);
+
+    // The final projection's weights negated, and the manifest made to match them: sizes
+    // and checksums hold, so only the smoke image can tell.
+    let shard = "transformer/diffusion_pytorch_model-00003-of-00003.safetensors";
+    negate_tensor(&dir.join(shard), "proj_out.weight");
+    let manifest_path = dir.join(ENGINE_MANIFEST);
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    let sum = common::sha256_hex(&std::fs::read(dir.join(shard)).unwrap());
+    for f in manifest["files"].as_array_mut().unwrap() {
+        if f["path"] == shard {
+            f["sha256"] = sum.clone().into();
+        }
+    }
+    std::fs::write(&manifest_path, manifest.to_string()).unwrap();
+    sd35_pipeline::engine::open(&dir, true).expect("the manifest matches the changed files");
+    let (code, text) = refused(cache.path(), &dir);
+    eprintln!("changed engine: {text}");
+    assert_eq!(code, Some(ExitReason::EngineMismatch.code()), "{text}");
+    assert!(
+        text.starts_with("EngineMismatch: ") && text.contains("smoke check") && text.contains("dB"),
+        "{text}"
+    );
+    let psnr: f64 = text
+        .split(" dB PSNR")
+        .next()
+        .and_then(|t| t.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no PSNR in {text}"));
+    assert!(psnr < 40.0, "{psnr}");
+
+    // An engine whose manifest lost its smoke image is incomplete: refused too.
+    manifest.as_object_mut().unwrap().remove("smoke");
+    std::fs::write(&manifest_path, manifest.to_string()).unwrap();
+    let (code, text) = refused(cache.path(), &dir);
+    assert_eq!(code, Some(ExitReason::EngineMismatch.code()), "{text}");
+    assert!(text.contains("no smoke image"), "{text}");
+    // build-engine does not take it for built: it builds it again, smoke image and all.
+    let out = build(cache.path(), "e", "bf16", &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("already built"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("smoke image recorded"),
+        "{}",
+        stderr(&out)
     );
 }

@@ -11,19 +11,20 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, KeyToPath, Lifecycle,
-    LifecycleHandler, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe,
-    SecretVolumeSource, Service, ServicePort, ServiceSpec, SleepAction, Volume, VolumeMount,
+    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
+    Lifecycle, LifecycleHandler, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec,
+    Probe, SecretKeySelector, SecretVolumeSource, Service, ServicePort, ServiceSpec, SleepAction,
+    Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use sd35_contract::{
-    CACHE_MOUNT, DeviceKind, Precision, ServeArgs, TERMINATION_MESSAGE_PATH, Variant,
+    ArtifactArgs, CACHE_MOUNT, DeviceKind, Precision, ServeArgs, TERMINATION_MESSAGE_PATH, Variant,
     dedup_in_order, default_served_names, engine_dir, model_dir,
 };
-use sd35_crds::RolloutStrategy;
+use sd35_crds::{ArtifactsSpec, RolloutStrategy};
 use serde::{Deserialize, Serialize};
 
 use super::{container_security, meta, placement, pod_security, pull_policy, pull_secrets};
@@ -140,7 +141,53 @@ fn serve_args(r: &Resolved, target: &ServingTarget) -> ServeArgs {
             .auth
             .as_ref()
             .map(|a| format!("/etc/sd35/auth/{}", a.secret_ref.key).into()),
+        artifacts: artifact_args(s.artifacts.as_ref()),
     }
+}
+
+/// The server's storage flags for `spec.server.artifacts` (none when unset). The credentials
+/// are not among them: they reach the pod as environment variables from the Secret
+/// ([`artifact_env`]).
+fn artifact_args(spec: Option<&ArtifactsSpec>) -> ArtifactArgs {
+    let Some(a) = spec else {
+        return ArtifactArgs::default();
+    };
+    ArtifactArgs {
+        artifacts_dir: None,
+        artifacts_s3_bucket: Some(a.bucket.clone()),
+        artifacts_s3_endpoint: a.endpoint.clone(),
+        artifacts_s3_region: a.region.clone(),
+        artifacts_s3_prefix: a.prefix.clone(),
+        artifacts_s3_url_style: a.url_style,
+        artifacts_url_seconds: u32::try_from(a.url_seconds).unwrap_or(3600),
+    }
+}
+
+/// `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` from the credentials Secret, by reference:
+/// the values stay in the Secret, never in the Deployment, the SD35Deployment or the logs.
+fn artifact_env(spec: Option<&ArtifactsSpec>) -> Vec<EnvVar> {
+    let Some(a) = spec else {
+        return Vec::new();
+    };
+    let from_secret = |name: &str, key: &str| EnvVar {
+        name: name.to_owned(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: a.credentials_secret.name.clone(),
+                key: key.to_owned(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }),
+    };
+    vec![
+        from_secret("AWS_ACCESS_KEY_ID", &a.credentials_secret.access_key_id_key),
+        from_secret(
+            "AWS_SECRET_ACCESS_KEY",
+            &a.credentials_secret.secret_access_key_key,
+        ),
+    ]
 }
 
 fn probe(path: &str, period: i32, failures: i32) -> Probe {
@@ -229,6 +276,7 @@ pub fn deployment(
         image_pull_policy: pull_policy(r),
         command: Some(vec!["sd35-server".into()]),
         args: Some(args),
+        env: Some(artifact_env(s.artifacts.as_ref())).filter(|e| !e.is_empty()),
         ports: Some(vec![ContainerPort {
             name: Some("http".into()),
             container_port: s.port,

@@ -1,7 +1,9 @@
-//! A local HTTP/1.1 file server with fault injection, and helpers to run `sd35-server`.
+//! A local HTTP/1.1 file server with fault injection, a real S3 server ([`s3`]), and helpers
+//! to run `sd35-server`.
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod s3;
 pub mod serving;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -39,6 +39,11 @@ impl Server {
     /// [`Server::start`] with extra environment variables (`SD35_*` settings).
     pub fn start_with_env(model: &str, flags: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(BIN)
+            // Storage credentials come from the test alone, never from the one running it.
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("AWS_SESSION_TOKEN")
+            .env_remove("AWS_PROFILE")
             .envs(env.iter().copied())
             .arg("serve")
             .arg("--model")
