@@ -446,42 +446,10 @@ impl Txt2ImgRequest {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::params::Defaults;
-    use sd35_contract::{DeviceKind, Precision, Variant};
 
-    /// A model like the HTTP crate's fake backend: 256 px at most, 64 px by default.
+    /// The small model the properties and the fuzzer use: 256 px at most, 64 px by default.
     pub(crate) fn limits() -> Limits {
-        let defaults = Defaults {
-            steps: 4,
-            guidance_scale: 3.5,
-            width: 64,
-            height: 64,
-        };
-        Limits {
-            model: ModelInfo {
-                id: "fake".into(),
-                served_names: vec!["fake".into(), "large".into()],
-                variant: Variant::Large,
-                variant_source: "requested".into(),
-                precision: Precision::F32,
-                device: DeviceKind::Cpu,
-                gpu_name: None,
-                compute_capability: None,
-                fp8_tensor_cores: false,
-                fp8_path: "cpu".into(),
-                engine_key: None,
-                cache_key: None,
-                t5_loaded: false,
-                max_size: 256,
-                defaults: defaults.clone(),
-                skip_layer_guidance: None,
-                warnings: Vec::new(),
-            },
-            defaults,
-            max_steps: 50,
-            max_prompt_bytes: 100,
-            max_size: None,
-        }
+        crate::properties::limits()
     }
 
     fn field_of(body: &str) -> Option<String> {
