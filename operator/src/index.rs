@@ -73,6 +73,14 @@ impl<K: Resource<DynamicType = ()>> Inner<K> {
     }
 }
 
+/// The reference an index keeps: name and namespace only (what a lookup in the store needs),
+/// not the resource version and UID that `ObjectRef::from_obj` also copies.
+fn bare_ref<K: Resource<DynamicType = ()>>(obj: &K) -> ObjectRef<K> {
+    let mut r = ObjectRef::from_obj(obj);
+    r.extra = Default::default();
+    r
+}
+
 impl<K> Index<K>
 where
     K: Resource<DynamicType = ()> + 'static,
@@ -97,16 +105,16 @@ where
         match event {
             watcher::Event::Apply(obj) => {
                 let keys = (self.keys)(obj);
-                inner.insert(ObjectRef::from_obj(obj), keys);
+                inner.insert(bare_ref(obj), keys);
             }
-            watcher::Event::Delete(obj) => inner.remove(&ObjectRef::from_obj(obj)),
+            watcher::Event::Delete(obj) => inner.remove(&bare_ref(obj)),
             watcher::Event::Init => inner.relist = Some(Vec::new()),
             watcher::Event::InitApply(obj) => {
                 let keys = (self.keys)(obj);
                 inner
                     .relist
                     .get_or_insert_with(Vec::new)
-                    .push((ObjectRef::from_obj(obj), keys));
+                    .push((bare_ref(obj), keys));
             }
             watcher::Event::InitDone => {
                 let listed = inner.relist.take().unwrap_or_default();

@@ -5,12 +5,15 @@
 //! Layout follows the reconcile pipeline: [`resolve`] (validate and default, pure) →
 //! [`build`] (typed children, pure) → [`apply`] (every write, only what differs, one sweep of
 //! what is no longer wanted) → [`status`] (pure) → [`reconcile`] (the client-side glue),
-//! with [`index`]es over the watch caches, plus [`leader`] election and the [`admin`] port.
+//! with [`index`]es over the watch caches, [`events`] for people, plus [`leader`] election and
+//! the [`admin`] port.
 
 pub mod admin;
 pub mod apply;
 pub mod build;
+pub mod compact;
 pub mod config;
+pub mod events;
 pub mod gpu;
 pub mod index;
 pub mod jobs;

@@ -9,20 +9,21 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod, PodSpec, Service};
+use k8s_openapi::api::core::v1::{
+    ContainerStatus, Node, PersistentVolumeClaim, Pod, PodSpec, PodStatus, Service,
+};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, ListParams, PartialObjectMeta};
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use sd35_crds::SD35Deployment;
 use sd35_operator::admin::{AdminState, router};
 use sd35_operator::build::ServiceMonitor;
+use sd35_operator::compact::CachedDeployment;
 use sd35_operator::config::OperatorConfig;
 use sd35_operator::index::{self, Index};
 use sd35_operator::labels;
@@ -106,6 +107,12 @@ struct Args {
     /// SD35Deployments reconciled at once.
     #[arg(long, env = "SD35_CONCURRENCY", default_value_t = 8)]
     concurrency: u16,
+
+    /// Milliseconds to wait after a change before reconciling its SD35Deployment; changes
+    /// that arrive meanwhile (a child's status moving through several steps at once) are
+    /// taken in one reconcile and one status write. 0 reconciles on every change.
+    #[arg(long, env = "SD35_DEBOUNCE_MS", default_value_t = 300)]
+    debounce_ms: u64,
 
     /// Log format.
     #[arg(long, env = "SD35_LOG_FORMAT", value_enum, default_value = "text")]
@@ -262,7 +269,9 @@ async fn run_controller(
         let (store, stream) = cached(api, config, Some(by_owner.clone()), |_| {});
         (Owned { store, by_owner }, stream)
     }
-    let (deployments, deployment_events) = owned(api::<Deployment>(&client, ns), ours.clone());
+    // Serving Deployments with their specs as JSON text: most of a fleet's cache otherwise.
+    let (deployments, deployment_events) =
+        owned(api::<CachedDeployment>(&client, ns), ours.clone());
     let (services, service_events) = owned(api::<Service>(&client, ns), ours.clone());
     let (pdbs, pdb_events) = owned(api::<PodDisruptionBudget>(&client, ns), ours.clone());
     let (network_policies, network_policy_events) =
@@ -305,11 +314,27 @@ async fn run_controller(
             labels::SERVER_NAME
         )),
         Some(pods_by_instance.clone()),
-        // Of the spec only the node it runs on: which GPU it got.
+        // Of the spec only the node it runs on (which GPU it got), of the status only how
+        // each container ran and ended (why a server could not start).
         |p| {
+            p.annotations_mut().clear();
             p.spec = p.spec.take().map(|s| PodSpec {
                 node_name: s.node_name,
                 ..PodSpec::default()
+            });
+            p.status = p.status.take().map(|s| PodStatus {
+                container_statuses: s.container_statuses.map(|statuses| {
+                    statuses
+                        .into_iter()
+                        .map(|c| ContainerStatus {
+                            name: c.name,
+                            state: c.state,
+                            last_state: c.last_state,
+                            ..ContainerStatus::default()
+                        })
+                        .collect()
+                }),
+                ..PodStatus::default()
             });
         },
     );
@@ -348,19 +373,20 @@ async fn run_controller(
             .inspect_ok(move |event| user_index.apply_watcher_event(event)),
     )
     .applied_objects();
-    let controller = Controller::for_stream(sd35_events, store.clone())
-        .with_config(ControllerConfig::default().concurrency(args.concurrency));
+    let controller = Controller::for_stream(sd35_events, store.clone()).with_config(
+        ControllerConfig::default()
+            .concurrency(args.concurrency)
+            .debounce(Duration::from_millis(args.debounce_ms)),
+    );
     let (job_users, claim_users) = (users.clone(), users.clone());
     let ctx = Arc::new(Context {
         client: client.clone(),
         config,
         metrics,
-        recorder: Recorder::new(
+        recorder: sd35_operator::events::Recorder::new(
             client.clone(),
-            Reporter {
-                controller: labels::MANAGER.into(),
-                instance: args.identity.clone(),
-            },
+            labels::MANAGER,
+            args.identity.as_deref(),
         ),
         store,
         users,

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -24,7 +23,6 @@ use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use kube::api::{Api, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 use sd35_crds::{SD35Deployment, SD35DeploymentStatus, condition};
@@ -69,7 +67,7 @@ pub struct Context {
     /// The operator's metrics.
     pub metrics: Arc<Metrics>,
     /// Publishes the events of transitions.
-    pub recorder: Recorder,
+    pub recorder: crate::events::Recorder,
     /// All SD35Deployments.
     pub store: Store<SD35Deployment>,
     /// SD35Deployments by `namespace/cache key`: the users of a shared cache.
@@ -98,7 +96,7 @@ pub struct ChildStores {
     /// Fetch and build Jobs (shared by cache and engine key).
     pub jobs: Store<Job>,
     /// Serving Deployments.
-    pub deployments: Owned<Deployment>,
+    pub deployments: Owned<crate::compact::CachedDeployment>,
     /// Serving Services.
     pub services: Owned<Service>,
     /// Serving PodDisruptionBudgets.
@@ -307,7 +305,6 @@ impl Run<'_> {
                 match self.apply.create(&desired).await? {
                     Some((created, true)) => {
                         self.event(
-                            EventType::Normal,
                             "CacheClaimCreated",
                             &format!("created cache claim {}", self.r.cache.claim),
                         )
@@ -404,7 +401,6 @@ impl Run<'_> {
             .await?;
         if grown.is_some() {
             self.event(
-                EventType::Normal,
                 "CacheClaimExpanding",
                 &format!("growing cache claim {name} from {requested} to {want}"),
             )
@@ -451,12 +447,8 @@ impl Run<'_> {
         let Some(job) = live else {
             let (_, written) = self.apply.apply(desired(), None).await?;
             if written {
-                self.event(
-                    EventType::Normal,
-                    &format!("{what}Started"),
-                    &format!("started Job {name}"),
-                )
-                .await;
+                self.event(&format!("{what}Started"), &format!("started Job {name}"))
+                    .await;
             }
             return Ok((
                 StepState::Pending(pending.to_owned(), format!("Job {name} is running")),
@@ -502,7 +494,6 @@ impl Run<'_> {
             JobOutcome::Failed { reason, message } => {
                 if self.retry_requested() && self.apply.delete::<Job>(name).await? {
                     self.event(
-                        EventType::Normal,
                         &format!("{what}Retried"),
                         &format!("spec changed: retrying Job {name}"),
                     )
@@ -727,7 +718,11 @@ impl Run<'_> {
         let name = self.r.name.as_str();
         let children = &self.ctx.children;
         let uid = self.owner.uid.as_str();
-        let live = cached(&children.deployments.store, ns, name);
+        let live = children
+            .deployments
+            .store
+            .get(&ObjectRef::new(name).within(ns))
+            .map(|d| d.to_deployment());
         let desired_target = ServingTarget::desired(self.r);
         let target = if ready_for_desired {
             Some(desired_target.clone())
@@ -741,7 +736,6 @@ impl Run<'_> {
                 let (now, written) = self.apply.apply(desired, live).await?;
                 if written && !had {
                     self.event(
-                        EventType::Normal,
                         "DeploymentCreated",
                         &format!("created serving Deployment {name}"),
                     )
@@ -791,10 +785,10 @@ impl Run<'_> {
     }
 
     /// Notes an action for this reconcile's event.
-    async fn event(&self, type_: EventType, reason: &str, note: &str) {
+    async fn event(&self, reason: &str, note: &str) {
         if let Ok(mut actions) = self.actions.lock() {
             actions.push(Note {
-                warning: type_ == EventType::Warning,
+                warning: false,
                 reason: reason.to_owned(),
                 text: note.to_owned(),
             });
@@ -810,20 +804,14 @@ impl Run<'_> {
 }
 
 async fn publish(ctx: &Context, obj: &SD35Deployment, note: Note) {
-    let event = Event {
-        type_: if note.warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: note.reason.clone(),
-        note: Some(note.text),
-        action: "Reconcile".to_owned(),
-        secondary: None,
+    let said = crate::events::Said {
+        warning: note.warning,
+        reason: &note.reason,
+        note: &note.text,
+        action: "Reconcile",
     };
-    let reason = note.reason;
-    if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
-        warn!(error = %e, %reason, "could not publish event");
+    if let Err(e) = ctx.recorder.publish(&said, &obj.object_ref(&())).await {
+        warn!(error = %e, reason = %note.reason, "could not publish event");
     }
 }
 

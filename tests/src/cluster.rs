@@ -49,8 +49,9 @@ pub struct ClusterOptions {
     /// the fake GPU nodes. Needs root; see [`crate::node`].
     pub real_node: Option<Images>,
     /// Raise the client rate limits of kube-controller-manager and kube-scheduler, the
-    /// controllers' sync concurrency and kwok's parallelism, so that a benchmark of a
-    /// controller measures the controller rather than the control plane's defaults.
+    /// controllers' sync concurrency and kwok's parallelism, and let the Go processes' heaps
+    /// grow further between collections (`GOGC`), so that a benchmark of a controller
+    /// measures the controller rather than the control plane's defaults.
     pub high_throughput: bool,
 }
 

@@ -100,9 +100,25 @@ const HIGH_QPS: &str = "2000";
 const HIGH_BURST: &str = "4000";
 const HIGH_CONCURRENCY: &str = "50";
 
+/// The Go garbage collector's target of a control plane that is not a benchmark's ceiling:
+/// the heap may grow to 5× the live data between collections (the default is 2×), which
+/// roughly halves the collector's share of the API server's CPU for a few hundred MB more.
+const HIGH_THROUGHPUT_GOGC: &str = "400";
+
+/// The Go processes' environment when throughput is raised.
+fn go_tuning(inputs: Inputs<'_>, mut spec: ProcessSpec) -> ProcessSpec {
+    if inputs.high_throughput {
+        spec.envs.push(("GOGC", HIGH_THROUGHPUT_GOGC.into()));
+    }
+    spec
+}
+
 /// The storage and the API server, started first.
 pub(crate) fn api(inputs: Inputs<'_>) -> Vec<ProcessSpec> {
-    vec![etcd(inputs), kube_apiserver(inputs)]
+    vec![
+        go_tuning(inputs, etcd(inputs)),
+        go_tuning(inputs, kube_apiserver(inputs)),
+    ]
 }
 
 /// The API server's clients, started once it is ready: the controller-manager and
@@ -110,9 +126,9 @@ pub(crate) fn api(inputs: Inputs<'_>) -> Vec<ProcessSpec> {
 /// bootstrap policy is not in place yet.
 pub(crate) fn clients(inputs: Inputs<'_>) -> Vec<ProcessSpec> {
     vec![
-        kube_controller_manager(inputs),
-        kube_scheduler(inputs),
-        kwok(inputs),
+        go_tuning(inputs, kube_controller_manager(inputs)),
+        go_tuning(inputs, kube_scheduler(inputs)),
+        go_tuning(inputs, kwok(inputs)),
         provisioner(inputs),
     ]
 }
@@ -470,5 +486,22 @@ mod tests {
                 .iter()
                 .any(|a| a.starts_with("--config"))
         );
+        let gogc = |specs: &[ProcessSpec], name: &str| {
+            let spec = specs.iter().find(|s| s.name == name).unwrap();
+            spec.envs
+                .iter()
+                .find(|(key, _)| *key == "GOGC")
+                .map(|(_, value)| value.to_string_lossy().into_owned())
+        };
+        for name in [
+            "etcd",
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler",
+            "kwok",
+        ] {
+            assert_eq!(gogc(&fast, name).as_deref(), Some(HIGH_THROUGHPUT_GOGC));
+            assert_eq!(gogc(&normal, name), None);
+        }
     }
 }

@@ -28,8 +28,8 @@ use serde_json::{Value, json};
 const KUBE_VERSION: &str = "1.34.0";
 const TIMEOUT: Duration = Duration::from_secs(120);
 
-/// What the operator does with the API (operator/src/main.rs, reconcile.rs, apply.rs, and
-/// kube-runtime's event recorder): (API group, resource, verbs). Server-side apply of a child
+/// What the operator does with the API (operator/src/main.rs, reconcile.rs, apply.rs and
+/// events.rs): (API group, resource, verbs). Server-side apply of a child
 /// that does not exist yet is authorised as create.
 const OPERATOR_RULES: &[(&str, &str, &[&str])] = &[
     ("sd35.io", "sd35deployments", &["list", "watch"]),

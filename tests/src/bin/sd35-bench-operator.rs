@@ -52,8 +52,13 @@ struct Row {
     latency_p99: f64,
     /// Requests by (verb, resource).
     requests: BTreeMap<(String, String), usize>,
+    /// Every client's (requests, writes), by the first word of its user agent.
+    clients: BTreeMap<String, (usize, usize)>,
     rss_mib: f64,
     cpu_seconds: f64,
+    /// CPU seconds each cluster process spent during the run, to show what else the
+    /// machine's cores were busy with.
+    cluster_cpu: Vec<(&'static str, f64)>,
 }
 
 impl Row {
@@ -94,10 +99,18 @@ fn proc_stats(pid: u32) -> Result<(f64, f64)> {
     Ok((hwm_kib / 1024.0, ticks / 100.0))
 }
 
-/// The operator's requests from the audit log (by its user agent), by verb and resource. The
+/// What the audit log holds.
+struct Audit {
+    /// The operator's requests (by its user agent), by verb and resource.
+    operator: BTreeMap<(String, String), usize>,
+    /// Every client's (requests, writes), by the first word of its user agent.
+    clients: BTreeMap<String, (usize, usize)>,
+}
+
+/// The requests in the audit log: the operator's by verb and resource, every client's in all. The
 /// API server rotates its audit log every 100 MB (`audit-<time>.log` beside `audit.log`, all
 /// kept), which a run of a few thousand objects exceeds: every part is read.
-fn audit_requests(cluster: &Cluster) -> Result<BTreeMap<(String, String), usize>> {
+fn audit_requests(cluster: &Cluster) -> Result<Audit> {
     let path = cluster.audit_log_path();
     let dir = path.parent().context("the audit log has a directory")?;
     let mut text = String::new();
@@ -110,17 +123,24 @@ fn audit_requests(cluster: &Cluster) -> Result<BTreeMap<(String, String), usize>
         }
     }
     let mut counts = BTreeMap::new();
+    let mut clients: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for line in text.lines() {
         let Ok(e) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
-        if !e["userAgent"]
-            .as_str()
-            .is_some_and(|ua| ua.starts_with("sd35-operator/"))
-        {
+        let agent = e["userAgent"].as_str().unwrap_or("");
+        let client = agent
+            .split(['/', ' '])
+            .next()
+            .filter(|c| !c.is_empty())
+            .unwrap_or("(none)");
+        let verb = e["verb"].as_str().unwrap_or("?").to_owned();
+        let tally = clients.entry(client.to_owned()).or_default();
+        tally.0 += 1;
+        tally.1 += usize::from(is_write(&verb));
+        if !agent.starts_with("sd35-operator/") {
             continue;
         }
-        let verb = e["verb"].as_str().unwrap_or("?").to_owned();
         let resource = match (
             e["objectRef"]["resource"].as_str(),
             e["objectRef"]["subresource"].as_str(),
@@ -131,7 +151,10 @@ fn audit_requests(cluster: &Cluster) -> Result<BTreeMap<(String, String), usize>
         };
         *counts.entry((verb, resource)).or_default() += 1;
     }
-    Ok(counts)
+    Ok(Audit {
+        operator: counts,
+        clients,
+    })
 }
 
 fn object(i: usize) -> Result<SD35Deployment> {
@@ -225,6 +248,7 @@ async fn run(n: usize, args: &Args) -> Result<Row> {
                 }),
         )
     };
+    let cluster_cpu_before = cluster_cpu(&cluster);
     let started = Instant::now();
     for i in 0..n {
         api.create(&PostParams::default(), &object(i)?).await?;
@@ -243,6 +267,16 @@ async fn run(n: usize, args: &Args) -> Result<Row> {
     };
     let seconds = started.elapsed().as_secs_f64();
     let (rss_mib, cpu_seconds) = proc_stats(operator.pid())?;
+    let cluster_cpu = cluster_cpu(&cluster)
+        .into_iter()
+        .map(|(name, after)| {
+            let before = cluster_cpu_before
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or(0.0, |(_, b)| *b);
+            (name, after - before)
+        })
+        .collect();
     watch_deployments.abort();
     watch_objects.abort();
     let mut latencies: Vec<f64> = {
@@ -261,17 +295,28 @@ async fn run(n: usize, args: &Args) -> Result<Row> {
     latencies.sort_by(f64::total_cmp);
     // Let the last requests reach the audit log.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let requests = audit_requests(&cluster)?;
+    let audit = audit_requests(&cluster)?;
     Ok(Row {
         objects: n,
         ready,
         seconds,
         latency_p50: percentile(&latencies, 50.0),
         latency_p99: percentile(&latencies, 99.0),
-        requests,
+        requests: audit.operator,
+        clients: audit.clients,
         rss_mib,
         cpu_seconds,
+        cluster_cpu,
     })
+}
+
+/// CPU seconds used so far by each of the cluster's processes.
+fn cluster_cpu(cluster: &Cluster) -> Vec<(&'static str, f64)> {
+    cluster
+        .process_ids()
+        .into_iter()
+        .filter_map(|(name, pid)| proc_stats(pid).ok().map(|(_, cpu)| (name, cpu)))
+        .collect()
 }
 
 fn print_row(r: &Row) {
@@ -352,6 +397,34 @@ async fn main() -> Result<()> {
             goals.push(format!("peak RSS {:.1} MiB (goal ≤ 128 MiB)", r.rss_mib));
         }
         println!("{} objects: {}", r.objects, goals.join("; "));
+        let cluster: Vec<String> = r
+            .cluster_cpu
+            .iter()
+            .map(|(name, cpu)| format!("{name} {cpu:.1}"))
+            .collect();
+        println!(
+            "{} objects: CPU seconds during the run — operator {:.1}, {} ({:.1} s wall)",
+            r.objects,
+            r.cpu_seconds,
+            cluster.join(", "),
+            r.seconds
+        );
+        let clients: Vec<String> = r
+            .clients
+            .iter()
+            .map(|(name, (all, writes))| {
+                format!(
+                    "{name} {:.1} ({:.1} writes)",
+                    r.per_object(*all),
+                    r.per_object(*writes)
+                )
+            })
+            .collect();
+        println!(
+            "{} objects: API requests per object by client — {}",
+            r.objects,
+            clients.join(", ")
+        );
     }
     if let (Some(first), Some(last)) = (rows.first(), rows.last())
         && last.objects > first.objects
