@@ -1,11 +1,11 @@
 //! Serving Deployments as the watch cache keeps them: metadata and status typed, the spec as
 //! the compact JSON text the API server sent.
 //!
-//! A typed `Deployment` holds its pod template in k8s-openapi structs of mostly empty
-//! options: about 15 KiB per serving Deployment in memory against 2–4 KiB of JSON. The spec is
-//! read once per reconcile of its SD35Deployment (to compare it with the desired one), so it is
-//! kept as text and parsed when asked for: with thousands of SD35Deployments that is most of
-//! the operator's memory saved for a few tens of microseconds per reconcile.
+//! A typed `Deployment` holds its pod template in k8s-openapi structs of mostly empty options:
+//! about 15 KiB per serving Deployment in memory (heaptrack, 2000 objects: 29 MB of a 104 MB
+//! heap) against about 3 KiB of JSON (the spec the operator sends is 2.8 KiB; the server adds
+//! its defaults). The spec is read once per reconcile of its SD35Deployment, to compare it
+//! with the desired one, so it is kept as text and parsed when asked for.
 
 use std::borrow::Cow;
 

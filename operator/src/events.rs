@@ -2,8 +2,8 @@
 //! minutes counted as a series of the first instead of a new Event.
 //!
 //! kube's own `Recorder` does the same, but keeps a whole Event per key for its six-minute
-//! window (about 1 KiB each: with a few events per object, tens of MiB for a fleet of
-//! thousands) and leaves the note out of its key, so a second event of the same reason with
+//! window (its table held 8.85 MB for the 2000 events of 500 objects, heaptrack measured: about
+//! 4 KiB an event) and leaves the note out of its key, so a second event of the same reason with
 //! other words is counted as a repeat of the first and its words are lost. This one keys on the
 //! note too and keeps only what a repeat needs: the Event's name, its count and when it was
 //! last seen.
