@@ -508,6 +508,26 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_number_with_more_digits_than_f64_holds_reads_as_the_nearest_f64() {
+        // Correctly rounded parsing, so that the value written back (shortest form) reads as
+        // the same number: the request's echo and a resend give the same image.
+        let body = br#"{"prompt":"a","guidance_scale":3.0000018446744073709551615001}"#;
+        let g = parse_json::<Txt2ImgRequest>(body)
+            .ok()
+            .and_then(|r| r.guidance_scale);
+        assert_eq!(g, "3.0000018446744073709551615001".parse::<f64>().ok());
+        let written = serde_json::to_vec(&Txt2ImgRequest {
+            guidance_scale: g,
+            ..Default::default()
+        })
+        .unwrap_or_default();
+        let again = parse_json::<Txt2ImgRequest>(&written)
+            .ok()
+            .and_then(|r| r.guidance_scale);
+        assert_eq!(again.map(f64::to_bits), g.map(f64::to_bits));
+    }
+
+    #[test]
     fn defaults_and_seed_are_filled() {
         let r: Txt2ImgRequest = parse_json(br#"{"prompt":"a cat"}"#).unwrap_or_default();
         let p = r.resolve(&limits(), || 42).map_err(|e| e.message);
