@@ -382,7 +382,7 @@ impl simd::Kernel for QueryBlock<'_> {
     type Output = ();
 
     #[inline(always)]
-    fn run<M: MulAdd>(self) {
+    fn run<M: MulAdd, S: pulp::Simd>(self, simd: S) {
         let p = self.p;
         let d = p.d;
         let rows = self.out.len() / d;
@@ -400,7 +400,10 @@ impl simd::Kernel for QueryBlock<'_> {
         }
         let padded = groups * ROWS;
         let mut max = vec![f32::NEG_INFINITY; padded];
-        let mut sum = vec![0f32; padded];
+        // Running sums kept as 16 lanes per row, reduced once at the end.
+        let mut sum = vec![[0f32; 16]; padded];
+        // Per row, the factor `2^(m_old − m_new)` the accumulator is scaled by in `pv`.
+        let mut rescale = vec![1f32; padded];
         let mut acc = vec![0f32; padded * d];
         let mut s = vec![[0f32; KEY_BLOCK]; padded];
         for (blk, kt) in self.kt.chunks_exact(d * KEY_BLOCK).enumerate() {
@@ -421,29 +424,39 @@ impl simd::Kernel for QueryBlock<'_> {
                 for x in &mut srow[kn..] {
                     *x = f32::NEG_INFINITY;
                 }
-                let new_max = max[r].max(block_max(srow));
+                let new_max = max[r].max(block_max(simd, srow));
                 if new_max == f32::NEG_INFINITY {
                     // Every key so far is masked: nothing to accumulate yet.
                     srow.fill(0.0);
+                    rescale[r] = 1.0;
                     continue;
                 }
-                let c = simd::exp2_with::<M>(max[r] - new_max);
-                let mut lanes = [0f32; 16];
+                // Unchanged maximum (most blocks once a few have been seen): no rescaling.
+                let c = if new_max == max[r] {
+                    1.0
+                } else {
+                    simd::exp2_with::<M>(max[r] - new_max)
+                };
+                let lanes = &mut sum[r];
+                for l in lanes.iter_mut() {
+                    *l *= c;
+                }
                 for chunk in srow.chunks_exact_mut(16) {
                     for (l, x) in lanes.iter_mut().zip(chunk) {
                         *x = simd::exp2_with::<M>(*x - new_max);
                         *l += *x;
                     }
                 }
-                sum[r] = sum[r] * c + fold_lanes(lanes, |a, b| a + b);
+                rescale[r] = c;
                 max[r] = new_max;
-                for a in &mut acc[r * d..][..d] {
-                    *a *= c;
-                }
             }
             let v = &self.v[j0 * d..][..kn * d];
-            for (sg, ag) in s.chunks_exact(ROWS).zip(acc.chunks_exact_mut(ROWS * d)) {
-                pv::<M>(sg, v, d, ag);
+            for ((sg, ag), cg) in s
+                .chunks_exact(ROWS)
+                .zip(acc.chunks_exact_mut(ROWS * d))
+                .zip(rescale.chunks_exact(ROWS))
+            {
+                pv::<M>(sg, v, d, cg, ag);
             }
         }
         for ((o, a), l) in self
@@ -452,7 +465,7 @@ impl simd::Kernel for QueryBlock<'_> {
             .zip(acc.chunks_exact(d))
             .zip(&sum)
         {
-            let inv = 1.0 / l;
+            let inv = 1.0 / fold_lanes(*l, |a, b| a + b);
             for (o, a) in o.iter_mut().zip(a) {
                 *o = a * inv;
             }
@@ -460,16 +473,17 @@ impl simd::Kernel for QueryBlock<'_> {
     }
 }
 
-/// Largest value of a score row, with lane-wise partial maxima so the loop vectorises.
+/// Largest value of a score row, with the instruction set's vector maximum (the compiler does
+/// not vectorise this reduction on its own). Rows hold no NaN unless the inputs do.
 #[inline(always)]
-fn block_max(row: &[f32; KEY_BLOCK]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 16];
-    for chunk in row.chunks_exact(16) {
-        for (l, &x) in lanes.iter_mut().zip(chunk) {
-            *l = if x > *l { x } else { *l };
-        }
+fn block_max<S: pulp::Simd>(simd: S, row: &[f32; KEY_BLOCK]) -> f32 {
+    let (vectors, tail) = S::as_simd_f32s(row);
+    let mut m = simd.splat_f32s(f32::NEG_INFINITY);
+    for &v in vectors {
+        m = simd.max_f32s(m, v);
     }
-    fold_lanes(lanes, |a, b| if b > a { b } else { a })
+    tail.iter()
+        .fold(simd.reduce_max_f32s(m), |a, &x| if x > a { x } else { a })
 }
 
 /// Reduces 16 lanes pairwise (8, 4, 2, 1), which vectorises, unlike a fold left to right.
@@ -506,10 +520,14 @@ fn scores<M: MulAdd>(q: &[[f32; ROWS]], kt: &[f32], s: &mut [[f32; KEY_BLOCK]]) 
     }
 }
 
-/// `acc[r] += Σ_j p[r][j] · v_j` for one group of `ROWS` rows over the tile's keys.
+/// `acc[r] ← c[r] · acc[r] + Σ_j p[r][j] · v_j` for one group of `ROWS` rows over the tile's
+/// keys: the online softmax's rescaling done in the same pass as the accumulation.
 #[inline(always)]
-fn pv<M: MulAdd>(p: &[[f32; KEY_BLOCK]], v: &[f32], d: usize, acc: &mut [f32]) {
-    let Ok(p) = <&[[f32; KEY_BLOCK]; ROWS]>::try_from(p) else {
+fn pv<M: MulAdd>(p: &[[f32; KEY_BLOCK]], v: &[f32], d: usize, c: &[f32], acc: &mut [f32]) {
+    let (Ok(p), Ok(c)) = (
+        <&[[f32; KEY_BLOCK]; ROWS]>::try_from(p),
+        <&[f32; ROWS]>::try_from(c),
+    ) else {
         return;
     };
     // Columns in register-sized groups; the keys stream through each group.
@@ -525,14 +543,19 @@ fn pv<M: MulAdd>(p: &[[f32; KEY_BLOCK]], v: &[f32], d: usize, acc: &mut [f32]) {
                 }
             }
         }
-        for (t, a) in t.iter().zip(acc.chunks_exact_mut(d)) {
+        for ((t, a), &c) in t.iter().zip(acc.chunks_exact_mut(d)).zip(c) {
             for (a, &x) in a[c0..c0 + COLS].iter_mut().zip(t) {
-                *a += x;
+                *a = M::mul_add(*a, c, x);
             }
         }
         c0 += COLS;
     }
     if c0 < d {
+        for (a, &c) in acc.chunks_exact_mut(d).zip(c) {
+            for a in &mut a[c0..] {
+                *a *= c;
+            }
+        }
         for (j, vrow) in v.chunks_exact(d).enumerate().take(KEY_BLOCK) {
             for (pr, a) in p.iter().zip(acc.chunks_exact_mut(d)) {
                 let w = pr[j];

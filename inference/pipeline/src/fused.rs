@@ -231,7 +231,7 @@ impl simd::Kernel for NormRows<'_> {
     type Output = ();
 
     #[inline(always)]
-    fn run<M: MulAdd>(self) {
+    fn run<M: MulAdd, S: pulp::Simd>(self, _simd: S) {
         let w = self.width;
         let mut xw = RowWalk::new(self.x.layout, self.first);
         let mut mw = self.mul.map(|m| RowWalk::new(m.layout, self.first));
@@ -365,7 +365,7 @@ impl simd::Kernel for BiasRows<'_> {
     type Output = ();
 
     #[inline(always)]
-    fn run<M: MulAdd>(self) {
+    fn run<M: MulAdd, S: pulp::Simd>(self, _simd: S) {
         for row in self.rows.chunks_exact_mut(self.bias.len()) {
             if self.gelu {
                 for (y, &b) in row.iter_mut().zip(self.bias) {
@@ -478,7 +478,7 @@ impl simd::Kernel for GatedRows<'_> {
     type Output = ();
 
     #[inline(always)]
-    fn run<M: MulAdd>(mut self) {
+    fn run<M: MulAdd, S: pulp::Simd>(mut self, _simd: S) {
         let c = self.c;
         for (i, row) in self.rows.chunks_exact_mut(c).enumerate() {
             let batch = (self.first + i) / self.n;

@@ -41,7 +41,7 @@ pub(crate) trait Kernel {
     /// What the kernel returns.
     type Output;
     /// The kernel, with `M` the multiply-add to use.
-    fn run<M: MulAdd>(self) -> Self::Output;
+    fn run<M: MulAdd, S: pulp::Simd>(self, simd: S) -> Self::Output;
 }
 
 struct Dispatched<K>(K);
@@ -50,11 +50,11 @@ impl<K: Kernel> pulp::WithSimd for Dispatched<K> {
     type Output = K::Output;
 
     #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _simd: S) -> K::Output {
+    fn with_simd<S: pulp::Simd>(self, simd: S) -> K::Output {
         if S::IS_SCALAR {
-            self.0.run::<Separate>()
+            self.0.run::<Separate, S>(simd)
         } else {
-            self.0.run::<Fused>()
+            self.0.run::<Fused, S>(simd)
         }
     }
 }
@@ -138,7 +138,7 @@ mod tests {
     impl Kernel for Dot<'_> {
         type Output = f32;
         #[inline(always)]
-        fn run<M: MulAdd>(self) -> f32 {
+        fn run<M: MulAdd, S: pulp::Simd>(self, _simd: S) -> f32 {
             self.0
                 .iter()
                 .zip(self.1)
