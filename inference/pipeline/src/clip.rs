@@ -215,11 +215,7 @@ impl ClipTextModel {
                 penultimate = Some(x.clone());
             }
             let h = nn::layer_norm(&x, Some(&l.ln1_w), Some(&l.ln1_b), self.cfg.eps)?;
-            let qkv = l.qkv.forward(&h)?;
-            let c = self.cfg.hidden;
-            let q = nn::split_heads(&qkv.narrow(2, 0, c)?, heads)?;
-            let k = nn::split_heads(&qkv.narrow(2, c, c)?, heads)?;
-            let v = nn::split_heads(&qkv.narrow(2, 2 * c, c)?, heads)?;
+            let (q, k, v) = nn::split_qkv_heads(&l.qkv.forward(&h)?, heads)?;
             let a = attention(&q, &k, &v, scale, Some(&mask))?;
             x = (x + l.out.forward(&a)?)?;
             let h = nn::layer_norm(&x, Some(&l.ln2_w), Some(&l.ln2_b), self.cfg.eps)?;

@@ -138,11 +138,7 @@ struct Attention {
 
 impl Attention {
     fn qkv_heads(&self, x: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
-        let qkv = self.qkv.forward(x)?;
-        let c = qkv.dim(D::Minus1)? / 3;
-        let q = nn::split_heads(&qkv.narrow(D::Minus1, 0, c)?, heads)?;
-        let k = nn::split_heads(&qkv.narrow(D::Minus1, c, c)?, heads)?;
-        let v = nn::split_heads(&qkv.narrow(D::Minus1, 2 * c, c)?, heads)?;
+        let (q, k, v) = nn::split_qkv_heads(&self.qkv.forward(x)?, heads)?;
         let q = match &self.norm_q {
             Some(w) => nn::rms_norm(&q, w, 1e-6)?,
             None => q,

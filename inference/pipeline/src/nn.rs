@@ -98,10 +98,14 @@ impl candle_core::CustomOp1 for GeluTanh {
     }
 }
 
-/// Splits `[B, N, H*D]` into heads `[B, H, N, D]`.
-pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
-    let (b, n, c) = x.dims3()?;
-    Ok(x.reshape((b, n, heads, c / heads))?.transpose(1, 2)?)
+/// Splits a fused projection `[B, N, 3·C]` (queries, keys, values side by side) into three
+/// `[B, H, N, C/H]` views of it, nothing copied (the kernels read heads through their strides).
+pub fn split_qkv_heads(qkv: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, n, c3) = qkv.dims3()?;
+    let qkv = qkv.reshape((b, n, 3, heads, c3 / 3 / heads))?;
+    let part =
+        |i: usize| -> Result<Tensor> { Ok(qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?) };
+    Ok((part(0)?, part(1)?, part(2)?))
 }
 
 /// Merges heads `[B, H, N, D]` back into `[B, N, H*D]`.
@@ -151,5 +155,43 @@ impl Conv2d {
         };
         let c = self.bias.dim(0)?;
         Ok(y.broadcast_add(&self.bias.to_dtype(dtype)?.reshape((1, c, 1, 1))?)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn qkv_heads_are_views_of_the_projection() {
+        let (b, n, h, d) = (2, 5, 3, 4);
+        let qkv = Tensor::arange(0f32, (b * n * 3 * h * d) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((b, n, 3 * h * d))
+            .unwrap();
+        let (q, k, v) = super::split_qkv_heads(&qkv, h).unwrap();
+        for (i, t) in [q, k, v].iter().enumerate() {
+            assert_eq!(t.dims(), &[b, h, n, d]);
+            // The same storage, read through strides: nothing was copied.
+            assert!(!t.is_contiguous());
+            let (storage, _) = t.storage_and_layout();
+            let (whole, _) = qkv.storage_and_layout();
+            assert!(std::ptr::eq(&*storage, &*whole));
+            drop((storage, whole));
+            // Head `hi` of part `i` is columns [(i·h + hi)·d, +d) of each token.
+            let want = qkv
+                .narrow(2, i * h * d, h * d)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .reshape((b, n, h, d))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap();
+            let diff = (t - &want).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        }
     }
 }

@@ -168,11 +168,7 @@ impl T5Encoder {
         let heads = self.cfg.heads;
         for b in &self.blocks {
             let h = nn::rms_norm(&x, &b.ln0, self.cfg.eps)?;
-            let qkv = b.qkv.forward(&h)?;
-            let inner = qkv.dim(2)? / 3;
-            let q = nn::split_heads(&qkv.narrow(2, 0, inner)?, heads)?;
-            let k = nn::split_heads(&qkv.narrow(2, inner, inner)?, heads)?;
-            let v = nn::split_heads(&qkv.narrow(2, 2 * inner, inner)?, heads)?;
+            let (q, k, v) = nn::split_qkv_heads(&b.qkv.forward(&h)?, heads)?;
             let a = attention(&q, &k, &v, 1.0, Some(&bias))?;
             x = (x + b.o.forward(&a)?)?;
             let h = nn::rms_norm(&x, &b.ln1, self.cfg.eps)?;
