@@ -99,8 +99,10 @@ bench-cpu: ## CPU benchmark: our pipeline and diffusers side by side (reference 
 	  --threads $${THREADS:-2}
 
 .PHONY: bench-kernels
-bench-kernels: ## CPU kernels side by side: sgemm, fused vs unfused attention (THREADS=2)
+bench-kernels: ## CPU kernels side by side: sgemm, the block's linears, fused vs unfused attention, then torch's (THREADS=2)
 	RAYON_NUM_THREADS=$${THREADS:-2} $(CARGO) bench --locked -q -p sd35-pipeline --bench cpu_kernels
+	"$${SD35_REFERENCE_PYTHON:-$$HOME/.cache/sd35-reference/bin/python}" inference/reference/kernels.py \
+	  --threads $${THREADS:-2}
 
 .PHONY: device-bench
 device-bench: ## Prepare target/cuda/ for the GPU benchmark; on the GPU machine run tools/device-bench.sh

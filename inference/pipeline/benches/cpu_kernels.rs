@@ -115,6 +115,37 @@ fn main() {
         );
     }
 
+    if wanted("linear") {
+        // The products of one MMDiT block at hidden 1536, 512² (2048 image and 666 text rows,
+        // CFG batch 2), as the Linear layers compute them: `x · Wᵀ` with `W` stored `[out, in]`.
+        let shapes: &[(usize, usize, usize)] = if full {
+            &[
+                (2048, 1536, 4608),
+                (2048, 1536, 1536),
+                (2048, 1536, 6144),
+                (2048, 6144, 1536),
+                (666, 1536, 4608),
+                (666, 1536, 6144),
+                (666, 6144, 1536),
+            ]
+        } else {
+            &[(64, 32, 96)]
+        };
+        for &(m, k, n) in shapes {
+            let x = randn(&[m, k]);
+            let w = randn(&[n, k]);
+            let (t, cpu) = time(runs, || {
+                x.matmul(&w.t().unwrap()).unwrap();
+            });
+            let gflops = 2.0 * (m * k * n) as f64 / t / 1e9;
+            println!(
+                "| linear x·Wᵀ | {m}×{k}→{n} | {:.1} | {} | {gflops:.0} GFLOP/s |",
+                t * 1e3,
+                ms(cpu)
+            );
+        }
+    }
+
     let q = randn(&[b, h, n, d]);
     let k = randn(&[b, h, n, d]);
     let v = randn(&[b, h, n, d]);
