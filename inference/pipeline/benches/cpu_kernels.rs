@@ -134,14 +134,26 @@ fn main() {
         for &(m, k, n) in shapes {
             let x = randn(&[m, k]);
             let w = randn(&[n, k]);
-            let (t, cpu) = time(runs, || {
+            // `Linear` keeps an f32 weight on the CPU as `Wᵀ` (`[in, out]`, contiguous); the
+            // other layout is `W` as stored, multiplied through a transposed view.
+            let wt = w.t().unwrap().contiguous().unwrap();
+            let (tv, cv) = time(runs, || {
                 x.matmul(&w.t().unwrap()).unwrap();
             });
+            let (t, cpu) = time(runs, || {
+                x.matmul(&wt).unwrap();
+            });
             let gflops = 2.0 * (m * k * n) as f64 / t / 1e9;
+            let cpu_ratio = cpu
+                .zip(cv)
+                .map_or_else(|| "n/a".into(), |(c, v)| format!("{:.2}", c / v));
             println!(
-                "| linear x·Wᵀ | {m}×{k}→{n} | {:.1} | {} | {gflops:.0} GFLOP/s |",
+                "| linear x·Wᵀ, Wᵀ stored `[in, out]` | {m}×{k}→{n} | {:.1} | {} | {gflops:.0} GFLOP/s; {:.2}× the wall time, {cpu_ratio}× the CPU time of W `[out, in]` through a view ({:.1} ms, {} ms CPU) |",
                 t * 1e3,
-                ms(cpu)
+                ms(cpu),
+                t / tv,
+                tv * 1e3,
+                ms(cv),
             );
         }
     }

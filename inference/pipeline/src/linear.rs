@@ -17,7 +17,12 @@ const F8E4M3_MAX: f64 = 448.0;
 /// `y = x W^T + b` with a compactly stored `W`.
 #[derive(Debug, Clone)]
 pub struct Linear {
+    /// `W` as `[out, in]`, except an f32 weight on the CPU, kept as `Wᵀ` (`[in, out]`,
+    /// contiguous): `gemm` runs the product `x Wᵀ` faster from that layout than through a
+    /// transposed view of `W` (`make bench-kernels` times both at the MMDiT's shapes).
     weight: Tensor,
+    /// Whether `weight` holds `Wᵀ`.
+    transposed: bool,
     /// F8 only: a scalar or an `[out, 1]` column of per-output-channel scales (f32).
     scale: Option<Tensor>,
     bias: Option<Tensor>,
@@ -107,8 +112,15 @@ impl Linear {
         } else {
             None
         };
+        let transposed = weight.dtype() == DType::F32 && weight.device().is_cpu();
+        let weight = if transposed {
+            weight.t()?.contiguous()?
+        } else {
+            weight
+        };
         Ok(Self {
             weight,
+            transposed,
             scale,
             bias,
         })
@@ -116,7 +128,7 @@ impl Linear {
 
     /// Output features.
     pub fn out_features(&self) -> Result<usize> {
-        Ok(self.weight.dim(0)?)
+        Ok(self.weight.dim(usize::from(self.transposed))?)
     }
 
     /// The stored weight's dtype.
@@ -124,9 +136,10 @@ impl Linear {
         self.weight.dtype()
     }
 
-    /// The weight as a `dtype` matrix, dequantised.
+    /// The weight as a `dtype` matrix `[out, in]`, dequantised.
     pub fn dequantized_weight(&self, dtype: DType) -> Result<Tensor> {
         let w = match &self.scale {
+            None if self.transposed => self.weight.t()?.to_dtype(dtype)?,
             None => self.weight.to_dtype(dtype)?,
             Some(s) => self
                 .weight
@@ -149,16 +162,18 @@ impl Linear {
 
     /// `x W^T` without the bias: a fresh tensor, for fused epilogues to finish in place.
     pub fn forward_unbiased(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.dequantized_weight(x.dtype())?;
+        let wt = if self.transposed {
+            self.weight.to_dtype(x.dtype())?
+        } else {
+            self.dequantized_weight(x.dtype())?.t()?
+        };
         let y = match x.rank() {
-            2 => x.matmul(&w.t()?)?,
+            2 => x.matmul(&wt)?,
             3 => {
                 let (b, n, k) = x.dims3()?;
-                x.reshape((b * n, k))?
-                    .matmul(&w.t()?)?
-                    .reshape((b, n, ()))?
+                x.reshape((b * n, k))?.matmul(&wt)?.reshape((b, n, ()))?
             }
-            _ => x.broadcast_matmul(&w.t()?)?,
+            _ => x.broadcast_matmul(&wt)?,
         };
         Ok(y)
     }
@@ -225,6 +240,53 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn f32_weights_kept_transposed_give_the_same_products() {
+        let file =
+            std::env::temp_dir().join(format!("sd35-linear-{}.safetensors", std::process::id()));
+        let dev = candle_core::Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (5, 7), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 5, &dev).unwrap();
+        candle_core::safetensors::save(
+            &std::collections::HashMap::from([
+                ("l.weight".to_string(), w.clone()),
+                ("l.bias".to_string(), b.clone()),
+            ]),
+            &file,
+        )
+        .unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 7), &dev).unwrap();
+        let want = x
+            .broadcast_matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        for precision in [Precision::F32, Precision::Bf16] {
+            let weights = Weights::open(std::slice::from_ref(&file), &dev, precision).unwrap();
+            let l = Linear::load(&weights, "l", true).unwrap();
+            assert_eq!(l.transposed, precision == Precision::F32);
+            assert_eq!(l.out_features().unwrap(), 5);
+            assert_eq!(l.dequantized_weight(DType::F32).unwrap().dims(), &[5, 7]);
+            let got = l.forward(&x).unwrap();
+            assert_eq!(got.dims(), &[2, 3, 5]);
+            let err = (got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let tol = if precision == Precision::F32 {
+                1e-5
+            } else {
+                0.1
+            };
+            assert!(err < tol, "{precision:?}: {err}");
+        }
+        std::fs::remove_file(&file).unwrap();
+    }
 
     #[test]
     fn parallel_quantiser_equals_the_candle_form_bit_for_bit() {
