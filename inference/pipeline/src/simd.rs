@@ -1,6 +1,7 @@
 //! Run-time selected instruction sets for the fused CPU kernels, and a vectorisable `exp2`.
 //!
-//! Kernels are plain Rust loops written so that the compiler vectorises them. [`dispatch`]
+//! Kernels are plain Rust loops written so that the compiler vectorises them, with `pulp`'s
+//! portable vector operations where it does not (see [`Kernel::run`]). [`dispatch`]
 //! runs a kernel compiled for the best instruction set the CPU has — AVX-512, AVX2 with FMA,
 //! or the portable baseline — detected at run time by `pulp`, the crate `gemm` dispatches
 //! with, so one binary runs everywhere and no `unsafe` is needed here. A kernel is generic over
@@ -40,7 +41,9 @@ impl MulAdd for Separate {
 pub(crate) trait Kernel {
     /// What the kernel returns.
     type Output;
-    /// The kernel, with `M` the multiply-add to use.
+    /// The kernel, with `M` the multiply-add to use and `simd` the instruction set's token, for
+    /// the few reductions the compiler does not vectorise on its own (the attention's block
+    /// maximum).
     fn run<M: MulAdd, S: pulp::Simd>(self, simd: S) -> Self::Output;
 }
 
