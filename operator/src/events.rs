@@ -20,6 +20,8 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 
+use crate::status::Note;
+
 /// How long a repeat is counted as part of the first event's series (as kube's recorder and
 /// client-go's do).
 pub const SERIES_WINDOW: SignedDuration = SignedDuration::from_mins(6);
@@ -72,17 +74,8 @@ pub struct Recorder {
     recent: Mutex<Recent>,
 }
 
-/// What to say about an object.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Said<'a> {
-    pub warning: bool,
-    /// A CamelCase reason.
-    pub reason: &'a str,
-    /// What happened, for a person (at most 1 kB).
-    pub note: &'a str,
-    /// What the controller did, CamelCase.
-    pub action: &'a str,
-}
+/// The action every event reports: the controller reconciled the object.
+const ACTION: &str = "Reconcile";
 
 impl std::fmt::Debug for Recorder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -105,14 +98,14 @@ impl Recorder {
         }
     }
 
-    /// Publish `said` about `regarding`: a new Event, or the next count of the same Event's
+    /// Publish `note` about `regarding`: a new Event, or the next count of the same Event's
     /// series when it was said within the window.
     pub async fn publish(
         &self,
-        said: &Said<'_>,
+        note: &Note,
         regarding: &ObjectReference,
     ) -> Result<(), kube::Error> {
-        self.publish_at(said, regarding, Timestamp::now()).await
+        self.publish_at(note, regarding, Timestamp::now()).await
     }
 
     /// Events currently remembered for their series.
@@ -122,20 +115,20 @@ impl Recorder {
 
     async fn publish_at(
         &self,
-        said: &Said<'_>,
+        note: &Note,
         regarding: &ObjectReference,
         now: Timestamp,
     ) -> Result<(), kube::Error> {
         let mut hasher = DefaultHasher::new();
-        said.note.hash(&mut hasher);
+        note.text.hash(&mut hasher);
         let key = Key {
             regarding: regarding
                 .uid
                 .clone()
                 .or_else(|| regarding.name.clone())
                 .unwrap_or_default(),
-            warning: said.warning,
-            reason: said.reason.to_owned(),
+            warning: note.warning,
+            reason: note.reason.clone(),
             note: hasher.finish(),
         };
         let namespace = regarding
@@ -171,12 +164,12 @@ impl Recorder {
                     },
                     // Gone already (Events live an hour): say it anew.
                     Err(kube::Error::Api(e)) if e.code == 404 => {
-                        self.create(&api, said, regarding, &namespace, now).await?
+                        self.create(&api, note, regarding, &namespace, now).await?
                     }
                     Err(e) => return Err(e),
                 }
             }
-            None => self.create(&api, said, regarding, &namespace, now).await?,
+            None => self.create(&api, note, regarding, &namespace, now).await?,
         };
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         recent.seen.insert(key, seen);
@@ -186,7 +179,7 @@ impl Recorder {
     async fn create(
         &self,
         api: &Api<Event>,
-        said: &Said<'_>,
+        note: &Note,
         regarding: &ObjectReference,
         namespace: &str,
         now: Timestamp,
@@ -203,10 +196,10 @@ impl Recorder {
                 ..ObjectMeta::default()
             },
             event_time: Some(MicroTime(now)),
-            type_: Some(if said.warning { "Warning" } else { "Normal" }.to_owned()),
-            reason: Some(said.reason.to_owned()),
-            note: Some(said.note.to_owned()),
-            action: Some(said.action.to_owned()),
+            type_: Some(if note.warning { "Warning" } else { "Normal" }.to_owned()),
+            reason: Some(note.reason.clone()),
+            note: Some(note.text.clone()),
+            action: Some(ACTION.to_owned()),
             regarding: Some(regarding.clone()),
             reporting_controller: Some(self.controller.clone()),
             reporting_instance: Some(self.instance.clone()),
@@ -270,12 +263,11 @@ mod tests {
         }
     }
 
-    fn said<'a>(reason: &'a str, note: &'a str) -> Said<'a> {
-        Said {
+    fn said(reason: &str, text: &str) -> Note {
+        Note {
             warning: false,
-            reason,
-            note,
-            action: "Reconcile",
+            reason: reason.to_owned(),
+            text: text.to_owned(),
         }
     }
 

@@ -804,13 +804,7 @@ impl Run<'_> {
 }
 
 async fn publish(ctx: &Context, obj: &SD35Deployment, note: Note) {
-    let said = crate::events::Said {
-        warning: note.warning,
-        reason: &note.reason,
-        note: &note.text,
-        action: "Reconcile",
-    };
-    if let Err(e) = ctx.recorder.publish(&said, &obj.object_ref(&())).await {
+    if let Err(e) = ctx.recorder.publish(&note, &obj.object_ref(&())).await {
         warn!(error = %e, reason = %note.reason, "could not publish event");
     }
 }
