@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
@@ -94,6 +95,18 @@ pub fn needs_apply<K: Serialize>(desired: &K, live: Option<&K>) -> bool {
         obj.remove("status");
     }
     !is_subset(&d, &l)
+}
+
+/// Whether the `live` owner references name the same owners (by UID, in any order) as
+/// `desired`: when not, a shared child is re-owned.
+pub fn same_owners(live: Option<&Vec<OwnerReference>>, desired: &[OwnerReference]) -> bool {
+    let mut x: Vec<&str> = live
+        .map(|v| v.iter().map(|o| o.uid.as_str()).collect())
+        .unwrap_or_default();
+    let mut y: Vec<&str> = desired.iter().map(|o| o.uid.as_str()).collect();
+    x.sort_unstable();
+    y.sort_unstable();
+    x == y
 }
 
 /// The writes of one reconcile in one namespace, sent or skipped by its strategy.

@@ -1,39 +1,22 @@
 //! `sd35-operator`: wiring only. Flags and env, logging, the admin port, leader election,
-//! and the controller, each in its own task; SIGTERM/SIGINT stop it gracefully.
+//! and the [`controller`], each in its own task; SIGTERM/SIGINT stop it gracefully.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
-use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{
-    ContainerStatus, Node, PersistentVolumeClaim, Pod, PodSpec, PodStatus, Service,
-};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{Api, ListParams, PartialObjectMeta};
-use kube::runtime::controller::{Config as ControllerConfig, Controller};
-use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, ResourceExt};
+use kube::Client;
+use kube::api::{Api, ListParams};
 use sd35_crds::SD35Deployment;
 use sd35_operator::admin::{AdminState, router};
-use sd35_operator::build::ServiceMonitor;
-use sd35_operator::compact::CachedDeployment;
 use sd35_operator::config::OperatorConfig;
-use sd35_operator::index::{self, Index};
-use sd35_operator::labels;
+use sd35_operator::controller::{self, Settings};
 use sd35_operator::leader::{Elector, LeaseConfig};
 use sd35_operator::metrics::Metrics;
-use sd35_operator::reconcile::{
-    ChildStores, Context, Owned, cache_key_of, error_policy, instance_of, reconcile,
-    users_of_cache_key,
-};
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, error, info, info_span};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
@@ -150,23 +133,6 @@ async fn check_crd(client: &Client, namespace: Option<&str>) -> anyhow::Result<(
     }
 }
 
-/// Returns once the ServiceMonitor CRD is served, checking at once and then every minute.
-async fn wait_for_service_monitor_crd(client: &Client) {
-    loop {
-        match client
-            .list_api_group_resources("monitoring.coreos.com/v1")
-            .await
-        {
-            Ok(list) if list.resources.iter().any(|r| r.name == "servicemonitors") => {
-                info!("the ServiceMonitor CRD is installed: ServiceMonitors are managed");
-                return;
-            }
-            Ok(_) | Err(_) => {}
-        }
-        tokio::time::sleep(Duration::from_secs(60)).await;
-    }
-}
-
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     let term = async {
@@ -181,274 +147,6 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         () = term => {},
     }
-}
-
-async fn run_controller(
-    client: Client,
-    args: &Args,
-    metrics: Arc<Metrics>,
-    shutdown: tokio::sync::watch::Receiver<bool>,
-) {
-    let config = OperatorConfig {
-        server_image: args.server_image.clone(),
-        hf_endpoint: args.hf_endpoint.clone(),
-        job_ttl_seconds: args.job_ttl_seconds,
-        startup_seconds: args.startup_seconds,
-    };
-    let sd35: Api<SD35Deployment> = match &args.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    fn api<K>(client: &Client, ns: Option<&String>) -> Api<K>
-    where
-        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
-    {
-        match ns {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        }
-    }
-    let ns = args.namespace.as_ref();
-    let ours =
-        watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGER));
-    // One watch per child type feeds the controller's triggers, a cache that the reconciler
-    // reads instead of asking the API server, and an index of that cache.
-    fn cached<K>(
-        api: Api<K>,
-        config: watcher::Config,
-        index: Option<Index<K>>,
-        trim: fn(&mut K),
-    ) -> (
-        Store<K>,
-        impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
-    )
-    where
-        K: kube::Resource<DynamicType = ()>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug
-            + Send
-            + Sync
-            + 'static,
-    {
-        let (store, writer) = reflector::store();
-        // managedFields (and what `trim` drops) are never read; dropping them keeps the caches
-        // small. The index sees each event before the store, so an object that triggers a
-        // reconcile is indexed.
-        let events = watcher(api, config)
-            .default_backoff()
-            .modify(move |o| {
-                o.managed_fields_mut().clear();
-                trim(o);
-            })
-            .inspect_ok(move |event| {
-                if let Some(index) = &index {
-                    index.apply_watcher_event(event);
-                }
-            });
-        let stream = reflector(writer, events).touched_objects();
-        (store, stream)
-    }
-    fn owned<K>(
-        api: Api<K>,
-        config: watcher::Config,
-    ) -> (
-        Owned<K>,
-        impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
-    )
-    where
-        K: kube::Resource<DynamicType = ()>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug
-            + Send
-            + Sync
-            + 'static,
-    {
-        let by_owner = Index::new(index::controller_uid::<K>);
-        let (store, stream) = cached(api, config, Some(by_owner.clone()), |_| {});
-        (Owned { store, by_owner }, stream)
-    }
-    // Serving Deployments with their specs as JSON text: most of a fleet's cache otherwise.
-    let (deployments, deployment_events) =
-        owned(api::<CachedDeployment>(&client, ns), ours.clone());
-    let (services, service_events) = owned(api::<Service>(&client, ns), ours.clone());
-    let (pdbs, pdb_events) = owned(api::<PodDisruptionBudget>(&client, ns), ours.clone());
-    let (network_policies, network_policy_events) =
-        owned(api::<NetworkPolicy>(&client, ns), ours.clone());
-    // ServiceMonitors are watched once their CRD is there; until then the reconciler says
-    // that it skips them.
-    let service_monitor_crd = Arc::new(AtomicBool::new(false));
-    let (service_monitors, service_monitor_events) =
-        owned(api::<ServiceMonitor>(&client, ns), ours.clone());
-    let service_monitor_events = {
-        let (client, installed) = (client.clone(), service_monitor_crd.clone());
-        let mut events = Some(service_monitor_events);
-        futures::stream::once(async move {
-            wait_for_service_monitor_crd(&client).await;
-            installed.store(true, Ordering::Relaxed);
-        })
-        .filter_map(move |()| std::future::ready(events.take()))
-        .flatten()
-    };
-    // Of a Job the reconciler reads its metadata and status (it creates a Job and never
-    // compares it with a desired one), of a serving pod its container statuses.
-    let (jobs, job_events) = cached(api::<Job>(&client, ns), ours.clone(), None, |j| {
-        j.spec = None;
-    });
-    let (claims, claim_events) = cached(
-        api::<PersistentVolumeClaim>(&client, ns),
-        ours.clone(),
-        None,
-        |_| {},
-    );
-    // Serving pods only: their exit codes say why a server could not start.
-    let pods_by_instance = Index::new(instance_of);
-    let (pods, pod_events) = cached(
-        api::<Pod>(&client, ns),
-        watcher::Config::default().labels(&format!(
-            "{}={},{}={}",
-            labels::MANAGED_BY,
-            labels::MANAGER,
-            labels::NAME,
-            labels::SERVER_NAME
-        )),
-        Some(pods_by_instance.clone()),
-        // Of the spec only the node it runs on (which GPU it got), of the status only how
-        // each container ran and ended (why a server could not start).
-        |p| {
-            p.annotations_mut().clear();
-            p.spec = p.spec.take().map(|s| PodSpec {
-                node_name: s.node_name,
-                ..PodSpec::default()
-            });
-            p.status = p.status.take().map(|s| PodStatus {
-                container_statuses: s.container_statuses.map(|statuses| {
-                    statuses
-                        .into_iter()
-                        .map(|c| ContainerStatus {
-                            name: c.name,
-                            state: c.state,
-                            last_state: c.last_state,
-                            ..ContainerStatus::default()
-                        })
-                        .collect()
-                }),
-                ..PodStatus::default()
-            });
-        },
-    );
-    // Nodes, metadata only (their labels say which GPU they have); read when a status is
-    // computed, never a trigger: a relabelled node shows at the next reconcile.
-    let (nodes, node_writer) = reflector::store();
-    let node_events = reflector(
-        node_writer,
-        watcher(
-            Api::<PartialObjectMeta<Node>>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .default_backoff()
-        .modify(|n| {
-            n.managed_fields_mut().clear();
-            n.annotations_mut().clear();
-        }),
-    );
-    tokio::spawn(node_events.for_each(|event| async move {
-        if let Err(e) = event {
-            warn!(error = %e, "watching nodes (for their GPU labels)");
-        }
-    }));
-    // SD35Deployments, indexed by cache key: a Job or claim event finds its users there.
-    let users = {
-        let (config, metrics) = (config.clone(), metrics.clone());
-        Index::new(move |o: &SD35Deployment| cache_key_of(o, &config, &metrics))
-    };
-    let (store, writer) = reflector::store();
-    let user_index = users.clone();
-    let sd35_events = reflector(
-        writer,
-        watcher(sd35, watcher::Config::default().any_semantic())
-            .default_backoff()
-            .modify(|o| o.managed_fields_mut().clear())
-            .inspect_ok(move |event| user_index.apply_watcher_event(event)),
-    )
-    .applied_objects();
-    let controller = Controller::for_stream(sd35_events, store.clone()).with_config(
-        ControllerConfig::default()
-            .concurrency(args.concurrency)
-            .debounce(Duration::from_millis(args.debounce_ms)),
-    );
-    let (job_users, claim_users) = (users.clone(), users.clone());
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        config,
-        metrics,
-        recorder: sd35_operator::events::Recorder::new(
-            client.clone(),
-            labels::MANAGER,
-            args.identity.as_deref(),
-        ),
-        store,
-        users,
-        children: ChildStores {
-            claims,
-            jobs,
-            deployments,
-            services,
-            pdbs,
-            network_policies,
-            service_monitors,
-            service_monitor_crd,
-            pods,
-            pods_by_instance,
-            nodes,
-        },
-    });
-    let mut shutdown = shutdown;
-    controller
-        .owns_stream(deployment_events)
-        .owns_stream(service_events)
-        .owns_stream(pdb_events)
-        .owns_stream(network_policy_events)
-        .owns_stream(service_monitor_events)
-        .watches_stream(job_events, move |job: Job| {
-            users_of_cache_key(
-                &job_users,
-                job.namespace().as_deref(),
-                job.labels().get(labels::CACHE_KEY).map(String::as_str),
-            )
-        })
-        .watches_stream(pod_events, |pod: Pod| {
-            let ns = pod.namespace();
-            pod.labels()
-                .get(labels::INSTANCE)
-                .map(|name| {
-                    let r = ObjectRef::<SD35Deployment>::new(name);
-                    match ns {
-                        Some(ns) => r.within(&ns),
-                        None => r,
-                    }
-                })
-                .into_iter()
-                .collect::<Vec<_>>()
-        })
-        .watches_stream(claim_events, move |pvc: PersistentVolumeClaim| {
-            users_of_cache_key(
-                &claim_users,
-                pvc.namespace().as_deref(),
-                pvc.labels().get(labels::CACHE_KEY).map(String::as_str),
-            )
-        })
-        .graceful_shutdown_on(async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        })
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                warn!(error = %e, "reconcile loop");
-            }
-        })
-        .await;
 }
 
 #[tokio::main]
@@ -530,7 +228,19 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     metrics.set_leader(true);
-    let controller = run_controller(client, &args, metrics.clone(), stop_rx.clone())
+    let settings = Settings {
+        config: OperatorConfig {
+            server_image: args.server_image.clone(),
+            hf_endpoint: args.hf_endpoint.clone(),
+            job_ttl_seconds: args.job_ttl_seconds,
+            startup_seconds: args.startup_seconds,
+        },
+        namespace: args.namespace.clone(),
+        concurrency: args.concurrency,
+        debounce: Duration::from_millis(args.debounce_ms),
+        identity: args.identity.clone(),
+    };
+    let controller = controller::run(client, settings, metrics.clone(), stop_rx.clone())
         .instrument(info_span!("controller"));
     match elector.as_mut() {
         Some(e) => {

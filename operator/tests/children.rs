@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Resource;
 use sd35_contract::{BuildEngineArgs, FetchArgs, ServeArgs};
 use sd35_crds::SD35Deployment;
-use sd35_operator::build::{self, ServingTarget};
+use sd35_operator::children::{self, ServingTarget};
 use sd35_operator::config::OperatorConfig;
 use sd35_operator::resolve::{Resolved, resolve};
 
@@ -106,10 +106,10 @@ fn large_fp8_with_surge_on_h100_nodes() {
     let (r, owner) = resolved(&obj);
     let config = OperatorConfig::default();
     let target = ServingTarget::desired(&r);
-    let deployment = build::deployment(&r, &config, &owner, &target);
-    let fetch = build::fetch_job(&r, &config, &users(), CLAIM_UID);
+    let deployment = children::deployment(&r, &config, &owner, &target);
+    let fetch = children::fetch_job(&r, &config, &users(), CLAIM_UID);
     let engine_key = r.engine_key.clone().unwrap();
-    let build_job = build::build_job(&r, &config, &users(), CLAIM_UID, &engine_key);
+    let build_job = children::build_job(&r, &config, &users(), CLAIM_UID, &engine_key);
 
     // The contract: every command line the operator builds is one the server parses, and
     // points at the same cache paths.
@@ -239,11 +239,11 @@ fn large_fp8_with_surge_on_h100_nodes() {
     insta::assert_yaml_snapshot!("large_fp8_deployment", deployment);
     insta::assert_yaml_snapshot!("large_fp8_fetch_job", fetch);
     insta::assert_yaml_snapshot!("large_fp8_build_job", build_job);
-    insta::assert_yaml_snapshot!("large_fp8_service", build::service(&r, &owner));
-    insta::assert_yaml_snapshot!("large_fp8_pdb", build::pdb(&r, &owner));
+    insta::assert_yaml_snapshot!("large_fp8_service", children::service(&r, &owner));
+    insta::assert_yaml_snapshot!("large_fp8_pdb", children::pdb(&r, &owner));
     insta::assert_yaml_snapshot!(
         "large_fp8_cache_claim",
-        build::cache_claim(&r, std::slice::from_ref(&owner))
+        children::cache_claim(&r, std::slice::from_ref(&owner))
     );
 }
 
@@ -251,7 +251,7 @@ fn large_fp8_with_surge_on_h100_nodes() {
 fn pvc_source_mounts_the_claim_read_only_and_imports_from_it() {
     let obj = example("large-bf16-pvc.yaml");
     let (r, _) = resolved(&obj);
-    let fetch = build::fetch_job(&r, &OperatorConfig::default(), &users(), CLAIM_UID);
+    let fetch = children::fetch_job(&r, &OperatorConfig::default(), &users(), CLAIM_UID);
     let pod = pod_of_job(&fetch);
     let import = pod
         .volumes
@@ -284,7 +284,7 @@ fn pvc_source_mounts_the_claim_read_only_and_imports_from_it() {
 fn medium_clip_only_defaults_and_single_replica() {
     let obj = example("medium-bf16-clip-only.yaml");
     let (r, owner) = resolved(&obj);
-    let deployment = build::deployment(
+    let deployment = children::deployment(
         &r,
         &OperatorConfig::default(),
         &owner,
@@ -323,7 +323,10 @@ fn medium_clip_only_defaults_and_single_replica() {
         serde_json::to_value(&rolling).unwrap(),
         serde_json::json!({"maxSurge": 0, "maxUnavailable": 1})
     );
-    assert!(build::pdb(&r, &owner).is_none(), "no PDB for one replica");
+    assert!(
+        children::pdb(&r, &owner).is_none(),
+        "no PDB for one replica"
+    );
     insta::assert_yaml_snapshot!("medium_deployment", deployment);
 }
 
@@ -336,7 +339,7 @@ fn a_pod_without_gpus_runs_on_its_cpu_and_a_custom_repository_is_a_served_name()
     )
     .unwrap();
     let (r, owner) = resolved(&obj);
-    let d = build::deployment(
+    let d = children::deployment(
         &r,
         &OperatorConfig::default(),
         &owner,
@@ -377,7 +380,7 @@ fn engine_never_serves_the_cache_in_the_asked_precision_not_a_silent_f32() {
     .unwrap();
     let (r, owner) = resolved(&obj);
     assert_eq!(r.engine_key, None);
-    let d = build::deployment(
+    let d = children::deployment(
         &r,
         &OperatorConfig::default(),
         &owner,
@@ -398,7 +401,7 @@ fn the_serving_target_round_trips_through_the_pod_template() {
     let obj = example("large-fp8.yaml");
     let (r, owner) = resolved(&obj);
     let target = ServingTarget::desired(&r);
-    let d = build::deployment(&r, &OperatorConfig::default(), &owner, &target);
+    let d = children::deployment(&r, &OperatorConfig::default(), &owner, &target);
     assert_eq!(ServingTarget::of(&d), Some(target));
 }
 
@@ -406,7 +409,7 @@ fn the_serving_target_round_trips_through_the_pod_template() {
 fn s3_artifacts_reach_the_server_as_flags_and_the_keys_by_secret_reference_only() {
     let obj = example("large-turbo-s3-artifacts.yaml");
     let (r, owner) = resolved(&obj);
-    let deployment = build::deployment(
+    let deployment = children::deployment(
         &r,
         &OperatorConfig::default(),
         &owner,
@@ -477,7 +480,7 @@ fn s3_artifacts_reach_the_server_as_flags_and_the_keys_by_secret_reference_only(
     );
     // Without artifacts, no storage flag and no environment.
     let (plain, owner) = resolved(&example("large-turbo-bf16.yaml"));
-    let d = build::deployment(
+    let d = children::deployment(
         &plain,
         &OperatorConfig::default(),
         &owner,

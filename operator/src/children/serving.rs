@@ -11,10 +11,9 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
-    Lifecycle, LifecycleHandler, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec,
-    Probe, SecretKeySelector, SecretVolumeSource, Service, ServicePort, ServiceSpec, SleepAction,
-    Volume, VolumeMount,
+    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, Lifecycle,
+    LifecycleHandler, PodSpec, PodTemplateSpec, Probe, SecretKeySelector, SecretVolumeSource,
+    Service, ServicePort, ServiceSpec, SleepAction, Volume,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -27,7 +26,10 @@ use sd35_contract::{
 use sd35_crds::{ArtifactsSpec, RolloutStrategy};
 use serde::{Deserialize, Serialize};
 
-use super::{container_security, meta, placement, pod_security, pull_policy, pull_secrets};
+use super::{
+    claim_volume, container_security, meta, mount, placement, pod_security, pull_policy,
+    pull_secrets, tmp_volume,
+};
 use crate::config::{OperatorConfig, default_server_resources};
 use crate::labels;
 use crate::resolve::{FetchSource, Resolved};
@@ -45,13 +47,13 @@ pub struct ServingTarget {
 
 impl ServingTarget {
     /// The target the spec asks for.
-    pub fn desired(r: &Resolved) -> Self {
+    pub fn desired(resolved: &Resolved) -> Self {
         Self {
-            variant: r.variant,
-            precision: r.precision,
-            cache_claim: r.cache.claim.clone(),
-            cache_key: r.cache_key.clone(),
-            engine_key: r.engine_key.clone(),
+            variant: resolved.variant,
+            precision: resolved.precision,
+            cache_claim: resolved.cache.claim.clone(),
+            cache_key: resolved.cache_key.clone(),
+            engine_key: resolved.engine_key.clone(),
         }
     }
 
@@ -77,41 +79,41 @@ impl ServingTarget {
 
 /// Metadata of the serving Deployment, Service and PDB (and the add-ons): named after the
 /// object, labelled as its server, owned by it.
-pub(super) fn server_metadata(r: &Resolved, owner: &OwnerReference) -> ObjectMeta {
+pub(super) fn server_metadata(resolved: &Resolved, owner: &OwnerReference) -> ObjectMeta {
     let mut meta_labels = labels::common("server");
-    meta_labels.extend(labels::server_selector(&r.name));
+    meta_labels.extend(labels::server_selector(&resolved.name));
     meta(
-        &r.name,
-        &r.namespace,
+        &resolved.name,
+        &resolved.namespace,
         meta_labels,
         std::slice::from_ref(owner),
     )
 }
 
 /// The label selector of the serving pods.
-pub(super) fn server_selector(r: &Resolved) -> LabelSelector {
+pub(super) fn server_selector(resolved: &Resolved) -> LabelSelector {
     LabelSelector {
-        match_labels: Some(labels::server_selector(&r.name)),
+        match_labels: Some(labels::server_selector(&resolved.name)),
         ..Default::default()
     }
 }
 
 /// The model names the server answers to: the SD35Deployment's name first, then the
 /// variant, the Hugging Face repository id, `sd3.5` and `stable-diffusion-3.5-<variant>`.
-pub fn served_names(r: &Resolved, variant: Variant) -> Vec<String> {
-    let repo = match &r.source {
+pub fn served_names(resolved: &Resolved, variant: Variant) -> Vec<String> {
+    let repo = match &resolved.source {
         FetchSource::HuggingFace { repo, .. } => Some(repo.as_str()),
         _ => None,
     };
-    let mut names = vec![r.name.clone()];
+    let mut names = vec![resolved.name.clone()];
     names.extend(default_served_names(variant, repo));
     dedup_in_order(&mut names);
     names
 }
 
-fn serve_args(r: &Resolved, target: &ServingTarget) -> ServeArgs {
+fn serve_args(resolved: &Resolved, target: &ServingTarget) -> ServeArgs {
     let root = std::path::Path::new(CACHE_MOUNT);
-    let s = &r.spec.server;
+    let s = &resolved.spec.server;
     ServeArgs {
         model: model_dir(root, &target.cache_key),
         engine: target.engine_key.as_ref().map(|k| engine_dir(root, k)),
@@ -124,12 +126,13 @@ fn serve_args(r: &Resolved, target: &ServingTarget) -> ServeArgs {
         },
         variant: Some(target.variant),
         precision: Some(target.precision),
-        served_model_names: served_names(r, target.variant),
+        served_model_names: served_names(resolved, target.variant),
         termination_message_path: Some(TERMINATION_MESSAGE_PATH.into()),
         host: "0.0.0.0".to_owned(),
         port: u16::try_from(s.port).unwrap_or(8080),
-        no_t5: !r.spec.model.text_encoders.t5,
-        t5_max_tokens: u32::try_from(r.spec.model.text_encoders.t5_max_tokens).unwrap_or(256),
+        no_t5: !resolved.spec.model.text_encoders.t5,
+        t5_max_tokens: u32::try_from(resolved.spec.model.text_encoders.t5_max_tokens)
+            .unwrap_or(256),
         default_steps: s.defaults.steps.and_then(|v| u32::try_from(v).ok()),
         default_guidance: s.defaults.guidance_scale,
         default_width: s.defaults.width.and_then(|v| u32::try_from(v).ok()),
@@ -204,28 +207,19 @@ fn probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
-fn mount(name: &str, path: &str, read_only: Option<bool>) -> VolumeMount {
-    VolumeMount {
-        name: name.to_owned(),
-        mount_path: path.to_owned(),
-        read_only,
-        ..Default::default()
-    }
-}
-
 /// The serving Deployment for a target.
 pub fn deployment(
-    r: &Resolved,
+    resolved: &Resolved,
     config: &OperatorConfig,
     owner: &OwnerReference,
     target: &ServingTarget,
 ) -> Deployment {
-    let s = &r.spec.server;
-    let selector = labels::server_selector(&r.name);
+    let s = &resolved.spec.server;
+    let selector = labels::server_selector(&resolved.name);
     let mut pod_labels = labels::common("server");
     pod_labels.extend(selector);
     let mut args = vec!["serve".to_owned()];
-    args.extend(serve_args(r, target).to_args());
+    args.extend(serve_args(resolved, target).to_args());
 
     let mut resources = s.resources.clone().unwrap_or_else(default_server_resources);
     if s.gpu.count > 0 {
@@ -240,19 +234,8 @@ pub fn deployment(
         mount("tmp", "/tmp", None),
     ];
     let mut volumes = vec![
-        Volume {
-            name: "cache".into(),
-            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                claim_name: target.cache_claim.clone(),
-                read_only: Some(true),
-            }),
-            ..Default::default()
-        },
-        Volume {
-            name: "tmp".into(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
-            ..Default::default()
-        },
+        claim_volume("cache", &target.cache_claim, Some(true)),
+        tmp_volume(),
     ];
     if let Some(auth) = &s.auth {
         mounts.push(mount("auth", "/etc/sd35/auth", Some(true)));
@@ -272,8 +255,8 @@ pub fn deployment(
     }
     let container = Container {
         name: "server".into(),
-        image: Some(r.image.clone()),
-        image_pull_policy: pull_policy(r),
+        image: Some(resolved.image.clone()),
+        image_pull_policy: pull_policy(resolved),
         command: Some(vec!["sd35-server".into()]),
         args: Some(args),
         env: Some(artifact_env(s.artifacts.as_ref())).filter(|e| !e.is_empty()),
@@ -307,8 +290,8 @@ pub fn deployment(
         }),
         ..Default::default()
     };
-    let place = placement(r);
-    let sched = &r.spec.scheduling;
+    let place = placement(resolved);
+    let sched = &resolved.spec.scheduling;
     let pod = PodSpec {
         security_context: Some(pod_security()),
         automount_service_account_token: Some(false),
@@ -322,25 +305,27 @@ pub fn deployment(
         affinity: place.affinity,
         priority_class_name: sched.priority_class_name.clone(),
         runtime_class_name: sched.runtime_class_name.clone(),
-        image_pull_secrets: pull_secrets(r),
+        image_pull_secrets: pull_secrets(resolved),
         ..Default::default()
     };
-    let rolling = match r.spec.rollout.strategy {
+    let rolling = match resolved.spec.rollout.strategy {
         // No spare GPU assumed: replace pods one at a time.
         RolloutStrategy::NoSurge => RollingUpdateDeployment {
             max_surge: Some(IntOrString::Int(0)),
             max_unavailable: Some(IntOrString::Int(1)),
         },
         RolloutStrategy::Surge => RollingUpdateDeployment {
-            max_surge: Some(IntOrString::Int(r.spec.rollout.max_surge.unwrap_or(1))),
+            max_surge: Some(IntOrString::Int(
+                resolved.spec.rollout.max_surge.unwrap_or(1),
+            )),
             max_unavailable: Some(IntOrString::Int(0)),
         },
     };
     Deployment {
-        metadata: server_metadata(r, owner),
+        metadata: server_metadata(resolved, owner),
         spec: Some(DeploymentSpec {
-            replicas: Some(r.spec.replicas),
-            selector: server_selector(r),
+            replicas: Some(resolved.spec.replicas),
+            selector: server_selector(resolved),
             strategy: Some(DeploymentStrategy {
                 type_: Some("RollingUpdate".into()),
                 rolling_update: Some(rolling),
@@ -369,15 +354,15 @@ pub fn deployment(
 }
 
 /// The Service in front of the serving pods.
-pub fn service(r: &Resolved, owner: &OwnerReference) -> Service {
+pub fn service(resolved: &Resolved, owner: &OwnerReference) -> Service {
     Service {
-        metadata: server_metadata(r, owner),
+        metadata: server_metadata(resolved, owner),
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".into()),
-            selector: Some(labels::server_selector(&r.name)),
+            selector: Some(labels::server_selector(&resolved.name)),
             ports: Some(vec![ServicePort {
                 name: Some("http".into()),
-                port: r.spec.server.port,
+                port: resolved.spec.server.port,
                 target_port: Some(IntOrString::String("http".into())),
                 protocol: Some("TCP".into()),
                 ..Default::default()
@@ -390,15 +375,15 @@ pub fn service(r: &Resolved, owner: &OwnerReference) -> Service {
 
 /// A PodDisruptionBudget keeping all but one serving pod up during voluntary disruptions;
 /// only built when there is more than one replica.
-pub fn pdb(r: &Resolved, owner: &OwnerReference) -> Option<PodDisruptionBudget> {
-    if r.spec.replicas <= 1 {
+pub fn pdb(resolved: &Resolved, owner: &OwnerReference) -> Option<PodDisruptionBudget> {
+    if resolved.spec.replicas <= 1 {
         return None;
     }
     Some(PodDisruptionBudget {
-        metadata: server_metadata(r, owner),
+        metadata: server_metadata(resolved, owner),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(1)),
-            selector: Some(server_selector(r)),
+            selector: Some(server_selector(resolved)),
             ..Default::default()
         }),
         status: None,

@@ -47,12 +47,12 @@ pub struct Endpoint {
 }
 
 /// The ServiceMonitor of the serving pods, when the spec asks for one.
-pub fn service_monitor(r: &Resolved, owner: &OwnerReference) -> Option<ServiceMonitor> {
-    let settings = &r.spec.monitoring.service_monitor;
+pub fn service_monitor(resolved: &Resolved, owner: &OwnerReference) -> Option<ServiceMonitor> {
+    let settings = &resolved.spec.monitoring.service_monitor;
     if !settings.enabled {
         return None;
     }
-    let mut metadata = server_metadata(r, owner);
+    let mut metadata = server_metadata(resolved, owner);
     if let Some(labels) = metadata.labels.as_mut() {
         // The operator's own labels win: the sweep and the watch select by them.
         for (k, v) in &settings.labels {
@@ -62,7 +62,7 @@ pub fn service_monitor(r: &Resolved, owner: &OwnerReference) -> Option<ServiceMo
     Some(ServiceMonitor {
         metadata,
         spec: ServiceMonitorSpec {
-            selector: server_selector(r),
+            selector: server_selector(resolved),
             endpoints: vec![Endpoint {
                 port: "http".into(),
                 path: "/metrics".into(),
@@ -74,8 +74,8 @@ pub fn service_monitor(r: &Resolved, owner: &OwnerReference) -> Option<ServiceMo
 
 /// A NetworkPolicy on the serving pods admitting only the spec's peers (by default, pods of
 /// the same namespace) to the server port, when the spec asks for one.
-pub fn network_policy(r: &Resolved, owner: &OwnerReference) -> Option<NetworkPolicy> {
-    let spec = &r.spec.network_policy;
+pub fn network_policy(resolved: &Resolved, owner: &OwnerReference) -> Option<NetworkPolicy> {
+    let spec = &resolved.spec.network_policy;
     if !spec.enabled {
         return None;
     }
@@ -88,14 +88,14 @@ pub fn network_policy(r: &Resolved, owner: &OwnerReference) -> Option<NetworkPol
         spec.from.clone()
     };
     Some(NetworkPolicy {
-        metadata: server_metadata(r, owner),
+        metadata: server_metadata(resolved, owner),
         spec: Some(NetworkPolicySpec {
-            pod_selector: Some(server_selector(r)),
+            pod_selector: Some(server_selector(resolved)),
             policy_types: Some(vec!["Ingress".into()]),
             ingress: Some(vec![NetworkPolicyIngressRule {
                 from: Some(from),
                 ports: Some(vec![NetworkPolicyPort {
-                    port: Some(IntOrString::Int(r.spec.server.port)),
+                    port: Some(IntOrString::Int(resolved.spec.server.port)),
                     protocol: Some("TCP".into()),
                     ..Default::default()
                 }]),
@@ -110,30 +110,30 @@ mod tests {
     use super::*;
     use crate::config::OperatorConfig;
 
-    fn resolved(spec: &str) -> (Resolved, OwnerReference) {
+    fn resolve_spec(spec: &str) -> (Resolved, OwnerReference) {
         let obj: sd35_crds::SD35Deployment = serde_yaml::from_str(&format!(
             "apiVersion: sd35.io/v1alpha1\nkind: SD35Deployment\nmetadata: {{name: a, namespace: ns, uid: u}}\nspec: {spec}"
         ))
         .unwrap_or_else(|e| panic!("{e}"));
-        let r = crate::resolve::resolve(&obj, &OperatorConfig::default())
+        let resolved = crate::resolve::resolve(&obj, &OperatorConfig::default())
             .unwrap_or_else(|e| panic!("{e}"));
         let owner = kube::Resource::controller_owner_ref(&obj, &()).unwrap_or_default();
-        (r, owner)
+        (resolved, owner)
     }
 
     #[test]
     fn add_ons_are_built_only_when_asked_for() {
-        let (r, owner) = resolved("{variant: medium}");
-        assert!(service_monitor(&r, &owner).is_none());
-        assert!(network_policy(&r, &owner).is_none());
+        let (resolved, owner) = resolve_spec("{variant: medium}");
+        assert!(service_monitor(&resolved, &owner).is_none());
+        assert!(network_policy(&resolved, &owner).is_none());
     }
 
     #[test]
     fn the_service_monitor_scrapes_the_servers_metrics_with_the_users_labels() {
-        let (r, owner) = resolved(
+        let (resolved, owner) = resolve_spec(
             "{variant: medium, monitoring: {serviceMonitor: {enabled: true, interval: 15s, labels: {release: prom, app.kubernetes.io/managed-by: someone}}}}",
         );
-        let sm = service_monitor(&r, &owner).unwrap_or_default();
+        let sm = service_monitor(&resolved, &owner).unwrap_or_default();
         let labels = sm.metadata.labels.clone().unwrap_or_default();
         assert_eq!(labels["release"], "prom");
         assert_eq!(labels["app.kubernetes.io/managed-by"], "sd35-operator");
@@ -148,10 +148,10 @@ mod tests {
 
     #[test]
     fn the_network_policy_admits_the_chosen_peers_to_the_server_port_only() {
-        let (r, owner) = resolved(
+        let (resolved, owner) = resolve_spec(
             "{variant: medium, networkPolicy: {enabled: true, from: [{namespaceSelector: {matchLabels: {team: web}}}]}}",
         );
-        let np = network_policy(&r, &owner).unwrap_or_default();
+        let np = network_policy(&resolved, &owner).unwrap_or_default();
         let spec = np.spec.unwrap_or_default();
         let rule = &spec.ingress.unwrap_or_default()[0];
         let peers = rule.from.clone().unwrap_or_default();
@@ -161,8 +161,8 @@ mod tests {
         assert_eq!(ports[0].port, Some(IntOrString::Int(8080)));
         assert_eq!(spec.policy_types, Some(vec!["Ingress".to_owned()]));
         // Without peers: this namespace's pods only.
-        let (r, owner) = resolved("{variant: medium, networkPolicy: {enabled: true}}");
-        let np = network_policy(&r, &owner).unwrap_or_default();
+        let (resolved, owner) = resolve_spec("{variant: medium, networkPolicy: {enabled: true}}");
+        let np = network_policy(&resolved, &owner).unwrap_or_default();
         let peers = np.spec.unwrap_or_default().ingress.unwrap_or_default()[0]
             .from
             .clone()

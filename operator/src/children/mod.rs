@@ -1,24 +1,29 @@
-//! Build the children of an SD35Deployment (pure and infallible): the cache claim, the fetch
-//! and engine build Jobs, the serving Deployment, its Service and PodDisruptionBudget, and the
+//! The children of an SD35Deployment (pure and infallible): the cache claim, the fetch and
+//! engine build Jobs, the serving Deployment, its Service and PodDisruptionBudget, and the
 //! optional NetworkPolicy and ServiceMonitor.
 //!
-//! Builders take the resolved spec and return complete objects, typed with the Kubernetes API
-//! structs (k8s-openapi), so the compiler checks every field; the apply step sends them with
-//! server-side apply. Everything a test wants to know about a child is visible here.
+//! Each function takes the resolved spec and returns a complete object, typed with the
+//! Kubernetes API structs (k8s-openapi), so the compiler checks every field; the reconciler
+//! sends them with server-side apply. Everything a test wants to know about a child is
+//! visible here. The children one SD35Deployment controls are gathered in [`Controlled`], the
+//! one list of kinds that the reconciler applies and sweeps.
 
 mod addons;
 mod cache;
+mod controlled;
 mod serving;
 
 pub use addons::{ServiceMonitor, ServiceMonitorSpec, network_policy, service_monitor};
 pub use cache::{build_job, cache_claim, fetch_job};
+pub use controlled::Controlled;
 pub use serving::{ServingTarget, deployment, pdb, service};
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, LocalObjectReference, PodSecurityContext, SeccompProfile,
-    SecurityContext, Toleration,
+    Affinity, Capabilities, EmptyDirVolumeSource, LocalObjectReference,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, SeccompProfile, SecurityContext,
+    Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
@@ -36,6 +41,37 @@ fn meta(
         namespace: Some(namespace.to_owned()),
         labels: Some(labels),
         owner_references: Some(owners.to_vec()),
+        ..Default::default()
+    }
+}
+
+/// A volume of the claim `claim`, named `name`.
+fn claim_volume(name: &str, claim: &str, read_only: Option<bool>) -> Volume {
+    Volume {
+        name: name.to_owned(),
+        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+            claim_name: claim.to_owned(),
+            read_only,
+        }),
+        ..Default::default()
+    }
+}
+
+/// The pod's writable `/tmp` (the root filesystem is read-only).
+fn tmp_volume() -> Volume {
+    Volume {
+        name: "tmp".into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Default::default()
+    }
+}
+
+/// A mount of the volume `name` at `path`.
+fn mount(name: &str, path: &str, read_only: Option<bool>) -> VolumeMount {
+    VolumeMount {
+        name: name.to_owned(),
+        mount_path: path.to_owned(),
+        read_only,
         ..Default::default()
     }
 }
@@ -77,8 +113,8 @@ struct Placement {
     affinity: Option<Affinity>,
 }
 
-fn placement(r: &Resolved) -> Placement {
-    let s = &r.spec.scheduling;
+fn placement(resolved: &Resolved) -> Placement {
+    let s = &resolved.spec.scheduling;
     Placement {
         node_selector: (!s.node_selector.is_empty()).then(|| s.node_selector.clone()),
         tolerations: (!s.tolerations.is_empty()).then(|| s.tolerations.clone()),
@@ -87,8 +123,8 @@ fn placement(r: &Resolved) -> Placement {
 }
 
 /// The image pull secrets of the server image, if any.
-fn pull_secrets(r: &Resolved) -> Option<Vec<LocalObjectReference>> {
-    let names = &r.spec.server.image_pull_secrets;
+fn pull_secrets(resolved: &Resolved) -> Option<Vec<LocalObjectReference>> {
+    let names = &resolved.spec.server.image_pull_secrets;
     (!names.is_empty()).then(|| {
         names
             .iter()
@@ -98,8 +134,8 @@ fn pull_secrets(r: &Resolved) -> Option<Vec<LocalObjectReference>> {
 }
 
 /// The pull policy of the server image, as Kubernetes spells it.
-fn pull_policy(r: &Resolved) -> Option<String> {
-    r.spec.server.image_pull_policy.map(|p| {
+fn pull_policy(resolved: &Resolved) -> Option<String> {
+    resolved.spec.server.image_pull_policy.map(|p| {
         match p {
             sd35_crds::PullPolicy::Always => "Always",
             sd35_crds::PullPolicy::IfNotPresent => "IfNotPresent",

@@ -9,10 +9,13 @@
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use sd35_contract::ExitReason;
 use sd35_crds::{CacheStatus, EngineStatus, Phase, SD35DeploymentStatus, condition};
 
-use crate::build::ServingTarget;
+use crate::children::ServingTarget;
+
+mod event;
+
+pub use event::{Note, event, is_warning, transitions};
 
 /// State of a fetch or build step.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,7 +63,7 @@ impl Rollout {
     ) -> Self {
         let status = deployment.status.clone().unwrap_or_default();
         Rollout {
-            server_failure: server_failure(pods),
+            server_failure: crate::pods::server_failure(pods),
             runs_desired_target: ServingTarget::of(deployment).as_ref() == Some(desired),
             observed: status.observed_generation.unwrap_or(0)
                 >= deployment.metadata.generation.unwrap_or(0),
@@ -75,42 +78,6 @@ impl Rollout {
             }),
         }
     }
-}
-
-/// The first serving container of these pods that ended with one of the server's documented
-/// exit codes: its reason word and a message quoting its termination message.
-pub fn server_failure<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Option<(String, String)> {
-    pods.into_iter().find_map(|pod| {
-        let status = pod.status.as_ref()?;
-        status.container_statuses.iter().flatten().find_map(|c| {
-            // A container running now has recovered; what ended it before is history.
-            if c.state.as_ref().is_some_and(|s| s.running.is_some()) {
-                return None;
-            }
-            let ended = c
-                .state
-                .as_ref()
-                .and_then(|s| s.terminated.as_ref())
-                .or_else(|| c.last_state.as_ref().and_then(|s| s.terminated.as_ref()))?;
-            let reason = ExitReason::from_code(ended.exit_code)?;
-            let said = ended
-                .message
-                .as_deref()
-                .map(str::trim)
-                .filter(|m| !m.is_empty())
-                .unwrap_or("(no termination message)");
-            Some((
-                reason.as_str().to_owned(),
-                format!(
-                    "pod {} exited with code {} ({}): {said}; {}",
-                    pod.metadata.name.as_deref().unwrap_or("?"),
-                    ended.exit_code,
-                    reason.as_str(),
-                    reason.hint()
-                ),
-            ))
-        })
-    })
 }
 
 /// The add-ons the spec asks for (ServiceMonitor, NetworkPolicy) and what became of them.
@@ -401,155 +368,15 @@ pub fn compute(
     }
 }
 
-/// (type, status, reason) of each condition that differs between two statuses: the
-/// transitions to report as events.
-pub fn transitions(
-    old: Option<&SD35DeploymentStatus>,
-    new: &SD35DeploymentStatus,
-) -> Vec<Condition> {
-    new.conditions
-        .iter()
-        .filter(|c| {
-            let before = old.and_then(|o| o.conditions.iter().find(|p| p.type_ == c.type_));
-            before.is_none_or(|p| p.status != c.status || p.reason != c.reason)
-        })
-        .cloned()
-        .collect()
-}
-
-/// Whether the transition to `c` is reported as a Warning event: Stalled turning True, or
-/// another condition (but Reconciling) turning False after the object had a status.
-pub fn is_warning(c: &Condition, had_status: bool) -> bool {
-    (c.type_ == condition::STALLED && c.status == "True")
-        || (c.type_ != condition::STALLED
-            && c.type_ != condition::RECONCILING
-            && c.status == "False"
-            && had_status)
-}
-
-/// Something a reconcile did or saw, for its event.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Note {
-    /// Whether it is reported as a Warning.
-    pub warning: bool,
-    /// A CamelCase reason.
-    pub reason: String,
-    /// What happened, for a person.
-    pub text: String,
-}
-
-/// Longest event note the API server takes (events.k8s.io/v1: 1 kB).
-const EVENT_NOTE_MAX: usize = 1024;
-
-/// The one event a reconcile publishes, if any: the condition transitions between `previous`
-/// and `new` worth a person's attention (a condition's status turning, Stalled turning True
-/// or changing its reason; for a first status, only a Stalled one), warnings first, then the
-/// `actions` the reconcile took. Its reason is the first note's; its note lists them all.
-/// One event per reconcile that changed something keeps the writes per object low.
-pub fn event(
-    actions: &[Note],
-    previous: Option<&SD35DeploymentStatus>,
-    new: &SD35DeploymentStatus,
-) -> Option<Note> {
-    let mut notes: Vec<Note> = transitions(previous, new)
-        .into_iter()
-        .filter(|c| c.type_ != condition::RECONCILING)
-        .filter(|c| {
-            let before = previous.and_then(|p| p.conditions.iter().find(|b| b.type_ == c.type_));
-            let stalled = c.type_ == condition::STALLED && c.status == "True";
-            match before {
-                None => stalled,
-                Some(b) => b.status != c.status || stalled,
-            }
-        })
-        .map(|c| Note {
-            warning: is_warning(&c, previous.is_some()),
-            text: if c.message.is_empty() {
-                format!("{} is {}", c.type_, c.status)
-            } else {
-                format!("{} is {}: {}", c.type_, c.status, c.message)
-            },
-            reason: c.reason,
-        })
-        .collect();
-    notes.sort_by_key(|n| !n.warning);
-    notes.extend(actions.iter().cloned());
-    let first = notes.first()?;
-    let mut text: String = notes
-        .iter()
-        .map(|n| n.text.as_str())
-        .collect::<Vec<_>>()
-        .join("; ");
-    if text.len() > EVENT_NOTE_MAX {
-        let mut cut = EVENT_NOTE_MAX - 3;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-        text.push_str("...");
-    }
-    Some(Note {
-        warning: notes.iter().any(|n| n.warning),
-        reason: first.reason.clone(),
-        text,
-    })
-}
-
 #[cfg(test)]
-mod tests {
-    use serde_json::json;
-
+pub(crate) mod tests {
     use super::*;
 
-    fn pod(name: &str, state: serde_json::Value, last: serde_json::Value) -> Pod {
-        serde_json::from_value(json!({
-            "metadata": {"name": name},
-            "status": {"containerStatuses": [{
-                "name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 3,
-                "state": state, "lastState": last,
-            }]},
-        }))
-        .unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    #[test]
-    fn a_documented_exit_code_of_a_server_becomes_the_reason_with_its_message() {
-        let crashing = pod(
-            "tiny-1",
-            json!({"waiting": {"reason": "CrashLoopBackOff"}}),
-            json!({"terminated": {"exitCode": 17, "message": "GPUUnavailable: --device cuda: no usable GPU: no CUDA driver\n"}}),
-        );
-        let (reason, message) = server_failure([&crashing]).unwrap_or_default();
-        assert_eq!(reason, "GPUUnavailable");
-        assert!(
-            message.contains("pod tiny-1 exited with code 17")
-                && message.contains("no CUDA driver")
-                && message.contains("device plugin"),
-            "{message}"
-        );
-        // Running again: what ended it before is history. Unknown codes are not ours to name.
-        let recovered = pod(
-            "tiny-2",
-            json!({"running": {}}),
-            json!({"terminated": {"exitCode": 17}}),
-        );
-        let oom = pod(
-            "tiny-3",
-            json!({"terminated": {"exitCode": 137, "reason": "OOMKilled"}}),
-            json!({}),
-        );
-        assert_eq!(server_failure([&recovered, &oom]), None);
-        let mismatch = pod("tiny-4", json!({"terminated": {"exitCode": 18}}), json!({}));
-        let (reason, message) = server_failure([&recovered, &mismatch]).unwrap_or_default();
-        assert_eq!(reason, "EngineMismatch");
-        assert!(message.contains("(no termination message)"), "{message}");
-    }
-
-    fn t(secs: i64) -> Time {
+    pub(crate) fn t(secs: i64) -> Time {
         Time(k8s_openapi::jiff::Timestamp::from_second(secs).unwrap())
     }
 
-    fn observed() -> Observed {
+    pub(crate) fn observed() -> Observed {
         Observed {
             generation: 2,
             desired_replicas: 2,
@@ -708,67 +535,6 @@ mod tests {
         o.addons.skipped.clear();
         let s = compute(&o, None, t(1));
         assert_eq!(get(&s, "AddonsReady").message, "NetworkPolicy in place");
-    }
-
-    fn action(reason: &str, text: &str) -> Note {
-        Note {
-            warning: false,
-            reason: reason.into(),
-            text: text.into(),
-        }
-    }
-
-    #[test]
-    fn a_reconcile_publishes_one_event_naming_its_transitions_and_actions() {
-        let mut o = observed();
-        o.cache = StepState::Pending("Fetching".into(), "Job f is running".into());
-        o.engine = StepState::Pending("WaitingForCache".into(), String::new());
-        o.rollout = None;
-        let first = compute(&o, None, t(1));
-        // A first status: nothing has turned yet, so only what was done is told.
-        let created = [
-            action("CacheClaimCreated", "created cache claim c"),
-            action("FetchStarted", "started Job f"),
-        ];
-        let e = event(&created, None, &first).unwrap();
-        assert_eq!(e.reason, "CacheClaimCreated");
-        assert_eq!(e.text, "created cache claim c; started Job f");
-        assert!(!e.warning);
-        // Nothing done and nothing turned (a message changed): no event at all.
-        o.cache = StepState::Pending("Fetching".into(), "Job f is running (1 failed)".into());
-        let second = compute(&o, Some(&first), t(2));
-        assert_eq!(event(&[], Some(&first), &second), None);
-        // The cache turns ready and the build starts: one event for both.
-        o.cache = StepState::Done("Cached", String::new());
-        o.engine = StepState::Pending("Building".into(), "Job b is running".into());
-        let third = compute(&o, Some(&second), t(3));
-        let e = event(
-            &[action("BuildStarted", "started Job b")],
-            Some(&second),
-            &third,
-        )
-        .unwrap();
-        assert_eq!(e.reason, "Cached");
-        assert_eq!(e.text, "CacheReady is True; started Job b");
-    }
-
-    #[test]
-    fn warnings_come_first_and_set_the_type() {
-        let before = compute(&observed(), None, t(1));
-        let mut o = observed();
-        o.engine = StepState::Failed("BuildFailed".into(), "see the logs".into());
-        let after = compute(&o, Some(&before), t(2));
-        let e = event(&[], Some(&before), &after).unwrap();
-        assert!(e.warning);
-        assert_eq!(e.reason, "BuildFailed");
-        assert!(e.text.starts_with("Ready is False"), "{}", e.text);
-        assert!(
-            e.text.contains("Stalled is True: see the logs"),
-            "{}",
-            e.text
-        );
-        let long = action("X", &"y".repeat(5000));
-        assert!(event(&[long], Some(&after), &after).unwrap().text.len() <= 1024);
     }
 
     #[test]

@@ -9,9 +9,8 @@ use k8s_openapi::api::batch::v1::{
     PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
 };
 use k8s_openapi::api::core::v1::{
-    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec,
-    ResourceRequirements, SecretKeySelector, Volume, VolumeMount, VolumeResourceRequirements,
+    Container, EnvVar, EnvVarSource, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec,
+    PodTemplateSpec, ResourceRequirements, SecretKeySelector, Volume, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -19,53 +18,36 @@ use sd35_contract::{
     BuildEngineArgs, CACHE_MOUNT, ExitReason, FetchArgs, IMPORT_MOUNT, SourceArgs, TOKEN_ENV,
 };
 
-use super::{container_security, meta, placement, pod_security, pull_policy, pull_secrets};
+use super::{
+    claim_volume, container_security, meta, mount, placement, pod_security, pull_policy,
+    pull_secrets, tmp_volume,
+};
 use crate::config::{OperatorConfig, default_build_resources, default_fetch_resources};
 use crate::labels;
 use crate::resolve::{FetchSource, Resolved};
 
 /// The cache claim. `owners` are the SD35Deployments using it (none when one of them asks to
 /// retain it), so Kubernetes deletes it when the last user goes.
-pub fn cache_claim(r: &Resolved, owners: &[OwnerReference]) -> PersistentVolumeClaim {
+pub fn cache_claim(resolved: &Resolved, owners: &[OwnerReference]) -> PersistentVolumeClaim {
     let mut labels = labels::common("cache");
     labels.insert(labels::NAME.into(), "sd35-cache".into());
-    labels.insert(labels::CACHE_KEY.into(), r.cache_key.clone());
+    labels.insert(labels::CACHE_KEY.into(), resolved.cache_key.clone());
     PersistentVolumeClaim {
-        metadata: meta(&r.cache.claim, &r.namespace, labels, owners),
+        metadata: meta(&resolved.cache.claim, &resolved.namespace, labels, owners),
         spec: Some(PersistentVolumeClaimSpec {
-            access_modes: Some(r.cache.access_modes.clone()),
+            access_modes: Some(resolved.cache.access_modes.clone()),
             resources: Some(VolumeResourceRequirements {
                 requests: Some(BTreeMap::from([(
                     "storage".to_owned(),
-                    Quantity(r.cache.size.clone()),
+                    Quantity(resolved.cache.size.clone()),
                 )])),
                 ..Default::default()
             }),
             volume_mode: Some("Filesystem".into()),
-            storage_class_name: r.cache.storage_class.clone(),
+            storage_class_name: resolved.cache.storage_class.clone(),
             ..Default::default()
         }),
         status: None,
-    }
-}
-
-fn claim_volume(name: &str, claim: &str, read_only: Option<bool>) -> Volume {
-    Volume {
-        name: name.to_owned(),
-        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-            claim_name: claim.to_owned(),
-            read_only,
-        }),
-        ..Default::default()
-    }
-}
-
-fn mount(name: &str, path: &str, read_only: Option<bool>) -> VolumeMount {
-    VolumeMount {
-        name: name.to_owned(),
-        mount_path: path.to_owned(),
-        read_only,
-        ..Default::default()
     }
 }
 
@@ -74,7 +56,7 @@ fn mount(name: &str, path: &str, read_only: Option<bool>) -> VolumeMount {
 fn fail_job_exit_codes() -> Vec<i32> {
     ExitReason::ALL
         .into_iter()
-        .filter(|r| !r.retriable())
+        .filter(|reason| !reason.retriable())
         .map(ExitReason::code)
         .collect()
 }
@@ -92,7 +74,7 @@ struct JobParts<'a> {
     labels: Vec<(String, String)>,
 }
 
-fn job(r: &Resolved, config: &OperatorConfig, parts: JobParts<'_>) -> Job {
+fn job(resolved: &Resolved, config: &OperatorConfig, parts: JobParts<'_>) -> Job {
     let JobParts {
         name,
         component,
@@ -105,15 +87,11 @@ fn job(r: &Resolved, config: &OperatorConfig, parts: JobParts<'_>) -> Job {
     } = parts;
     let mut labels = labels::common(component);
     labels.insert(labels::NAME.into(), format!("sd35-{component}"));
-    labels.insert(labels::CACHE_KEY.into(), r.cache_key.clone());
+    labels.insert(labels::CACHE_KEY.into(), resolved.cache_key.clone());
     labels.extend(extra);
-    volumes.push(claim_volume("cache", &r.cache.claim, None));
-    volumes.push(Volume {
-        name: "tmp".into(),
-        empty_dir: Some(EmptyDirVolumeSource::default()),
-        ..Default::default()
-    });
-    let place = placement(r);
+    volumes.push(claim_volume("cache", &resolved.cache.claim, None));
+    volumes.push(tmp_volume());
+    let place = placement(resolved);
     let pod = PodSpec {
         restart_policy: Some("Never".into()),
         security_context: Some(pod_security()),
@@ -123,10 +101,10 @@ fn job(r: &Resolved, config: &OperatorConfig, parts: JobParts<'_>) -> Job {
         node_selector: place.node_selector,
         tolerations: place.tolerations,
         affinity: place.affinity,
-        image_pull_secrets: pull_secrets(r),
+        image_pull_secrets: pull_secrets(resolved),
         ..Default::default()
     };
-    let mut metadata = meta(&name, &r.namespace, labels.clone(), owners);
+    let mut metadata = meta(&name, &resolved.namespace, labels.clone(), owners);
     metadata.annotations = Some(BTreeMap::from([(
         labels::CLAIM_UID.to_owned(),
         claim_uid.to_owned(),
@@ -172,7 +150,7 @@ fn job(r: &Resolved, config: &OperatorConfig, parts: JobParts<'_>) -> Job {
 }
 
 fn container(
-    r: &Resolved,
+    resolved: &Resolved,
     name: &str,
     args: Vec<String>,
     resources: ResourceRequirements,
@@ -180,8 +158,8 @@ fn container(
 ) -> Container {
     Container {
         name: name.to_owned(),
-        image: Some(r.image.clone()),
-        image_pull_policy: pull_policy(r),
+        image: Some(resolved.image.clone()),
+        image_pull_policy: pull_policy(resolved),
         command: Some(vec!["sd35-server".into()]),
         args: Some(args),
         env: Some(env),
@@ -200,7 +178,7 @@ fn container(
 /// `owners` are the SD35Deployments using the cache, so the Job (and its completed pod, which
 /// holds the volume) goes with the last of them; `claim_uid` names the claim it fills.
 pub fn fetch_job(
-    r: &Resolved,
+    resolved: &Resolved,
     config: &OperatorConfig,
     owners: &[OwnerReference],
     claim_uid: &str,
@@ -213,7 +191,7 @@ pub fn fetch_job(
     let (mut revision, mut endpoint) = ("main".to_owned(), config.hf_endpoint.clone());
     let mut volumes = Vec::new();
     let mut import_mount = None;
-    match &r.source {
+    match &resolved.source {
         FetchSource::HuggingFace {
             endpoint: e,
             repo,
@@ -239,12 +217,12 @@ pub fn fetch_job(
         source,
         revision,
         hf_endpoint: endpoint,
-        variant: r.variant,
+        variant: resolved.variant,
         cache_root: CACHE_MOUNT.into(),
-        cache_key: r.cache_key.clone(),
+        cache_key: resolved.cache_key.clone(),
     };
     let mut env = Vec::new();
-    if let Some(token) = &r.token {
+    if let Some(token) = &resolved.token {
         // The token travels from the Secret to the process only; the spec names the Secret.
         env.push(EnvVar {
             name: TOKEN_ENV.into(),
@@ -259,7 +237,7 @@ pub fn fetch_job(
             ..Default::default()
         });
     }
-    let resources = r
+    let resources = resolved
         .spec
         .cache
         .fetch
@@ -267,7 +245,7 @@ pub fn fetch_job(
         .clone()
         .unwrap_or_else(default_fetch_resources);
     let mut c = container(
-        r,
+        resolved,
         "fetch",
         [vec!["fetch".to_owned()], args.to_args()].concat(),
         resources,
@@ -277,14 +255,14 @@ pub fn fetch_job(
         mounts.push(m);
     }
     job(
-        r,
+        resolved,
         config,
         JobParts {
-            name: labels::fetch_job(&r.cache_key),
+            name: labels::fetch_job(&resolved.cache_key),
             component: "fetch",
             owners,
             claim_uid,
-            limits: &r.spec.cache.fetch,
+            limits: &resolved.spec.cache.fetch,
             container: c,
             volumes,
             labels: Vec::new(),
@@ -296,7 +274,7 @@ pub fn fetch_job(
 /// `<cache>/engines/<engine-key>` for the precision. Only built when there is an engine key.
 /// Owned like the fetch Job.
 pub fn build_job(
-    r: &Resolved,
+    resolved: &Resolved,
     config: &OperatorConfig,
     owners: &[OwnerReference],
     claim_uid: &str,
@@ -304,12 +282,12 @@ pub fn build_job(
 ) -> Job {
     let args = BuildEngineArgs {
         cache_root: CACHE_MOUNT.into(),
-        cache_key: r.cache_key.clone(),
+        cache_key: resolved.cache_key.clone(),
         engine_key: engine_key.to_owned(),
-        precision: r.precision,
-        variant: Some(r.variant),
+        precision: resolved.precision,
+        variant: Some(resolved.variant),
     };
-    let resources = r
+    let resources = resolved
         .spec
         .engine
         .job
@@ -317,21 +295,21 @@ pub fn build_job(
         .clone()
         .unwrap_or_else(default_build_resources);
     let c = container(
-        r,
+        resolved,
         "build",
         [vec!["build-engine".to_owned()], args.to_args()].concat(),
         resources,
         Vec::new(),
     );
     job(
-        r,
+        resolved,
         config,
         JobParts {
             name: labels::build_job(engine_key),
             component: "build",
             owners,
             claim_uid,
-            limits: &r.spec.engine.job,
+            limits: &resolved.spec.engine.job,
             container: c,
             volumes: Vec::new(),
             labels: vec![(labels::ENGINE_KEY.into(), engine_key.to_owned())],
