@@ -19,9 +19,17 @@ CONTROLPLANE_BIN = $(shell bash tests/controlplane/build.sh)
 help: ## List the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
+.PHONY: install
+install: ## Install what `make test` needs and this machine lacks (as root: Debian packages); `make test` and `make demo` run it first
+	@bash tools/install-deps.sh test
+
 .PHONY: controlplane
 controlplane: ## Build etcd, kube-apiserver, controller-manager, scheduler, kubectl, kwok, helm (cached)
 	@bash tests/controlplane/build.sh
+
+.PHONY: flux
+flux: ## Build Flux's source-, kustomize- and helm-controller from pinned Go modules (cached), for `sd35-localcluster start --flux`
+	@bash tests/controlplane/flux/build.sh
 
 .PHONY: lint
 lint: ## rustfmt and clippy, warnings are errors
@@ -29,8 +37,9 @@ lint: ## rustfmt and clippy, warnings are errors
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 .PHONY: unit
-unit: ## Tests that need no cluster: unit, snapshot, parity, drift and server tests
+unit: ## Tests that need no cluster: unit, snapshot, parity, drift and server tests; parity again on the GPU's op graph
 	SD35_PYTHON="$$(bash tools/python-env.sh)" $(CARGO) test --locked
+	SD35_GENERIC_OPS=1 SD35_OP_CHUNK_ELEMENTS=2048 $(CARGO) test --locked -p sd35-pipeline --lib --test parity
 
 .PHONY: fuzz
 fuzz: ## Fuzz request parsing and validation for FUZZ_SECONDS (60) from the committed corpus (nightly, cargo-fuzz)
@@ -42,18 +51,22 @@ loadcheck: ## Overload, slow clients and SIGTERM against the server on the tiny 
 	./target/debug/sd35-loadcheck --server target/debug/sd35-server --model inference/testdata/sd35-tiny-large
 
 .PHONY: e2e
-e2e: ## End-to-end tests on a real local control plane with kwok GPU nodes and the real node real-0
+e2e: ## End-to-end tests on a real local control plane with kwok GPU nodes, the real node real-0 and Flux
 	bin="$$(bash tests/controlplane/build.sh)"; \
+	argocd="$$(bash tests/argocd/build.sh)"; \
 	$(CARGO) build --locked -q -p sd35-operator --bin sd35-operator -p sd35-server --bin sd35-server; \
+	flux=""; \
 	if [ "$$(id -u)" = 0 ]; then \
 	  REGISTRY=$(REGISTRY) VERSION=$(VERSION) bash images/build.sh --profile dev >/dev/null; \
-	else echo "e2e: not root, so no images and the real-node tests skip"; fi; \
+	  flux="$$(bash tests/controlplane/flux/build.sh)"; \
+	else echo "e2e: not root, so no images and the real-node and Flux tests skip"; fi; \
 	SD35_CONTROLPLANE_BIN="$$bin" SD35_OPERATOR_BIN="$$PWD/target/debug/sd35-operator" \
 	  SD35_SERVER_BIN="$$PWD/target/debug/sd35-server" SD35_IMAGES_DIR="$$PWD/target/images" \
+	  SD35_FLUX_DIR="$$flux" SD35_ARGOCD_HEALTH="$$argocd" \
 	  $(CARGO) test --locked -p sd35-e2e
 
 .PHONY: test
-test: controlplane lint unit fuzz cuda e2e ## Everything CI runs (cuda: the CUDA build, checked without a GPU; e2e checks its image)
+test: install controlplane lint unit fuzz cuda e2e ## Everything CI runs (cuda: the CUDA build, checked without a GPU; e2e checks its image)
 
 .PHONY: crds
 crds: ## Regenerate the CRD YAML (crds/, the chart) and docs/api.md from the Rust types
@@ -78,6 +91,7 @@ chart: ## Lint and render the Helm chart with every ci/ scenario
 
 .PHONY: demo
 demo: ## Local cluster with GPU nodes and a real node; the chart's operator; a GPU example Ready and a PNG from the tiny model
+	@bash tools/install-deps.sh demo
 	bash tests/demo/demo.sh start
 
 .PHONY: bench-operator

@@ -10,8 +10,9 @@
 //! Guarantees: the same arithmetic as the candle form up to rounding (variance by two passes
 //! over a row in cache, the normaliser as a multiply by `1/sqrt(var + eps)`), deterministic on
 //! one machine whatever the thread count (rows are independent and reduced in order), and only
-//! ever used for f32 tensors on the CPU: every function falls back to candle ops elsewhere,
-//! which is what runs on CUDA, in bf16.
+//! ever used for f32 tensors on the CPU with the fused op graph ([`crate::op_graph`]): every
+//! function falls back to candle ops elsewhere, which is what runs on CUDA, in bf16, and on the
+//! CPU under `SD35_GENERIC_OPS=1`.
 
 use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -43,7 +44,7 @@ pub fn norm(
     offset: f64,
     add: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let f32_cpu = |t: &Tensor| crate::op_graph::fused_cpu(t) && t.dtype() == DType::F32;
     if f32_cpu(x) && mul.is_none_or(f32_cpu) && add.is_none_or(f32_cpu) && x.rank() >= 1 {
         return norm_cpu(x, kind, eps as f32, mul, offset as f32, add);
     }
@@ -296,7 +297,7 @@ fn src_f32(s: &CpuStorage) -> candle_core::Result<&[f32]> {
 
 /// Whether `y` (and the other operands) can take the in-place CPU kernels.
 fn in_place_ok(y: &Tensor, others: &[Option<&Tensor>]) -> bool {
-    let ok = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let ok = |t: &Tensor| crate::op_graph::fused_cpu(t) && t.dtype() == DType::F32;
     ok(y) && y.is_contiguous() && y.rank() >= 1 && others.iter().flatten().all(|t| ok(t))
 }
 

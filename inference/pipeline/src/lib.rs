@@ -18,6 +18,7 @@ pub mod linear;
 pub mod mmdit;
 pub mod model_dir;
 pub mod nn;
+pub mod op_graph;
 pub mod pipeline;
 pub mod scheduler;
 pub mod sentencepiece;

@@ -4,8 +4,17 @@
 //! is converted to the activations' dtype right before the product. For F8 the dequantised
 //! weight is `f8 as f32 * scale`, the same arithmetic a PyTorch consumer of ComfyUI's
 //! `fp8_scaled` files performs.
+//!
+//! **FP8 never exists as an F8E4M3 tensor on a device.** candle 0.11's CUDA backend asks for its
+//! F8 kernels as `cast_f8e4m3_f32`, `ucopy_f8e4m3`, … while its PTX names them
+//! `cast_f8_e4m3_f32`, …, so any cast or copy of an F8E4M3 tensor on a GPU fails. FP8 weights
+//! are therefore kept as their raw bytes (`U8`, one per value) and dequantised through a
+//! 256-entry table of the F8E4M3 values: `table[bytes] · scale`, an `index_select` and a
+//! broadcast multiply, kernels every device has. The CPU runs the same graph, so the fp8
+//! goldens cover the GPU's route. Quantisation at load (a bf16 model served as fp8) happens on
+//! the CPU, row by row in parallel, and only the bytes and scales are uploaded.
 
-use candle_core::{D, DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::variant::Precision;
 use crate::weights::Weights;
@@ -14,18 +23,42 @@ use crate::{Error, Result};
 /// Largest finite F8E4M3 value.
 const F8E4M3_MAX: f64 = 448.0;
 
+/// The 256 F8E4M3 values indexed by their bit patterns (NaN at `0x7f` and `0xff`), in f32.
+pub fn f8e4m3_table(device: &Device) -> Result<Tensor> {
+    let values: Vec<f32> = (0..=255u8)
+        .map(|bits| float8::F8E4M3::from_bits(bits).to_f32())
+        .collect();
+    Ok(Tensor::from_vec(values, 256, device)?)
+}
+
+/// A linear weight as it is kept in memory.
+#[derive(Debug, Clone)]
+enum Stored {
+    /// f32 or bf16 `[out, in]`, or (`transposed`) an f32 `Wᵀ` `[in, out]`, contiguous: on the
+    /// fused CPU graph `gemm` runs the product `x Wᵀ` faster from that layout than through a
+    /// transposed view of `W` (`make bench-kernels` times both at the MMDiT's shapes).
+    Float { weight: Tensor, transposed: bool },
+    /// F8E4M3 bit patterns `[out, in]` as `U8`, an `[out, 1]` column of f32 scales (per output
+    /// channel; a per-tensor scale is broadcast), and the table of F8E4M3 values.
+    Fp8 {
+        bytes: Tensor,
+        scale: Tensor,
+        table: Tensor,
+    },
+}
+
 /// `y = x W^T + b` with a compactly stored `W`.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// `W` as `[out, in]`, except an f32 weight on the CPU, kept as `Wᵀ` (`[in, out]`,
-    /// contiguous): `gemm` runs the product `x Wᵀ` faster from that layout than through a
-    /// transposed view of `W` (`make bench-kernels` times both at the MMDiT's shapes).
-    weight: Tensor,
-    /// Whether `weight` holds `Wᵀ`.
-    transposed: bool,
-    /// F8 only: a scalar or an `[out, 1]` column of per-output-channel scales (f32).
-    scale: Option<Tensor>,
+    weight: Stored,
     bias: Option<Tensor>,
+}
+
+/// One part of an FP8 weight being assembled on the CPU: bit patterns and per-row scales.
+struct Fp8Rows {
+    bytes: Vec<u8>,
+    scales: Vec<f32>,
+    cols: usize,
 }
 
 impl Linear {
@@ -36,72 +69,37 @@ impl Linear {
 
     /// Loads several linears sharing an input (q, k, v) as one, stacked along the output.
     pub fn load_fused(w: &Weights, names: &[&str], bias: bool) -> Result<Self> {
-        let mut parts = Vec::with_capacity(names.len());
-        let mut scales = Vec::with_capacity(names.len());
-        let mut any_f8 = false;
+        let mut stored_f8 = false;
         for name in names {
-            let raw = w.raw(&format!("{name}.weight"))?;
-            if raw.rank() != 2 {
+            let shape = w.shape(&format!("{name}.weight"))?;
+            if shape.len() != 2 {
                 return Err(Error::Layout(format!(
-                    "`{name}.weight` should be a matrix, found shape {:?}",
-                    raw.dims()
+                    "`{name}.weight` should be a matrix, found shape {shape:?}"
                 )));
             }
-            let out = raw.dim(0)?;
-            if raw.dtype() == DType::F8E4M3 {
-                any_f8 = true;
-                let scale_name = format!("{name}.scale_weight");
-                let s = if w.contains(&scale_name) {
-                    w.raw(&scale_name)?.to_dtype(DType::F32)?
-                } else {
-                    Tensor::ones((), DType::F32, w.device())?
-                };
-                let s = if s.elem_count() == 1 {
-                    s.reshape(())?.broadcast_as((out, 1))?.contiguous()?
-                } else {
-                    s.reshape((out, 1))?
-                };
-                scales.push(s);
-            } else {
-                scales.push(Tensor::ones((out, 1), DType::F32, w.device())?);
-            }
-            parts.push(raw);
+            stored_f8 |= w.stored_dtype(&format!("{name}.weight"))? == DType::F8E4M3;
         }
-        let weight = if any_f8 {
-            // A checkpoint already in F8: keep it as stored.
-            let parts = parts
-                .into_iter()
-                .map(|p| {
-                    if p.dtype() == DType::F8E4M3 {
-                        Ok(p)
-                    } else {
-                        p.to_dtype(DType::F32)?.to_dtype(DType::F8E4M3)
-                    }
-                })
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Tensor::cat(&parts, 0)?
+        let quantise_here = w.precision() == Precision::Fp8 && !w.prequantized();
+        let weight = if stored_f8 || quantise_here {
+            load_fp8(w, names, stored_f8)?
         } else {
-            let parts = parts
-                .into_iter()
-                .map(|p| p.to_dtype(DType::F32))
-                .collect::<candle_core::Result<Vec<_>>>()?;
+            let parts = names
+                .iter()
+                .map(|name| Ok(w.raw(&format!("{name}.weight"))?.to_dtype(DType::F32)?))
+                .collect::<Result<Vec<_>>>()?;
             let full = Tensor::cat(&parts, 0)?;
-            match w.precision() {
+            let full = match w.precision() {
                 Precision::F32 => full,
-                Precision::Bf16 => full.to_dtype(DType::BF16)?,
-                Precision::Fp8 if w.prequantized() => full.to_dtype(DType::BF16)?,
-                Precision::Fp8 => {
-                    let (q, s) = quantize_per_channel(&full)?;
-                    scales = vec![s];
-                    q
-                }
-            }
-        };
-        let scale = if weight.dtype() == DType::F8E4M3 {
-            let s = Tensor::cat(&scales, 0)?;
-            Some(s)
-        } else {
-            None
+                // An `fp8_scaled` checkpoint's linears that are not F8 stay as stored: bf16.
+                Precision::Bf16 | Precision::Fp8 => full.to_dtype(DType::BF16)?,
+            };
+            let transposed = full.dtype() == DType::F32 && crate::op_graph::fused_cpu(&full);
+            let weight = if transposed {
+                full.t()?.contiguous()?
+            } else {
+                full
+            };
+            Stored::Float { weight, transposed }
         };
         let bias = if bias {
             let b = names
@@ -112,42 +110,51 @@ impl Linear {
         } else {
             None
         };
-        let transposed = weight.dtype() == DType::F32 && weight.device().is_cpu();
-        let weight = if transposed {
-            weight.t()?.contiguous()?
-        } else {
-            weight
-        };
-        Ok(Self {
-            weight,
-            transposed,
-            scale,
-            bias,
-        })
+        Ok(Self { weight, bias })
     }
 
     /// Output features.
     pub fn out_features(&self) -> Result<usize> {
-        Ok(self.weight.dim(usize::from(self.transposed))?)
+        Ok(match &self.weight {
+            Stored::Float { weight, transposed } => weight.dim(usize::from(*transposed))?,
+            Stored::Fp8 { bytes, .. } => bytes.dim(0)?,
+        })
     }
 
-    /// The stored weight's dtype.
+    /// The stored weight's dtype (`U8` for F8E4M3 bit patterns).
     pub fn weight_dtype(&self) -> DType {
-        self.weight.dtype()
+        match &self.weight {
+            Stored::Float { weight, .. } => weight.dtype(),
+            Stored::Fp8 { bytes, .. } => bytes.dtype(),
+        }
+    }
+
+    /// Whether the weight is stored as F8E4M3 (bit patterns with scales).
+    pub fn is_fp8(&self) -> bool {
+        matches!(self.weight, Stored::Fp8 { .. })
     }
 
     /// The weight as a `dtype` matrix `[out, in]`, dequantised.
     pub fn dequantized_weight(&self, dtype: DType) -> Result<Tensor> {
-        let w = match &self.scale {
-            None if self.transposed => self.weight.t()?.to_dtype(dtype)?,
-            None => self.weight.to_dtype(dtype)?,
-            Some(s) => self
-                .weight
-                .to_dtype(DType::F32)?
-                .broadcast_mul(s)?
-                .to_dtype(dtype)?,
-        };
-        Ok(w)
+        Ok(match &self.weight {
+            Stored::Float {
+                weight,
+                transposed: true,
+            } => weight.t()?.to_dtype(dtype)?,
+            Stored::Float { weight, .. } => weight.to_dtype(dtype)?,
+            Stored::Fp8 {
+                bytes,
+                scale,
+                table,
+            } => {
+                let (rows, cols) = bytes.dims2()?;
+                table
+                    .index_select(&bytes.flatten_all()?, 0)?
+                    .reshape((rows, cols))?
+                    .broadcast_mul(scale)?
+                    .to_dtype(dtype)?
+            }
+        })
     }
 
     /// Applies the layer to `x` (`[..., in]`), computing in `x`'s dtype.
@@ -162,10 +169,12 @@ impl Linear {
 
     /// `x W^T` without the bias: a fresh tensor, for fused epilogues to finish in place.
     pub fn forward_unbiased(&self, x: &Tensor) -> Result<Tensor> {
-        let wt = if self.transposed {
-            self.weight.to_dtype(x.dtype())?
-        } else {
-            self.dequantized_weight(x.dtype())?.t()?
+        let wt = match &self.weight {
+            Stored::Float {
+                weight,
+                transposed: true,
+            } => weight.to_dtype(x.dtype())?,
+            _ => self.dequantized_weight(x.dtype())?.t()?,
         };
         let y = match x.rank() {
             2 => x.matmul(&wt)?,
@@ -179,54 +188,137 @@ impl Linear {
     }
 }
 
-/// Quantises an f32 matrix to F8E4M3 with one scale per output row (`amax / 448`). On the CPU
-/// rows are quantised in parallel, in one pass each, with the arithmetic of the candle form
-/// below (bit for bit: the same products, division, clamps and conversion).
-pub fn quantize_per_channel(w: &Tensor) -> Result<(Tensor, Tensor)> {
-    if w.device().is_cpu() && w.dtype() == DType::F32 && w.rank() == 2 {
-        return quantize_rows_cpu(w);
+/// Assembles an FP8 linear on the CPU and uploads its bytes and scales. Parts stored as
+/// F8E4M3 keep their bytes and `scale_weight` (scalar or per row; 1 when absent); other parts
+/// of a checkpoint already in F8 are converted with scale 1, as stored; a model in another
+/// dtype is quantised per output channel ([`quantize_per_channel`]).
+fn load_fp8(w: &Weights, names: &[&str], stored_f8: bool) -> Result<Stored> {
+    let mut parts = Vec::with_capacity(names.len());
+    if stored_f8 {
+        for name in names {
+            let weight = format!("{name}.weight");
+            if w.stored_dtype(&weight)? == DType::F8E4M3 {
+                let (bytes, shape) = w.f8_bytes(&weight)?;
+                let (rows, cols) = (shape[0], shape[1]);
+                let scale_name = format!("{name}.scale_weight");
+                let scales = if w.contains(&scale_name) {
+                    let s = w
+                        .host(&scale_name)?
+                        .to_dtype(DType::F32)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?;
+                    match s.len() {
+                        1 => vec![s[0]; rows],
+                        n if n == rows => s,
+                        n => {
+                            return Err(Error::Layout(format!(
+                                "`{scale_name}` has {n} values for {rows} rows"
+                            )));
+                        }
+                    }
+                } else {
+                    vec![1.0; rows]
+                };
+                parts.push(Fp8Rows {
+                    bytes,
+                    scales,
+                    cols,
+                });
+            } else {
+                let t = w.host(&weight)?.to_dtype(DType::F32)?;
+                let (rows, cols) = t.dims2()?;
+                let bytes = t
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .into_iter()
+                    .map(|x| float8::F8E4M3::from_f32(x).to_bits())
+                    .collect();
+                parts.push(Fp8Rows {
+                    bytes,
+                    scales: vec![1.0; rows],
+                    cols,
+                });
+            }
+        }
+    } else {
+        let full = names
+            .iter()
+            .map(|name| Ok(w.host(&format!("{name}.weight"))?.to_dtype(DType::F32)?))
+            .collect::<Result<Vec<_>>>()?;
+        let (bytes, scales, cols) = quantize_rows_cpu(&Tensor::cat(&full, 0)?)?;
+        parts.push(Fp8Rows {
+            bytes,
+            scales,
+            cols,
+        });
     }
-    quantize_per_channel_candle(w)
+    let cols = parts.first().map_or(0, |p| p.cols);
+    if let Some(odd) = parts.iter().find(|p| p.cols != cols) {
+        return Err(Error::Layout(format!(
+            "the fused weights {names:?} have {} and {cols} input features",
+            odd.cols
+        )));
+    }
+    let rows: usize = parts.iter().map(|p| p.scales.len()).sum();
+    let mut bytes = Vec::with_capacity(rows * cols);
+    let mut scales = Vec::with_capacity(rows);
+    for p in parts {
+        bytes.extend_from_slice(&p.bytes);
+        scales.extend_from_slice(&p.scales);
+    }
+    let dev = w.device();
+    Ok(Stored::Fp8 {
+        bytes: Tensor::from_vec(bytes, (rows, cols), dev)?,
+        scale: Tensor::from_vec(scales, (rows, 1), dev)?,
+        table: f8e4m3_table(dev)?,
+    })
 }
 
-fn quantize_rows_cpu(w: &Tensor) -> Result<(Tensor, Tensor)> {
-    use rayon::prelude::*;
-    let (rows, cols) = w.dims2()?;
-    let w = w.contiguous()?;
-    let mut q = vec![float8::F8E4M3::ZERO; rows * cols];
-    let mut scales = vec![0f32; rows];
-    {
-        let (storage, layout) = w.storage_and_layout();
-        let data = match &*storage {
-            candle_core::Storage::Cpu(s) => s.as_slice::<f32>()?,
-            _ => return Err(Error::Layout("CPU quantiser on a non-CPU tensor".into())),
-        };
-        let data = &data[layout.start_offset()..][..rows * cols];
-        // `Tensor / f64` multiplies by the reciprocal in f32; the same here.
-        let inv_max = (1.0 / F8E4M3_MAX) as f32;
-        let (lo, hi) = (-F8E4M3_MAX as f32, F8E4M3_MAX as f32);
-        if cols > 0 {
-            q.par_chunks_mut(cols)
-                .zip(scales.par_iter_mut())
-                .zip(data.par_chunks(cols))
-                .for_each(|((qrow, scale), row)| {
-                    let amax = row.iter().fold(0f32, |a, &x| a.max(x.abs()));
-                    let s = (amax * inv_max).max(1e-12);
-                    for (o, &x) in qrow.iter_mut().zip(row) {
-                        *o = float8::F8E4M3::from_f32((x / s).max(lo).min(hi));
-                    }
-                    *scale = s;
-                });
-        }
-    }
+/// Quantises an f32 matrix to F8E4M3 with one scale per output row (`amax / 448`), on the
+/// CPU: returns the F8E4M3 matrix (a CPU tensor, for the engine builder to write) and the
+/// `[rows, 1]` scales. Rows are quantised in parallel, in one pass each, with the arithmetic of
+/// candle's own ops (`quantize_per_channel_candle` below, bit for bit: the same products,
+/// division, clamps and conversion).
+pub fn quantize_per_channel(w: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (bytes, scales, cols) = quantize_rows_cpu(w)?;
+    let rows = scales.len();
+    let q: Vec<float8::F8E4M3> = bytes.into_iter().map(float8::F8E4M3::from_bits).collect();
     Ok((
-        Tensor::from_vec(q, (rows, cols), w.device())?,
-        Tensor::from_vec(scales, (rows, 1), w.device())?,
+        Tensor::from_vec(q, (rows, cols), &Device::Cpu)?,
+        Tensor::from_vec(scales, (rows, 1), &Device::Cpu)?,
     ))
 }
 
+/// The F8E4M3 bit patterns of `w` quantised per row, the row scales, and the column count.
+fn quantize_rows_cpu(w: &Tensor) -> Result<(Vec<u8>, Vec<f32>, usize)> {
+    use rayon::prelude::*;
+    let w = w.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let (rows, cols) = w.dims2()?;
+    let data = w.flatten_all()?.to_vec1::<f32>()?;
+    let mut q = vec![0u8; rows * cols];
+    let mut scales = vec![0f32; rows];
+    // `Tensor / f64` multiplies by the reciprocal in f32; the same here.
+    let inv_max = (1.0 / F8E4M3_MAX) as f32;
+    let (lo, hi) = (-F8E4M3_MAX as f32, F8E4M3_MAX as f32);
+    if cols > 0 {
+        q.par_chunks_mut(cols)
+            .zip(scales.par_iter_mut())
+            .zip(data.par_chunks(cols))
+            .for_each(|((qrow, scale), row)| {
+                let amax = row.iter().fold(0f32, |a, &x| a.max(x.abs()));
+                let s = (amax * inv_max).max(1e-12);
+                for (o, &x) in qrow.iter_mut().zip(row) {
+                    *o = float8::F8E4M3::from_f32((x / s).max(lo).min(hi)).to_bits();
+                }
+                *scale = s;
+            });
+    }
+    Ok((q, scales, cols))
+}
+
+#[cfg(test)]
 fn quantize_per_channel_candle(w: &Tensor) -> Result<(Tensor, Tensor)> {
-    let amax = w.abs()?.max_keepdim(D::Minus1)?;
+    let amax = w.abs()?.max_keepdim(1)?;
     let scale = (amax / F8E4M3_MAX)?.maximum(1e-12)?;
     let q = w
         .broadcast_div(&scale)?
@@ -265,7 +357,15 @@ mod tests {
         for precision in [Precision::F32, Precision::Bf16] {
             let weights = Weights::open(std::slice::from_ref(&file), &dev, precision).unwrap();
             let l = Linear::load(&weights, "l", true).unwrap();
-            assert_eq!(l.transposed, precision == Precision::F32);
+            let transposed = matches!(
+                l.weight,
+                Stored::Float {
+                    transposed: true,
+                    ..
+                }
+            );
+            let fused = !crate::op_graph::current().generic;
+            assert_eq!(transposed, precision == Precision::F32 && fused);
             assert_eq!(l.out_features().unwrap(), 5);
             assert_eq!(l.dequantized_weight(DType::F32).unwrap().dims(), &[5, 7]);
             let got = l.forward(&x).unwrap();
@@ -315,5 +415,68 @@ mod tests {
         assert_eq!(bits(&s), bits(&sc));
         assert_eq!(q.dtype(), DType::F8E4M3);
         assert_eq!(s.dims(), &[38, 1]);
+    }
+
+    #[test]
+    fn the_f8_table_holds_every_value_candle_converts_to() {
+        let dev = candle_core::Device::Cpu;
+        let all: Vec<float8::F8E4M3> = (0..=255u8).map(float8::F8E4M3::from_bits).collect();
+        let cast = Tensor::from_vec(all, 256, &dev)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let table = f8e4m3_table(&dev).unwrap().to_vec1::<f32>().unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&table), bits(&cast));
+    }
+
+    #[test]
+    fn fp8_weights_dequantise_through_the_table_as_the_cast_did() {
+        let dev = candle_core::Device::Cpu;
+        let file =
+            std::env::temp_dir().join(format!("sd35-fp8-{}.safetensors", std::process::id()));
+        let w = (Tensor::randn(0f32, 1.0, (6, 9), &dev).unwrap() * 2.0).unwrap();
+        let (q, s) = quantize_per_channel_candle(&w).unwrap();
+        // `a` stored in F8 with a per-row scale, `b` with a per-tensor scale, `c` in f32.
+        let b = w.narrow(0, 0, 2).unwrap().to_dtype(DType::F8E4M3).unwrap();
+        candle_core::safetensors::save(
+            &std::collections::HashMap::from([
+                ("a.weight".to_string(), q.clone()),
+                ("a.scale_weight".to_string(), s.clone()),
+                ("b.weight".to_string(), b.clone()),
+                (
+                    "b.scale_weight".to_string(),
+                    Tensor::new(0.5f32, &dev).unwrap(),
+                ),
+                ("c.weight".to_string(), w.clone()),
+            ]),
+            &file,
+        )
+        .unwrap();
+        let weights = Weights::open(std::slice::from_ref(&file), &dev, Precision::Fp8).unwrap();
+        let fused = Linear::load_fused(&weights, &["a", "b"], false).unwrap();
+        assert!(fused.is_fp8());
+        assert_eq!(fused.weight_dtype(), DType::U8);
+        let want = Tensor::cat(
+            &[
+                q.to_dtype(DType::F32).unwrap().broadcast_mul(&s).unwrap(),
+                (b.to_dtype(DType::F32).unwrap() * 0.5).unwrap(),
+            ],
+            0,
+        )
+        .unwrap();
+        let got = fused.dequantized_weight(DType::F32).unwrap();
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(v(&got), v(&want));
+        // An f32 weight served as fp8 is quantised per row at load, as the engine builder does.
+        let quantised = Linear::load(&weights, "c", false).unwrap();
+        assert!(quantised.is_fp8());
+        assert_eq!(
+            v(&quantised.dequantized_weight(DType::F32).unwrap()),
+            v(&q.to_dtype(DType::F32).unwrap().broadcast_mul(&s).unwrap())
+        );
+        std::fs::remove_file(&file).unwrap();
     }
 }

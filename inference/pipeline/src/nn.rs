@@ -26,28 +26,79 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     fused::norm(x, Norm::Rms, eps, Some(weight), 0.0, None)
 }
 
-/// GroupNorm of an NCHW tensor with affine parameters.
+/// GroupNorm of an NCHW tensor with affine parameters, computed in f32 and returned in `x`'s
+/// dtype, optionally followed by SiLU (the VAE always applies one after its norms).
+///
+/// Groups are normalised a few at a time, so the f32 temporaries stay within the op graph's
+/// chunk size ([`crate::op_graph`]) instead of several full-resolution f32 copies of a VAE
+/// activation; each group's statistics are computed whole, so the result does not depend on
+/// the chunking.
 pub fn group_norm(
     x: &Tensor,
     groups: usize,
     weight: &Tensor,
     bias: &Tensor,
     eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let limit = crate::op_graph::current().chunk_elements;
+    group_norm_under(x, groups, weight, bias, eps, silu, limit)
+}
+
+/// [`group_norm`] with an explicit chunk size.
+fn group_norm_under(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    silu: bool,
+    limit: usize,
 ) -> Result<Tensor> {
     let dtype = x.dtype();
     let (b, c, h, w) = x.dims4()?;
-    let xg = x
-        .to_dtype(DType::F32)?
-        .reshape((b, groups, (c / groups) * h * w))?;
-    let mean = xg.mean_keepdim(D::Minus1)?;
-    let centered = xg.broadcast_sub(&mean)?;
-    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    let y = centered
-        .broadcast_div(&(var + eps)?.sqrt()?)?
-        .reshape((b, c, h, w))?;
-    let wt = weight.to_dtype(DType::F32)?.reshape((1, c, 1, 1))?;
-    let bs = bias.to_dtype(DType::F32)?.reshape((1, c, 1, 1))?;
-    Ok(y.broadcast_mul(&wt)?.broadcast_add(&bs)?.to_dtype(dtype)?)
+    if groups == 0 || c % groups != 0 {
+        return Err(crate::Error::Layout(format!(
+            "GroupNorm of {c} channels in {groups} groups"
+        )));
+    }
+    let per_group = c / groups;
+    // Four f32 temporaries of the chunk are alive at once (input, centred, squares, output).
+    let step = crate::op_graph::rows_per_chunk(groups, 4 * b * per_group * h * w, limit);
+    let norm = |g0: usize, n: usize| -> Result<Tensor> {
+        let (c0, cn) = (g0 * per_group, n * per_group);
+        let xg = x
+            .narrow(1, c0, cn)?
+            .to_dtype(DType::F32)?
+            .reshape((b, n, per_group * h * w))?;
+        let mean = xg.mean_keepdim(D::Minus1)?;
+        let centered = xg.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = centered
+            .broadcast_div(&(var + eps)?.sqrt()?)?
+            .reshape((b, cn, h, w))?;
+        let wt = weight
+            .narrow(0, c0, cn)?
+            .to_dtype(DType::F32)?
+            .reshape((1, cn, 1, 1))?;
+        let bs = bias
+            .narrow(0, c0, cn)?
+            .to_dtype(DType::F32)?
+            .reshape((1, cn, 1, 1))?;
+        let y = y.broadcast_mul(&wt)?.broadcast_add(&bs)?;
+        let y = if silu { y.silu()? } else { y };
+        Ok(y.to_dtype(dtype)?)
+    };
+    if step >= groups {
+        return norm(0, groups);
+    }
+    crate::op_graph::note_chunked();
+    let out = Tensor::zeros((b, c, h, w), dtype, x.device())?;
+    for g0 in (0..groups).step_by(step) {
+        let n = step.min(groups - g0);
+        out.slice_set(&norm(g0, n)?, 1, g0 * per_group)?;
+    }
+    Ok(out)
 }
 
 /// `x * sigmoid(1.702 x)`, CLIP-L's activation.
@@ -60,7 +111,7 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
 /// `0.5 x (1 + tanh(u))`. On CPU in f32 it runs on all threads; candle's own element-wise ops
 /// run on one.
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    if x.dtype() == DType::F32 && x.device().is_cpu() {
+    if x.dtype() == DType::F32 && crate::op_graph::fused_cpu(x) {
         Ok(x.contiguous()?.apply_op1_no_bwd(&GeluTanh)?)
     } else {
         Ok(x.gelu()?)
@@ -114,7 +165,7 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     Ok(x.transpose(1, 2)?.reshape((b, n, h * d))?)
 }
 
-/// A 2-D convolution with bias.
+/// A 2-D convolution with bias (square kernel padding and stride, no dilation).
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
@@ -143,7 +194,7 @@ impl Conv2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let w = self.weight.to_dtype(dtype)?;
-        let y = if w.dim(2)? == 1 && w.dim(3)? == 1 && self.stride == 1 {
+        let y = if w.dim(2)? == 1 && w.dim(3)? == 1 && self.stride == 1 && self.padding == 0 {
             // 1x1 convolutions are matmuls over channels.
             let (b, c, h, wd) = x.dims4()?;
             let o = w.dim(0)?;
@@ -151,18 +202,121 @@ impl Conv2d {
             w2.broadcast_matmul(&x.reshape((b, c, h * wd))?)?
                 .reshape((b, o, h, wd))?
         } else {
-            x.conv2d(&w, self.padding, self.stride, 1, 1)?
+            let (b, c, h, wd) = x.dims4()?;
+            let input = Input {
+                rows: &|r0: usize, r1: usize| Ok(x.narrow(2, r0, r1 - r0)?),
+                b,
+                c,
+                h,
+                w: wd,
+            };
+            conv2d_in_bands(&input, &w, self.padding, self.stride, chunk_elements())?
         };
-        let c = self.bias.dim(0)?;
-        Ok(y.broadcast_add(&self.bias.to_dtype(dtype)?.reshape((1, c, 1, 1))?)?)
+        self.add_bias(y)
     }
+
+    /// The convolution of `x` upsampled 2× by nearest neighbour (the VAE decoder's upsampler),
+    /// without materialising the upsampled tensor: each band of output rows upsamples only
+    /// the input rows it reads.
+    pub fn forward_upsampled(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let w = self.weight.to_dtype(dtype)?;
+        let (b, c, h, wd) = x.dims4()?;
+        let rows = |r0: usize, r1: usize| -> Result<Tensor> {
+            // Rows r0..r1 of the upsampled input are rows r0/2 ..= (r1-1)/2 of `x`, doubled.
+            let (s0, s1) = (r0 / 2, (r1 - 1) / 2 + 1);
+            let band = x
+                .narrow(2, s0, s1 - s0)?
+                .upsample_nearest2d(2 * (s1 - s0), 2 * wd)?;
+            Ok(band.narrow(2, r0 - 2 * s0, r1 - r0)?)
+        };
+        let input = Input {
+            rows: &rows,
+            b,
+            c,
+            h: 2 * h,
+            w: 2 * wd,
+        };
+        let y = conv2d_in_bands(&input, &w, self.padding, self.stride, chunk_elements())?;
+        self.add_bias(y)
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
+        let c = self.bias.dim(0)?;
+        let bias = self.bias.to_dtype(y.dtype())?.reshape((1, c, 1, 1))?;
+        Ok(y.broadcast_add(&bias)?)
+    }
+}
+
+fn chunk_elements() -> usize {
+    crate::op_graph::current().chunk_elements
+}
+
+/// A convolution's NCHW input, read by rows: `rows(r0, r1)` returns rows `r0..r1` (unpadded,
+/// `[B, C, r1 - r0, W]`).
+struct Input<'a> {
+    rows: &'a dyn Fn(usize, usize) -> Result<Tensor>,
+    b: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+}
+
+/// The convolution of `input` by `w` (`[O, C, kh, kw]`) computed in bands of output rows, so
+/// that no band's im2col buffer (`B · rows · W_out · C · kh · kw` elements) exceeds `limit`:
+/// candle's CUDA im2col counts in 32 bits, and the VAE's last convolutions at 1376² would pass
+/// 2³²; the bound also caps the largest temporary buffer. Each band reads the input rows it
+/// needs, zero-padded where it meets the border, and is convolved with no padding, so every
+/// output value is the same sum as in one call. Bands are written into one output tensor.
+fn conv2d_in_bands(
+    input: &Input<'_>,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+    limit: usize,
+) -> Result<Tensor> {
+    let (b, c, h, wd) = (input.b, input.c, input.h, input.w);
+    let (o, _, kh, kw) = w.dims4()?;
+    if stride == 0 || h + 2 * padding < kh || wd + 2 * padding < kw {
+        return Err(crate::Error::Layout(format!(
+            "a {kh}x{kw} convolution with padding {padding} and stride {stride} does not fit              a {h}x{wd} input"
+        )));
+    }
+    let h_out = (h + 2 * padding - kh) / stride + 1;
+    let w_out = (wd + 2 * padding - kw) / stride + 1;
+    let rows = crate::op_graph::rows_per_chunk(h_out, b * w_out * c * kh * kw, limit);
+    let band = |start: usize, len: usize| -> Result<Tensor> {
+        // Padded-input rows [start·stride, start·stride + (len-1)·stride + kh) are input rows
+        // shifted by `padding`; those outside 0..h are zeros.
+        let lo = start * stride;
+        let hi = lo + (len - 1) * stride + kh;
+        let (in_lo, in_hi) = (lo.max(padding) - padding, (hi - padding).min(h));
+        let (top, bottom) = (padding.saturating_sub(lo), hi.saturating_sub(h + padding));
+        let mut x = (input.rows)(in_lo, in_hi)?;
+        if top > 0 || bottom > 0 {
+            x = x.pad_with_zeros(2, top, bottom)?;
+        }
+        if padding > 0 {
+            x = x.pad_with_zeros(3, padding, padding)?;
+        }
+        Ok(x.conv2d(w, 0, stride, 1, 1)?)
+    };
+    if rows >= h_out {
+        return band(0, h_out);
+    }
+    crate::op_graph::note_chunked();
+    let out = Tensor::zeros((b, o, h_out, w_out), w.dtype(), w.device())?;
+    for start in (0..h_out).step_by(rows) {
+        out.slice_set(&band(start, rows.min(h_out - start))?, 2, start)?;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use candle_core::{Device, Tensor};
+    use candle_core::{DType, Device, Tensor};
 
     #[test]
     fn qkv_heads_are_views_of_the_projection() {
@@ -192,6 +346,123 @@ mod tests {
                 .unwrap();
             let diff = (t - &want).unwrap().abs().unwrap().max_all().unwrap();
             assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        }
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn convolutions_in_bands_equal_one_call() {
+        let dev = Device::Cpu;
+        for (padding, stride, k) in [(1, 1, 3), (0, 2, 2), (1, 2, 3), (0, 1, 3)] {
+            let x = Tensor::randn(0f32, 1.0, (2, 3, 11, 9), &dev).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (4, 3, k, k), &dev).unwrap();
+            let whole = x.conv2d(&w, padding, stride, 1, 1).unwrap();
+            let (_, _, h_out, w_out) = whole.dims4().unwrap();
+            let rows = |r0: usize, r1: usize| Ok(x.narrow(2, r0, r1 - r0)?);
+            let input = super::Input {
+                rows: &rows,
+                b: 2,
+                c: 3,
+                h: 11,
+                w: 9,
+            };
+            // Limits of one, two and three output rows' im2col, and of all of them.
+            for band in [1, 2, 3, h_out] {
+                let limit = band * 2 * w_out * 3 * k * k;
+                let banded = super::conv2d_in_bands(&input, &w, padding, stride, limit).unwrap();
+                let d = max_diff(&banded, &whole);
+                assert!(
+                    d < 1e-5,
+                    "padding {padding} stride {stride} band {band}: {d}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn upsampled_convolution_in_bands_equals_upsampling_first() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (1, 3, 5, 4), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (2, 3, 3, 3), &dev).unwrap();
+        let want = x
+            .upsample_nearest2d(10, 8)
+            .unwrap()
+            .conv2d(&w, 1, 1, 1, 1)
+            .unwrap();
+        let conv = super::Conv2d {
+            weight: w.clone(),
+            bias: Tensor::zeros(2, DType::F32, &dev).unwrap(),
+            stride: 1,
+            padding: 1,
+        };
+        let got = conv.forward_upsampled(&x).unwrap();
+        assert!(max_diff(&got, &want) < 1e-5);
+        let rows = |r0: usize, r1: usize| {
+            let (s0, s1) = (r0 / 2, (r1 - 1) / 2 + 1);
+            let band = x
+                .narrow(2, s0, s1 - s0)?
+                .upsample_nearest2d(2 * (s1 - s0), 8)?;
+            Ok(band.narrow(2, r0 - 2 * s0, r1 - r0)?)
+        };
+        let input = super::Input {
+            rows: &rows,
+            b: 1,
+            c: 3,
+            h: 10,
+            w: 8,
+        };
+        for band in 1..=4 {
+            let got = super::conv2d_in_bands(&input, &w, 1, 1, band * 8 * 27).unwrap();
+            assert!(max_diff(&got, &want) < 1e-5, "band {band}");
+        }
+    }
+
+    #[test]
+    fn group_norm_in_group_chunks_equals_one_pass() {
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 1.0, (2, 8, 5, 3), &dev).unwrap() * 3.0).unwrap();
+        let w = Tensor::randn(1f32, 0.2, 8, &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.2, 8, &dev).unwrap();
+        for silu in [false, true] {
+            let whole = super::group_norm_under(&x, 4, &w, &b, 1e-6, silu, usize::MAX).unwrap();
+            // The layer-norm definition, by hand, for group 1 of item 0: channels 2 and 3.
+            let g = x.narrow(0, 0, 1).unwrap().narrow(1, 2, 2).unwrap();
+            let v = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mean = v.iter().sum::<f32>() / v.len() as f32;
+            let var = v.iter().map(|a| (a - mean) * (a - mean)).sum::<f32>() / v.len() as f32;
+            let (wv, bv) = (w.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+            let first = (v[0] - mean) / (var + 1e-6).sqrt() * wv[2] + bv[2];
+            let first = if silu {
+                first / (1.0 + (-first).exp())
+            } else {
+                first
+            };
+            let got = whole
+                .narrow(0, 0, 1)
+                .unwrap()
+                .narrow(1, 2, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()[0];
+            assert!((got - first).abs() < 1e-4, "{got} vs {first}");
+            // One group (4 · 2 · 2 · 15 elements of temporaries) per chunk, then two.
+            for groups in [1, 2] {
+                let limit = groups * 4 * 2 * 2 * 15;
+                let chunked = super::group_norm_under(&x, 4, &w, &b, 1e-6, silu, limit).unwrap();
+                assert!(max_diff(&chunked, &whole) < 1e-6);
+            }
         }
     }
 }

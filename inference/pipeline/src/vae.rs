@@ -136,9 +136,9 @@ impl Resnet {
     }
 
     fn forward(&self, x: &Tensor, groups: usize) -> Result<Tensor> {
-        let h = nn::group_norm(x, groups, &self.norm1.0, &self.norm1.1, 1e-6)?.silu()?;
+        let h = nn::group_norm(x, groups, &self.norm1.0, &self.norm1.1, 1e-6, true)?;
         let h = self.conv1.forward(&h)?;
-        let h = nn::group_norm(&h, groups, &self.norm2.0, &self.norm2.1, 1e-6)?.silu()?;
+        let h = nn::group_norm(&h, groups, &self.norm2.0, &self.norm2.1, 1e-6, true)?;
         let h = self.conv2.forward(&h)?;
         let x = match &self.shortcut {
             Some(s) => s.forward(x)?,
@@ -181,7 +181,7 @@ impl MidAttention {
     fn forward(&self, x: &Tensor, groups: usize) -> Result<Tensor> {
         let (b, c, h, wd) = x.dims4()?;
         let dtype = x.dtype();
-        let n = nn::group_norm(x, groups, &self.norm.0, &self.norm.1, 1e-6)?;
+        let n = nn::group_norm(x, groups, &self.norm.0, &self.norm.1, 1e-6, false)?;
         let n = n.reshape((b, c, h * wd))?.transpose(1, 2)?.contiguous()?; // [B, HW, C]
         let lin = |t: &Tensor, p: &(Tensor, Tensor)| -> Result<Tensor> {
             let y = t.broadcast_matmul(&p.0.to_dtype(dtype)?.t()?)?;
@@ -274,7 +274,21 @@ impl VaeDecoder {
     }
 
     /// Decodes raw VAE latents `[B, 16, h, w]` (already unscaled) into images in `[-1, 1]`.
+    /// Images are decoded one at a time: a full-resolution activation of one image stays
+    /// under the 2³² elements candle's CUDA element-wise kernels can count (a batch of four
+    /// 3072² images would not), and only one image's activations are alive at once.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        let batch = z.dim(0)?;
+        if batch == 1 {
+            return self.decode_one(z);
+        }
+        let images = (0..batch)
+            .map(|i| self.decode_one(&z.narrow(0, i, 1)?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&images, 0)?)
+    }
+
+    fn decode_one(&self, z: &Tensor) -> Result<Tensor> {
         let g = self.cfg.norm_num_groups;
         let mut x = self.conv_in.forward(z)?;
         x = self.mid1.forward(&x, g)?;
@@ -285,11 +299,10 @@ impl VaeDecoder {
                 x = r.forward(&x, g)?;
             }
             if let Some(conv) = &block.upsample {
-                let (_, _, h, w) = x.dims4()?;
-                x = conv.forward(&x.upsample_nearest2d(h * 2, w * 2)?)?;
+                x = conv.forward_upsampled(&x)?;
             }
         }
-        let x = nn::group_norm(&x, g, &self.norm_out.0, &self.norm_out.1, 1e-6)?.silu()?;
+        let x = nn::group_norm(&x, g, &self.norm_out.0, &self.norm_out.1, 1e-6, true)?;
         self.conv_out.forward(&x)
     }
 

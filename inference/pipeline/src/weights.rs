@@ -138,31 +138,81 @@ impl Weights {
         Ok(view.shape().to_vec())
     }
 
-    /// `name` as stored in the file.
-    pub fn raw(&self, name: &str) -> Result<Tensor> {
+    /// The dtype `name` is stored in, read from the header (nothing is loaded).
+    pub fn stored_dtype(&self, name: &str) -> Result<DType> {
+        let full = self.full(name);
+        let view = self
+            .files
+            .get(&full)
+            .map_err(|_| Error::MissingWeight(full.clone()))?;
+        Ok(match view.dtype() {
+            safetensors::Dtype::F8_E4M3 => DType::F8E4M3,
+            safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F64 => DType::F64,
+            other => {
+                return Err(Error::Layout(format!(
+                    "weight `{full}` is stored as {other:?}, which the model does not use"
+                )));
+            }
+        })
+    }
+
+    /// `name` as stored in the file, on the CPU. F8E4M3 tensors are only ever loaded here:
+    /// candle's CUDA kernels for that dtype are missing under the names it asks for, so no
+    /// F8E4M3 tensor may live on a GPU (see [`crate::linear`]).
+    pub fn host(&self, name: &str) -> Result<Tensor> {
         let full = self.full(name);
         if self.files.get(&full).is_err() {
             return Err(Error::MissingWeight(full));
         }
+        Ok(self.files.load(&full, &Device::Cpu)?)
+    }
+
+    /// The raw bytes of the F8E4M3 tensor `name` (one byte per value, row-major) and its shape.
+    pub fn f8_bytes(&self, name: &str) -> Result<(Vec<u8>, Vec<usize>)> {
+        let full = self.full(name);
+        let view = self
+            .files
+            .get(&full)
+            .map_err(|_| Error::MissingWeight(full.clone()))?;
+        if view.dtype() != safetensors::Dtype::F8_E4M3 {
+            return Err(Error::Layout(format!(
+                "weight `{full}` is {:?}, not F8_E4M3",
+                view.dtype()
+            )));
+        }
+        Ok((view.data().to_vec(), view.shape().to_vec()))
+    }
+
+    /// `name` as stored in the file, on the device; an F8E4M3 tensor is an error (use
+    /// [`Weights::host`] or [`Weights::f8_bytes`]).
+    pub fn raw(&self, name: &str) -> Result<Tensor> {
+        if self.stored_dtype(name)? == DType::F8E4M3 && !self.device.is_cpu() {
+            return Err(Error::Layout(format!(
+                "weight `{}` is F8E4M3, which is never loaded to a GPU as such",
+                self.full(name)
+            )));
+        }
+        let full = self.full(name);
         Ok(self.files.load(&full, &self.device)?)
     }
 
-    /// `name` in the storage dtype of non-linear weights. F8 tensors with a sibling
-    /// `scale_weight` are dequantised.
+    /// `name` in the storage dtype of non-linear weights, on the device. F8 tensors are
+    /// dequantised on the CPU, with their sibling `scale_weight` if there is one.
     pub fn get(&self, name: &str) -> Result<Tensor> {
-        let t = self.raw(name)?;
-        let t = if t.dtype() == DType::F8E4M3 {
-            let t = t.to_dtype(DType::F32)?;
-            let scale_name = format!("{}scale_weight", name.trim_end_matches("weight"));
-            if self.contains(&scale_name) {
-                t.broadcast_mul(&self.raw(&scale_name)?.to_dtype(DType::F32)?)?
-            } else {
-                t
-            }
+        if self.stored_dtype(name)? != DType::F8E4M3 {
+            return Ok(self.raw(name)?.to_dtype(self.storage_dtype())?);
+        }
+        let t = self.host(name)?.to_dtype(DType::F32)?;
+        let scale_name = format!("{}scale_weight", name.trim_end_matches("weight"));
+        let t = if self.contains(&scale_name) {
+            t.broadcast_mul(&self.host(&scale_name)?.to_dtype(DType::F32)?)?
         } else {
             t
         };
-        Ok(t.to_dtype(self.storage_dtype())?)
+        Ok(t.to_dtype(self.storage_dtype())?.to_device(&self.device)?)
     }
 
     /// Like [`Weights::get`] with an expected shape, for a clear error on a mismatched file.

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use sd35_pipeline::op_graph;
 use sd35_pipeline::scheduler::FlowMatchSchedule;
 use sd35_pipeline::{
     GenerateRequest, Pipeline, PipelineOptions, Precision, SkipLayerGuidance, Variant,
@@ -83,6 +84,10 @@ fn assert_close(what: &str, ours: &Tensor, reference: &Tensor, tol: f64) -> f64 
     assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.0e}");
     e
 }
+
+/// The floor every f32 (and fp8-file) end-to-end image holds against the reference's, on
+/// either op graph.
+const PSNR_FLOOR_DB: f64 = 45.0;
 
 const LAYOUTS: [(&str, &str); 4] = [
     ("large", "sd35-tiny-large"),
@@ -260,6 +265,11 @@ fn run_case(model: &str, case_id: &str, precision: Precision, tol: f64) -> (Tens
     let what = format!("{model} {case_id} {precision}");
     assert_close(&format!("{what} latents"), &latents, &g["latents"], tol);
     assert_close(&format!("{what} image"), &image, &g["image"], tol);
+    let db = psnr(&image, &g["image"]);
+    eprintln!("{what} image: PSNR {db:.1} dB ({} op graph)", op_graph::current().name());
+    if precision != Precision::Bf16 {
+        assert!(db >= PSNR_FLOOR_DB, "{what}: PSNR {db:.1} dB < {PSNR_FLOOR_DB} dB");
+    }
     (latents, image)
 }
 
@@ -522,4 +532,24 @@ fn t5_tokenizer_from_spiece_model_matches_reference_ids() {
         );
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_generic_graph_takes_the_chunked_routes_on_the_tiny_models() {
+    // Under `SD35_GENERIC_OPS=1` with a small `SD35_OP_CHUNK_ELEMENTS` (as `make test` runs
+    // this file a second time), the tiny models' attention, convolutions and norms must really
+    // be split, or the chunked routes would go untested.
+    let graph = op_graph::current();
+    eprintln!("op graph: {graph:?}");
+    if !graph.generic || graph.chunk_elements >= op_graph::DEFAULT_CHUNK_ELEMENTS {
+        eprintln!("fused graph or production chunk size: nothing is split on tiny models");
+        return;
+    }
+    let before = op_graph::chunked_calls();
+    let p = load("sd35-tiny-large", Precision::F32);
+    let mut req = p.default_request("a lighthouse");
+    (req.width, req.height, req.steps) = (64, 64, 1);
+    p.generate(&req, &mut |_, _| {}).unwrap();
+    let after = op_graph::chunked_calls();
+    assert!(after > before, "no operation was chunked");
 }
