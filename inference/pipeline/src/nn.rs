@@ -26,79 +26,114 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     fused::norm(x, Norm::Rms, eps, Some(weight), 0.0, None)
 }
 
-/// GroupNorm of an NCHW tensor with affine parameters, computed in f32 and returned in `x`'s
-/// dtype, optionally followed by SiLU (the VAE always applies one after its norms).
+/// GroupNorm of NCHW tensors with affine parameters (`eps` inside the square root, biased
+/// variance, like PyTorch), computed in f32 and returned in the input's dtype, optionally
+/// followed by SiLU (the VAE applies one after most of its norms).
 ///
-/// Groups are normalised a few at a time, so the f32 temporaries stay within the op graph's
-/// chunk size ([`crate::op_graph`]) instead of several full-resolution f32 copies of a VAE
-/// activation; each group's statistics are computed whole, so the result does not depend on
-/// the chunking.
-pub fn group_norm(
-    x: &Tensor,
+/// The statistics are computed a few groups at a time, so the f32 temporaries stay within the
+/// op graph's chunk size ([`crate::op_graph`]); the normalisation can then be applied to any
+/// band of rows ([`GroupNorm::apply`]), so a convolution reads normalised rows band by band
+/// and no full-size normalised copy of a VAE activation ever exists. Each group's statistics
+/// are computed whole, so the result does not depend on the chunking.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
     groups: usize,
-    weight: &Tensor,
-    bias: &Tensor,
     eps: f64,
-    silu: bool,
-) -> Result<Tensor> {
-    let limit = crate::op_graph::current().chunk_elements;
-    group_norm_under(x, groups, weight, bias, eps, silu, limit)
 }
 
-/// [`group_norm`] with an explicit chunk size.
-fn group_norm_under(
-    x: &Tensor,
-    groups: usize,
-    weight: &Tensor,
-    bias: &Tensor,
-    eps: f64,
-    silu: bool,
-    limit: usize,
-) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let (b, c, h, w) = x.dims4()?;
-    if groups == 0 || c % groups != 0 {
-        return Err(crate::Error::Layout(format!(
-            "GroupNorm of {c} channels in {groups} groups"
-        )));
+/// Per-(item, group) mean and `1 / sqrt(var + eps)`, `[B, groups, 1, 1]` each (f32).
+#[derive(Debug, Clone)]
+pub struct GroupStats {
+    mean: Tensor,
+    rstd: Tensor,
+}
+
+impl GroupNorm {
+    /// Loads `{name}.weight` and `{name}.bias`.
+    pub fn load(w: &Weights, name: &str, groups: usize, eps: f64) -> Result<Self> {
+        Self::new(
+            w.get(&format!("{name}.weight"))?,
+            w.get(&format!("{name}.bias"))?,
+            groups,
+            eps,
+        )
     }
-    let per_group = c / groups;
-    // Four f32 temporaries of the chunk are alive at once (input, centred, squares, output).
-    let step = crate::op_graph::rows_per_chunk(groups, 4 * b * per_group * h * w, limit);
-    let norm = |g0: usize, n: usize| -> Result<Tensor> {
-        let (c0, cn) = (g0 * per_group, n * per_group);
-        let xg = x
-            .narrow(1, c0, cn)?
+
+    /// A GroupNorm of `weight.len()` channels in `groups` groups.
+    pub fn new(weight: Tensor, bias: Tensor, groups: usize, eps: f64) -> Result<Self> {
+        let c = weight.dim(0)?;
+        if groups == 0 || c % groups != 0 {
+            return Err(crate::Error::Layout(format!(
+                "GroupNorm of {c} channels in {groups} groups"
+            )));
+        }
+        Ok(Self {
+            weight,
+            bias,
+            groups,
+            eps,
+        })
+    }
+
+    /// The statistics of `x`, with chunks of at most the op graph's chunk size.
+    pub fn stats(&self, x: &Tensor) -> Result<GroupStats> {
+        self.stats_under(x, crate::op_graph::current().chunk_elements)
+    }
+
+    fn stats_under(&self, x: &Tensor, limit: usize) -> Result<GroupStats> {
+        let (b, c, h, w) = x.dims4()?;
+        let groups = self.groups;
+        let per_group = c / groups;
+        // Three f32 temporaries of a chunk are alive at once (input, centred, squares).
+        let step = crate::op_graph::rows_per_chunk(groups, 3 * b * per_group * h * w, limit);
+        if step < groups {
+            crate::op_graph::note_chunked();
+        }
+        let (mut means, mut rstds) = (Vec::new(), Vec::new());
+        for g0 in (0..groups).step_by(step) {
+            let n = step.min(groups - g0);
+            let xg = x
+                .narrow(1, g0 * per_group, n * per_group)?
+                .to_dtype(DType::F32)?
+                .reshape((b, n, per_group * h * w))?;
+            let mean = xg.mean_keepdim(D::Minus1)?;
+            let var = xg.broadcast_sub(&mean)?.sqr()?.mean_keepdim(D::Minus1)?;
+            rstds.push((var + self.eps)?.sqrt()?.recip()?);
+            means.push(mean);
+        }
+        let cat =
+            |v: &[Tensor]| -> Result<Tensor> { Ok(Tensor::cat(v, 1)?.reshape((b, groups, 1, 1))?) };
+        Ok(GroupStats {
+            mean: cat(&means)?,
+            rstd: cat(&rstds)?,
+        })
+    }
+
+    /// Normalises `rows` (`[B, C, r, W]`, any band of the tensor `stats` were taken of), then
+    /// applies the affine parameters and, when `silu`, SiLU.
+    pub fn apply(&self, rows: &Tensor, stats: &GroupStats, silu: bool) -> Result<Tensor> {
+        let dtype = rows.dtype();
+        let (b, c, r, w) = rows.dims4()?;
+        let y = rows
             .to_dtype(DType::F32)?
-            .reshape((b, n, per_group * h * w))?;
-        let mean = xg.mean_keepdim(D::Minus1)?;
-        let centered = xg.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = centered
-            .broadcast_div(&(var + eps)?.sqrt()?)?
-            .reshape((b, cn, h, w))?;
-        let wt = weight
-            .narrow(0, c0, cn)?
-            .to_dtype(DType::F32)?
-            .reshape((1, cn, 1, 1))?;
-        let bs = bias
-            .narrow(0, c0, cn)?
-            .to_dtype(DType::F32)?
-            .reshape((1, cn, 1, 1))?;
+            .reshape((b, self.groups, c / self.groups, r * w))?
+            .broadcast_sub(&stats.mean)?
+            .broadcast_mul(&stats.rstd)?
+            .reshape((b, c, r, w))?;
+        let wt = self.weight.to_dtype(DType::F32)?.reshape((1, c, 1, 1))?;
+        let bs = self.bias.to_dtype(DType::F32)?.reshape((1, c, 1, 1))?;
         let y = y.broadcast_mul(&wt)?.broadcast_add(&bs)?;
         let y = if silu { y.silu()? } else { y };
         Ok(y.to_dtype(dtype)?)
-    };
-    if step >= groups {
-        return norm(0, groups);
     }
-    crate::op_graph::note_chunked();
-    let out = Tensor::zeros((b, c, h, w), dtype, x.device())?;
-    for g0 in (0..groups).step_by(step) {
-        let n = step.min(groups - g0);
-        out.slice_set(&norm(g0, n)?, 1, g0 * per_group)?;
+
+    /// The whole of `x` normalised (and SiLU'd when `silu`).
+    pub fn forward(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let stats = self.stats(x)?;
+        self.apply(x, &stats, silu)
     }
-    Ok(out)
 }
 
 /// `x * sigmoid(1.702 x)`, CLIP-L's activation.
@@ -212,6 +247,25 @@ impl Conv2d {
             };
             conv2d_in_bands(&input, &w, self.padding, self.stride, chunk_elements())?
         };
+        self.add_bias(y)
+    }
+
+    /// The convolution of `norm(x)` (with SiLU when `silu`), each band of output rows
+    /// normalising only the input rows it reads, so no normalised copy of `x` is made.
+    pub fn forward_normed(&self, x: &Tensor, norm: &GroupNorm, silu: bool) -> Result<Tensor> {
+        let stats = norm.stats(x)?;
+        let dtype = x.dtype();
+        let w = self.weight.to_dtype(dtype)?;
+        let (b, c, h, wd) = x.dims4()?;
+        let rows = |r0: usize, r1: usize| norm.apply(&x.narrow(2, r0, r1 - r0)?, &stats, silu);
+        let input = Input {
+            rows: &rows,
+            b,
+            c,
+            h,
+            w: wd,
+        };
+        let y = conv2d_in_bands(&input, &w, self.padding, self.stride, chunk_elements())?;
         self.add_bias(y)
     }
 
@@ -428,14 +482,15 @@ mod tests {
     }
 
     #[test]
-    fn group_norm_in_group_chunks_equals_one_pass() {
+    fn group_norm_in_group_chunks_and_row_bands_equals_the_definition() {
         let dev = Device::Cpu;
         let x = (Tensor::randn(0f32, 1.0, (2, 8, 5, 3), &dev).unwrap() * 3.0).unwrap();
         let w = Tensor::randn(1f32, 0.2, 8, &dev).unwrap();
         let b = Tensor::randn(0f32, 0.2, 8, &dev).unwrap();
+        let gn = super::GroupNorm::new(w.clone(), b.clone(), 4, 1e-6).unwrap();
         for silu in [false, true] {
-            let whole = super::group_norm_under(&x, 4, &w, &b, 1e-6, silu, usize::MAX).unwrap();
-            // The layer-norm definition, by hand, for group 1 of item 0: channels 2 and 3.
+            let whole = gn.forward(&x, silu).unwrap();
+            // The definition, by hand, for group 1 of item 0: channels 2 and 3.
             let g = x.narrow(0, 0, 1).unwrap().narrow(1, 2, 2).unwrap();
             let v = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let mean = v.iter().sum::<f32>() / v.len() as f32;
@@ -457,11 +512,16 @@ mod tests {
                 .to_vec1::<f32>()
                 .unwrap()[0];
             assert!((got - first).abs() < 1e-4, "{got} vs {first}");
-            // One group (4 · 2 · 2 · 15 elements of temporaries) per chunk, then two.
+            // Statistics one group (3 · 2 · 2 · 15 elements of temporaries) at a time, then
+            // two; the normalisation applied band by band.
             for groups in [1, 2] {
-                let limit = groups * 4 * 2 * 2 * 15;
-                let chunked = super::group_norm_under(&x, 4, &w, &b, 1e-6, silu, limit).unwrap();
-                assert!(max_diff(&chunked, &whole) < 1e-6);
+                let stats = gn.stats_under(&x, groups * 3 * 2 * 2 * 15).unwrap();
+                let bands: Vec<Tensor> = [(0, 2), (2, 1), (3, 2)]
+                    .iter()
+                    .map(|&(r, n)| gn.apply(&x.narrow(2, r, n).unwrap(), &stats, silu).unwrap())
+                    .collect();
+                let banded = Tensor::cat(&bands, 2).unwrap();
+                assert!(max_diff(&banded, &whole) < 1e-6);
             }
         }
     }

@@ -17,7 +17,7 @@
 //! wrong from 2³² elements) and the element-wise kernels (an `unsigned int` loop index). Every
 //! operation whose size grows with the request — the attention scores, the convolutions'
 //! im2col buffer — is therefore split so that no single call exceeds
-//! [`OpGraph::chunk_elements`], [`DEFAULT_CHUNK_ELEMENTS`] (2²⁸) unless overridden: far below
+//! [`OpGraph::chunk_elements`], [`DEFAULT_CHUNK_ELEMENTS`] (2²⁶) unless overridden: far below
 //! every kernel limit, and a bound on the largest temporary buffer (the memory plan counts on
 //! it). Chunks are exact: attention is split by query rows and convolutions by output rows, so
 //! every output value is computed by the same arithmetic as unchunked. The tests shrink the
@@ -37,9 +37,11 @@ pub const GENERIC_OPS_ENV: &str = "SD35_GENERIC_OPS";
 /// tiny models are chunked too).
 pub const CHUNK_ELEMENTS_ENV: &str = "SD35_OP_CHUNK_ELEMENTS";
 
-/// Elements of the largest attention-score or im2col block one operation creates: 2²⁸
-/// (1 GiB in f32, 512 MiB in bf16).
-pub const DEFAULT_CHUNK_ELEMENTS: usize = 1 << 28;
+/// Elements of the largest attention-score, im2col or GroupNorm block one operation creates:
+/// 2²⁶ (256 MiB in f32, 128 MiB in bf16). Small enough that the chunks' temporaries keep SD3.5
+/// Large within its memory goal at 1024², large enough that each chunk's matmul still fills a
+/// GPU (Large's attention at 1024² with guidance: 23 blocks of about 200 query rows).
+pub const DEFAULT_CHUNK_ELEMENTS: usize = 1 << 26;
 /// candle's CUDA softmax indexes with a signed 32-bit `int`: fewer elements than this per call.
 pub const CUDA_SOFTMAX_LIMIT: usize = 1 << 31;
 /// candle's CUDA im2col and element-wise kernels count elements in 32 bits: fewer than this.
@@ -170,7 +172,7 @@ mod tests {
             let err = OpGraph::parse(bad, None).err().map(|e| e.to_string());
             assert!(err.is_some_and(|e| e.contains(GENERIC_OPS_ENV)));
         }
-        for bad in ["0", "-3", "x", "268435457"] {
+        for bad in ["0", "-3", "x", "67108865"] {
             let err = OpGraph::parse(None, Some(bad)).err().map(|e| e.to_string());
             assert!(err.is_some_and(|e| e.contains(CHUNK_ELEMENTS_ENV)), "{bad}");
         }
@@ -186,7 +188,7 @@ mod tests {
 
     #[test]
     fn the_default_chunk_is_far_below_every_kernel_limit() {
-        const { assert!(DEFAULT_CHUNK_ELEMENTS * 8 <= CUDA_SOFTMAX_LIMIT) };
+        const { assert!(DEFAULT_CHUNK_ELEMENTS * 32 <= CUDA_SOFTMAX_LIMIT) };
         const { assert!(CUDA_SOFTMAX_LIMIT < CUDA_ELEMENTWISE_LIMIT) };
     }
 }

@@ -5,7 +5,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use crate::attention::attention;
-use crate::nn::{self, Conv2d};
+use crate::nn::{Conv2d, GroupNorm};
 use crate::weights::Weights;
 use crate::{Error, Result};
 
@@ -102,30 +102,28 @@ pub enum VaeNames {
 
 #[derive(Debug, Clone)]
 struct Resnet {
-    norm1: (Tensor, Tensor),
+    norm1: GroupNorm,
     conv1: Conv2d,
-    norm2: (Tensor, Tensor),
+    norm2: GroupNorm,
     conv2: Conv2d,
     shortcut: Option<Conv2d>,
 }
 
-fn norm(w: &Weights, name: &str) -> Result<(Tensor, Tensor)> {
-    Ok((
-        w.get(&format!("{name}.weight"))?,
-        w.get(&format!("{name}.bias"))?,
-    ))
+/// The VAE's norms: GroupNorm with eps 1e-6.
+fn norm(w: &Weights, name: &str, groups: usize) -> Result<GroupNorm> {
+    GroupNorm::load(w, name, groups, 1e-6)
 }
 
 impl Resnet {
-    fn load(w: &Weights, names: VaeNames) -> Result<Self> {
+    fn load(w: &Weights, names: VaeNames, groups: usize) -> Result<Self> {
         let sc = match names {
             VaeNames::Diffusers => "conv_shortcut",
             VaeNames::Stability => "nin_shortcut",
         };
         Ok(Self {
-            norm1: norm(w, "norm1")?,
+            norm1: norm(w, "norm1", groups)?,
             conv1: Conv2d::load(w, "conv1", 1, 1)?,
-            norm2: norm(w, "norm2")?,
+            norm2: norm(w, "norm2", groups)?,
             conv2: Conv2d::load(w, "conv2", 1, 1)?,
             shortcut: if w.contains(&format!("{sc}.weight")) {
                 Some(Conv2d::load(w, sc, 1, 0)?)
@@ -135,22 +133,23 @@ impl Resnet {
         })
     }
 
-    fn forward(&self, x: &Tensor, groups: usize) -> Result<Tensor> {
-        let h = nn::group_norm(x, groups, &self.norm1.0, &self.norm1.1, 1e-6, true)?;
-        let h = self.conv1.forward(&h)?;
-        let h = nn::group_norm(&h, groups, &self.norm2.0, &self.norm2.1, 1e-6, true)?;
-        let h = self.conv2.forward(&h)?;
+    /// `shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))))))`. Takes `x` by value so it is
+    /// freed as soon as the shortcut has read it: at full resolution, at most the input and
+    /// one output, or three outputs, are alive (the memory plan counts on it).
+    fn forward(&self, x: Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward_normed(&x, &self.norm1, true)?;
         let x = match &self.shortcut {
-            Some(s) => s.forward(x)?,
-            None => x.clone(),
+            Some(s) => s.forward(&x)?,
+            None => x,
         };
+        let h = self.conv2.forward_normed(&h, &self.norm2, true)?;
         Ok((x + h)?)
     }
 }
 
 #[derive(Debug, Clone)]
 struct MidAttention {
-    norm: (Tensor, Tensor),
+    norm: GroupNorm,
     q: (Tensor, Tensor),
     k: (Tensor, Tensor),
     v: (Tensor, Tensor),
@@ -158,7 +157,7 @@ struct MidAttention {
 }
 
 impl MidAttention {
-    fn load(w: &Weights, names: VaeNames) -> Result<Self> {
+    fn load(w: &Weights, names: VaeNames, groups: usize) -> Result<Self> {
         let n = match names {
             VaeNames::Diffusers => ["group_norm", "to_q", "to_k", "to_v", "to_out.0"],
             VaeNames::Stability => ["norm", "q", "k", "v", "proj_out"],
@@ -170,7 +169,7 @@ impl MidAttention {
             Ok((wt.reshape((c, c))?, w.get(&format!("{name}.bias"))?))
         };
         Ok(Self {
-            norm: norm(w, n[0])?,
+            norm: norm(w, n[0], groups)?,
             q: lin(n[1])?,
             k: lin(n[2])?,
             v: lin(n[3])?,
@@ -178,10 +177,10 @@ impl MidAttention {
         })
     }
 
-    fn forward(&self, x: &Tensor, groups: usize) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, wd) = x.dims4()?;
         let dtype = x.dtype();
-        let n = nn::group_norm(x, groups, &self.norm.0, &self.norm.1, 1e-6, false)?;
+        let n = self.norm.forward(x, false)?;
         let n = n.reshape((b, c, h * wd))?.transpose(1, 2)?.contiguous()?; // [B, HW, C]
         let lin = |t: &Tensor, p: &(Tensor, Tensor)| -> Result<Tensor> {
             let y = t.broadcast_matmul(&p.0.to_dtype(dtype)?.t()?)?;
@@ -213,7 +212,7 @@ pub struct VaeDecoder {
     mid2: Resnet,
     /// In decoding order (deepest first).
     up: Vec<UpBlock>,
-    norm_out: (Tensor, Tensor),
+    norm_out: GroupNorm,
     conv_out: Conv2d,
 }
 
@@ -222,6 +221,7 @@ impl VaeDecoder {
     pub fn load(w: &Weights, cfg: VaeConfig, names: VaeNames) -> Result<Self> {
         let d = w.pp("decoder");
         let n_up = cfg.block_out_channels.len();
+        let groups = cfg.norm_num_groups;
         let (mid1, attn, mid2) = match names {
             VaeNames::Diffusers => (
                 "mid_block.resnets.0",
@@ -243,7 +243,7 @@ impl VaeDecoder {
                 }
             };
             let resnets = (0..=cfg.layers_per_block)
-                .map(|j| Resnet::load(&d.pp(format!("{block}.{j}")), names))
+                .map(|j| Resnet::load(&d.pp(format!("{block}.{j}")), names, groups))
                 .collect::<Result<Vec<_>>>()?;
             let upsample = if i + 1 < n_up {
                 Some(Conv2d::load(&d, &up_name, 1, 1)?)
@@ -258,11 +258,11 @@ impl VaeDecoder {
         };
         Ok(Self {
             conv_in: Conv2d::load(&d, "conv_in", 1, 1)?,
-            mid1: Resnet::load(&d.pp(mid1), names)?,
-            mid_attn: MidAttention::load(&d.pp(attn), names)?,
-            mid2: Resnet::load(&d.pp(mid2), names)?,
+            mid1: Resnet::load(&d.pp(mid1), names, groups)?,
+            mid_attn: MidAttention::load(&d.pp(attn), names, groups)?,
+            mid2: Resnet::load(&d.pp(mid2), names, groups)?,
             up,
-            norm_out: norm(&d, norm_out)?,
+            norm_out: norm(&d, norm_out, groups)?,
             conv_out: Conv2d::load(&d, "conv_out", 1, 1)?,
             cfg,
         })
@@ -289,21 +289,19 @@ impl VaeDecoder {
     }
 
     fn decode_one(&self, z: &Tensor) -> Result<Tensor> {
-        let g = self.cfg.norm_num_groups;
         let mut x = self.conv_in.forward(z)?;
-        x = self.mid1.forward(&x, g)?;
-        x = self.mid_attn.forward(&x, g)?;
-        x = self.mid2.forward(&x, g)?;
+        x = self.mid1.forward(x)?;
+        x = self.mid_attn.forward(&x)?;
+        x = self.mid2.forward(x)?;
         for block in &self.up {
             for r in &block.resnets {
-                x = r.forward(&x, g)?;
+                x = r.forward(x)?;
             }
             if let Some(conv) = &block.upsample {
                 x = conv.forward_upsampled(&x)?;
             }
         }
-        let x = nn::group_norm(&x, g, &self.norm_out.0, &self.norm_out.1, 1e-6, true)?;
-        self.conv_out.forward(&x)
+        self.conv_out.forward_normed(&x, &self.norm_out, true)
     }
 
     /// Decodes sampler latents: `latents / scaling + shift`, then [`VaeDecoder::decode`].

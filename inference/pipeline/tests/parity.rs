@@ -266,9 +266,15 @@ fn run_case(model: &str, case_id: &str, precision: Precision, tol: f64) -> (Tens
     assert_close(&format!("{what} latents"), &latents, &g["latents"], tol);
     assert_close(&format!("{what} image"), &image, &g["image"], tol);
     let db = psnr(&image, &g["image"]);
-    eprintln!("{what} image: PSNR {db:.1} dB ({} op graph)", op_graph::current().name());
+    eprintln!(
+        "{what} image: PSNR {db:.1} dB ({} op graph)",
+        op_graph::current().name()
+    );
     if precision != Precision::Bf16 {
-        assert!(db >= PSNR_FLOOR_DB, "{what}: PSNR {db:.1} dB < {PSNR_FLOOR_DB} dB");
+        assert!(
+            db >= PSNR_FLOOR_DB,
+            "{what}: PSNR {db:.1} dB < {PSNR_FLOOR_DB} dB"
+        );
     }
     (latents, image)
 }
