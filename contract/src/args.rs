@@ -57,6 +57,11 @@ pub struct FetchArgs {
     /// Cache key; the model goes to `<cache-root>/models/<cache-key>`.
     #[arg(long, env = "SD35_CACHE_KEY")]
     pub cache_key: String,
+
+    /// File that receives the one-line cause when the fetch fails (a container's termination
+    /// message: `/dev/termination-log` in Kubernetes).
+    #[arg(long, env = "SD35_TERMINATION_MESSAGE_PATH")]
+    pub termination_message_path: Option<PathBuf>,
 }
 
 /// `sd35-server build-engine`: convert a cached model into the serving layout of a precision.
@@ -82,6 +87,11 @@ pub struct BuildEngineArgs {
     /// cache was fetched as).
     #[arg(long, env = "SD35_VARIANT")]
     pub variant: Option<Variant>,
+
+    /// File that receives the one-line cause when the build fails (a container's termination
+    /// message: `/dev/termination-log` in Kubernetes).
+    #[arg(long, env = "SD35_TERMINATION_MESSAGE_PATH")]
+    pub termination_message_path: Option<PathBuf>,
 }
 
 /// The longest lifetime of an artifact URL: S3 presigned URLs live at most 7 days.
@@ -286,6 +296,14 @@ fn push_opt<T: std::fmt::Display>(args: &mut Vec<String>, flag: &str, value: Opt
     }
 }
 
+fn push_termination_message_path(args: &mut Vec<String>, path: Option<&std::path::Path>) {
+    push_opt(
+        args,
+        "termination-message-path",
+        path.map(std::path::Path::display),
+    );
+}
+
 impl FetchArgs {
     /// The command line after `sd35-server fetch`.
     pub fn to_args(&self) -> Vec<String> {
@@ -302,6 +320,7 @@ impl FetchArgs {
         push(&mut a, "variant", self.variant.as_str());
         push(&mut a, "cache-root", self.cache_root.display());
         push(&mut a, "cache-key", &self.cache_key);
+        push_termination_message_path(&mut a, self.termination_message_path.as_deref());
         a
     }
 }
@@ -315,6 +334,7 @@ impl BuildEngineArgs {
         push(&mut a, "engine-key", &self.engine_key);
         push(&mut a, "precision", self.precision.as_str());
         push_opt(&mut a, "variant", self.variant.map(Variant::as_str));
+        push_termination_message_path(&mut a, self.termination_message_path.as_deref());
         a
     }
 }
@@ -400,6 +420,7 @@ mod tests {
             variant: Variant::LargeTurbo,
             cache_root: "/cache".into(),
             cache_key: "k1".into(),
+            termination_message_path: Some("/dev/termination-log".into()),
         }
     }
 
@@ -449,9 +470,13 @@ mod tests {
 
     #[test]
     fn build_engine_command_line_parses_back() {
-        for (precision, variant) in [
-            (Precision::Bf16, Some(Variant::Medium)),
-            (Precision::Fp8, None),
+        for (precision, variant, termination_message_path) in [
+            (
+                Precision::Bf16,
+                Some(Variant::Medium),
+                Some("/dev/termination-log".into()),
+            ),
+            (Precision::Fp8, None, None),
         ] {
             let args = BuildEngineArgs {
                 cache_root: "/cache".into(),
@@ -459,6 +484,7 @@ mod tests {
                 engine_key: "e".into(),
                 precision,
                 variant,
+                termination_message_path,
             };
             match parse("build-engine", args.to_args()) {
                 Command::BuildEngine(parsed) => assert_eq!(parsed, args),

@@ -5,6 +5,7 @@
 //! known). Two SD35Deployments asking for the same thing get the same keys, so they share one
 //! cache volume and one engine; anything that changes the bytes changes the key.
 
+use sd35_contract::hex;
 use sha2::{Digest, Sha256};
 
 /// Length of a key in hex characters (64 bits: collisions are not a practical concern for
@@ -21,10 +22,6 @@ fn digest(parts: &[(&str, &str)]) -> String {
         hasher.update(value.as_bytes());
     }
     hex(&hasher.finalize())[..KEY_LEN].to_owned()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A short content hash of `bytes` ([`KEY_LEN`] hex characters of their SHA-256).

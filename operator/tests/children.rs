@@ -160,6 +160,16 @@ fn large_fp8_with_surge_on_h100_nodes() {
                 Some("stabilityai/stable-diffusion-3.5-large")
             );
             assert_eq!(f.cache_key, r.cache_key);
+            // A failed fetch says why where Kubernetes reads it, for the operator to quote.
+            assert_eq!(
+                f.termination_message_path.as_deref(),
+                Some(Path::new(
+                    fetch_pod.containers[0]
+                        .termination_message_path
+                        .as_deref()
+                        .unwrap()
+                ))
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -171,6 +181,15 @@ fn large_fp8_with_surge_on_h100_nodes() {
         Command::BuildEngine(b) => {
             assert_eq!(b.engine_key, engine_key);
             assert_eq!(b.precision, sd35_contract::Precision::Fp8);
+            assert_eq!(
+                b.termination_message_path.as_deref(),
+                Some(Path::new(
+                    build_pod.containers[0]
+                        .termination_message_path
+                        .as_deref()
+                        .unwrap()
+                ))
+            );
         }
         other => panic!("{other:?}"),
     }

@@ -12,7 +12,7 @@ use sd35_contract::{BuildEngineArgs, ExitReason, engine_dir, model_dir};
 use sd35_pipeline::Precision;
 use sd35_pipeline::engine::{BuildOptions, Fp8Scale};
 
-use crate::fetch::error::{JobError, exit_on_error};
+use crate::fetch::error::{ExitError, exit_on_error};
 use crate::fetch::manifest::read_marker;
 
 /// `sd35-server build-engine`: the contract's flags plus the fp8 scaling choice.
@@ -28,23 +28,27 @@ pub struct BuildEngineCommand {
 
 /// Runs `build-engine` and exits with its documented exit code.
 pub fn main(cmd: &BuildEngineCommand) -> ! {
-    exit_on_error("build-engine", run(cmd))
+    exit_on_error(
+        "build-engine",
+        run(cmd),
+        cmd.args.termination_message_path.as_deref(),
+    )
 }
 
-fn pipeline_error(e: sd35_pipeline::Error) -> JobError {
+fn pipeline_error(e: sd35_pipeline::Error) -> ExitError {
     match e {
-        sd35_pipeline::Error::Io { path, source } => JobError::io(&path, &source),
-        other => JobError::new(ExitReason::InvalidModel, other.to_string()),
+        sd35_pipeline::Error::Io { path, source } => ExitError::io(&path, &source),
+        other => ExitError::new(ExitReason::InvalidModel, other.to_string()),
     }
 }
 
 /// Builds (or confirms) the engine.
-pub fn run(cmd: &BuildEngineCommand) -> Result<(), JobError> {
+pub fn run(cmd: &BuildEngineCommand) -> Result<(), ExitError> {
     let a = &cmd.args;
     let model = model_dir(&a.cache_root, &a.cache_key);
     let out = engine_dir(&a.cache_root, &a.engine_key);
     let Some(cache) = read_marker(&model)? else {
-        return Err(JobError::new(
+        return Err(ExitError::new(
             ExitReason::NotFound,
             format!(
                 "{} is not a complete cache (no completion marker); run fetch first",
@@ -53,7 +57,7 @@ pub fn run(cmd: &BuildEngineCommand) -> Result<(), JobError> {
         ));
     };
     if !cache.files_present(&model) {
-        return Err(JobError::new(
+        return Err(ExitError::new(
             ExitReason::InvalidModel,
             format!(
                 "{}: files listed in the completion marker are missing or truncated; fetch again",
@@ -63,7 +67,7 @@ pub fn run(cmd: &BuildEngineCommand) -> Result<(), JobError> {
     }
     let precision = a.precision;
     if !precision.is_engine_precision() {
-        return Err(JobError::new(
+        return Err(ExitError::new(
             ExitReason::Usage,
             format!("--precision {precision}: engines are built in bf16 or fp8"),
         ));
@@ -127,7 +131,7 @@ pub fn run(cmd: &BuildEngineCommand) -> Result<(), JobError> {
     let smoke_started = Instant::now();
     let manifest = sd35_pipeline::engine::record_smoke(&out).map_err(|e| {
         let e = pipeline_error(e);
-        JobError::new(
+        ExitError::new(
             e.reason,
             format!(
                 "the engine's files are written but its smoke image could not be made, so no \

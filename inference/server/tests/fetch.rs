@@ -238,6 +238,19 @@ fn not_found_and_unauthorized_exit_with_their_codes() {
         err.contains("HTTP 404") && err.contains("spec.model.source"),
         "{err}"
     );
+    // The cause on one line, where Kubernetes takes the container's termination message from.
+    let log = cache.path().join("termination-log");
+    let flag = format!("--termination-message-path={}", log.display());
+    let out = fetch(cache.path(), &[&url], &[&flag], &[]);
+    assert_eq!(out.status.code(), Some(ExitReason::NotFound.code()));
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        said,
+        format!(
+            "fetch failed: {}/nothing-here/sha256sums.txt: HTTP 404: no such repository, revision or file\n",
+            srv.base
+        )
+    );
 
     srv.state.lock().unwrap().token = Some("s3cret".into());
     let url = format!("--http-url={}/mirror", srv.base);

@@ -15,7 +15,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use sd35_contract::{
-    BuildEngineArgs, CACHE_MOUNT, ExitReason, FetchArgs, IMPORT_MOUNT, SourceArgs, TOKEN_ENV,
+    BuildEngineArgs, CACHE_MOUNT, ExitReason, FetchArgs, IMPORT_MOUNT, SourceArgs,
+    TERMINATION_MESSAGE_PATH, TOKEN_ENV,
 };
 
 use super::{
@@ -169,6 +170,10 @@ fn container(
             mount("cache", CACHE_MOUNT, None),
             mount("tmp", "/tmp", None),
         ]),
+        // The Job writes why it failed here (the URL and the HTTP status, the full volume);
+        // the operator quotes it in the SD35Deployment's conditions.
+        termination_message_path: Some(TERMINATION_MESSAGE_PATH.into()),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Default::default()
     }
 }
@@ -220,6 +225,7 @@ pub fn fetch_job(
         variant: resolved.variant,
         cache_root: CACHE_MOUNT.into(),
         cache_key: resolved.cache_key.clone(),
+        termination_message_path: Some(TERMINATION_MESSAGE_PATH.into()),
     };
     let mut env = Vec::new();
     if let Some(token) = &resolved.token {
@@ -286,6 +292,7 @@ pub fn build_job(
         engine_key: engine_key.to_owned(),
         precision: resolved.precision,
         variant: Some(resolved.variant),
+        termination_message_path: Some(TERMINATION_MESSAGE_PATH.into()),
     };
     let resources = resolved
         .spec

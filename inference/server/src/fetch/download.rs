@@ -11,7 +11,7 @@ use sd35_contract::ExitReason;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use super::error::JobError;
+use super::error::ExitError;
 use super::source::{RemoteFile, status_error};
 
 /// How transfers behave.
@@ -67,7 +67,7 @@ pub async fn get(
     url: &str,
     policy: &TransferPolicy,
     range_from: Option<u64>,
-) -> Result<reqwest::Response, JobError> {
+) -> Result<reqwest::Response, ExitError> {
     let mut req = client.get(url);
     if let Some(t) = &policy.token {
         req = req.bearer_auth(t);
@@ -78,7 +78,7 @@ pub async fn get(
     let resp = tokio::time::timeout(policy.stall_timeout, req.send())
         .await
         .map_err(|_| {
-            JobError::new(
+            ExitError::new(
                 ExitReason::Network,
                 format!(
                     "{url}: no response within {} s",
@@ -86,7 +86,7 @@ pub async fn get(
                 ),
             )
         })?
-        .map_err(|e| JobError::new(ExitReason::Network, format!("{url}: {}", chain(&e))))?;
+        .map_err(|e| ExitError::new(ExitReason::Network, format!("{url}: {}", chain(&e))))?;
     let status = resp.status().as_u16();
     if matches!(status, 200 | 206 | 416) {
         Ok(resp)
@@ -112,13 +112,13 @@ pub async fn get_bytes(
     client: &reqwest::Client,
     url: &str,
     policy: &TransferPolicy,
-) -> Result<Vec<u8>, JobError> {
+) -> Result<Vec<u8>, ExitError> {
     let mut attempt = 0u32;
     loop {
         let result =
             match get(client, url, policy, None).await {
                 Ok(resp) => resp.bytes().await.map(|b| b.to_vec()).map_err(|e| {
-                    JobError::new(ExitReason::Network, format!("{url}: {}", chain(&e)))
+                    ExitError::new(ExitReason::Network, format!("{url}: {}", chain(&e)))
                 }),
                 Err(e) => Err(e),
             };
@@ -150,7 +150,7 @@ pub async fn download(
     dest: &Path,
     policy: &TransferPolicy,
     progress: &Progress,
-) -> Result<(u64, String), JobError> {
+) -> Result<(u64, String), ExitError> {
     let mut attempt = 0u32;
     let mut sized = file.size.is_some();
     loop {
@@ -182,13 +182,13 @@ async fn attempt_once(
     policy: &TransferPolicy,
     progress: &Progress,
     sized: &mut bool,
-) -> Result<(u64, String), JobError> {
+) -> Result<(u64, String), ExitError> {
     let part = partial_path(dest);
     // Continue a partial file: hash what is there, ask for the rest.
     let (mut have, mut hash) = match hash_file(&part).await {
         Ok(x) => x,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, Sha256::new()),
-        Err(e) => return Err(JobError::io(&part, &e)),
+        Err(e) => return Err(ExitError::io(&part, &e)),
     };
     if file.size.is_some_and(|s| have > s) {
         have = 0;
@@ -208,7 +208,7 @@ async fn attempt_once(
                 .append(true)
                 .open(&part)
                 .await
-                .map_err(|e| JobError::io(&part, &e))?
+                .map_err(|e| ExitError::io(&part, &e))?
         }
         416 => {
             // The partial file already holds every byte; verify it below.
@@ -220,7 +220,7 @@ async fn attempt_once(
             hash = Sha256::new();
             tokio::fs::File::create(&part)
                 .await
-                .map_err(|e| JobError::io(&part, &e))?
+                .map_err(|e| ExitError::io(&part, &e))?
         }
     };
     let mut stream = resp.bytes_stream();
@@ -228,7 +228,7 @@ async fn attempt_once(
         let next = tokio::time::timeout(policy.stall_timeout, stream.next())
             .await
             .map_err(|_| {
-                JobError::new(
+                ExitError::new(
                     ExitReason::Network,
                     format!(
                         "{url}: transfer stalled for {} s at byte {have}",
@@ -238,27 +238,27 @@ async fn attempt_once(
             })?;
         let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|e| {
-            JobError::new(
+            ExitError::new(
                 ExitReason::Network,
                 format!("{url}: connection lost at byte {have}: {}", chain(&e)),
             )
         })?;
         out.write_all(&chunk)
             .await
-            .map_err(|e| JobError::io(&part, &e))?;
+            .map_err(|e| ExitError::io(&part, &e))?;
         hash.update(&chunk);
         have += chunk.len() as u64;
         progress
             .received
             .fetch_add(chunk.len() as u64, Ordering::Relaxed);
     }
-    out.flush().await.map_err(|e| JobError::io(&part, &e))?;
-    out.sync_all().await.map_err(|e| JobError::io(&part, &e))?;
+    out.flush().await.map_err(|e| ExitError::io(&part, &e))?;
+    out.sync_all().await.map_err(|e| ExitError::io(&part, &e))?;
     drop(out);
     if let Some(size) = file.size
         && have < size
     {
-        return Err(JobError::new(
+        return Err(ExitError::new(
             ExitReason::Network,
             format!("{url}: connection closed after {have} of {size} bytes"),
         ));
@@ -274,13 +274,13 @@ async fn finish(
     part: &Path,
     size: u64,
     hash: Sha256,
-) -> Result<(u64, String), JobError> {
+) -> Result<(u64, String), ExitError> {
     let sum = sd35_pipeline::engine::hex(&hash.finalize());
     let size_ok = file.size.is_none_or(|s| s == size);
     let sum_ok = file.sha256.as_deref().is_none_or(|s| s == sum);
     if !(size_ok && sum_ok) {
         let _ = tokio::fs::remove_file(part).await;
-        return Err(JobError::new(
+        return Err(ExitError::new(
             ExitReason::ChecksumMismatch,
             format!(
                 "{}: got {size} bytes with sha256 {sum}, expected {} bytes with sha256 {}",
@@ -292,6 +292,6 @@ async fn finish(
     }
     tokio::fs::rename(part, dest)
         .await
-        .map_err(|e| JobError::io(dest, &e))?;
+        .map_err(|e| ExitError::io(dest, &e))?;
     Ok((size, sum))
 }

@@ -1,54 +1,25 @@
-//! Failures of `fetch` and `build-engine`, each tied to the exit code the operator maps to a
-//! condition reason.
+//! How `fetch` and `build-engine` end: a failure ([`ExitError`], the contract's, tied to the
+//! exit code the operator maps to a condition reason) is logged, its one-line cause written as
+//! the container's termination message, and the process exits with the reason's code.
 
 use std::path::Path;
 
-use sd35_contract::ExitReason;
+pub use sd35_contract::ExitError;
+use sd35_contract::write_termination_message;
 
-/// A failure with its documented exit reason and a message naming the cause.
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct JobError {
-    /// The exit reason (and code).
-    pub reason: ExitReason,
-    /// What went wrong, naming the file, URL or path.
-    pub message: String,
+/// The termination message of a failed `what` (`fetch`, `build-engine`): the cause on one
+/// line, as the log says it (`fetch failed: <url>: HTTP 404: ...`).
+pub fn termination_message(what: &str, e: &ExitError) -> String {
+    format!("{what} failed: {}", e.message)
 }
 
-impl JobError {
-    /// A failure of the given reason.
-    pub fn new(reason: ExitReason, message: impl Into<String>) -> Self {
-        Self {
-            reason,
-            message: message.into(),
-        }
-    }
-
-    /// Classifies a filesystem error on `path`: disk full and permission denied get their
-    /// own reasons; anything else is reported as a permission problem of the volume.
-    pub fn io(path: &Path, e: &std::io::Error) -> Self {
-        let reason = match e.kind() {
-            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
-                ExitReason::DiskFull
-            }
-            _ if e.raw_os_error() == Some(28) => ExitReason::DiskFull,
-            _ => ExitReason::PermissionDenied,
-        };
-        let what = match reason {
-            ExitReason::DiskFull => "no space left on the cache volume",
-            _ => "cannot write or read",
-        };
-        Self::new(reason, format!("{what}: {}: {e}", path.display()))
-    }
-
-    /// Whether trying the same transfer again could help.
-    pub fn retriable(&self) -> bool {
-        self.reason.retriable()
-    }
-}
-
-/// Runs a job's body and turns its failure into a log line and the documented exit code.
-pub fn exit_on_error(what: &str, result: Result<(), JobError>) -> ! {
+/// Runs a job's body and turns its failure into a log line, a termination message at
+/// `termination_message_path` (when given) and the documented exit code.
+pub fn exit_on_error(
+    what: &str,
+    result: Result<(), ExitError>,
+    termination_message_path: Option<&Path>,
+) -> ! {
     match result {
         Ok(()) => std::process::exit(0),
         Err(e) => {
@@ -59,6 +30,14 @@ pub fn exit_on_error(what: &str, result: Result<(), JobError>) -> ! {
                 "{what} failed: {}",
                 e.message
             );
+            if let Some(path) = termination_message_path
+                && let Err(err) = write_termination_message(path, &termination_message(what, &e))
+            {
+                tracing::warn!(
+                    path = %path.display(),
+                    "cannot write the termination message: {err}"
+                );
+            }
             std::process::exit(e.reason.code())
         }
     }
@@ -66,19 +45,19 @@ pub fn exit_on_error(what: &str, result: Result<(), JobError>) -> ! {
 
 #[cfg(test)]
 mod tests {
+    use sd35_contract::ExitReason;
+
     use super::*;
 
     #[test]
-    fn filesystem_errors_map_to_their_reasons() {
-        let p = Path::new("/cache/models/k/x");
-        let full = std::io::Error::from_raw_os_error(28);
-        assert_eq!(JobError::io(p, &full).reason, ExitReason::DiskFull);
-        assert!(JobError::io(p, &full).message.contains("no space left"));
-        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
-        assert_eq!(
-            JobError::io(p, &denied).reason,
-            ExitReason::PermissionDenied
+    fn the_termination_message_is_the_log_lines_cause() {
+        let e = ExitError::new(
+            ExitReason::NotFound,
+            "http://m/no-such-model/sha256sums.txt: HTTP 404: no such repository, revision or file",
         );
-        assert!(!JobError::io(p, &denied).retriable());
+        assert_eq!(
+            termination_message("fetch", &e),
+            "fetch failed: http://m/no-such-model/sha256sums.txt: HTTP 404: no such repository, revision or file"
+        );
     }
 }

@@ -7,18 +7,18 @@ use std::path::Path;
 pub use sd35_contract::{CacheManifest, FileRecord, SourceRecord};
 use sd35_contract::{ExitReason, ManifestError};
 
-use super::error::JobError;
+use super::error::ExitError;
 
-fn job_error(e: ManifestError) -> JobError {
+fn job_error(e: ManifestError) -> ExitError {
     match e {
-        ManifestError::Io(path, source) => JobError::io(&path, &source),
-        other => JobError::new(ExitReason::InvalidModel, other.to_string()),
+        ManifestError::Io(path, source) => ExitError::io(&path, &source),
+        other => ExitError::new(ExitReason::InvalidModel, other.to_string()),
     }
 }
 
 /// Reads the marker of `model_dir`; `None` when the cache is not complete (no marker, or one
 /// this version cannot read, which is fetched again).
-pub fn read_marker(model_dir: &Path) -> Result<Option<CacheManifest>, JobError> {
+pub fn read_marker(model_dir: &Path) -> Result<Option<CacheManifest>, ExitError> {
     match CacheManifest::read(model_dir) {
         Ok(m) => Ok(Some(m)),
         Err(ManifestError::Missing(_) | ManifestError::Invalid(..)) => Ok(None),
@@ -27,6 +27,6 @@ pub fn read_marker(model_dir: &Path) -> Result<Option<CacheManifest>, JobError> 
 }
 
 /// Writes the marker atomically.
-pub fn write_marker(manifest: &CacheManifest, model_dir: &Path) -> Result<(), JobError> {
+pub fn write_marker(manifest: &CacheManifest, model_dir: &Path) -> Result<(), ExitError> {
     manifest.write(model_dir).map_err(job_error)
 }

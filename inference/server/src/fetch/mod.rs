@@ -23,7 +23,7 @@ use sd35_contract::{COMPLETE_MARKER, ExitReason, FetchArgs, TOKEN_ENV, model_dir
 use sha2::Digest;
 
 use self::download::{Progress, TransferPolicy, download, get_bytes, partial_path};
-use self::error::{JobError, exit_on_error};
+use self::error::{ExitError, exit_on_error};
 use self::manifest::{
     CacheManifest, FileRecord as CachedFile, SourceRecord, read_marker, write_marker,
 };
@@ -70,12 +70,16 @@ pub fn main(cmd: &FetchCommand) -> ! {
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| JobError::new(ExitReason::Network, format!("tokio runtime: {e}")))
+        .map_err(|e| ExitError::new(ExitReason::Network, format!("tokio runtime: {e}")))
         .and_then(|rt| rt.block_on(run(cmd)));
-    exit_on_error("fetch", result)
+    exit_on_error(
+        "fetch",
+        result,
+        cmd.args.termination_message_path.as_deref(),
+    )
 }
 
-fn read_token(cmd: &FetchCommand) -> Result<Option<String>, JobError> {
+fn read_token(cmd: &FetchCommand) -> Result<Option<String>, ExitError> {
     if let Ok(t) = std::env::var(TOKEN_ENV)
         && !t.trim().is_empty()
     {
@@ -85,7 +89,7 @@ fn read_token(cmd: &FetchCommand) -> Result<Option<String>, JobError> {
         None => Ok(None),
         Some(p) => {
             let t = std::fs::read_to_string(p).map_err(|e| {
-                JobError::new(
+                ExitError::new(
                     ExitReason::Unauthorized,
                     format!("cannot read the token file {}: {e}", p.display()),
                 )
@@ -105,7 +109,7 @@ struct Plan {
 }
 
 /// Fetches (or confirms) the cache.
-pub async fn run(cmd: &FetchCommand) -> Result<(), JobError> {
+pub async fn run(cmd: &FetchCommand) -> Result<(), ExitError> {
     let a = &cmd.args;
     let dir = model_dir(&a.cache_root, &a.cache_key);
     if let Some(m) = read_marker(&dir)?
@@ -121,11 +125,11 @@ pub async fn run(cmd: &FetchCommand) -> Result<(), JobError> {
     // An incomplete or stale marker must not survive a failed run.
     match std::fs::remove_file(dir.join(COMPLETE_MARKER)) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(JobError::io(&dir, &e));
+            return Err(ExitError::io(&dir, &e));
         }
         _ => {}
     }
-    std::fs::create_dir_all(&dir).map_err(|e| JobError::io(&dir, &e))?;
+    std::fs::create_dir_all(&dir).map_err(|e| ExitError::io(&dir, &e))?;
 
     let policy = TransferPolicy {
         token: read_token(cmd)?,
@@ -137,12 +141,12 @@ pub async fn run(cmd: &FetchCommand) -> Result<(), JobError> {
         .connect_timeout(policy.stall_timeout)
         .user_agent(concat!("sd35-server/", env!("CARGO_PKG_VERSION")))
         .build()
-        .map_err(|e| JobError::new(ExitReason::Network, format!("HTTP client: {e}")))?;
+        .map_err(|e| ExitError::new(ExitReason::Network, format!("HTTP client: {e}")))?;
 
     let plan = plan(a, &client, &policy).await?;
     let paths: Vec<String> = plan.files.iter().map(|f| f.path.clone()).collect();
     let selected = select::select(&paths, a.variant)
-        .map_err(|e| JobError::new(ExitReason::InvalidModel, e))?;
+        .map_err(|e| ExitError::new(ExitReason::InvalidModel, e))?;
     let files: Vec<RemoteFile> = plan
         .files
         .iter()
@@ -171,7 +175,7 @@ pub async fn run(cmd: &FetchCommand) -> Result<(), JobError> {
         .map(|f| fetch_one(&client, &plan.origin, f, &dir, &policy, &progress))
         .buffer_unordered(cmd.parallel.max(1));
     let mut cached = Vec::with_capacity(files.len());
-    let mut first_err: Option<JobError> = None;
+    let mut first_err: Option<ExitError> = None;
     while let Some(r) = transfers.next().await {
         match r {
             Ok(c) => cached.push(c),
@@ -219,7 +223,7 @@ async fn plan(
     a: &FetchArgs,
     client: &reqwest::Client,
     policy: &TransferPolicy,
-) -> Result<Plan, JobError> {
+) -> Result<Plan, ExitError> {
     if let Some(repo) = &a.source.hf_repo {
         let endpoint = a.hf_endpoint.trim_end_matches('/');
         let url = format!(
@@ -228,7 +232,7 @@ async fn plan(
         );
         let body = get_bytes(client, &url, policy).await?;
         let (sha, mut files) =
-            parse_hub_info(&body).map_err(|e| JobError::new(ExitReason::Network, e))?;
+            parse_hub_info(&body).map_err(|e| ExitError::new(ExitReason::Network, e))?;
         // Pin every download to the commit the revision resolved to.
         let rev = sha.clone().unwrap_or_else(|| a.revision.clone());
         // Some Hub mirrors omit LFS metadata from the model info: the tree API has it.
@@ -269,10 +273,10 @@ async fn plan(
         let base = base.trim_end_matches('/');
         let url = format!("{base}/{SHA256SUMS}");
         let body = String::from_utf8(get_bytes(client, &url, policy).await?).map_err(|_| {
-            JobError::new(ExitReason::InvalidModel, format!("{url}: not UTF-8 text"))
+            ExitError::new(ExitReason::InvalidModel, format!("{url}: not UTF-8 text"))
         })?;
         let files = parse_sha256sums(&body)
-            .map_err(|e| JobError::new(ExitReason::InvalidModel, format!("{url}: {e}")))?;
+            .map_err(|e| ExitError::new(ExitReason::InvalidModel, format!("{url}: {e}")))?;
         Ok(Plan {
             source: SourceRecord::Http {
                 url: base.to_owned(),
@@ -285,7 +289,7 @@ async fn plan(
         let listed = list_dir(dir)?;
         let sums = match std::fs::read_to_string(dir.join(SHA256SUMS)) {
             Ok(t) => Some(parse_sha256sums(&t).map_err(|e| {
-                JobError::new(ExitReason::InvalidModel, format!("{SHA256SUMS}: {e}"))
+                ExitError::new(ExitReason::InvalidModel, format!("{SHA256SUMS}: {e}"))
             })?),
             Err(_) => None,
         };
@@ -310,7 +314,7 @@ async fn plan(
             origin: Err(dir.clone()),
         })
     } else {
-        Err(JobError::new(
+        Err(ExitError::new(
             ExitReason::Usage,
             "one of --hf-repo, --http-url or --import-dir is required",
         ))
@@ -324,12 +328,12 @@ async fn fetch_one(
     dir: &Path,
     policy: &TransferPolicy,
     progress: &Progress,
-) -> Result<CachedFile, JobError> {
+) -> Result<CachedFile, ExitError> {
     let dest = dir.join(&file.path);
     if let Some(parent) = dest.parent() {
         tokio::fs::create_dir_all(parent)
             .await
-            .map_err(|e| JobError::io(parent, &e))?;
+            .map_err(|e| ExitError::io(parent, &e))?;
     }
     // A file already in place from an earlier, interrupted run: keep it if it verifies.
     if let Ok((size, hash)) = download::hash_file(&dest).await {
@@ -344,7 +348,7 @@ async fn fetch_one(
         tracing::warn!(file = %file.path, "cached file does not match its checksum, fetching it again");
         tokio::fs::remove_file(&dest)
             .await
-            .map_err(|e| JobError::io(&dest, &e))?;
+            .map_err(|e| ExitError::io(&dest, &e))?;
     }
     let (size, sha256) = match origin {
         Ok(base) => {
@@ -367,7 +371,7 @@ async fn import(
     file: &RemoteFile,
     dest: &Path,
     progress: &Progress,
-) -> Result<(u64, String), JobError> {
+) -> Result<(u64, String), ExitError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let part = partial_path(dest);
     let mut r = tokio::fs::File::open(src)
@@ -375,29 +379,29 @@ async fn import(
         .map_err(|e| not_found_or_io(src, &e))?;
     let mut w = tokio::fs::File::create(&part)
         .await
-        .map_err(|e| JobError::io(&part, &e))?;
+        .map_err(|e| ExitError::io(&part, &e))?;
     let mut h = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
-        let n = r.read(&mut buf).await.map_err(|e| JobError::io(src, &e))?;
+        let n = r.read(&mut buf).await.map_err(|e| ExitError::io(src, &e))?;
         if n == 0 {
             break;
         }
         w.write_all(&buf[..n])
             .await
-            .map_err(|e| JobError::io(&part, &e))?;
+            .map_err(|e| ExitError::io(&part, &e))?;
         h.update(&buf[..n]);
         size += n as u64;
         progress.received.fetch_add(n as u64, Ordering::Relaxed);
     }
     // A failed write surfaces on flush; sync_all would report it less precisely.
-    w.flush().await.map_err(|e| JobError::io(&part, &e))?;
-    w.sync_all().await.map_err(|e| JobError::io(&part, &e))?;
+    w.flush().await.map_err(|e| ExitError::io(&part, &e))?;
+    w.sync_all().await.map_err(|e| ExitError::io(&part, &e))?;
     let sum = sd35_pipeline::engine::hex(&h.finalize());
     if file.sha256.as_deref().is_some_and(|s| s != sum) {
         let _ = tokio::fs::remove_file(&part).await;
-        return Err(JobError::new(
+        return Err(ExitError::new(
             ExitReason::ChecksumMismatch,
             format!(
                 "{}: sha256 {sum} does not match {SHA256SUMS}",
@@ -407,7 +411,7 @@ async fn import(
     }
     tokio::fs::rename(&part, dest)
         .await
-        .map_err(|e| JobError::io(dest, &e))?;
+        .map_err(|e| ExitError::io(dest, &e))?;
     Ok((size, sum))
 }
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use sd35_contract::ExitReason;
 
-use super::error::JobError;
+use super::error::ExitError;
 
 /// Name of the manifest of HTTP mirrors (and, optionally, of import directories).
 pub const SHA256SUMS: &str = "sha256sums.txt";
@@ -51,20 +51,20 @@ pub fn parse_sha256sums(text: &str) -> Result<Vec<RemoteFile>, String> {
 }
 
 /// Maps an HTTP status of `url` to the failure a person must act on.
-pub fn status_error(status: u16, url: &str) -> JobError {
+pub fn status_error(status: u16, url: &str) -> ExitError {
     match status {
-        401 | 403 => JobError::new(
+        401 | 403 => ExitError::new(
             ExitReason::Unauthorized,
             format!(
                 "{url}: HTTP {status}: the source refused access (missing or wrong token, or a \
                  gated model whose licence the token's account has not accepted)"
             ),
         ),
-        404 => JobError::new(
+        404 => ExitError::new(
             ExitReason::NotFound,
             format!("{url}: HTTP 404: no such repository, revision or file"),
         ),
-        _ => JobError::new(ExitReason::Network, format!("{url}: HTTP {status}")),
+        _ => ExitError::new(ExitReason::Network, format!("{url}: HTTP {status}")),
     }
 }
 
@@ -149,11 +149,11 @@ pub fn parse_hub_tree(body: &[u8]) -> Result<Vec<RemoteFile>, String> {
 }
 
 /// Every file under `dir`, relative and sorted (hidden files skipped).
-pub fn list_dir(dir: &Path) -> Result<Vec<(String, PathBuf)>, JobError> {
-    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<(), JobError> {
+pub fn list_dir(dir: &Path) -> Result<Vec<(String, PathBuf)>, ExitError> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<(), ExitError> {
         let entries = std::fs::read_dir(dir).map_err(|e| not_found_or_io(dir, &e))?;
         for e in entries {
-            let e = e.map_err(|e| JobError::io(dir, &e))?;
+            let e = e.map_err(|e| ExitError::io(dir, &e))?;
             if e.file_name().to_string_lossy().starts_with('.') {
                 continue;
             }
@@ -179,14 +179,14 @@ pub fn list_dir(dir: &Path) -> Result<Vec<(String, PathBuf)>, JobError> {
 }
 
 /// A missing import path is a `NotFound`; other errors are classified as filesystem errors.
-pub fn not_found_or_io(path: &Path, e: &std::io::Error) -> JobError {
+pub fn not_found_or_io(path: &Path, e: &std::io::Error) -> ExitError {
     if e.kind() == std::io::ErrorKind::NotFound {
-        JobError::new(
+        ExitError::new(
             ExitReason::NotFound,
             format!("{} does not exist", path.display()),
         )
     } else {
-        JobError::io(path, e)
+        ExitError::io(path, e)
     }
 }
 
