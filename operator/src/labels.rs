@@ -26,6 +26,12 @@ pub const SERVING_TARGET: &str = "sd35.io/serving-target";
 
 /// Value of `app.kubernetes.io/name` on serving pods.
 pub const SERVER_NAME: &str = "sd35-server";
+/// Value of `app.kubernetes.io/name` on the fetch Job and its pods.
+pub const FETCH_NAME: &str = "sd35-fetch";
+/// Value of `app.kubernetes.io/name` on the engine build Job and its pods.
+pub const BUILD_NAME: &str = "sd35-build";
+/// Label the Job controller sets on a Job's pods: the Job's name.
+pub const JOB_NAME: &str = "batch.kubernetes.io/job-name";
 
 /// Labels every child carries.
 pub fn common(component: &str) -> BTreeMap<String, String> {

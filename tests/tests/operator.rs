@@ -548,6 +548,18 @@ async fn fail_job_pod(s: &Setup, job: &str, exclude: &[String]) -> String {
 }
 
 async fn fail_pod(s: &Setup, job: &str, exclude: &[String], exit_code: i32) -> String {
+    fail_pod_saying(s, job, exclude, exit_code, None).await
+}
+
+/// Marks the fetch pod of `job` as failed with `exit_code` and, when given, the termination
+/// message `sd35-server fetch` writes.
+async fn fail_pod_saying(
+    s: &Setup,
+    job: &str,
+    exclude: &[String],
+    exit_code: i32,
+    message: Option<&str>,
+) -> String {
     let uid = fail_job_pod(s, job, exclude).await;
     let pods: Api<Pod> = s.ns.api();
     let list = pods
@@ -560,11 +572,16 @@ async fn fail_pod(s: &Setup, job: &str, exclude: &[String], exit_code: i32) -> S
         .find(|p| p.uid().as_deref() == Some(uid.as_str()))
         .unwrap();
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let mut terminated =
+        json!({"exitCode": exit_code, "reason": "Error", "startedAt": now, "finishedAt": now});
+    if let Some(message) = message {
+        terminated["message"] = json!(message);
+    }
     let status = json!({"status": {
         "phase": "Failed",
         "containerStatuses": [{
             "name": "fetch", "image": "sd35-server:e2e", "imageID": "", "ready": false, "restartCount": 0,
-            "state": {"terminated": {"exitCode": exit_code, "reason": "Error", "startedAt": now, "finishedAt": now}}
+            "state": {"terminated": terminated}
         }]
     }});
     pods.patch_status(
@@ -599,12 +616,17 @@ async fn failing_fetches_report_their_cause_stall_after_the_budget_and_retry_on_
     .await
     .unwrap();
     let job = format!("sd35-fetch-{}", obj.status.unwrap().cache.unwrap().key);
-    let first = fail_pod(&s, &job, &[], 15).await;
+    // What the attempt wrote is quoted while the Job retries.
+    let reset =
+        "fetch failed: https://mirror.invalid/flaky/sha256sums.txt: connection reset by peer";
+    let first = fail_pod_saying(&s, &job, &[], 15, Some(reset)).await;
     let o = wait_for(&s.api, "flaky", "a failed attempt reported", TIMEOUT, |o| {
         condition(o, "CacheReady").is_some_and(|c| c.message.contains("failed attempts"))
     })
     .await
     .unwrap();
+    let message = &condition(&o, "CacheReady").unwrap().message;
+    assert!(message.contains(&format!("the last: {reset}")), "{message}");
     assert!(
         has_condition(&o, "Ready", "False") && has_condition(&o, "Stalled", "False"),
         "{}",
@@ -663,6 +685,36 @@ async fn failing_fetches_report_their_cause_stall_after_the_budget_and_retry_on_
     assert_eq!(cache.reason, "Unauthorized", "{}", summary(&o));
     assert!(cache.message.contains("token"), "{}", cache.message);
     assert_eq!(condition(&o, "Ready").unwrap().reason, "Unauthorized");
+
+    // A source that is not there (404, exit 11): the conditions kubectl describe, Flux and
+    // Argo CD show quote the URL and the status the fetch wrote as its termination message.
+    apply(
+        &s,
+        &manifest("missing", &spec("https://mirror.invalid/no-such-model/", 3)),
+    );
+    let obj = wait_for(&s.api, "missing", "cache status", TIMEOUT, |o| {
+        o.status.as_ref().and_then(|st| st.cache.as_ref()).is_some()
+    })
+    .await
+    .unwrap();
+    let job = format!("sd35-fetch-{}", obj.status.unwrap().cache.unwrap().key);
+    let said = "fetch failed: https://mirror.invalid/no-such-model/sha256sums.txt: HTTP 404: no such repository, revision or file";
+    fail_pod_saying(&s, &job, &[], 11, Some(&format!("{said}\n"))).await;
+    let o = wait_for(&s.api, "missing", "Stalled", TIMEOUT, |o| {
+        has_condition(o, "Stalled", "True")
+    })
+    .await
+    .unwrap();
+    for c in ["CacheReady", "Stalled", "Ready"] {
+        let c = condition(&o, c).unwrap();
+        assert_eq!(c.reason, "NotFound", "{}", summary(&o));
+        assert!(
+            c.message.contains(said) && c.message.contains("spec.model.source"),
+            "{}: {}",
+            c.type_,
+            c.message
+        );
+    }
 
     let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(s.cluster.client());
     heartbeat.abort();

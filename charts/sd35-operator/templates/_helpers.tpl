@@ -129,8 +129,10 @@ well as patch when the object does not exist yet.
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["servicemonitors"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Serving pods, read only: a server that exits with a documented code (no usable GPU, an
-# engine that is not what was asked for) becomes a condition that quotes its reason.
+# Serving pods and the pods of fetch and build Jobs, read only: a server that exits with a
+# documented code (no usable GPU, an engine that is not what was asked for), or a Job whose
+# attempt failed (a 404 from the source, a full volume), becomes a condition that quotes its
+# termination message.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]

@@ -89,10 +89,13 @@ pub struct ChildStores {
     pub controlled: ControlledStores,
     /// Whether the ServiceMonitor CRD (monitoring.coreos.com/v1) is installed.
     pub service_monitor_crd: Arc<AtomicBool>,
-    /// Serving pods, read for the exit codes of containers that could not start.
+    /// Serving pods and the pods of fetch and build Jobs, read for how their containers
+    /// ended: the exit codes and termination messages of those that failed.
     pub pods: Store<Pod>,
     /// Serving pods by `namespace/instance`.
     pub pods_by_instance: Index<Pod>,
+    /// The pods of fetch and build Jobs by `namespace/job name`.
+    pub pods_by_job: Index<Pod>,
     /// Nodes, metadata only: their GPU feature discovery labels.
     pub nodes: Store<PartialObjectMeta<Node>>,
 }

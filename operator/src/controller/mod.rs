@@ -3,7 +3,7 @@
 //!
 //! Guarantees: one watch per child kind feeds the controller's triggers, a cache that the
 //! reconciler reads instead of asking the API server, and an index of that cache; a change of
-//! a child shared by cache key (a Job, a cache claim) reaches every user of that cache; the
+//! a child shared by cache key (a Job, its pods, a cache claim) reaches every user of that cache; the
 //! controller stops when `shutdown` says so, after the reconciles in flight.
 
 pub mod context;
@@ -92,18 +92,22 @@ pub async fn run(
     };
     // Of a Job the reconciler reads its metadata and status (it creates a Job and never
     // compares it with a desired one).
-    let (jobs, job_events) = cached(api::<Job>(&client, ns), ours(), None, |j| j.spec = None);
+    let (jobs, job_events) = cached(api::<Job>(&client, ns), ours(), Vec::new(), |j| {
+        j.spec = None;
+    });
     let (claims, claim_events) = cached(
         api::<PersistentVolumeClaim>(&client, ns),
         ours(),
-        None,
+        Vec::new(),
         |_| {},
     );
+    // Serving pods by instance, the pods of Jobs by Job: each kind is keyed by its own label.
     let pods_by_instance = Index::new(triggers::instance_of);
+    let pods_by_job = Index::new(triggers::job_of);
     let (pods, pod_events) = cached(
         api::<Pod>(&client, ns),
         our_pods(),
-        Some(pods_by_instance.clone()),
+        vec![pods_by_instance.clone(), pods_by_job.clone()],
         trim_pod,
     );
     // SD35Deployments, indexed by cache key: a Job or claim event finds its users there.
@@ -127,7 +131,7 @@ pub async fn run(
             .concurrency(concurrency)
             .debounce(debounce),
     );
-    let (job_users, claim_users) = (users.clone(), users.clone());
+    let (job_users, claim_users, pod_users) = (users.clone(), users.clone(), users.clone());
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), labels::MANAGER, identity.as_deref()),
         client: client.clone(),
@@ -148,6 +152,7 @@ pub async fn run(
             service_monitor_crd,
             pods,
             pods_by_instance,
+            pods_by_job,
             nodes: nodes(&client),
         },
     });
@@ -164,7 +169,9 @@ pub async fn run(
                 job.labels().get(labels::CACHE_KEY).map(String::as_str),
             )
         })
-        .watches_stream(pod_events, |pod: Pod| triggers::instance_owner(&pod))
+        .watches_stream(pod_events, move |pod: Pod| {
+            triggers::pod_users(&pod_users, &pod)
+        })
         .watches_stream(claim_events, move |pvc: PersistentVolumeClaim| {
             triggers::users_of_cache_key(
                 &claim_users,

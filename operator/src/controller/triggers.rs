@@ -3,7 +3,8 @@
 //!
 //! A serving pod names its SD35Deployment in its instance label; a Job, a cache claim and a
 //! Job's pod are shared by every user of a cache and name its key, whose users an index of
-//! SD35Deployments by cache key finds without a scan.
+//! SD35Deployments by cache key finds without a scan. A Job's pods are found by the Job's
+//! name, which the Job controller sets on them.
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
@@ -37,6 +38,14 @@ pub fn instance_of(pod: &Pod) -> Vec<String> {
     }
 }
 
+/// The index key of a Job's pod: `namespace/job name`.
+pub fn job_of(pod: &Pod) -> Vec<String> {
+    match (pod.namespace(), pod.labels().get(labels::JOB_NAME)) {
+        (Some(ns), Some(job)) => vec![namespaced(&ns, job)],
+        _ => Vec::new(),
+    }
+}
+
 /// The SD35Deployments a Job, claim or Job pod belongs to, found by its cache key label.
 pub fn users_of_cache_key(
     users: &Index<SD35Deployment>,
@@ -49,18 +58,22 @@ pub fn users_of_cache_key(
     }
 }
 
-/// The SD35Deployment a serving pod belongs to, by its instance label.
-pub fn instance_owner(pod: &Pod) -> Vec<ObjectRef<SD35Deployment>> {
+/// The SD35Deployments a pod concerns: a serving pod its instance, a Job's pod every user of
+/// its cache key.
+pub fn pod_users(users: &Index<SD35Deployment>, pod: &Pod) -> Vec<ObjectRef<SD35Deployment>> {
     let ns = pod.namespace();
-    pod.labels()
-        .get(labels::INSTANCE)
-        .map(|name| {
+    match pod.labels().get(labels::INSTANCE) {
+        Some(name) => {
             let r = ObjectRef::<SD35Deployment>::new(name);
-            match ns {
+            vec![match ns {
                 Some(ns) => r.within(&ns),
                 None => r,
-            }
-        })
-        .into_iter()
-        .collect()
+            }]
+        }
+        None => users_of_cache_key(
+            users,
+            ns.as_deref(),
+            pod.labels().get(labels::CACHE_KEY).map(String::as_str),
+        ),
+    }
 }

@@ -36,23 +36,27 @@ pub fn ours() -> watcher::Config {
     watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGER))
 }
 
-/// Selects the operator's serving pods: their exit codes say why a server could not start.
+/// Selects the operator's pods: serving pods (their exit codes say why a server could not
+/// start) and the pods of fetch and build Jobs (their termination messages say why an attempt
+/// failed).
 pub fn our_pods() -> watcher::Config {
     watcher::Config::default().labels(&format!(
-        "{}={},{}={}",
+        "{}={},{} in ({},{},{})",
         labels::MANAGED_BY,
         labels::MANAGER,
         labels::NAME,
-        labels::SERVER_NAME
+        labels::SERVER_NAME,
+        labels::FETCH_NAME,
+        labels::BUILD_NAME
     ))
 }
 
 /// One watch of `K`: the store the reconciler reads and the stream of touched objects for
-/// the controller. `trim` drops what is never read; `index`, if any, is fed first.
+/// the controller. `trim` drops what is never read; the `indexes` are fed first.
 pub fn cached<K>(
     api: Api<K>,
     config: watcher::Config,
-    index: Option<Index<K>>,
+    indexes: Vec<Index<K>>,
     trim: fn(&mut K),
 ) -> (
     Store<K>,
@@ -69,7 +73,7 @@ where
 {
     let (store, writer) = reflector::store();
     // managedFields (and what `trim` drops) are never read; dropping them keeps the caches
-    // small. The index sees each event before the store, so an object that triggers a
+    // small. The indexes see each event before the store, so an object that triggers a
     // reconcile is indexed.
     let events = watcher(api, config)
         .default_backoff()
@@ -78,7 +82,7 @@ where
             trim(o);
         })
         .inspect_ok(move |event| {
-            if let Some(index) = &index {
+            for index in &indexes {
                 index.apply_watcher_event(event);
             }
         });
@@ -103,12 +107,13 @@ where
         + 'static,
 {
     let by_owner = Index::new(index::controller_uid::<K>);
-    let (store, stream) = cached(api, ours(), Some(by_owner.clone()), |_| {});
+    let (store, stream) = cached(api, ours(), vec![by_owner.clone()], |_| {});
     (Owned { store, by_owner }, stream)
 }
 
 /// Of a pod only what the reconciler reads: its labels, the node it runs on (which GPU it
-/// got), and how each container ran and ended (why a server could not start).
+/// got), and how each container ran and ended (why a server could not start, why a Job's
+/// attempt failed).
 pub fn trim_pod(p: &mut k8s_openapi::api::core::v1::Pod) {
     p.annotations_mut().clear();
     p.spec = p.spec.take().map(|s| PodSpec {

@@ -1,9 +1,12 @@
 //! Driving a fetch or build Job, shared by the fetch and build steps: start it when missing,
 //! clear one of an earlier claim, keep its owners every user of the cache, read where it
-//! stands, and run it again when the user changed the spec after it failed.
+//! stands (in the words its last failed attempt wrote), and run it again when the user
+//! changed the spec after it failed.
+
+use std::sync::Arc;
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::ResourceExt;
 use kube::api::Api;
 use serde_json::json;
@@ -11,7 +14,9 @@ use serde_json::json;
 use super::Reconciliation;
 use crate::apply::same_owners;
 use crate::controller::context::lookup;
+use crate::index::namespaced;
 use crate::jobs::{self, JobKind, JobOutcome};
+use crate::pods::{AttemptFailure, last_attempt_failure};
 use crate::status::StepState;
 
 /// Where a step stands with its Job.
@@ -24,6 +29,18 @@ pub(super) enum JobProgress {
 }
 
 impl Reconciliation<'_> {
+    /// How the last failed attempt of the Job `name` ended, from its pods in the cache.
+    fn last_attempt_failure(&self, kind: JobKind, name: &str) -> Option<AttemptFailure> {
+        let children = &self.ctx.children;
+        let pods: Vec<Arc<Pod>> = children
+            .pods_by_job
+            .get(&namespaced(&self.resolved.namespace, name))
+            .iter()
+            .filter_map(|p| children.pods.get(p))
+            .collect();
+        last_attempt_failure(pods.iter().map(AsRef::as_ref), kind.container())
+    }
+
     /// Drives the Job `name` of `kind` on `claim` (`desired` when it must be created) and says
     /// where the step stands.
     pub(super) async fn drive_job(
@@ -53,7 +70,7 @@ impl Reconciliation<'_> {
             }
             return Ok(JobProgress::Waiting(jobs::stale(name)));
         }
-        let outcome = jobs::outcome(&job, kind, None);
+        let outcome = jobs::outcome(&job, kind, self.last_attempt_failure(kind, name).as_ref());
         if matches!(outcome, JobOutcome::Running { .. })
             && !same_owners(job.metadata.owner_references.as_ref(), &self.job_owners)
         {
