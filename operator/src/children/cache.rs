@@ -66,6 +66,8 @@ fn fail_job_exit_codes() -> Vec<i32> {
 struct JobParts<'a> {
     name: String,
     component: &'a str,
+    /// Its `app.kubernetes.io/name`, which the operator's watch of Job pods selects.
+    app_name: &'static str,
     owners: &'a [OwnerReference],
     claim_uid: &'a str,
     limits: &'a sd35_crds::JobSpec,
@@ -79,6 +81,7 @@ fn job(resolved: &Resolved, config: &OperatorConfig, parts: JobParts<'_>) -> Job
     let JobParts {
         name,
         component,
+        app_name,
         owners,
         claim_uid,
         limits: job_spec,
@@ -87,7 +90,7 @@ fn job(resolved: &Resolved, config: &OperatorConfig, parts: JobParts<'_>) -> Job
         labels: extra,
     } = parts;
     let mut labels = labels::common(component);
-    labels.insert(labels::NAME.into(), format!("sd35-{component}"));
+    labels.insert(labels::NAME.into(), app_name.to_owned());
     labels.insert(labels::CACHE_KEY.into(), resolved.cache_key.clone());
     labels.extend(extra);
     volumes.push(claim_volume("cache", &resolved.cache.claim, None));
@@ -266,6 +269,7 @@ pub fn fetch_job(
         JobParts {
             name: labels::fetch_job(&resolved.cache_key),
             component: "fetch",
+            app_name: labels::FETCH_NAME,
             owners,
             claim_uid,
             limits: &resolved.spec.cache.fetch,
@@ -314,6 +318,7 @@ pub fn build_job(
         JobParts {
             name: labels::build_job(engine_key),
             component: "build",
+            app_name: labels::BUILD_NAME,
             owners,
             claim_uid,
             limits: &resolved.spec.engine.job,

@@ -1,5 +1,5 @@
 //! The controller: the watches of SD35Deployments and of their children, the caches and
-//! indexes they fill, and the [`reconcile`]r they trigger.
+//! indexes they fill, and the reconciler ([`mod@reconcile`]) they trigger.
 //!
 //! Guarantees: one watch per child kind feeds the controller's triggers, a cache that the
 //! reconciler reads instead of asking the API server, and an index of that cache; a change of

@@ -77,3 +77,56 @@ pub fn pod_users(users: &Index<SD35Deployment>, pod: &Pod) -> Vec<ObjectRef<SD35
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use kube::runtime::watcher::Event;
+    use serde_json::json;
+
+    use super::*;
+
+    fn pod(labels: serde_json::Value) -> Pod {
+        serde_json::from_value(
+            json!({"metadata": {"name": "p", "namespace": "ns", "labels": labels}}),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn user(name: &str, cache_key: &str) -> SD35Deployment {
+        let mut obj: SD35Deployment = serde_json::from_value(json!({
+            "apiVersion": "sd35.io/v1alpha1", "kind": "SD35Deployment",
+            "metadata": {"name": name, "namespace": "ns"},
+            "spec": {"variant": "medium"}
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        obj.labels_mut().insert("key".into(), cache_key.into());
+        obj
+    }
+
+    #[test]
+    fn a_serving_pod_concerns_its_instance_and_a_job_pod_every_user_of_its_cache() {
+        // Users keyed as the controller keys them (here by a label, for the test).
+        let users = Index::new(|o: &SD35Deployment| {
+            vec![namespaced(
+                &o.namespace().unwrap_or_default(),
+                o.labels().get("key").map_or("", String::as_str),
+            )]
+        });
+        for u in [user("a", "k1"), user("b", "k1"), user("c", "k2")] {
+            users.apply_watcher_event(&Event::Apply(u));
+        }
+        let serving = pod(json!({labels::INSTANCE: "a", labels::CACHE_KEY: "k2"}));
+        let names = |refs: Vec<ObjectRef<SD35Deployment>>| {
+            let mut names: Vec<String> = refs.into_iter().map(|r| r.name).collect();
+            names.sort();
+            names
+        };
+        assert_eq!(names(pod_users(&users, &serving)), ["a"]);
+        assert_eq!(instance_of(&serving), ["ns/a"]);
+        assert!(job_of(&serving).is_empty());
+        let fetch = pod(json!({labels::CACHE_KEY: "k1", labels::JOB_NAME: "sd35-fetch-k1"}));
+        assert_eq!(names(pod_users(&users, &fetch)), ["a", "b"]);
+        assert_eq!(job_of(&fetch), ["ns/sd35-fetch-k1"]);
+        assert!(instance_of(&fetch).is_empty());
+    }
+}

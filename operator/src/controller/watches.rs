@@ -20,6 +20,29 @@ use super::context::Owned;
 use crate::index::{self, Index};
 use crate::labels;
 
+/// A kind that can be watched and cached.
+pub trait Watched:
+    Resource<DynamicType = ()>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Watched for K where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// A namespaced API of `K`: in `namespace`, or in all namespaces.
 pub fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
@@ -63,13 +86,7 @@ pub fn cached<K>(
     impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
 )
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
 {
     let (store, writer) = reflector::store();
     // managedFields (and what `trim` drops) are never read; dropping them keeps the caches
@@ -98,13 +115,7 @@ pub fn owned<K>(
     impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
 )
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
 {
     let by_owner = Index::new(index::controller_uid::<K>);
     let (store, stream) = cached(api, ours(), vec![by_owner.clone()], |_| {});
