@@ -181,6 +181,27 @@ impl ClipTextModel {
         &self.cfg
     }
 
+    /// The shapes the memory plan needs, read off the loaded tensors.
+    pub fn spec(&self) -> Result<crate::plan::ClipSpec> {
+        let (vocab, hidden) = self.token_embedding.dims2()?;
+        let intermediate = match self.layers.first() {
+            Some(l) => l.fc1.out_features()?,
+            None => 0,
+        };
+        Ok(crate::plan::ClipSpec {
+            vocab,
+            positions: self.position_embedding.dim(0)?,
+            hidden,
+            intermediate,
+            layers: self.layers.len(),
+            projection: self
+                .projection
+                .as_ref()
+                .map(Linear::out_features)
+                .transpose()?,
+        })
+    }
+
     /// Longest token sequence the position table allows.
     pub fn max_positions(&self) -> Result<usize> {
         Ok(self.position_embedding.dim(0)?)

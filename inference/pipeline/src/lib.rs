@@ -20,6 +20,7 @@ pub mod model_dir;
 pub mod nn;
 pub mod op_graph;
 pub mod pipeline;
+pub mod plan;
 pub mod scheduler;
 pub mod sentencepiece;
 mod simd;

@@ -17,11 +17,15 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::variant::Precision;
-use crate::weights::Weights;
+use crate::weights::{Weights, tensor_bytes};
 use crate::{Error, Result};
 
 /// Largest finite F8E4M3 value.
 const F8E4M3_MAX: f64 = 448.0;
+
+/// Elements of an FP8 weight dequantised at once (2²⁴: 64 MiB of f32 per intermediate); the
+/// memory plan counts the result plus two such blocks.
+pub const DEQUANTISE_ELEMENTS: usize = 1 << 24;
 
 /// The 256 F8E4M3 values indexed by their bit patterns (NaN at `0x7f` and `0xff`), in f32.
 pub fn f8e4m3_table(device: &Device) -> Result<Tensor> {
@@ -101,6 +105,14 @@ impl Linear {
             };
             Stored::Float { weight, transposed }
         };
+        w.keep(match &weight {
+            Stored::Float { weight, .. } => tensor_bytes(weight),
+            Stored::Fp8 {
+                bytes,
+                scale,
+                table,
+            } => tensor_bytes(bytes) + tensor_bytes(scale) + tensor_bytes(table),
+        });
         let bias = if bias {
             let b = names
                 .iter()
@@ -146,14 +158,7 @@ impl Linear {
                 bytes,
                 scale,
                 table,
-            } => {
-                let (rows, cols) = bytes.dims2()?;
-                table
-                    .index_select(&bytes.flatten_all()?, 0)?
-                    .reshape((rows, cols))?
-                    .broadcast_mul(scale)?
-                    .to_dtype(dtype)?
-            }
+            } => dequantise(bytes, scale, table, dtype, DEQUANTISE_ELEMENTS)?,
         })
     }
 
@@ -186,6 +191,34 @@ impl Linear {
         };
         Ok(y)
     }
+}
+
+/// `table[bytes] · scale` as a `dtype` matrix, computed in blocks of rows of at most `limit`
+/// elements, so the f32 intermediates stay small beside the result.
+fn dequantise(
+    bytes: &Tensor,
+    scale: &Tensor,
+    table: &Tensor,
+    dtype: DType,
+    limit: usize,
+) -> Result<Tensor> {
+    let (rows, cols) = bytes.dims2()?;
+    let block = |r0: usize, n: usize| -> Result<Tensor> {
+        Ok(table
+            .index_select(&bytes.narrow(0, r0, n)?.flatten_all()?, 0)?
+            .reshape((n, cols))?
+            .broadcast_mul(&scale.narrow(0, r0, n)?)?
+            .to_dtype(dtype)?)
+    };
+    let step = crate::op_graph::rows_per_chunk(rows, cols, limit);
+    if step >= rows {
+        return block(0, rows);
+    }
+    let out = Tensor::zeros((rows, cols), dtype, bytes.device())?;
+    for r0 in (0..rows).step_by(step) {
+        out.slice_set(&block(r0, step.min(rows - r0))?, 0, r0)?;
+    }
+    Ok(out)
 }
 
 /// Assembles an FP8 linear on the CPU and uploads its bytes and scales. Parts stored as
@@ -470,6 +503,19 @@ mod tests {
         let got = fused.dequantized_weight(DType::F32).unwrap();
         let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(v(&got), v(&want));
+        // In blocks of one, three and five rows: the same values.
+        let Stored::Fp8 {
+            bytes,
+            scale,
+            table,
+        } = &fused.weight
+        else {
+            panic!("not fp8")
+        };
+        for rows in [1, 3, 5] {
+            let blocks = dequantise(bytes, scale, table, DType::F32, rows * 9).unwrap();
+            assert_eq!(v(&blocks), v(&want), "{rows} rows");
+        }
         // An f32 weight served as fp8 is quantised per row at load, as the engine builder does.
         let quantised = Linear::load(&weights, "c", false).unwrap();
         assert!(quantised.is_fp8());

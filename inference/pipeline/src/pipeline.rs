@@ -13,6 +13,7 @@ use crate::clip::{ClipActivation, ClipConfig, ClipOutput, ClipTextModel};
 use crate::image::{self, RgbImage};
 use crate::mmdit::{Mmdit, MmditConfig, MmditNames};
 use crate::model_dir::{Layout, ModelDir, TextEncoderSource};
+use crate::plan::{ModelSpec, WeightBytes};
 use crate::scheduler::FlowMatchSchedule;
 use crate::t5::{T5Config, T5Encoder};
 use crate::tokenizer::PromptTokenizer;
@@ -184,6 +185,8 @@ pub struct Pipeline {
     mmdit: Mmdit,
     vae: VaeDecoder,
     shift: f64,
+    /// Bytes of the weights each component keeps, as loaded.
+    kept: WeightBytes,
 }
 
 fn weights_of(src: &TextEncoderSource, device: &Device, precision: Precision) -> Result<Weights> {
@@ -232,6 +235,7 @@ impl Pipeline {
         };
         let tok_l = PromptTokenizer::clip(&dir.component("tokenizer")?)?;
         let tok_g = PromptTokenizer::clip(&dir.component("tokenizer_2")?)?;
+        let mut kept = WeightBytes::default();
         let (clip_l, clip_g, t5, mmdit, vae, shift) = match &dir.layout {
             Layout::Diffusers => {
                 let te = |name: &str, prec: Precision| -> Result<(Weights, std::path::PathBuf)> {
@@ -241,11 +245,15 @@ impl Pipeline {
                 };
                 let (w, cfg) = te("text_encoder", clip_prec)?;
                 let clip_l = ClipTextModel::load(&w, ClipConfig::from_hf(&cfg)?)?;
+                kept.clip += w.kept_bytes();
                 let (w, cfg) = te("text_encoder_2", clip_prec)?;
                 let clip_g = ClipTextModel::load(&w, ClipConfig::from_hf(&cfg)?)?;
+                kept.clip += w.kept_bytes();
                 let t5 = if opts.load_t5 && dir.root.join("text_encoder_3").is_dir() {
                     let (w, cfg) = te("text_encoder_3", prec)?;
-                    Some(T5Encoder::load(&w, T5Config::from_hf(&cfg)?)?)
+                    let t5 = T5Encoder::load(&w, T5Config::from_hf(&cfg)?)?;
+                    kept.t5 = w.kept_bytes();
+                    Some(t5)
                 } else {
                     None
                 };
@@ -254,6 +262,7 @@ impl Pipeline {
                     Weights::open(&component_files(&td, "diffusion_pytorch_model")?, dev, prec)?;
                 let cfg = MmditConfig::from_diffusers(&td.join("config.json"))?;
                 let mmdit = Mmdit::load(&w, cfg, MmditNames::Diffusers)?;
+                kept.mmdit = w.kept_bytes();
                 let vd = dir.component("vae")?;
                 let w =
                     Weights::open(&component_files(&vd, "diffusion_pytorch_model")?, dev, prec)?;
@@ -262,6 +271,7 @@ impl Pipeline {
                     VaeConfig::from_diffusers(&vd.join("config.json"))?,
                     VaeNames::Diffusers,
                 )?;
+                kept.vae = w.kept_bytes();
                 let shift = scheduler_shift(&dir.root.join("scheduler/scheduler_config.json"))?;
                 (clip_l, clip_g, t5, mmdit, vae, shift)
             }
@@ -276,15 +286,19 @@ impl Pipeline {
                     &w,
                     ClipConfig::infer(&w, ClipActivation::QuickGelu, tok_l.eos_id())?,
                 )?;
+                kept.clip += w.kept_bytes();
                 let w = weights_of(clip_g, dev, clip_prec)?;
                 let cg = ClipTextModel::load(
                     &w,
                     ClipConfig::infer(&w, ClipActivation::Gelu, tok_g.eos_id())?,
                 )?;
+                kept.clip += w.kept_bytes();
                 let t5 = match (opts.load_t5, t5) {
                     (true, Some(src)) => {
                         let w = weights_of(src, dev, prec)?;
-                        Some(T5Encoder::load(&w, T5Config::infer(&w)?)?)
+                        let t5 = T5Encoder::load(&w, T5Config::infer(&w)?)?;
+                        kept.t5 = w.kept_bytes();
+                        Some(t5)
                     }
                     _ => None,
                 };
@@ -295,9 +309,11 @@ impl Pipeline {
                     MmditConfig::from_stability_weights(&w)?,
                     MmditNames::Stability,
                 )?;
+                kept.mmdit = ckpt.kept_bytes();
                 let w = ckpt.with_prefix("first_stage_model.");
                 let vae =
                     VaeDecoder::load(&w, VaeConfig::infer_stability(&w)?, VaeNames::Stability)?;
+                kept.vae = ckpt.kept_bytes() - kept.mmdit;
                 (cl, cg, t5, mmdit, vae, 3.0)
             }
         };
@@ -332,6 +348,7 @@ impl Pipeline {
             mmdit,
             vae,
             shift,
+            kept,
         })
     }
 
@@ -358,6 +375,27 @@ impl Pipeline {
     /// Whether T5 is loaded (otherwise its embedding is zeros).
     pub fn t5_loaded(&self) -> bool {
         self.t5.is_some()
+    }
+
+    /// Bytes of the weights each component keeps in memory, as loaded.
+    pub fn weight_bytes(&self) -> WeightBytes {
+        self.kept
+    }
+
+    /// The shapes the memory plan needs, read off the loaded model.
+    pub fn spec(&self) -> Result<ModelSpec> {
+        Ok(ModelSpec {
+            mmdit: self.mmdit.config().clone(),
+            clip_l: self.clip_l.spec()?,
+            clip_g: self.clip_g.spec()?,
+            t5: self.t5.as_ref().map(T5Encoder::spec).transpose()?,
+            vae: self.vae.config().clone(),
+        })
+    }
+
+    /// The T5 sequence length prompts are encoded to.
+    pub fn t5_length(&self) -> usize {
+        self.t5_length
     }
 
     /// The flow-matching schedule shift.

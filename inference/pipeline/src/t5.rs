@@ -154,6 +154,24 @@ impl T5Encoder {
         &self.cfg
     }
 
+    /// The shapes the memory plan needs, read off the loaded tensors.
+    pub fn spec(&self) -> Result<crate::plan::T5Spec> {
+        let (vocab, d_model) = self.embedding.dims2()?;
+        let (inner, d_ff) = match self.blocks.first() {
+            Some(b) => (b.qkv.out_features()? / 3, b.wi0.out_features()?),
+            None => (0, 0),
+        };
+        Ok(crate::plan::T5Spec {
+            vocab,
+            d_model,
+            inner,
+            d_ff,
+            layers: self.blocks.len(),
+            heads: self.cfg.heads,
+            buckets: self.relative_bias.dim(0)?,
+        })
+    }
+
     /// Encodes one token sequence: `[1, L, d_model]`.
     pub fn forward(&self, ids: &[u32], dtype: DType) -> Result<Tensor> {
         let device = self.embedding.device().clone();

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
@@ -21,6 +22,8 @@ pub struct Weights {
     precision: Precision,
     /// The file is an `fp8_scaled` checkpoint: its non-F8 linears are kept as stored.
     prequantized: bool,
+    /// Bytes of the tensors the model keeps from these files (shared by every view).
+    kept: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Weights {
@@ -61,7 +64,18 @@ impl Weights {
             device: device.clone(),
             precision,
             prequantized,
+            kept: Arc::default(),
         })
+    }
+
+    /// Counts `bytes` as kept by the model (the loaders call it for every tensor they keep).
+    pub fn keep(&self, bytes: u64) {
+        self.kept.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes of the tensors kept from these files so far, by this view and every other.
+    pub fn kept_bytes(&self) -> u64 {
+        self.kept.load(Ordering::Relaxed)
     }
 
     /// A view whose names are relative to `prefix.` inside this view.
@@ -203,7 +217,9 @@ impl Weights {
     /// dequantised on the CPU, with their sibling `scale_weight` if there is one.
     pub fn get(&self, name: &str) -> Result<Tensor> {
         if self.stored_dtype(name)? != DType::F8E4M3 {
-            return Ok(self.raw(name)?.to_dtype(self.storage_dtype())?);
+            let t = self.raw(name)?.to_dtype(self.storage_dtype())?;
+            self.keep(tensor_bytes(&t));
+            return Ok(t);
         }
         let t = self.host(name)?.to_dtype(DType::F32)?;
         let scale_name = format!("{}scale_weight", name.trim_end_matches("weight"));
@@ -212,7 +228,9 @@ impl Weights {
         } else {
             t
         };
-        Ok(t.to_dtype(self.storage_dtype())?.to_device(&self.device)?)
+        let t = t.to_dtype(self.storage_dtype())?.to_device(&self.device)?;
+        self.keep(tensor_bytes(&t));
+        Ok(t)
     }
 
     /// Like [`Weights::get`] with an expected shape, for a clear error on a mismatched file.
@@ -227,6 +245,11 @@ impl Weights {
         }
         Ok(t)
     }
+}
+
+/// Bytes of a tensor's elements.
+pub fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.elem_count() * t.dtype().size_in_bytes()) as u64
 }
 
 /// Lists the safetensors files of a diffusers component folder: the shards named by its
