@@ -17,6 +17,7 @@ mod gpu;
 mod layout;
 mod manifest;
 mod model;
+pub mod plan;
 
 pub use args::*;
 pub use encode::*;

@@ -23,9 +23,7 @@ use crate::{Error, Result};
 /// Largest finite F8E4M3 value.
 const F8E4M3_MAX: f64 = 448.0;
 
-/// Elements of an FP8 weight dequantised at once (2²⁴: 64 MiB of f32 per intermediate); the
-/// memory plan counts the result plus two such blocks.
-pub const DEQUANTISE_ELEMENTS: usize = 1 << 24;
+pub use sd35_contract::plan::DEQUANTISE_ELEMENTS;
 
 /// The 256 F8E4M3 values indexed by their bit patterns (NaN at `0x7f` and `0xff`), in f32.
 pub fn f8e4m3_table(device: &Device) -> Result<Tensor> {

@@ -37,15 +37,7 @@ pub const GENERIC_OPS_ENV: &str = "SD35_GENERIC_OPS";
 /// tiny models are chunked too).
 pub const CHUNK_ELEMENTS_ENV: &str = "SD35_OP_CHUNK_ELEMENTS";
 
-/// Elements of the largest attention-score, im2col or GroupNorm block one operation creates:
-/// 2²⁶ (256 MiB in f32, 128 MiB in bf16). Small enough that the chunks' temporaries keep SD3.5
-/// Large within its memory goal at 1024², large enough that each chunk's matmul still fills a
-/// GPU (Large's attention at 1024² with guidance: 23 blocks of about 200 query rows).
-pub const DEFAULT_CHUNK_ELEMENTS: usize = 1 << 26;
-/// candle's CUDA softmax indexes with a signed 32-bit `int`: fewer elements than this per call.
-pub const CUDA_SOFTMAX_LIMIT: usize = 1 << 31;
-/// candle's CUDA im2col and element-wise kernels count elements in 32 bits: fewer than this.
-pub const CUDA_ELEMENTWISE_LIMIT: usize = 1 << 32;
+pub use sd35_contract::plan::{CUDA_ELEMENTWISE_LIMIT, CUDA_SOFTMAX_LIMIT, DEFAULT_CHUNK_ELEMENTS};
 
 /// The process's op graph.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

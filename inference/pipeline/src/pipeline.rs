@@ -385,11 +385,11 @@ impl Pipeline {
     /// The shapes the memory plan needs, read off the loaded model.
     pub fn spec(&self) -> Result<ModelSpec> {
         Ok(ModelSpec {
-            mmdit: self.mmdit.config().clone(),
+            mmdit: self.mmdit.config().into(),
             clip_l: self.clip_l.spec()?,
             clip_g: self.clip_g.spec()?,
             t5: self.t5.as_ref().map(T5Encoder::spec).transpose()?,
-            vae: self.vae.config().clone(),
+            vae: self.vae.config().into(),
         })
     }
 
