@@ -18,6 +18,7 @@ use anyhow::{Context, Result, bail, ensure};
 use crate::binaries::Binaries;
 use crate::bootstrap;
 use crate::components::{self, AUDIT_POLICY, Inputs};
+use crate::flux::FluxBinaries;
 use crate::kubeconfig;
 use crate::layout::Layout;
 use crate::namespace::TestNamespace;
@@ -53,6 +54,9 @@ pub struct ClusterOptions {
     /// grow further between collections (`GOGC`), so that a benchmark of a controller
     /// measures the controller rather than the control plane's defaults.
     pub high_throughput: bool,
+    /// Also run Flux's source-controller, kustomize-controller and helm-controller (see
+    /// [`crate::flux`]), with their CRDs installed.
+    pub flux: bool,
 }
 
 impl Default for ClusterOptions {
@@ -64,6 +68,7 @@ impl Default for ClusterOptions {
             lifetime: Lifetime::Attached,
             real_node: None,
             high_throughput: false,
+            flux: false,
         }
     }
 }
@@ -86,6 +91,12 @@ impl Cluster {
     pub fn start(options: ClusterOptions) -> Result<Self> {
         let started = Instant::now();
         let binaries = Binaries::locate()?;
+        // Built (or found) before anything starts, so a failed build leaves nothing running.
+        let flux = if options.flux {
+            Some(FluxBinaries::locate()?)
+        } else {
+            None
+        };
         let provisioner = match options.provisioner {
             Some(path) => path,
             None => locate_provisioner()?,
@@ -160,15 +171,27 @@ impl Cluster {
                 .await?;
                 supervisor.write_pid_file()?;
             }
+            if let Some(flux) = &flux {
+                crate::flux::start(
+                    &layout,
+                    &supervisor,
+                    &binaries.path("kubectl"),
+                    flux,
+                    &client,
+                )
+                .await?;
+                supervisor.write_pid_file()?;
+            }
             anyhow::Ok((config, nodes))
         })??;
         // Straight to stderr rather than through eprintln!, which the test harness captures.
         let _ = writeln!(
             std::io::stderr(),
-            "sd35-e2e: local control plane ready in {:.1}s ({} GPU nodes{}, {})",
+            "sd35-e2e: local control plane ready in {:.1}s ({} GPU nodes{}{}, {})",
             started.elapsed().as_secs_f64(),
             gpu_nodes.len(),
             if real_node { ", real node real-0" } else { "" },
+            if flux.is_some() { ", Flux" } else { "" },
             layout.root().display()
         );
         Ok(Self {
@@ -225,7 +248,8 @@ impl Cluster {
 
     /// The log file of one component (`etcd`, `kube-apiserver`, `kube-controller-manager`,
     /// `kube-scheduler`, `kwok`, `provisioner`; with a real node also `containerd`,
-    /// `kubelet`, `kube-proxy`).
+    /// `kubelet`, `kube-proxy`; with Flux also `source-controller`, `kustomize-controller`,
+    /// `helm-controller`).
     pub fn log_path(&self, component: &str) -> PathBuf {
         self.layout.process_log(component)
     }

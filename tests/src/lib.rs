@@ -2,7 +2,7 @@
 //! loopback (etcd, kube-apiserver, kube-controller-manager, kube-scheduler built from the
 //! pinned Go modules in `tests/controlplane/`), kwok playing GPU nodes, a static
 //! provisioner behind the default StorageClass, and optionally one real node running pods
-//! with containerd ([`node`]).
+//! with containerd ([`node`]) and Flux's controllers ([`flux`]).
 //!
 //! ```no_run
 //! # async fn example() -> anyhow::Result<()> {
@@ -17,6 +17,8 @@ mod bootstrap;
 mod cluster;
 mod components;
 mod fixtures;
+pub mod flux;
+pub mod git_server;
 pub mod kubeconfig;
 mod layout;
 pub mod localcluster;
@@ -39,6 +41,8 @@ pub use binaries::{BIN_DIR_ENV, Binaries};
 pub use cluster::{Cluster, ClusterOptions, LOCALCLUSTER_EXE};
 pub use components::{KWOK_NODE_ANNOTATION, LOCAL_PROVISIONER, SERVICE_ACCOUNT_ISSUER};
 pub use fixtures::{install_crd, kubectl_apply, repo_root};
+pub use flux::{FLUX_NAMESPACE, FluxBinaries, flux_user};
+pub use git_server::GitServer;
 pub use namespace::{TEST_NAMESPACE_LABEL, TestNamespace};
 pub use node::{HOST_ADDRESS, HostState, Images, REAL_NODE_NAME};
 pub use nodes::{GPU_PRODUCT, GPU_RESOURCE, GPUS_PER_NODE, gpu_node_name, is_ready};

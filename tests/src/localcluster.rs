@@ -29,9 +29,19 @@ pub fn default_state_dir() -> Result<PathBuf> {
     Ok(cache.join("sd35-operator").join("localcluster"))
 }
 
-/// Starts a detached cluster in `state_dir` and prints how to use it; with `real_node`, the
-/// real node `real-0` runs these images.
-pub fn start(state_dir: &Path, gpu_nodes: usize, real_node: Option<Images>) -> Result<()> {
+/// What `sd35-localcluster start` starts.
+#[derive(Debug, Clone)]
+pub struct StartOptions {
+    /// How many fake GPU nodes.
+    pub gpu_nodes: usize,
+    /// The real node `real-0`, running these images.
+    pub real_node: Option<Images>,
+    /// Flux's controllers beside the control plane.
+    pub flux: bool,
+}
+
+/// Starts a detached cluster in `state_dir` and prints how to use it.
+pub fn start(state_dir: &Path, options: StartOptions) -> Result<()> {
     let running = recorded_processes(state_dir)?
         .into_iter()
         .filter(|process| process.is_alive(state_dir))
@@ -49,11 +59,12 @@ pub fn start(state_dir: &Path, gpu_nodes: usize, real_node: Option<Images>) -> R
             .with_context(|| format!("removing the stale {}", state_dir.display()))?;
     }
     let cluster = Cluster::start(ClusterOptions {
-        gpu_nodes,
+        gpu_nodes: options.gpu_nodes,
         state_dir: Some(state_dir.to_path_buf()),
         provisioner: None,
         lifetime: Lifetime::Detached,
-        real_node,
+        real_node: options.real_node,
+        flux: options.flux,
         ..ClusterOptions::default()
     })?;
     let kubeconfig = cluster.kubeconfig_path();

@@ -83,8 +83,28 @@ pub(crate) const APISERVER_KUBELET_CLIENT: ClientIdentity = ClientIdentity {
     group: Some("system:masters"),
 };
 
+/// Flux's controllers (with `--flux`), one user each so the audit log tells them apart, all
+/// cluster administrators, as Flux's own installation binds them.
+pub(crate) const FLUX_SOURCE_CONTROLLER: ClientIdentity = ClientIdentity {
+    name: "flux-source-controller",
+    user: "flux:source-controller",
+    group: Some("system:masters"),
+};
+
+pub(crate) const FLUX_KUSTOMIZE_CONTROLLER: ClientIdentity = ClientIdentity {
+    name: "flux-kustomize-controller",
+    user: "flux:kustomize-controller",
+    group: Some("system:masters"),
+};
+
+pub(crate) const FLUX_HELM_CONTROLLER: ClientIdentity = ClientIdentity {
+    name: "flux-helm-controller",
+    user: "flux:helm-controller",
+    group: Some("system:masters"),
+};
+
 /// Every identity that gets a client certificate and a kubeconfig.
-pub(crate) const CLIENT_IDENTITIES: [ClientIdentity; 8] = [
+pub(crate) const CLIENT_IDENTITIES: [ClientIdentity; 11] = [
     ADMIN,
     CONTROLLER_MANAGER,
     SCHEDULER,
@@ -93,6 +113,9 @@ pub(crate) const CLIENT_IDENTITIES: [ClientIdentity; 8] = [
     KUBELET,
     KUBE_PROXY,
     APISERVER_KUBELET_CLIENT,
+    FLUX_SOURCE_CONTROLLER,
+    FLUX_KUSTOMIZE_CONTROLLER,
+    FLUX_HELM_CONTROLLER,
 ];
 
 /// File stems of the non-client material.

@@ -174,9 +174,10 @@ pub(crate) fn log_tail(path: &Path) -> String {
     }
 }
 
-/// Whether `pid` is a live process (not a zombie) whose command line names `state_dir`.
-/// Every process of a cluster names its state directory, so a pid the kernel has since
-/// given to an unrelated process does not count.
+/// Whether `pid` is a live process (not a zombie) whose command line names `state_dir`, or
+/// that runs in it (every process of a cluster starts there; Flux's controllers take no flag
+/// with a path, so only their working directory says whose they are). A pid the kernel has
+/// since given to an unrelated process does not count.
 pub fn runs_for_state_dir(pid: u32, state_dir: &Path) -> bool {
     let proc_dir = PathBuf::from(format!("/proc/{pid}"));
     let zombie = std::fs::read_to_string(proc_dir.join("stat"))
@@ -188,5 +189,7 @@ pub fn runs_for_state_dir(pid: u32, state_dir: &Path) -> bool {
     let needle = state_dir.as_os_str().as_encoded_bytes();
     let names_state_dir = std::fs::read(proc_dir.join("cmdline"))
         .is_ok_and(|cmdline| cmdline.windows(needle.len()).any(|window| window == needle));
-    !zombie && names_state_dir
+    let runs_in_state_dir =
+        std::fs::read_link(proc_dir.join("cwd")).is_ok_and(|cwd| cwd == state_dir);
+    !zombie && (names_state_dir || runs_in_state_dir)
 }

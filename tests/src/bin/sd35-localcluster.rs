@@ -12,7 +12,7 @@ use sd35_e2e::{Images, localcluster, node};
 #[derive(Debug, Parser)]
 #[command(
     version,
-    about = "A local Kubernetes control plane with fake GPU nodes"
+    about = "A local Kubernetes control plane with fake GPU nodes (and a real node, and Flux)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -50,6 +50,11 @@ enum Commands {
         /// repository's target/images].
         #[arg(long, requires = "real_node")]
         images: Option<PathBuf>,
+        /// Also run Flux's source-controller, kustomize-controller and helm-controller (built
+        /// from the pinned Go modules by tests/controlplane/flux/build.sh, or $SD35_FLUX_DIR),
+        /// with their CRDs installed and the namespace flux-system.
+        #[arg(long)]
+        flux: bool,
     },
     /// Stop the cluster and remove its state directory.
     Stop {
@@ -121,13 +126,19 @@ fn run(cli: Cli) -> Result<bool> {
             gpu_nodes,
             real_node,
             images,
+            flux,
         } => {
             let images = match (real_node, images) {
                 (false, _) => None,
                 (true, Some(dir)) => Some(Images::in_dir(&dir)?),
                 (true, None) => Some(Images::locate()?),
             };
-            localcluster::start(&state.resolve()?, gpu_nodes, images)?;
+            let options = localcluster::StartOptions {
+                gpu_nodes,
+                real_node: images,
+                flux,
+            };
+            localcluster::start(&state.resolve()?, options)?;
         }
         Commands::NodeNamespace { state: _ } => node::hold_namespaces(),
         Commands::NodeTeardown { state } => node::teardown(&state.resolve()?)?,
