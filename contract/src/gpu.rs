@@ -17,6 +17,32 @@ pub const GPU_PRODUCT_LABEL: &str = "nvidia.com/gpu.product";
 pub const GPU_COMPUTE_MAJOR_LABEL: &str = "nvidia.com/gpu.compute.major";
 /// See [`GPU_COMPUTE_MAJOR_LABEL`].
 pub const GPU_COMPUTE_MINOR_LABEL: &str = "nvidia.com/gpu.compute.minor";
+/// GPU feature discovery's memory label: one GPU's memory in MiB (`81559` for an H100 80GB
+/// HBM3). With the `mixed` MIG strategy each profile has its own (see [`gpu_memory_label`]).
+pub const GPU_MEMORY_LABEL: &str = "nvidia.com/gpu.memory";
+
+/// The node label that states the memory (MiB) of one GPU of the extended resource
+/// `resource_name`: a MIG profile's own `<resource>.memory` (`nvidia.com/mig-3g.40gb.memory`,
+/// as GPU feature discovery writes it for the `mixed` strategy), else [`GPU_MEMORY_LABEL`]
+/// (which, with the `single` strategy, already describes the slice).
+pub fn gpu_memory_label(resource_name: &str) -> String {
+    if resource_name.starts_with("nvidia.com/mig-") {
+        format!("{resource_name}.memory")
+    } else {
+        GPU_MEMORY_LABEL.to_owned()
+    }
+}
+
+/// The memory in bytes of one GPU of `resource_name` on a node with these labels, when the
+/// labels say (a MiB count).
+pub fn gpu_memory_bytes(labels: &BTreeMap<String, String>, resource_name: &str) -> Option<u64> {
+    let mib: u64 = labels
+        .get(&gpu_memory_label(resource_name))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(mib << 20)
+}
 
 /// A CUDA compute capability, `major.minor`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -240,6 +266,29 @@ mod tests {
         ] {
             assert_eq!(ComputeCapability::of_product(product), want, "{product}");
         }
+    }
+
+    #[test]
+    fn memory_comes_from_the_label_of_the_resource_in_mib() {
+        let labels = BTreeMap::from([
+            (GPU_MEMORY_LABEL.to_owned(), "81559".to_owned()),
+            (
+                "nvidia.com/mig-3g.40gb.memory".to_owned(),
+                "40192".to_owned(),
+            ),
+        ]);
+        assert_eq!(
+            gpu_memory_bytes(&labels, "nvidia.com/gpu"),
+            Some(81559 << 20)
+        );
+        assert_eq!(
+            gpu_memory_bytes(&labels, "nvidia.com/mig-3g.40gb"),
+            Some(40192 << 20)
+        );
+        // A profile without its own label says nothing: the whole GPU's is not the slice's.
+        assert_eq!(gpu_memory_bytes(&labels, "nvidia.com/mig-1g.10gb"), None);
+        let odd = BTreeMap::from([(GPU_MEMORY_LABEL.to_owned(), "80GB".to_owned())]);
+        assert_eq!(gpu_memory_bytes(&odd, "nvidia.com/gpu"), None);
     }
 
     #[test]

@@ -47,6 +47,21 @@ impl Variant {
             Variant::Medium => "stabilityai/stable-diffusion-3.5-medium",
         }
     }
+
+    /// The model card's image side in pixels: 1024 for all three.
+    pub const fn card_size(self) -> u32 {
+        1024
+    }
+
+    /// The model card's classifier-free guidance scale (large 3.5, large-turbo 0: none,
+    /// medium 4.5). Guidance runs when it is above 1 and doubles the transformer's batch.
+    pub const fn card_guidance(self) -> f64 {
+        match self {
+            Variant::Large => 3.5,
+            Variant::LargeTurbo => 0.0,
+            Variant::Medium => 4.5,
+        }
+    }
 }
 
 /// Numeric precision of weights: what an engine is stored in and what a server serves.

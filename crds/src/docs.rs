@@ -79,8 +79,13 @@ const CONDITIONS: [(&str, &str); 8] = [
         "Set when the serving pods request GPUs: the GPUs of the nodes they run on (before \
          they are scheduled, of the GPU nodes matching spec.scheduling.nodeSelector), from GPU \
          feature discovery's labels, and the path the precision takes there (reason \
-         FP8WeightOnly, FP8TensorCores or Supported). False (ComputeCapabilityTooLow) only on \
-         a GPU older than compute capability 8.0, where the server's CUDA build cannot run; \
+         FP8WeightOnly, FP8TensorCores or Supported), with the memory plan's peak for the \
+         largest default request (default size, server.limits.maxBatchSize, guidance per the \
+         model card, T5 as spec.model.textEncoders says) against one GPU's memory label \
+         (nvidia.com/gpu.memory). False with ComputeCapabilityTooLow on a GPU older than \
+         compute capability 8.0, where the server's CUDA build cannot run, and with \
+         InsufficientGPUMemory when the plan needs more than one GPU holds (the message names \
+         both figures and what would fit: fp8, T5 off, a smaller default size or batch); \
          Unknown when no node says. It never holds up Ready.",
     ),
 ];

@@ -25,9 +25,10 @@ pub mod condition {
     pub const AVAILABLE: &str = "Available";
     /// True when every add-on the spec asks for (ServiceMonitor, NetworkPolicy) is in place.
     pub const ADDONS_READY: &str = "AddonsReady";
-    /// What the serving pods' GPUs are and which precision path the deployment gets there
-    /// (from the nodes' GPU feature discovery labels); False only on a GPU the server cannot
-    /// run on. Set only when the serving pods request GPUs.
+    /// What the serving pods' GPUs are, which precision path the deployment gets there and
+    /// whether one GPU holds its memory plan (from the nodes' GPU feature discovery labels);
+    /// False only on a GPU the server cannot run on or one with less memory than the plan
+    /// needs. Set only when the serving pods request GPUs.
     pub const GPU_COMPATIBLE: &str = "GPUCompatible";
 }
 

@@ -1,5 +1,6 @@
 //! The fake GPU nodes: Node objects that kwok adopts and keeps Ready, each advertising
-//! eight H100s through the labels GPU feature discovery would set and the
+//! eight H100s through the labels GPU feature discovery would set (product, count and
+//! memory) and the
 //! `nvidia.com/gpu` extended resource, so the scheduler places GPU pods exactly as on a
 //! real GPU cluster.
 
@@ -20,6 +21,9 @@ pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 pub const GPU_PRODUCT: &str = "NVIDIA-H100-80GB-HBM3";
 /// How many GPUs each fake node has.
 pub const GPUS_PER_NODE: u32 = 8;
+/// The `nvidia.com/gpu.memory` label of each fake node: one H100 80GB HBM3's memory in MiB,
+/// as GPU feature discovery reports it.
+pub const GPU_MEMORY_MIB: u32 = 81559;
 
 /// The name of the fake node with this index.
 pub fn gpu_node_name(index: usize) -> String {
@@ -37,6 +41,7 @@ pub(crate) fn gpu_node(name: &str) -> Node {
         ("nvidia.com/gpu.present", "true"),
         ("nvidia.com/gpu.product", GPU_PRODUCT),
         ("nvidia.com/gpu.count", &GPUS_PER_NODE.to_string()),
+        ("nvidia.com/gpu.memory", &GPU_MEMORY_MIB.to_string()),
     ]
     .into_iter()
     .map(|(key, value)| (key.to_owned(), value.to_owned()))
@@ -108,6 +113,7 @@ mod tests {
         let labels = node.metadata.labels.unwrap();
         assert_eq!(labels["nvidia.com/gpu.product"], GPU_PRODUCT);
         assert_eq!(labels["nvidia.com/gpu.count"], "8");
+        assert_eq!(labels["nvidia.com/gpu.memory"], "81559");
         let status = node.status.unwrap();
         assert_eq!(status.allocatable.unwrap()[GPU_RESOURCE].0, "8");
         assert_eq!(status.capacity.unwrap()["memory"].0, "512Gi");

@@ -102,9 +102,15 @@ async fn an_example_goes_cached_built_ready_then_scales_heals_and_deletes() {
         (gpu.status.as_str(), gpu.reason.as_str()),
         ("True", "Supported")
     );
-    assert_eq!(
-        gpu.message,
-        format!("bf16 on {} (compute capability 9.0)", sd35_e2e::GPU_PRODUCT)
+    // The nodes' memory label (81559 MiB, an H100's) holds the memory plan.
+    assert!(
+        gpu.message.starts_with(&format!(
+            "bf16 on {} (compute capability 9.0); the memory plan of large bf16 at 1024x1024, \
+             batch 1, with guidance, with T5 needs ",
+            sd35_e2e::GPU_PRODUCT
+        )) && gpu.message.ends_with(" of each GPU's 79.6 GiB"),
+        "{}",
+        gpu.message
     );
     let cache = status.cache.clone().unwrap();
     assert!(cache.ready);
@@ -1123,7 +1129,8 @@ async fn a_serving_pod_without_a_usable_gpu_is_reported_in_its_own_words_until_i
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_nodes_gpu_labels_say_which_path_a_deployment_gets_and_nothing_is_refused() {
+async fn the_nodes_gpu_labels_say_which_path_a_deployment_gets_whether_it_fits_and_nothing_is_refused()
+ {
     let s = setup("gpulabels").await;
     let label = format!("{}-gpu", s.ns.name());
     let (node, heartbeat) = manual_node(s.cluster, &label).await;
@@ -1223,6 +1230,51 @@ async fn the_nodes_gpu_labels_say_which_path_a_deployment_gets_and_nothing_is_re
         ) && gpu.message.contains("have FP8 tensor cores"),
         "{}",
         gpu.message
+    );
+
+    // An A2 (16 GB: 15356 MiB by its memory label) cannot hold medium in bf16 with T5 at its
+    // default 1024x1024 by the memory plan: said with the figures and what to change, and
+    // still nothing is refused.
+    let mut a2 = relabel("NVIDIA-A2", Some(("8", "6")));
+    a2["metadata"]["labels"]["nvidia.com/gpu.memory"] = json!("15356");
+    nodes
+        .patch(&node, &PatchParams::default(), &Patch::Merge(a2))
+        .await
+        .unwrap();
+    s.api
+        .patch(
+            "gl",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"precision": "bf16"}})),
+        )
+        .await
+        .unwrap();
+    let o = wait_for(
+        &s.api,
+        "gl",
+        "GPUCompatible=False InsufficientGPUMemory",
+        TIMEOUT,
+        |o| condition(o, "GPUCompatible").is_some_and(|c| c.reason == "InsufficientGPUMemory"),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{}", s.operator.log()));
+    let gpu = condition(&o, "GPUCompatible").unwrap();
+    assert_eq!(gpu.status, "False");
+    for part in [
+        "medium bf16 at 1024x1024, batch 1, with guidance, with T5 needs ",
+        "more than one GPU holds: NVIDIA-A2 with 15.0 GiB (nvidia.com/gpu.memory label)",
+        "precision: fp8 (",
+        "model.textEncoders.t5: false (",
+    ] {
+        assert!(
+            gpu.message.contains(part),
+            "{part:?} not in {}",
+            gpu.message
+        );
+    }
+    assert_ne!(
+        condition(&o, "Ready").unwrap().reason,
+        "InsufficientGPUMemory"
     );
     heartbeat.abort();
     nodes.delete(&node, &DeleteParams::default()).await.unwrap();

@@ -1,4 +1,4 @@
-//! The status step: the GPUs the serving pods get, the status written when it changed (one
+//! The status step: the GPUs the serving pods get (and whether one holds the memory plan), the status written when it changed (one
 //! server-side apply under the operator's field manager), and the reconcile's one event.
 
 use std::collections::BTreeMap;
@@ -12,7 +12,7 @@ use serde_json::json;
 use tracing::warn;
 
 use crate::controller::context::{ChildStores, Context};
-use crate::gpu::{GpuReport, NodeGpu, matches_selector, report};
+use crate::gpu::{GpuReport, NodeGpu, Workload, matches_selector, report};
 use crate::index::namespaced;
 use crate::labels::MANAGER;
 use crate::resolve::Resolved;
@@ -24,8 +24,12 @@ pub(super) fn gpu_report(children: &ChildStores, resolved: &Resolved) -> Option<
     if resolved.spec.server.gpu.count == 0 {
         return None;
     }
+    let resource = &resolved.spec.server.gpu.resource_name;
     let node_gpu = |node: &PartialObjectMeta<Node>| {
-        NodeGpu::of_labels(node.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()))
+        NodeGpu::of_labels(
+            node.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()),
+            resource,
+        )
     };
     let scheduled: Vec<NodeGpu> = children
         .pods_by_instance
@@ -53,7 +57,7 @@ pub(super) fn gpu_report(children: &ChildStores, resolved: &Resolved) -> Option<
     } else {
         scheduled
     };
-    Some(report(resolved.precision, &gpus))
+    Some(report(&Workload::of(resolved), resource, &gpus))
 }
 
 async fn publish(ctx: &Context, obj: &SD35Deployment, note: Note) {
