@@ -538,6 +538,9 @@ fn stages(spec: &ModelSpec, precision: Precision, req: &PlanRequest, dev: &PlanD
     let channels = &spec.vae.block_out_channels;
     let top = channels.last().copied().unwrap_or(0) as u64;
     let mut vae_live = 0u64;
+    // The largest im2col (a 3x3 convolution reads 9 values per input channel and output
+    // position) or GroupNorm temporary, before the chunk size caps it.
+    let mut vae_chunk = 0u64;
     let mut max_tensor = 0u64;
     let mut res = latent_h * latent_w;
     let mut previous = top;
@@ -547,18 +550,20 @@ fn stages(spec: &ModelSpec, precision: Precision, req: &PlanRequest, dev: &PlanD
         let ch = ch as u64;
         let resnet = |a: u64, b: u64| res * (a + b).max(3 * b);
         vae_live = vae_live.max(resnet(previous, ch)).max(resnet(ch, ch));
+        vae_chunk = vae_chunk.max(9 * res * previous.max(ch));
         max_tensor = max_tensor.max(res * previous.max(ch));
         if i + 1 < channels.len() {
             // Upsampled 2x: its input (at this level) and its output (at the next).
             vae_live = vae_live.max(res * ch + 4 * res * ch);
             res *= 4;
+            vae_chunk = vae_chunk.max(9 * res * ch);
             max_tensor = max_tensor.max(res * ch);
         }
         previous = ch;
     }
     // Chunk temporaries: im2col and the band's normalised f32 input, or GroupNorm's f32
     // statistics temporaries: at most 4 bytes a chunk element either way.
-    let vae = (e * vae_live + 4 * chunk).max(mid);
+    let vae = (e * vae_live + 4 * vae_chunk.min(chunk)).max(mid);
 
     // The text encoders run one prompt at a time; T5's gated MLP dominates.
     let t5_live = spec.t5.as_ref().map_or(0, |t5| {
@@ -573,7 +578,7 @@ fn stages(spec: &ModelSpec, precision: Precision, req: &PlanRequest, dev: &PlanD
         vae,
         text,
         max_softmax: softmax,
-        max_tensor: max_tensor.max(mlp_hidden).max(chunk),
+        max_tensor: max_tensor.max(mlp_hidden).max(vae_chunk.min(chunk)),
     }
 }
 
@@ -618,6 +623,96 @@ pub fn published(variant: Variant, req: &PlanRequest, dev: &PlanDevice, t5: bool
     let spec = ModelSpec::published(variant, t5);
     let weights = WeightSpec::new(dev.precision).model(&spec);
     plan(&spec, weights, req, dev)
+}
+
+/// What a server checks requests against: the loaded model's shapes and weights, its device,
+/// and the memory left for activations once the model is loaded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MemoryGate {
+    /// The model's shapes.
+    pub spec: ModelSpec,
+    /// Its weights as loaded.
+    pub weights: WeightBytes,
+    /// Where it runs.
+    pub device: PlanDevice,
+    /// T5's sequence length.
+    pub t5_tokens: usize,
+    /// Bytes a request's activations may take: what the device had free once the model was
+    /// loaded (or what `--memory-limit` leaves after the weights), less a margin.
+    pub activation_budget_bytes: u64,
+    /// Free device bytes measured after loading, for the report.
+    pub free_bytes: Option<u64>,
+    /// The device's total bytes, for the report.
+    pub total_bytes: Option<u64>,
+}
+
+impl MemoryGate {
+    /// The plan of `batch` images of `width` × `height`.
+    pub fn plan(&self, width: u32, height: u32, batch: usize, guidance: bool) -> MemoryPlan {
+        let req = PlanRequest {
+            width: width as usize,
+            height: height as usize,
+            batch,
+            guidance,
+            t5_tokens: self.t5_tokens,
+        };
+        plan(&self.spec, self.weights, &req, &self.device)
+    }
+
+    /// Whether `batch` images of that size fit and reach no kernel limit.
+    pub fn fits(&self, width: u32, height: u32, batch: usize, guidance: bool) -> bool {
+        let p = self.plan(width, height, batch, guidance);
+        p.kernel_limit(self.device.kind).is_none()
+            && p.activation_bytes <= self.activation_budget_bytes
+    }
+
+    /// The largest square side (a multiple of 16, at most `max_side`) one image fits at.
+    pub fn largest_square(&self, guidance: bool, max_side: u32) -> Option<u32> {
+        let (mut lo, mut hi) = (0u32, max_side / 16);
+        // Memory grows with the side: binary search over multiples of 16.
+        while lo < hi {
+            let mid = (lo + hi).div_ceil(2);
+            if self.fits(mid * 16, mid * 16, 1, guidance) {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        (lo > 0).then_some(lo * 16)
+    }
+
+    /// Why one image of that size cannot be served, naming what to lower; `None` when it can.
+    pub fn refusal(
+        &self,
+        width: u32,
+        height: u32,
+        guidance: bool,
+        max_side: u32,
+    ) -> Option<String> {
+        let p = self.plan(width, height, 1, guidance);
+        let lower = match self.largest_square(guidance, max_side) {
+            Some(side) => format!(
+                "lower width and height (the largest square that fits is {side}x{side})"
+            ),
+            None => "no size fits: serve a smaller precision (fp8) or give the server a device                      with more memory"
+                .to_owned(),
+        };
+        if let Some(why) = p.kernel_limit(self.device.kind) {
+            return Some(format!(
+                "{width}x{height} cannot run on this device: {why}; {lower}"
+            ));
+        }
+        if p.activation_bytes > self.activation_budget_bytes {
+            return Some(format!(
+                "{width}x{height} needs {} for its activations (the {} stage, computed from the                  model's shapes) but only {} of device memory is left beside the {} of weights;                  {lower}",
+                gib(p.activation_bytes),
+                p.largest_stage,
+                gib(self.activation_budget_bytes),
+                gib(p.weights_bytes)
+            ));
+        }
+        None
+    }
 }
 
 /// `bytes` as GiB with one decimal, for messages.
@@ -760,6 +855,41 @@ mod tests {
         let why = p.kernel_limit(DeviceKind::Cuda).unwrap();
         assert!(why.contains("2^32"), "{why}");
         assert!(p.kernel_limit(DeviceKind::Cpu).is_none());
+    }
+
+    #[test]
+    fn a_gate_refuses_what_does_not_fit_and_names_the_largest_square() {
+        let spec = ModelSpec::published(Variant::Large, false);
+        let device = PlanDevice::cuda(Precision::Bf16);
+        let weights = WeightSpec::new(Precision::Bf16).model(&spec);
+        let at_1024 = published(Variant::Large, &square(1024, 1, true), &device, false);
+        let gate = MemoryGate {
+            spec,
+            weights,
+            device,
+            t5_tokens: 256,
+            activation_budget_bytes: at_1024.activation_bytes,
+            free_bytes: None,
+            total_bytes: None,
+        };
+        assert!(gate.fits(1024, 1024, 1, true));
+        assert!(gate.refusal(1024, 1024, true, 3072).is_none());
+        assert!(!gate.fits(1024, 1024, 2, true));
+        let why = gate.refusal(2048, 2048, true, 3072).unwrap();
+        assert!(
+            why.contains("2048x2048") && why.contains("1024x1024"),
+            "{why}"
+        );
+        assert_eq!(gate.largest_square(true, 3072), Some(1024));
+        let none = MemoryGate {
+            activation_budget_bytes: 0,
+            ..gate
+        };
+        assert!(
+            none.refusal(16, 16, true, 3072)
+                .unwrap()
+                .contains("no size fits")
+        );
     }
 
     #[test]

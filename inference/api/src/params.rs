@@ -111,4 +111,10 @@ pub struct ModelInfo {
     pub skip_layer_guidance: Option<SkipLayerInfo>,
     /// Things an operator should know (CPU fallback, an assumed variant, conversion at load).
     pub warnings: Vec<String>,
+    /// The op graph the model runs: `generic` (candle's own operations, always on GPUs) or
+    /// `fused-cpu`.
+    pub op_graph: String,
+    /// What requests are checked against for memory; `None` where the device's memory is not
+    /// known (no request is refused for memory then).
+    pub memory: Option<sd35_contract::plan::MemoryGate>,
 }

@@ -44,6 +44,8 @@ pub fn limits() -> Limits {
             defaults: defaults.clone(),
             skip_layer_guidance: None,
             warnings: Vec::new(),
+            op_graph: "fused-cpu".into(),
+            memory: None,
         },
         defaults,
         max_steps: 50,

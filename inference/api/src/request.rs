@@ -207,6 +207,11 @@ impl Sampling<'_> {
             self.guidance_scale
                 .unwrap_or(limits.defaults.guidance_scale),
         )?;
+        if let Some(gate) = &limits.model.memory
+            && let Some(why) = gate.refusal(width, height, guidance > 1.0, limits.max_size())
+        {
+            return Err(ApiError::invalid("width", why));
+        }
         Ok(GenParams {
             prompt: self.prompt.to_owned(),
             negative_prompt: negative.to_owned(),
@@ -413,7 +418,12 @@ impl ImagesRequest {
             guidance_scale: self.guidance_scale,
             seed: self.seed,
         }
-        .resolve(limits, || random_seed().min(max_seed))?;
+        .resolve(limits, || random_seed().min(max_seed))
+        .map_err(|e| match e.field.as_deref() {
+            // This route has no width or height: its `size` says both.
+            Some("width" | "height") => e.with_field("size"),
+            _ => e,
+        })?;
         Ok((0..u64::from(n))
             .map(|i| GenParams {
                 seed: first.seed + i,

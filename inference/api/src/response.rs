@@ -6,7 +6,7 @@ use sd35_contract::{DeviceKind, Precision, Variant};
 use serde::{Deserialize, Serialize};
 
 use crate::bounds::{Limits, MAX_GUIDANCE, MAX_IMAGES_PER_REQUEST, SIZE_MULTIPLE};
-use crate::params::{GenParams, SkipLayerInfo};
+use crate::params::{Defaults, GenParams, SkipLayerInfo};
 
 /// `POST /v1/txt2img` with `Accept: application/json`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -224,6 +224,85 @@ pub struct ModelEntry {
     pub warnings: Vec<String>,
     /// What a request may ask for.
     pub limits: ModelLimits,
+    /// The op graph the model runs (`generic` or `fused-cpu`).
+    pub op_graph: String,
+    /// Device memory as planned from the model's shapes; absent where the device's memory is
+    /// not known.
+    pub memory: Option<MemoryReport>,
+}
+
+/// Device memory, computed from the model's shapes (`sd35-server plan` prints the same
+/// arithmetic), against what the device had free once the model was loaded.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryReport {
+    /// Always true: these figures are computed, not measured.
+    pub computed: bool,
+    /// The device's memory, when known.
+    pub device_total_bytes: Option<u64>,
+    /// What the device had free once the model was loaded, when known.
+    pub device_free_bytes: Option<u64>,
+    /// The weights as loaded.
+    pub weights_bytes: u64,
+    /// What a request's activations may take; requests planned over it are refused (422).
+    pub activation_budget_bytes: u64,
+    /// One image at the default size.
+    pub default_request: PlannedRequest,
+    /// Images of the default size the server samples together at most (the batcher never
+    /// groups more than fit, whatever `--max-batch-size` says).
+    pub max_batch_at_default_size: u32,
+    /// The largest square image that fits, when one does.
+    pub largest_square_size: Option<u32>,
+}
+
+/// The plan of one request.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlannedRequest {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Weights, the largest stage's activations and the runtime reserve.
+    pub peak_bytes: u64,
+    /// The largest stage's activations.
+    pub activation_bytes: u64,
+    /// `transformer`, `vae` or `text`.
+    pub largest_stage: String,
+}
+
+impl MemoryReport {
+    /// The report of `gate` for a server whose defaults are `defaults` and whose batcher
+    /// groups up to `max_batch_size` images.
+    pub fn of(
+        gate: &sd35_contract::plan::MemoryGate,
+        defaults: &Defaults,
+        max_batch_size: usize,
+        max_side: u32,
+    ) -> Self {
+        let guidance = defaults.guidance_scale > 1.0;
+        let p = gate.plan(defaults.width, defaults.height, 1, guidance);
+        let batch = (1..=max_batch_size.max(1) as u32)
+            .take_while(|&b| gate.fits(defaults.width, defaults.height, b as usize, guidance))
+            .last()
+            .unwrap_or(0);
+        Self {
+            computed: true,
+            device_total_bytes: gate.total_bytes,
+            device_free_bytes: gate.free_bytes,
+            weights_bytes: gate.weights.total(),
+            activation_budget_bytes: gate.activation_budget_bytes,
+            default_request: PlannedRequest {
+                width: defaults.width,
+                height: defaults.height,
+                peak_bytes: p.peak_bytes,
+                activation_bytes: p.activation_bytes,
+                largest_stage: p.largest_stage.to_owned(),
+            },
+            max_batch_at_default_size: batch,
+            largest_square_size: gate.largest_square(guidance, max_side),
+        }
+    }
 }
 
 /// The defaults a request gets.
@@ -304,6 +383,11 @@ impl ModelList {
                 skip_layer_guidance: m.skip_layer_guidance.clone(),
             },
             warnings: m.warnings.clone(),
+            op_graph: m.op_graph.clone(),
+            memory: m
+                .memory
+                .as_ref()
+                .map(|g| MemoryReport::of(g, &limits.defaults, max_batch_size, limits.max_size())),
             limits: ModelLimits {
                 max_size: bounds.size.max.unwrap_or_else(|| limits.max_size()),
                 size_multiple: SIZE_MULTIPLE,

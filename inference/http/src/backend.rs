@@ -49,6 +49,8 @@ pub struct FakeBackend {
     pub step_time: Duration,
     /// Batch sizes seen, in order.
     pub batches: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+    /// The memory gate it reports (none by default).
+    pub memory: Option<sd35_contract::plan::MemoryGate>,
 }
 
 impl FakeBackend {
@@ -57,6 +59,7 @@ impl FakeBackend {
         Self {
             step_time,
             batches: Default::default(),
+            memory: None,
         }
     }
 }
@@ -142,6 +145,8 @@ impl Backend for FakeBackend {
             },
             skip_layer_guidance: None,
             warnings: Vec::new(),
+            op_graph: "fused-cpu".into(),
+            memory: self.memory.clone(),
         }
     }
 

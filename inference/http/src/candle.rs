@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use sd35_contract::plan::MemoryGate;
 use sd35_contract::{CacheManifest, DeviceKind, Precision, Variant};
 use sd35_pipeline::device::OpenedDevice;
 use sd35_pipeline::{GenerateRequest, Pipeline, PipelineOptions, VariantSource, model_card};
@@ -71,6 +72,52 @@ pub struct CandleOptions {
     pub load_t5: bool,
     /// T5 sequence length.
     pub t5_max_tokens: usize,
+    /// Device memory the server may use in all (`--memory-limit`); unset: what is free.
+    pub memory_limit: Option<u64>,
+}
+
+/// Kept free beside a request's planned activations (allocator slack, cuBLAS's workspace).
+const MEMORY_MARGIN_BYTES: u64 = 256 << 20;
+
+/// What requests are checked against: the loaded model's shapes and weights, and the memory
+/// the device has left for activations (capped by `--memory-limit`), measured now that the
+/// model is loaded. `None`, with a warning, when the device's memory cannot be read.
+fn memory_gate(
+    pipeline: &Pipeline,
+    device: &OpenedDevice,
+    limit: Option<u64>,
+    warnings: &mut Vec<String>,
+) -> sd35_pipeline::Result<Option<MemoryGate>> {
+    let spec = pipeline.spec()?;
+    let weights = pipeline.weight_bytes();
+    let plan_device = sd35_pipeline::plan::plan_device(
+        device,
+        pipeline.precision(),
+        sd35_pipeline::op_graph::current(),
+    );
+    let measured = device.memory();
+    let free = match (measured, limit) {
+        (Some(m), Some(limit)) => Some(m.free.min(limit.saturating_sub(weights.total()))),
+        (Some(m), None) => Some(m.free),
+        (None, Some(limit)) => Some(limit.saturating_sub(weights.total())),
+        (None, None) => None,
+    };
+    let Some(free) = free else {
+        warnings.push(
+            "the device's free memory could not be read: requests are not checked against              the memory plan"
+                .to_owned(),
+        );
+        return Ok(None);
+    };
+    Ok(Some(MemoryGate {
+        spec,
+        weights,
+        device: plan_device,
+        t5_tokens: pipeline.t5_length(),
+        activation_budget_bytes: free.saturating_sub(MEMORY_MARGIN_BYTES),
+        free_bytes: measured.map(|m| m.free),
+        total_bytes: measured.map(|m| m.total),
+    }))
 }
 
 /// The last component of a directory's canonical path.
@@ -122,6 +169,7 @@ impl CandleBackend {
                 "no prebuilt engine: the weights were quantised to fp8 at start-up".to_owned(),
             );
         }
+        let memory = memory_gate(&pipeline, &o.device, o.memory_limit, &mut warnings)?;
         let d = pipeline.default_request("");
         let card = model_card(variant);
         let info = ModelInfo {
@@ -158,6 +206,8 @@ impl CandleBackend {
                 stop: s.stop,
             }),
             warnings,
+            op_graph: sd35_pipeline::op_graph::current().name().to_owned(),
+            memory,
         };
         debug_assert!(o.device.kind != DeviceKind::Auto);
         Ok(Self {

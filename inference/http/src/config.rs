@@ -3,6 +3,29 @@
 
 use sd35_contract::ServeArgs;
 
+/// A byte count: digits with an optional K, M, G or T suffix (powers of 1024).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("`{text}`: the suffix must be K, M, G or T")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a byte count (e.g. 40G or 42949672960)"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("`{text}` is too large"))
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -39,6 +62,13 @@ pub struct ServeConfig {
     /// the model's limit), e.g. to bound memory and latency per image.
     #[arg(long, env = "SD35_MAX_SIZE", value_parser = clap::value_parser!(u32).range(16..))]
     pub max_size: Option<u32>,
+
+    /// Device memory this server may use in all, weights included (bytes, or with a K, M, G
+    /// or T suffix in powers of 1024, e.g. `40G`), for a GPU shared with other work; unset:
+    /// what the device has free once the model is loaded. Requests whose memory plan does not
+    /// fit are refused with 422, and the batcher groups only what fits.
+    #[arg(long, env = "SD35_MEMORY_LIMIT", value_parser = parse_bytes)]
+    pub memory_limit: Option<u64>,
 
     /// Most sampling steps a request may ask for (unset: 100, or 16 for large-turbo).
     #[arg(long, env = "SD35_MAX_STEPS")]
@@ -264,5 +294,15 @@ mod tests {
             "an empty token file is an error"
         );
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn byte_counts_take_binary_suffixes() {
+        assert_eq!(parse_bytes("42"), Ok(42));
+        assert_eq!(parse_bytes("40G"), Ok(40 << 30));
+        assert_eq!(parse_bytes("512m"), Ok(512 << 20));
+        assert!(parse_bytes("12GB").is_err());
+        assert!(parse_bytes("x").is_err());
+        assert!(parse_bytes("99999999999T").is_err());
     }
 }

@@ -3,8 +3,8 @@
 //! Guarantees: at most `queue_size` images wait at any time (admission beyond that fails
 //! at once, so memory stays bounded); a request whose client went away or whose deadline
 //! passed is dropped before compute is spent on it and stops at the next step when already
-//! running; waiting requests with the same shape run together, up to `max_batch_size`, in
-//! arrival order of the oldest; a request that asks for previews gets them on its channel
+//! running; waiting requests with the same shape run together, up to `max_batch_size` and
+//! never more than the memory plan lets fit, in arrival order of the oldest; a request that asks for previews gets them on its channel
 //! while it is sampled.
 //!
 //! The gauges `sd35_queue_depth` (images admitted and not finished), `sd35_images_in_flight`
@@ -301,6 +301,8 @@ fn worker(
     depth: &Depth,
 ) {
     let mut pending: VecDeque<Job> = VecDeque::new();
+    // Batches never group more images than the memory plan lets fit beside the model.
+    let gate = backend.info().memory;
     loop {
         if pending.is_empty() {
             match rx.recv() {
@@ -326,9 +328,15 @@ fn worker(
             continue;
         };
         let key = head.params.batch_key();
+        let (width, height) = (head.params.width, head.params.height);
+        let guidance = head.params.guidance_scale > 1.0;
+        let fits = |n: usize| {
+            gate.as_ref()
+                .is_none_or(|g| g.fits(width, height, n, guidance))
+        };
         let mut batch = vec![head];
         let mut i = 0;
-        while batch.len() < max_batch && i < pending.len() {
+        while batch.len() < max_batch && fits(batch.len() + 1) && i < pending.len() {
             if pending[i].params.batch_key() == key {
                 if let Some(j) = pending.remove(i) {
                     batch.push(j);

@@ -101,6 +101,11 @@ pub fn candle_loader(config: &ServeConfig) -> anyhow::Result<LoadFn> {
         sd35_pipeline::engine::open(engine, false)
             .map_err(|e| StartupError::pipeline(&format!("--engine {}", engine.display()), &e))?;
     }
+    // The op graph is chosen once, before any model is loaded (SD35_GENERIC_OPS=1: on the
+    // CPU, the operations a GPU runs).
+    let graph = sd35_pipeline::op_graph::OpGraph::from_env()
+        .and_then(sd35_pipeline::op_graph::install)
+        .map_err(|e| StartupError::pipeline("the op graph", &e))?;
     let device = sd35_pipeline::device::open(a.device)
         .map_err(|e| StartupError::pipeline("cannot open the device", &e))?;
     if let Some(w) = &device.warning {
@@ -109,6 +114,8 @@ pub fn candle_loader(config: &ServeConfig) -> anyhow::Result<LoadFn> {
     tracing::info!(
         device = device.kind.as_str(),
         gpu = device.gpu_name.as_deref().unwrap_or(""),
+        op_graph = graph.name(),
+        chunk_elements = graph.chunk_elements,
         "device opened"
     );
     let options = CandleOptions {
@@ -120,6 +127,7 @@ pub fn candle_loader(config: &ServeConfig) -> anyhow::Result<LoadFn> {
         device,
         load_t5: !a.no_t5,
         t5_max_tokens: a.t5_max_tokens as usize,
+        memory_limit: config.memory_limit,
     };
     let warmup = !config.no_warmup;
     let min_psnr = config.engine_check_min_psnr_db;
@@ -141,6 +149,8 @@ pub fn candle_loader(config: &ServeConfig) -> anyhow::Result<LoadFn> {
             variant = info.variant.as_str(),
             precision = info.precision.as_str(),
             device = info.device.as_str(),
+            weights_bytes = info.memory.as_ref().map(|m| m.weights.total()),
+            activation_budget_bytes = info.memory.as_ref().map(|m| m.activation_budget_bytes),
             "model loaded"
         );
         check_engine(&backend, &dir, min_psnr)?;

@@ -68,6 +68,7 @@ fn load(model: &str) -> CandleBackend {
         device: OpenedDevice::cpu(),
         load_t5: true,
         t5_max_tokens: 256,
+        memory_limit: None,
     })
     .expect("load")
 }

@@ -19,10 +19,13 @@ struct TestServer {
 
 impl TestServer {
     fn start(step_ms: u64, flags: &[&str]) -> Self {
+        Self::start_fake(FakeBackend::new(Duration::from_millis(step_ms)), flags)
+    }
+
+    fn start_fake(fake: FakeBackend, flags: &[&str]) -> Self {
         let mut argv = vec!["serve", "--model", "unused", "--host", "127.0.0.1"];
         argv.extend_from_slice(flags);
         let config = ServeConfig::try_parse_from(argv).expect("flags parse");
-        let fake = FakeBackend::new(Duration::from_millis(step_ms));
         let batches = fake.batches.clone();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -512,6 +515,59 @@ fn same_shape_requests_are_batched_with_the_images_they_get_alone() {
         200
     );
     assert_eq!(*s.batches.lock().expect("batches"), vec![1, 3]);
+}
+
+#[test]
+fn batches_never_group_more_images_than_the_memory_plan_lets_fit() {
+    use sd35_contract::plan::{MemoryGate, ModelSpec, PlanDevice, WeightSpec};
+    use sd35_contract::{Precision, Variant};
+    let spec = ModelSpec::published(Variant::Large, false);
+    let device = PlanDevice::cuda(Precision::Bf16);
+    let mut gate = MemoryGate {
+        weights: WeightSpec::new(Precision::Bf16).model(&spec),
+        spec,
+        device,
+        t5_tokens: 256,
+        activation_budget_bytes: 0,
+        free_bytes: None,
+        total_bytes: None,
+    };
+    // Room for two 16x16 images with guidance, not three.
+    let two = gate.plan(16, 16, 2, true).activation_bytes;
+    assert!(gate.plan(16, 16, 3, true).activation_bytes > two);
+    gate.activation_budget_bytes = two;
+    let mut fake = FakeBackend::new(Duration::from_millis(20));
+    fake.memory = Some(gate);
+    let s = TestServer::start_fake(fake, &["--max-batch-size", "4", "--queue-size", "8"]);
+    let addr = s.addr;
+    let blocker = std::thread::spawn(move || {
+        client::post_json(
+            addr,
+            "/v1/txt2img",
+            r#"{"prompt":"b","steps":10,"width":32,"height":16}"#,
+        )
+    });
+    wait_until("blocker running", || s.metric("sd35_steps_total") >= 1.0);
+    let threads: Vec<_> = (0..3u64)
+        .map(|i| {
+            std::thread::spawn(move || {
+                client::post_json(
+                    addr,
+                    "/v1/txt2img",
+                    &format!(r#"{{"prompt":"p{i}","steps":3,"width":16,"height":16,"seed":{i}}}"#),
+                )
+            })
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().expect("client").expect("response").status, 200);
+    }
+    assert_eq!(
+        blocker.join().expect("client").expect("response").status,
+        200
+    );
+    // The blocker, then two of the three queued, then the last: never three at once.
+    assert_eq!(*s.batches.lock().expect("batches"), vec![1, 2, 1]);
 }
 
 #[test]

@@ -57,6 +57,67 @@ impl OpenedDevice {
     }
 }
 
+/// Free and total bytes of a device's memory, as far as this process may use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// Free now.
+    pub free: u64,
+    /// In all.
+    pub total: u64,
+}
+
+impl OpenedDevice {
+    /// The device's memory now: the CUDA driver's free and total bytes; on the CPU the
+    /// kernel's available memory, bounded by this process's cgroup (a container's limit).
+    /// `None` when it cannot be read.
+    pub fn memory(&self) -> Option<DeviceMemory> {
+        match &self.device {
+            Device::Cpu => cpu_memory(),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(cuda) => {
+                let (free, total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+                Some(DeviceMemory {
+                    free: free as u64,
+                    total: total as u64,
+                })
+            }
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+}
+
+/// `MemAvailable` and `MemTotal` of `/proc/meminfo`, bounded by the cgroup v2 limit of this
+/// process (`memory.max` less `memory.current`) where one is set.
+fn cpu_memory() -> Option<DeviceMemory> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = meminfo.lines().find(|l| l.starts_with(name))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    };
+    let mut memory = DeviceMemory {
+        free: field("MemAvailable:")?,
+        total: field("MemTotal:")?,
+    };
+    if let Some((limit, used)) = cgroup_memory() {
+        memory.total = memory.total.min(limit);
+        memory.free = memory.free.min(limit.saturating_sub(used));
+    }
+    Some(memory)
+}
+
+/// The cgroup v2 `memory.max` and `memory.current` of this process, when a limit is set.
+fn cgroup_memory() -> Option<(u64, u64)> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let dir = std::path::Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
+    let limit: u64 = read("memory.max")?.trim().parse().ok()?;
+    let used: u64 = read("memory.current")?.trim().parse().ok()?;
+    Some((limit, used))
+}
+
 /// Opens CUDA device 0, turning every way it can fail (no CUDA in this build, no driver
 /// library, no device) into a message.
 fn open_cuda() -> std::result::Result<OpenedDevice, String> {

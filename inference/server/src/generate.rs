@@ -96,6 +96,13 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     } else {
         args.device
     };
+    // Chosen once, before loading (SD35_GENERIC_OPS=1: on the CPU, the operations a GPU runs).
+    let graph = sd35_pipeline::op_graph::install(sd35_pipeline::op_graph::OpGraph::from_env()?)?;
+    tracing::info!(
+        op_graph = graph.name(),
+        chunk_elements = graph.chunk_elements,
+        "op graph"
+    );
     let opened = sd35_pipeline::device::open(choice)?;
     if let Some(w) = &opened.warning {
         tracing::warn!("{w}");

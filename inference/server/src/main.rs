@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 mod engine;
 mod fetch;
 mod generate;
+mod plan;
 
 /// Stable Diffusion 3.5 inference server and tools.
 #[derive(Debug, Parser)]
@@ -22,6 +23,8 @@ enum Command {
     Fetch(fetch::FetchCommand),
     /// Convert a cached model into the serving engine of one precision.
     BuildEngine(engine::BuildEngineCommand),
+    /// Peak device memory of a request for a published variant, computed from its shapes.
+    Plan(plan::PlanArgs),
     /// Serve the model over HTTP (text-to-image API, health, metrics, playground).
     Serve(Box<sd35_http::ServeConfig>),
 }
@@ -45,6 +48,7 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(&args),
         Command::Fetch(args) => fetch::main(&args),
         Command::BuildEngine(args) => engine::main(&args),
+        Command::Plan(args) => plan::run(&args),
         Command::Serve(_) => unreachable!("handled above"),
     }
 }
