@@ -1,15 +1,19 @@
-//! Command lines of `sd35-server fetch`, `build-engine` and `serve` as the operator sets them.
+//! Command lines of `sd35-server fetch`, `fetch-adapter`, `build-engine` and `serve` as the
+//! operator sets them.
 //!
 //! The server flattens these structs into its own commands; the operator renders them with
-//! `to_args`. Every flag also reads an `SD35_*` environment variable, for people running the
-//! server by hand.
+//! `to_args`. Every flag but the repeatable adapter flags of `serve` (`--lora`,
+//! `--controlnet`) also reads an `SD35_*` environment variable, for people running the server
+//! by hand.
 
-use std::path::PathBuf;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use clap::Args;
 
-use crate::layout::CACHE_MOUNT;
-use crate::model::{DeviceKind, Precision, S3UrlStyle, Variant};
+use crate::layout::{CACHE_MOUNT, adapter_path, names_one_file};
+use crate::model::{AdapterKind, ControlMode, DeviceKind, Precision, S3UrlStyle, Variant};
 
 /// Where `fetch` gets the model from: exactly one of the three.
 #[derive(Args, Clone, Debug, PartialEq, Eq)]
@@ -62,6 +66,101 @@ pub struct FetchArgs {
     /// message: `/dev/termination-log` in Kubernetes).
     #[arg(long, env = "SD35_TERMINATION_MESSAGE_PATH")]
     pub termination_message_path: Option<PathBuf>,
+}
+
+/// Where `fetch-adapter` gets an adapter from: exactly one of the three.
+#[derive(Args, Clone, Debug, PartialEq, Eq)]
+#[group(required = true, multiple = false)]
+pub struct AdapterSourceArgs {
+    /// Hugging Face repository id, `owner/name`.
+    #[arg(long, env = "SD35_HF_REPO")]
+    pub hf_repo: Option<String>,
+
+    /// One file over HTTP(S), checked against `--sha256`.
+    #[arg(long, env = "SD35_HTTP_URL", requires = "sha256")]
+    pub http_url: Option<String>,
+
+    /// A file (ending in `.safetensors`) or a ControlNet's diffusers folder on a mounted
+    /// volume, imported by copying.
+    #[arg(long, env = "SD35_IMPORT_PATH")]
+    pub import_path: Option<PathBuf>,
+}
+
+/// `sd35-server fetch-adapter`: download or import one LoRA or ControlNet into
+/// `<cache-root>/adapters/<adapter-key>`, verified and resumable, beside the models.
+#[derive(Args, Clone, Debug, PartialEq, Eq)]
+pub struct FetchAdapterArgs {
+    /// What it is: `lora` or `controlnet`.
+    #[arg(long, env = "SD35_ADAPTER_KIND")]
+    pub kind: AdapterKind,
+
+    /// The name it is served under (a ControlNet's mode), for messages and its manifest.
+    #[arg(long, env = "SD35_ADAPTER_NAME")]
+    pub name: String,
+
+    #[command(flatten)]
+    pub source: AdapterSourceArgs,
+
+    /// The file's path in the Hugging Face repository. Unset: a LoRA is the repository's one
+    /// `.safetensors` file at its root, a ControlNet its root folder in diffusers' layout
+    /// (`config.json` and the weights).
+    #[arg(long, env = "SD35_HF_FILE", conflicts_with_all = ["http_url", "import_path"])]
+    pub hf_file: Option<String>,
+
+    /// Branch, tag or commit of a Hugging Face repository.
+    #[arg(long, env = "SD35_REVISION", default_value = "main")]
+    pub revision: String,
+
+    /// Hugging Face endpoint, for mirrors and proxies.
+    #[arg(
+        long,
+        env = "SD35_HF_ENDPOINT",
+        default_value = "https://huggingface.co"
+    )]
+    pub hf_endpoint: String,
+
+    /// Lower-case hex sha256 the file must have (required with `--http-url`; checked for any
+    /// single-file source when given).
+    #[arg(long, env = "SD35_SHA256")]
+    pub sha256: Option<String>,
+
+    /// The variant the adapter serves with, recorded in its manifest.
+    #[arg(long, env = "SD35_VARIANT")]
+    pub variant: Variant,
+
+    /// Root of the cache volume.
+    #[arg(long, env = "SD35_CACHE_ROOT", default_value = CACHE_MOUNT)]
+    pub cache_root: PathBuf,
+
+    /// Adapter key; the adapter goes to `<cache-root>/adapters/<adapter-key>`.
+    #[arg(long, env = "SD35_ADAPTER_KEY")]
+    pub adapter_key: String,
+
+    /// File that receives the one-line cause when the fetch fails (a container's termination
+    /// message: `/dev/termination-log` in Kubernetes).
+    #[arg(long, env = "SD35_TERMINATION_MESSAGE_PATH")]
+    pub termination_message_path: Option<PathBuf>,
+}
+
+impl FetchAdapterArgs {
+    /// Whether the adapter is cached as one file ([`crate::ADAPTER_FILE`]) rather than a
+    /// folder: every LoRA, and a ControlNet its source names as one file (an `--hf-file`, an
+    /// `--http-url`, an `--import-path` ending in `.safetensors`).
+    pub fn single_file(&self) -> bool {
+        self.kind == AdapterKind::Lora
+            || self.hf_file.is_some()
+            || self.source.http_url.is_some()
+            || self
+                .source
+                .import_path
+                .as_deref()
+                .is_some_and(|p| names_one_file(&p.to_string_lossy()))
+    }
+
+    /// What a server loads once it is cached: the `PATH` of its `--lora` or `--controlnet`.
+    pub fn served_path(&self) -> PathBuf {
+        adapter_path(&self.cache_root, &self.adapter_key, self.single_file())
+    }
 }
 
 /// `sd35-server build-engine`: convert a cached model into the serving layout of a precision.
@@ -193,6 +292,105 @@ impl ArtifactArgs {
     }
 }
 
+/// Whether `name` may name an adapter: 1 to 63 lower-case letters, digits, `-`, `_` and `.`,
+/// starting and ending with a letter or digit (the SD35Deployment's rule, so no name holds the
+/// `:` and `=` of `--lora`, nor anything a prompt's `<lora:name:0.8>` cannot spell).
+pub fn is_adapter_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    let edge = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    (1..=63).contains(&bytes.len())
+        && bytes.first().is_some_and(edge)
+        && bytes.last().is_some_and(edge)
+        && bytes.iter().all(|b| edge(b) || b"-_.".contains(b))
+}
+
+/// A LoRA `serve` loads: `--lora NAME[:SCALE]=PATH`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraArg {
+    /// The name requests ask for it by ([`is_adapter_name`]).
+    pub name: String,
+    /// The scale a request that names it without one gets; unset: 1.0.
+    pub scale: Option<f64>,
+    /// Its safetensors file.
+    pub path: PathBuf,
+}
+
+impl FromStr for LoraArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (head, path) = s
+            .split_once('=')
+            .ok_or_else(|| format!("`{s}`: expected NAME[:SCALE]=PATH"))?;
+        let (name, scale) = match head.split_once(':') {
+            Some((name, scale)) => {
+                let scale: f64 = scale
+                    .parse()
+                    .ok()
+                    .filter(|v: &f64| v.is_finite())
+                    .ok_or_else(|| format!("`{s}`: the scale `{scale}` is not a number"))?;
+                (name, Some(scale))
+            }
+            None => (head, None),
+        };
+        if !is_adapter_name(name) {
+            return Err(format!(
+                "`{s}`: `{name}` is not an adapter name (1 to 63 of a-z 0-9 - _ ., starting and \
+                 ending with a letter or digit)"
+            ));
+        }
+        if path.is_empty() {
+            return Err(format!("`{s}`: the path is empty"));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            scale,
+            path: path.into(),
+        })
+    }
+}
+
+impl fmt::Display for LoraArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)?;
+        if let Some(scale) = self.scale {
+            write!(f, ":{scale}")?;
+        }
+        write!(f, "={}", self.path.display())
+    }
+}
+
+/// A ControlNet `serve` loads: `--controlnet MODE=PATH`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControlNetArg {
+    /// The mode requests ask for (`control.mode`).
+    pub mode: ControlMode,
+    /// A diffusers folder (`config.json` and its weights) or one safetensors file.
+    pub path: PathBuf,
+}
+
+impl FromStr for ControlNetArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (mode, path) = s
+            .split_once('=')
+            .ok_or_else(|| format!("`{s}`: expected MODE=PATH"))?;
+        let mode = mode.parse().map_err(|e| format!("`{s}`: {e}"))?;
+        if path.is_empty() {
+            return Err(format!("`{s}`: the path is empty"));
+        }
+        Ok(Self {
+            mode,
+            path: path.into(),
+        })
+    }
+}
+
+impl fmt::Display for ControlNetArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.mode, self.path.display())
+    }
+}
+
 /// `sd35-server serve`: the flags the operator sets on serving pods.
 #[derive(Args, Clone, Debug, PartialEq)]
 pub struct ServeArgs {
@@ -284,6 +482,17 @@ pub struct ServeArgs {
     /// Where generated images are stored when a client asks for URLs.
     #[command(flatten)]
     pub artifacts: ArtifactArgs,
+
+    /// A LoRA served beside the model, `NAME[:SCALE]=PATH` (repeatable): requests ask for it
+    /// by NAME, SCALE (default 1.0) is the scale a request that gives none gets, PATH its
+    /// safetensors file.
+    #[arg(long = "lora", value_name = "NAME[:SCALE]=PATH")]
+    pub loras: Vec<LoraArg>,
+
+    /// An SD3.5 ControlNet served beside the model, `MODE=PATH` (repeatable, one per mode):
+    /// MODE is canny, depth or blur, PATH a diffusers folder or one safetensors file.
+    #[arg(long = "controlnet", value_name = "MODE=PATH")]
+    pub controlnets: Vec<ControlNetArg>,
 }
 
 fn push(args: &mut Vec<String>, flag: &str, value: impl std::fmt::Display) {
@@ -320,6 +529,31 @@ impl FetchArgs {
         push(&mut a, "variant", self.variant.as_str());
         push(&mut a, "cache-root", self.cache_root.display());
         push(&mut a, "cache-key", &self.cache_key);
+        push_termination_message_path(&mut a, self.termination_message_path.as_deref());
+        a
+    }
+}
+
+impl FetchAdapterArgs {
+    /// The command line after `sd35-server fetch-adapter`.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = Vec::new();
+        push(&mut a, "kind", self.kind);
+        push(&mut a, "name", &self.name);
+        push_opt(&mut a, "hf-repo", self.source.hf_repo.as_ref());
+        push_opt(&mut a, "http-url", self.source.http_url.as_ref());
+        push_opt(
+            &mut a,
+            "import-path",
+            self.source.import_path.as_deref().map(Path::display),
+        );
+        push_opt(&mut a, "hf-file", self.hf_file.as_ref());
+        push(&mut a, "revision", &self.revision);
+        push(&mut a, "hf-endpoint", &self.hf_endpoint);
+        push_opt(&mut a, "sha256", self.sha256.as_ref());
+        push(&mut a, "variant", self.variant);
+        push(&mut a, "cache-root", self.cache_root.display());
+        push(&mut a, "adapter-key", &self.adapter_key);
         push_termination_message_path(&mut a, self.termination_message_path.as_deref());
         a
     }
@@ -379,6 +613,12 @@ impl ServeArgs {
             self.auth_token_file.as_ref().map(|p| p.display()),
         );
         self.artifacts.push_args(&mut a);
+        for lora in &self.loras {
+            push(&mut a, "lora", lora);
+        }
+        for controlnet in &self.controlnets {
+            push(&mut a, "controlnet", controlnet);
+        }
         a
     }
 }
@@ -399,6 +639,7 @@ mod tests {
     #[derive(Subcommand, Debug)]
     enum Command {
         Fetch(FetchArgs),
+        FetchAdapter(FetchAdapterArgs),
         BuildEngine(BuildEngineArgs),
         Serve(ServeArgs),
     }
@@ -466,6 +707,160 @@ mod tests {
             .chain(args);
         let err = Cli::try_parse_from(argv).expect_err("two sources must be refused");
         assert!(err.to_string().contains("cannot be used with"), "{err}");
+    }
+
+    fn adapter(kind: AdapterKind, source: AdapterSourceArgs) -> FetchAdapterArgs {
+        FetchAdapterArgs {
+            kind,
+            name: "detail-v1.2".into(),
+            source,
+            hf_file: None,
+            revision: "main".into(),
+            hf_endpoint: "https://huggingface.co".into(),
+            sha256: None,
+            variant: Variant::Large,
+            cache_root: "/cache".into(),
+            adapter_key: "a1".into(),
+            termination_message_path: Some("/dev/termination-log".into()),
+        }
+    }
+
+    fn no_adapter_source() -> AdapterSourceArgs {
+        AdapterSourceArgs {
+            hf_repo: None,
+            http_url: None,
+            import_path: None,
+        }
+    }
+
+    #[test]
+    fn fetch_adapter_command_lines_parse_back_for_every_source() {
+        let hub = FetchAdapterArgs {
+            hf_file: Some("loras/detail v1.safetensors".into()),
+            revision: "0123abcd".into(),
+            hf_endpoint: "https://hub.example:8443/mirror".into(),
+            ..adapter(
+                AdapterKind::Lora,
+                AdapterSourceArgs {
+                    hf_repo: Some("someone/sd35-loras".into()),
+                    ..no_adapter_source()
+                },
+            )
+        };
+        let http = FetchAdapterArgs {
+            sha256: Some("ab".repeat(32)),
+            ..adapter(
+                AdapterKind::Controlnet,
+                AdapterSourceArgs {
+                    http_url: Some("https://m.example/canny.safetensors?x=1".into()),
+                    ..no_adapter_source()
+                },
+            )
+        };
+        let folder = adapter(
+            AdapterKind::Controlnet,
+            AdapterSourceArgs {
+                import_path: Some("/import/controlnets/depth".into()),
+                ..no_adapter_source()
+            },
+        );
+        for args in [&hub, &http, &folder] {
+            match parse("fetch-adapter", args.to_args()) {
+                Command::FetchAdapter(parsed) => assert_eq!(&parsed, args),
+                other => panic!("parsed as {other:?}"),
+            }
+        }
+        // Where each is served from: a LoRA and a ControlNet named as one file are the
+        // adapter file; a ControlNet folder is the directory.
+        assert_eq!(
+            hub.served_path(),
+            Path::new("/cache/adapters/a1/adapter.safetensors")
+        );
+        assert!(http.single_file());
+        assert_eq!(folder.served_path(), Path::new("/cache/adapters/a1"));
+        let hub_folder = FetchAdapterArgs {
+            hf_file: None,
+            kind: AdapterKind::Controlnet,
+            ..hub.clone()
+        };
+        assert!(!hub_folder.single_file());
+        assert!(
+            FetchAdapterArgs {
+                hf_file: None,
+                ..hub
+            }
+            .single_file(),
+            "a LoRA is always one file"
+        );
+    }
+
+    #[test]
+    fn fetch_adapter_refuses_a_url_without_its_sha256_and_a_file_without_a_repository() {
+        let base = [
+            "sd35-server",
+            "fetch-adapter",
+            "--kind=lora",
+            "--name=a",
+            "--variant=large",
+            "--adapter-key=k",
+        ];
+        for (extra, why) in [
+            (
+                &["--http-url=https://m.example/a.safetensors"][..],
+                "sha256",
+            ),
+            (
+                &["--import-path=/i/a.safetensors", "--hf-file=a.safetensors"][..],
+                "cannot be used with",
+            ),
+            (&["--hf-file=a.safetensors"][..], "--hf-repo"),
+            (
+                &["--hf-repo=a/b", "--import-path=/i/a.safetensors"][..],
+                "cannot be used with",
+            ),
+        ] {
+            let argv = base.iter().chain(extra).copied();
+            let err = Cli::try_parse_from(argv).expect_err("refused");
+            assert!(err.to_string().contains(why), "{extra:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn adapter_flags_parse_and_refuse_what_a_server_cannot_serve() {
+        let lora: LoraArg = "detail:0.75=/cache/adapters/a1/adapter.safetensors"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            lora,
+            LoraArg {
+                name: "detail".into(),
+                scale: Some(0.75),
+                path: "/cache/adapters/a1/adapter.safetensors".into()
+            }
+        );
+        // The first `=` ends the name: a path may hold `=` and `:`.
+        let odd: LoraArg = "x=/m/a=b:c.safetensors".parse().unwrap();
+        assert_eq!(
+            (odd.scale, odd.path.as_path()),
+            (None, Path::new("/m/a=b:c.safetensors"))
+        );
+        assert_eq!(odd.to_string().parse::<LoraArg>(), Ok(odd));
+        for bad in [
+            "detail",
+            "Detail=/a",
+            "-x=/a",
+            "x:much=/a",
+            "x:inf=/a",
+            "x=",
+            &format!("{}=/a", "a".repeat(64)),
+        ] {
+            assert!(bad.parse::<LoraArg>().is_err(), "{bad} was accepted");
+        }
+        let canny: ControlNetArg = "canny=/cache/adapters/c1".parse().unwrap();
+        assert_eq!(canny.mode, ControlMode::Canny);
+        let err = "pose=/a".parse::<ControlNetArg>().unwrap_err();
+        assert!(err.contains("canny, depth, blur"), "{err}");
+        assert!(is_adapter_name("my_style.v2") && !is_adapter_name("a:b"));
     }
 
     #[test]
@@ -541,6 +936,28 @@ mod tests {
                 artifacts_s3_url_style: S3UrlStyle::VirtualHost,
                 artifacts_url_seconds: 600,
             },
+            loras: vec![
+                LoraArg {
+                    name: "detail".into(),
+                    scale: None,
+                    path: "/cache/adapters/a1/adapter.safetensors".into(),
+                },
+                LoraArg {
+                    name: "style.v2".into(),
+                    scale: Some(-0.5),
+                    path: "/cache/adapters/a2/adapter.safetensors".into(),
+                },
+            ],
+            controlnets: vec![
+                ControlNetArg {
+                    mode: ControlMode::Canny,
+                    path: "/cache/adapters/c1/adapter.safetensors".into(),
+                },
+                ControlNetArg {
+                    mode: ControlMode::Depth,
+                    path: "/cache/adapters/c2".into(),
+                },
+            ],
         };
         let local = ServeArgs {
             artifacts: ArtifactArgs {
@@ -563,6 +980,8 @@ mod tests {
             default_height: None,
             auth_token_file: None,
             artifacts: ArtifactArgs::default(),
+            loras: Vec::new(),
+            controlnets: Vec::new(),
             ..full.clone()
         };
         assert!(!bare.artifacts.enabled() && local.artifacts.enabled());

@@ -6,9 +6,14 @@
 //!   models/<cache-key>/.sd35-complete.json   written last, atomically: the fetch manifest
 //!   engines/<engine-key>/          a prebuilt engine for one precision
 //!   engines/<engine-key>/engine.json         written last, atomically: the engine manifest
+//!   adapters/<adapter-key>/        one LoRA or ControlNet, beside the model it serves with
+//!   adapters/<adapter-key>/adapter.safetensors   a LoRA, or a single-file ControlNet
+//!   adapters/<adapter-key>/config.json, *.safetensors   or a ControlNet in diffusers' layout
+//!   adapters/<adapter-key>/.sd35-complete.json   written last, atomically: the fetch manifest
 //! ```
 //! Keys are content-derived hex strings, so two deployments asking for the same thing share
-//! one directory.
+//! one directory. An adapter's key covers its source only (not the name it is served under), so
+//! adding, removing or renaming one leaves the model and every other adapter where they are.
 
 use std::path::{Path, PathBuf};
 
@@ -45,6 +50,33 @@ pub fn engine_dir(cache_root: &Path, engine_key: &str) -> PathBuf {
     cache_root.join("engines").join(engine_key)
 }
 
+/// The name a single-file adapter (every LoRA, and a ControlNet fetched as one file) is stored
+/// under in its directory, whatever the source called it: the command lines never guess it.
+pub const ADAPTER_FILE: &str = "adapter.safetensors";
+
+/// Directory of the adapter (LoRA or ControlNet) with this key under a cache root.
+pub fn adapter_dir(cache_root: &Path, adapter_key: &str) -> PathBuf {
+    cache_root.join("adapters").join(adapter_key)
+}
+
+/// What a server loads for a cached adapter: its [`ADAPTER_FILE`] when it was fetched as one
+/// file, else its directory (a ControlNet in diffusers' layout).
+pub fn adapter_path(cache_root: &Path, adapter_key: &str, single_file: bool) -> PathBuf {
+    let dir = adapter_dir(cache_root, adapter_key);
+    if single_file {
+        dir.join(ADAPTER_FILE)
+    } else {
+        dir
+    }
+}
+
+/// Whether a source path names one adapter file rather than a folder: it ends in
+/// `.safetensors`. The operator decides the served path by this rule and `fetch-adapter`
+/// refuses a source that does not follow it, so both sides agree without looking.
+pub fn names_one_file(path: &str) -> bool {
+    path.trim_end_matches('/').ends_with(".safetensors")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,5 +86,21 @@ mod tests {
         let root = Path::new(CACHE_MOUNT);
         assert_eq!(model_dir(root, "abc"), Path::new("/cache/models/abc"));
         assert_eq!(engine_dir(root, "def"), Path::new("/cache/engines/def"));
+        assert_eq!(
+            adapter_path(root, "a1", true),
+            Path::new("/cache/adapters/a1/adapter.safetensors")
+        );
+        assert_eq!(
+            adapter_path(root, "a1", false),
+            Path::new("/cache/adapters/a1")
+        );
+    }
+
+    #[test]
+    fn a_source_names_one_file_by_its_suffix() {
+        assert!(names_one_file("loras/detail.safetensors"));
+        assert!(!names_one_file("controlnets/canny"));
+        assert!(!names_one_file(""));
+        assert!(!names_one_file("model.bin"));
     }
 }

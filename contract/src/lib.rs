@@ -7,7 +7,8 @@
 //! the exit codes of `fetch`, `build-engine` and `serve`, the manifests written on the cache
 //! volume, and the enums both sides share (variant, precision, device) are fixed here too, with
 //! the failure both sides read ([`ExitError`]: an exit reason and the one-line cause written as
-//! the container's termination message) and the small helpers both use ([`hex`]).
+//! the container's termination message) and the small helpers both use ([`hex`], the checked
+//! safetensors header reader [`read_safetensors_header`]).
 
 mod args;
 mod encode;
@@ -18,6 +19,7 @@ mod layout;
 mod manifest;
 mod model;
 pub mod plan;
+mod safetensors;
 
 pub use args::*;
 pub use encode::*;
@@ -27,3 +29,4 @@ pub use gpu::*;
 pub use layout::*;
 pub use manifest::*;
 pub use model::*;
+pub use safetensors::*;

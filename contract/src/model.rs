@@ -1,4 +1,5 @@
-//! The three enums both sides share: which model, in which precision, on which device.
+//! The enums both sides share: which model, in which precision, on which device, and the
+//! kinds of adapter files (LoRA, ControlNet) with the ControlNets' modes.
 //!
 //! They are defined once, here. The CRD types, the operator, `sd35-server` and the pipeline all
 //! use these types; their serde names (`large-turbo`, `bf16`, `cuda`) are the CRD's and the
@@ -160,6 +161,59 @@ impl S3UrlStyle {
     }
 }
 
+/// What an adapter file in an SD35Deployment is: a LoRA applied beside the transformer's (and
+/// the text encoders') weights, or an SD3.5 ControlNet.
+#[derive(
+    ValueEnum, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
+#[value(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterKind {
+    /// A LoRA: one safetensors file in diffusers' PEFT or kohya format.
+    Lora,
+    /// An SD3.5 ControlNet: a diffusers folder or one safetensors file.
+    Controlnet,
+}
+
+impl AdapterKind {
+    /// The name in the API and on the command line.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            AdapterKind::Lora => "lora",
+            AdapterKind::Controlnet => "controlnet",
+        }
+    }
+}
+
+/// What a ControlNet conditions on: the SD3.5 ControlNets Stability publishes.
+#[derive(
+    ValueEnum, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
+#[value(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum ControlMode {
+    /// Canny edges of the control image.
+    Canny,
+    /// A depth map.
+    Depth,
+    /// A blurred control image (tile-style upscaling).
+    Blur,
+}
+
+impl ControlMode {
+    /// Every mode.
+    pub const ALL: [ControlMode; 3] = [ControlMode::Canny, ControlMode::Depth, ControlMode::Blur];
+
+    /// The name in the API and on the command line.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ControlMode::Canny => "canny",
+            ControlMode::Depth => "depth",
+            ControlMode::Blur => "blur",
+        }
+    }
+}
+
 macro_rules! text_enum {
     ($t:ty, $what:literal) => {
         impl fmt::Display for $t {
@@ -195,6 +249,8 @@ text_enum!(Variant, "variant");
 text_enum!(Precision, "precision");
 text_enum!(DeviceKind, "device");
 text_enum!(S3UrlStyle, "S3 URL style");
+text_enum!(AdapterKind, "adapter kind");
+text_enum!(ControlMode, "control mode");
 
 /// The model names a server answers to when none are given: the variant, its official
 /// repository id (or `repo`, the repository it was fetched from), `sd3.5` and
@@ -222,7 +278,7 @@ mod schema {
 
     use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 
-    use super::{DeviceKind, Precision, S3UrlStyle, Variant};
+    use super::{AdapterKind, ControlMode, DeviceKind, Precision, S3UrlStyle, Variant};
 
     macro_rules! string_enum_schema {
         ($t:ty, $name:literal) => {
@@ -250,6 +306,8 @@ mod schema {
     string_enum_schema!(Precision, "Precision");
     string_enum_schema!(DeviceKind, "DeviceKind");
     string_enum_schema!(S3UrlStyle, "S3UrlStyle");
+    string_enum_schema!(AdapterKind, "AdapterKind");
+    string_enum_schema!(ControlMode, "ControlMode");
 }
 
 #[cfg(test)]
@@ -279,6 +337,20 @@ mod tests {
             assert_eq!(
                 serde_json::to_string(&s).unwrap_or_default(),
                 format!("\"{s}\"")
+            );
+        }
+        for k in [AdapterKind::Lora, AdapterKind::Controlnet] {
+            assert_eq!(k.as_str().parse::<AdapterKind>(), Ok(k));
+            assert_eq!(
+                serde_json::to_string(&k).unwrap_or_default(),
+                format!("\"{k}\"")
+            );
+        }
+        for m in ControlMode::ALL {
+            assert_eq!(m.as_str().parse::<ControlMode>(), Ok(m));
+            assert_eq!(
+                <ControlMode as ValueEnum>::from_str(m.as_str(), false),
+                Ok(m)
             );
         }
         let err = "xl".parse::<Variant>().unwrap_err();

@@ -256,6 +256,16 @@ mod tests {
                 artifacts_s3_url_style: sd35_contract::S3UrlStyle::VirtualHost,
                 artifacts_url_seconds: 900,
             },
+            loras: vec![
+                "detail:0.8=/cache/adapters/a1/adapter.safetensors"
+                    .parse()
+                    .unwrap_or_else(|e| panic!("{e}")),
+            ],
+            controlnets: vec![
+                "canny=/cache/adapters/c1"
+                    .parse()
+                    .unwrap_or_else(|e| panic!("{e}")),
+            ],
         };
         let argv = std::iter::once("serve".to_owned()).chain(args.to_args());
         let config = ServeConfig::try_parse_from(argv).unwrap_or_else(|e| panic!("{e}"));

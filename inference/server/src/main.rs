@@ -21,6 +21,9 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Download or import a model into the cache, verified and resumable.
     Fetch(fetch::FetchCommand),
+    /// Download or import one LoRA or ControlNet into the cache beside the models, verified
+    /// and resumable.
+    FetchAdapter(fetch::adapter::FetchAdapterCommand),
     /// Convert a cached model into the serving engine of one precision.
     BuildEngine(engine::BuildEngineCommand),
     /// Peak device memory of a request for a published variant, computed from its shapes.
@@ -47,6 +50,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(&args),
         Command::Fetch(args) => fetch::main(&args),
+        Command::FetchAdapter(args) => fetch::adapter::main(&args),
         Command::BuildEngine(args) => engine::main(&args),
         Command::Plan(args) => plan::run(&args),
         Command::Serve(_) => unreachable!("handled above"),

@@ -577,3 +577,383 @@ fn single_file_layout_from_a_mirror() {
     let got = read_tree(&cache.path().join("models/k1"));
     assert_eq!(got, tree);
 }
+
+/// A safetensors file of zero-filled tensors (`name`, dtype, shape) with 2-byte elements.
+fn safetensors_bytes(tensors: &[(&str, &str, &[usize])]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let mut at = 0usize;
+    for (name, dtype, shape) in tensors {
+        let bytes = shape.iter().product::<usize>() * 2;
+        header.insert(
+            (*name).to_owned(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [at, at + bytes]}),
+        );
+        at += bytes;
+    }
+    let json = serde_json::to_vec(&header).unwrap();
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend(json);
+    out.extend(std::iter::repeat_n(1u8, at));
+    out
+}
+
+/// A LoRA as diffusers saves one (PEFT keys), of some 40 kB.
+fn lora_bytes() -> Vec<u8> {
+    safetensors_bytes(&[
+        (
+            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight",
+            "BF16",
+            &[4, 2432],
+        ),
+        (
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight",
+            "BF16",
+            &[2432, 4],
+        ),
+    ])
+}
+
+fn fetch_adapter(
+    cache: &Path,
+    kind: &str,
+    name: &str,
+    source: &[&str],
+    envs: &[(&str, &str)],
+) -> std::process::Output {
+    let root = cache.to_str().unwrap();
+    let kind = format!("--kind={kind}");
+    let name = format!("--name={name}");
+    let termination = cache.join("termination-log");
+    let termination = format!("--termination-message-path={}", termination.display());
+    let mut args = vec![
+        "fetch-adapter",
+        &kind,
+        &name,
+        "--variant=large",
+        "--cache-root",
+        root,
+        "--adapter-key=a1",
+        "--retry-backoff-ms=20",
+        "--progress-seconds=1",
+        &termination,
+    ];
+    args.extend_from_slice(source);
+    server(&args, envs)
+}
+
+fn adapter_marker(cache: &Path) -> Option<serde_json::Value> {
+    std::fs::read(cache.join("adapters/a1").join(COMPLETE_MARKER))
+        .ok()
+        .map(|b| serde_json::from_slice(&b).unwrap())
+}
+
+#[test]
+fn an_adapter_url_is_verified_stored_as_the_adapter_file_and_resumed_when_cut() {
+    let body = lora_bytes();
+    let mut state = State::default();
+    state
+        .files
+        .insert("/loras/detail-v1.safetensors".into(), body.clone());
+    state.cut_once.insert("/loras/detail-v1.safetensors".into());
+    let srv = Server::start(state);
+    let cache = tempfile::tempdir().unwrap();
+    let url = format!(
+        "--http-url={}/loras/detail-v1.safetensors?download=1",
+        srv.base
+    );
+    let sha = format!("--sha256={}", sha256_hex(&body));
+    let out = fetch_adapter(cache.path(), "lora", "detail", &[&url, &sha], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stored = cache.path().join("adapters/a1/adapter.safetensors");
+    assert!(
+        std::fs::read(&stored).unwrap() == body,
+        "stored bytes differ"
+    );
+    let seen = srv.requests_for("detail-v1.safetensors");
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(
+        seen[1].range.as_deref(),
+        Some(format!("bytes={}-", body.len() / 2).as_str()),
+        "the retry continues where the cut left off"
+    );
+    let marker = adapter_marker(cache.path()).expect("a completion marker");
+    assert_eq!(marker["files"][0]["path"], "adapter.safetensors");
+    assert_eq!(marker["files"][0]["sha256"], sha256_hex(&body));
+    assert_eq!(marker["source"]["kind"], "http");
+
+    // Complete: a second run asks for nothing.
+    let before = srv.request_count();
+    let out = fetch_adapter(cache.path(), "lora", "detail", &[&url, &sha], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(srv.request_count(), before);
+
+    // Another digest than the file's: a checksum mismatch, and no marker.
+    let other = tempfile::tempdir().unwrap();
+    let wrong = format!("--sha256={}", "0".repeat(64));
+    let out = fetch_adapter(
+        other.path(),
+        "lora",
+        "detail",
+        &[&url, &wrong, "--retries=0"],
+        &[],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(ExitReason::ChecksumMismatch.code()),
+        "{}",
+        stderr(&out)
+    );
+    assert!(adapter_marker(other.path()).is_none());
+}
+
+#[test]
+fn a_file_that_is_not_safetensors_is_refused_at_fetch_and_named() {
+    let page = b"<!DOCTYPE html><html><body>Sign in to download</body></html>".to_vec();
+    let mut state = State::default();
+    state
+        .files
+        .insert("/loras/styled.safetensors".into(), page.clone());
+    let srv = Server::start(state);
+    let cache = tempfile::tempdir().unwrap();
+    let url = format!("--http-url={}/loras/styled.safetensors", srv.base);
+    let sha = format!("--sha256={}", sha256_hex(&page));
+    let out = fetch_adapter(cache.path(), "lora", "styled", &[&url, &sha], &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(ExitReason::InvalidModel.code()),
+        "{}",
+        stderr(&out)
+    );
+    let said = std::fs::read_to_string(cache.path().join("termination-log")).unwrap();
+    assert!(
+        said.starts_with(
+            "fetch-adapter failed: lora styled: styled.safetensors is not a valid safetensors file: "
+        ),
+        "{said}"
+    );
+    assert!(adapter_marker(cache.path()).is_none(), "never served");
+    // A second run neither downloads it again (it matches its sha256) nor accepts it.
+    let before = srv.request_count();
+    let out = fetch_adapter(cache.path(), "lora", "styled", &[&url, &sha], &[]);
+    assert_eq!(out.status.code(), Some(ExitReason::InvalidModel.code()));
+    assert_eq!(srv.request_count(), before);
+}
+
+/// A Hub with a LoRA repository (`org/loras`: one weights file at the root, a README and a
+/// second LoRA in a folder) and a ControlNet repository in diffusers' layout (`org/canny`).
+fn adapter_hub() -> Server {
+    let commit = "89abcdef0123456789abcdef0123456789abcdef";
+    let mut state = State::default();
+    type Files = Vec<(&'static str, Vec<u8>)>;
+    let repos: [(&str, Files); 3] = [
+        (
+            "org/loras",
+            vec![
+                ("pytorch_lora_weights.safetensors", lora_bytes()),
+                ("README.md", b"# loras".to_vec()),
+                ("v2/pytorch_lora_weights.safetensors", lora_bytes()),
+            ],
+        ),
+        (
+            "org/canny",
+            vec![
+                (
+                    "config.json",
+                    br#"{"_class_name": "SD3ControlNetModel"}"#.to_vec(),
+                ),
+                (
+                    "diffusion_pytorch_model.safetensors",
+                    safetensors_bytes(&[("pos_embed.proj.weight", "F16", &[64, 16, 2, 2])]),
+                ),
+                ("README.md", b"# canny".to_vec()),
+                ("images/example.png", vec![0u8; 32]),
+            ],
+        ),
+        (
+            "org/two",
+            vec![
+                ("a.safetensors", lora_bytes()),
+                ("b.safetensors", lora_bytes()),
+            ],
+        ),
+    ];
+    for (repo, files) in repos {
+        let mut siblings = Vec::new();
+        for (path, body) in files {
+            let lfs = path
+                .ends_with(".safetensors")
+                .then(|| serde_json::json!({"sha256": sha256_hex(&body), "size": body.len()}));
+            siblings.push(serde_json::json!({"rfilename": path, "size": body.len(), "lfs": lfs}));
+            state
+                .files
+                .insert(format!("/{repo}/resolve/{commit}/{path}"), body);
+        }
+        let info = serde_json::json!({"id": repo, "sha": commit, "siblings": siblings});
+        state.files.insert(
+            format!("/api/models/{repo}/revision/main"),
+            serde_json::to_vec(&info).unwrap(),
+        );
+    }
+    Server::start(state)
+}
+
+#[test]
+fn hub_adapters_take_the_named_file_the_one_at_the_root_or_a_controlnet_folder() {
+    let srv = adapter_hub();
+    let endpoint = format!("--hf-endpoint={}", srv.base);
+    let hub = |repo: &str| format!("--hf-repo={repo}");
+
+    // A LoRA without a file name: the one .safetensors at the root, stored as the adapter file.
+    let cache = tempfile::tempdir().unwrap();
+    let out = fetch_adapter(
+        cache.path(),
+        "lora",
+        "detail",
+        &[&hub("org/loras"), &endpoint],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let tree = read_tree(&cache.path().join("adapters/a1"));
+    assert_eq!(tree.keys().collect::<Vec<_>>(), ["adapter.safetensors"]);
+    assert!(tree["adapter.safetensors"] == lora_bytes());
+    assert_eq!(
+        adapter_marker(cache.path()).unwrap()["resolvedRevision"],
+        "89abcdef0123456789abcdef0123456789abcdef"
+    );
+    // A named file in a folder of the repository.
+    let cache = tempfile::tempdir().unwrap();
+    let out = fetch_adapter(
+        cache.path(),
+        "lora",
+        "v2",
+        &[
+            &hub("org/loras"),
+            &endpoint,
+            "--hf-file=v2/pytorch_lora_weights.safetensors",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        srv.requests_for("v2/pytorch_lora_weights.safetensors")
+            .len()
+            == 1
+    );
+
+    // A ControlNet folder keeps its config and weights, and nothing else of the repository.
+    let cache = tempfile::tempdir().unwrap();
+    let out = fetch_adapter(
+        cache.path(),
+        "controlnet",
+        "canny",
+        &[&hub("org/canny"), &endpoint],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let tree = read_tree(&cache.path().join("adapters/a1"));
+    assert_eq!(
+        tree.keys().collect::<Vec<_>>(),
+        ["config.json", "diffusion_pytorch_model.safetensors"]
+    );
+    assert!(srv.requests_for("README.md").is_empty());
+
+    // What cannot be decided or is not there is named.
+    for (kind, repo, extra, code, said) in [
+        (
+            "lora",
+            "org/two",
+            None,
+            ExitReason::InvalidModel,
+            "has several .safetensors files at its root (a.safetensors, b.safetensors): name the file with huggingFace.file",
+        ),
+        (
+            "controlnet",
+            "org/loras",
+            None,
+            ExitReason::InvalidModel,
+            "is not a ControlNet in diffusers' layout",
+        ),
+        (
+            "lora",
+            "org/loras",
+            Some("--hf-file=missing.safetensors"),
+            ExitReason::NotFound,
+            "org/loras@main has no file missing.safetensors",
+        ),
+    ] {
+        let cache = tempfile::tempdir().unwrap();
+        let mut source = vec![hub(repo), endpoint.clone()];
+        source.extend(extra.map(str::to_owned));
+        let source: Vec<&str> = source.iter().map(String::as_str).collect();
+        let out = fetch_adapter(cache.path(), kind, "x", &source, &[]);
+        assert_eq!(out.status.code(), Some(code.code()), "{}", stderr(&out));
+        let message = std::fs::read_to_string(cache.path().join("termination-log")).unwrap();
+        assert!(message.contains(&format!("{kind} x: ")), "{message}");
+        assert!(message.contains(said), "{said:?} not in {message}");
+    }
+}
+
+#[test]
+fn imported_adapters_are_a_file_or_a_controlnet_folder_as_their_path_says() {
+    let volume = tempfile::tempdir().unwrap();
+    let lora = volume.path().join("loras/detail.safetensors");
+    std::fs::create_dir_all(lora.parent().unwrap()).unwrap();
+    std::fs::write(&lora, lora_bytes()).unwrap();
+    let canny = volume.path().join("controlnets/canny");
+    std::fs::create_dir_all(&canny).unwrap();
+    std::fs::write(canny.join("config.json"), b"{}").unwrap();
+    std::fs::write(
+        canny.join("diffusion_pytorch_model.safetensors"),
+        safetensors_bytes(&[("w", "F16", &[2, 2])]),
+    )
+    .unwrap();
+    let import = |p: &Path| format!("--import-path={}", p.display());
+
+    let cache = tempfile::tempdir().unwrap();
+    let out = fetch_adapter(cache.path(), "lora", "detail", &[&import(&lora)], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        cache
+            .path()
+            .join("adapters/a1/adapter.safetensors")
+            .is_file()
+    );
+
+    let cache = tempfile::tempdir().unwrap();
+    let out = fetch_adapter(cache.path(), "controlnet", "canny", &[&import(&canny)], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(cache.path().join("adapters/a1/config.json").is_file());
+
+    // A LoRA must be named as its file; a folder without a config is no ControlNet; a
+    // missing path is not found.
+    std::fs::remove_file(canny.join("config.json")).unwrap();
+    for (kind, path, code, said) in [
+        (
+            "lora",
+            lora.parent().unwrap().to_path_buf(),
+            ExitReason::InvalidModel,
+            "a LoRA is one file",
+        ),
+        (
+            "controlnet",
+            canny.clone(),
+            ExitReason::InvalidModel,
+            "is not a ControlNet in diffusers' layout",
+        ),
+        (
+            "lora",
+            volume.path().join("nope.safetensors"),
+            ExitReason::NotFound,
+            "does not exist",
+        ),
+    ] {
+        let cache = tempfile::tempdir().unwrap();
+        let out = fetch_adapter(cache.path(), kind, "x", &[&import(&path)], &[]);
+        assert_eq!(out.status.code(), Some(code.code()), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains(said),
+            "{said:?} not in {}",
+            stderr(&out)
+        );
+    }
+}

@@ -145,6 +145,8 @@ fn serve_args(resolved: &Resolved, target: &ServingTarget) -> ServeArgs {
             .as_ref()
             .map(|a| format!("/etc/sd35/auth/{}", a.secret_ref.key).into()),
         artifacts: artifact_args(s.artifacts.as_ref()),
+        loras: Vec::new(),
+        controlnets: Vec::new(),
     }
 }
 

@@ -275,7 +275,7 @@ async fn finish(
     size: u64,
     hash: Sha256,
 ) -> Result<(u64, String), ExitError> {
-    let sum = sd35_pipeline::engine::hex(&hash.finalize());
+    let sum = sd35_contract::hex(&hash.finalize());
     let size_ok = file.size.is_none_or(|s| s == size);
     let sum_ok = file.sha256.as_deref().is_none_or(|s| s == sum);
     if !(size_ok && sum_ok) {

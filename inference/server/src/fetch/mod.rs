@@ -7,6 +7,7 @@
 //! (with the manifest of every file) is written last, atomically, so a second run on a complete
 //! cache returns at once. Failures exit with the codes of [`sd35_contract::ExitReason`].
 
+pub mod adapter;
 mod download;
 pub mod error;
 pub mod manifest;
@@ -39,6 +40,14 @@ pub struct FetchCommand {
     #[command(flatten)]
     pub args: FetchArgs,
 
+    #[command(flatten)]
+    pub transfer: TransferOptions,
+}
+
+/// How `fetch` and `fetch-adapter` transfer files: knobs the operator leaves at their
+/// defaults.
+#[derive(Debug, clap::Args)]
+pub struct TransferOptions {
     /// File holding the source's access token (used when the token variable is unset).
     #[arg(long, env = "SD35_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
@@ -66,12 +75,7 @@ pub struct FetchCommand {
 
 /// Runs `fetch` and exits with its documented exit code.
 pub fn main(cmd: &FetchCommand) -> ! {
-    let result = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| ExitError::new(ExitReason::Network, format!("tokio runtime: {e}")))
-        .and_then(|rt| rt.block_on(run(cmd)));
+    let result = runtime().and_then(|rt| rt.block_on(run(cmd)));
     exit_on_error(
         "fetch",
         result,
@@ -79,7 +83,62 @@ pub fn main(cmd: &FetchCommand) -> ! {
     )
 }
 
-fn read_token(cmd: &FetchCommand) -> Result<Option<String>, ExitError> {
+/// The tokio runtime `fetch` and `fetch-adapter` run on.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| ExitError::new(ExitReason::Network, format!("tokio runtime: {e}")))
+}
+
+/// The transfer policy and HTTP client of `options`.
+fn transfers(options: &TransferOptions) -> Result<(TransferPolicy, reqwest::Client), ExitError> {
+    let policy = TransferPolicy {
+        token: read_token(options)?,
+        stall_timeout: Duration::from_secs(options.stall_timeout_seconds.max(1)),
+        retries: options.retries,
+        backoff: Duration::from_millis(options.retry_backoff_ms),
+    };
+    let client = reqwest::Client::builder()
+        .connect_timeout(policy.stall_timeout)
+        .user_agent(concat!("sd35-server/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| ExitError::new(ExitReason::Network, format!("HTTP client: {e}")))?;
+    Ok((policy, client))
+}
+
+/// Reads the marker of `dir`: `true` when it is complete (nothing to do); otherwise removes a
+/// stale marker, so an incomplete directory never looks complete, and creates the directory.
+fn prepare_dir(dir: &Path) -> Result<bool, ExitError> {
+    if let Some(m) = read_marker(dir)?
+        && m.files_present(dir)
+    {
+        tracing::info!(
+            dir = %dir.display(),
+            files = m.files.len(),
+            "cache already complete, nothing to do"
+        );
+        return Ok(true);
+    }
+    match std::fs::remove_file(dir.join(COMPLETE_MARKER)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(ExitError::io(dir, &e));
+        }
+        _ => {}
+    }
+    std::fs::create_dir_all(dir).map_err(|e| ExitError::io(dir, &e))?;
+    Ok(false)
+}
+
+/// Seconds since the Unix epoch, for the markers.
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn read_token(cmd: &TransferOptions) -> Result<Option<String>, ExitError> {
     if let Ok(t) = std::env::var(TOKEN_ENV)
         && !t.trim().is_empty()
     {
@@ -112,36 +171,10 @@ struct Plan {
 pub async fn run(cmd: &FetchCommand) -> Result<(), ExitError> {
     let a = &cmd.args;
     let dir = model_dir(&a.cache_root, &a.cache_key);
-    if let Some(m) = read_marker(&dir)?
-        && m.files_present(&dir)
-    {
-        tracing::info!(
-            dir = %dir.display(),
-            files = m.files.len(),
-            "cache already complete, nothing to do"
-        );
+    if prepare_dir(&dir)? {
         return Ok(());
     }
-    // An incomplete or stale marker must not survive a failed run.
-    match std::fs::remove_file(dir.join(COMPLETE_MARKER)) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(ExitError::io(&dir, &e));
-        }
-        _ => {}
-    }
-    std::fs::create_dir_all(&dir).map_err(|e| ExitError::io(&dir, &e))?;
-
-    let policy = TransferPolicy {
-        token: read_token(cmd)?,
-        stall_timeout: Duration::from_secs(cmd.stall_timeout_seconds.max(1)),
-        retries: cmd.retries,
-        backoff: Duration::from_millis(cmd.retry_backoff_ms),
-    };
-    let client = reqwest::Client::builder()
-        .connect_timeout(policy.stall_timeout)
-        .user_agent(concat!("sd35-server/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| ExitError::new(ExitReason::Network, format!("HTTP client: {e}")))?;
+    let (policy, client) = transfers(&cmd.transfer)?;
 
     let plan = plan(a, &client, &policy).await?;
     let paths: Vec<String> = plan.files.iter().map(|f| f.path.clone()).collect();
@@ -169,11 +202,11 @@ pub async fn run(cmd: &FetchCommand) -> Result<(), ExitError> {
     let started = Instant::now();
     let ticker = tokio::spawn(report_progress(
         progress.clone(),
-        Duration::from_secs(cmd.progress_seconds.max(1)),
+        Duration::from_secs(cmd.transfer.progress_seconds.max(1)),
     ));
     let mut transfers = futures::stream::iter(files.iter())
         .map(|f| fetch_one(&client, &plan.origin, f, &dir, &policy, &progress))
-        .buffer_unordered(cmd.parallel.max(1));
+        .buffer_unordered(cmd.transfer.parallel.max(1));
     let mut cached = Vec::with_capacity(files.len());
     let mut first_err: Option<ExitError> = None;
     while let Some(r) = transfers.next().await {
@@ -204,9 +237,7 @@ pub async fn run(cmd: &FetchCommand) -> Result<(), ExitError> {
         resolved_revision: plan.resolved_revision,
         variant: a.variant,
         files: cached,
-        completed_at: SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        completed_at: unix_now(),
     };
     write_marker(&manifest, &dir)?;
     tracing::info!(
@@ -225,49 +256,15 @@ async fn plan(
     policy: &TransferPolicy,
 ) -> Result<Plan, ExitError> {
     if let Some(repo) = &a.source.hf_repo {
-        let endpoint = a.hf_endpoint.trim_end_matches('/');
-        let url = format!(
-            "{endpoint}/api/models/{repo}/revision/{}?blobs=true",
-            encode(&a.revision, false)
-        );
-        let body = get_bytes(client, &url, policy).await?;
-        let (sha, mut files) =
-            parse_hub_info(&body).map_err(|e| ExitError::new(ExitReason::Network, e))?;
-        // Pin every download to the commit the revision resolved to.
-        let rev = sha.clone().unwrap_or_else(|| a.revision.clone());
-        // Some Hub mirrors omit LFS metadata from the model info: the tree API has it.
-        let weights_unhashed = files
-            .iter()
-            .any(|f| f.path.ends_with(".safetensors") && f.sha256.is_none());
-        if weights_unhashed {
-            let url = format!(
-                "{endpoint}/api/models/{repo}/tree/{}?recursive=true",
-                encode(&rev, false)
-            );
-            match get_bytes(client, &url, policy)
-                .await
-                .map(|b| parse_hub_tree(&b))
-            {
-                Ok(Ok(tree)) => {
-                    for f in &mut files {
-                        if let Some(t) = tree.iter().find(|t| t.path == f.path) {
-                            f.sha256 = f.sha256.take().or_else(|| t.sha256.clone());
-                            f.size = t.size.or(f.size);
-                        }
-                    }
-                }
-                Ok(Err(e)) => tracing::warn!("{url}: {e}; weights are checked by size only"),
-                Err(e) => tracing::warn!("{}; weights are checked by size only", e.message),
-            }
-        }
+        let listing = hub_listing(client, policy, &a.hf_endpoint, repo, &a.revision).await?;
         Ok(Plan {
             source: SourceRecord::HuggingFace {
-                endpoint: endpoint.to_owned(),
+                endpoint: listing.endpoint,
                 repo: repo.clone(),
             },
-            resolved_revision: sha,
-            files,
-            origin: Ok(format!("{endpoint}/{repo}/resolve/{}", encode(&rev, false))),
+            resolved_revision: listing.commit,
+            files: listing.files,
+            origin: Ok(listing.base),
         })
     } else if let Some(base) = &a.source.http_url {
         let base = base.trim_end_matches('/');
@@ -321,6 +318,69 @@ async fn plan(
     }
 }
 
+/// A Hugging Face repository's files at a revision.
+struct HubListing {
+    /// The endpoint, without a trailing slash.
+    endpoint: String,
+    /// The commit the revision resolved to, when the Hub says.
+    commit: Option<String>,
+    /// Every file, with sha256 and size where known.
+    files: Vec<RemoteFile>,
+    /// The base URL of the files, pinned to the commit.
+    base: String,
+}
+
+/// Lists `repo` at `revision` through the Hub API (the tree API fills in missing hashes).
+async fn hub_listing(
+    client: &reqwest::Client,
+    policy: &TransferPolicy,
+    endpoint: &str,
+    repo: &str,
+    revision: &str,
+) -> Result<HubListing, ExitError> {
+    let endpoint = endpoint.trim_end_matches('/');
+    let url = format!(
+        "{endpoint}/api/models/{repo}/revision/{}?blobs=true",
+        encode(revision, false)
+    );
+    let body = get_bytes(client, &url, policy).await?;
+    let (sha, mut files) =
+        parse_hub_info(&body).map_err(|e| ExitError::new(ExitReason::Network, e))?;
+    // Pin every download to the commit the revision resolved to.
+    let rev = sha.clone().unwrap_or_else(|| revision.to_owned());
+    // Some Hub mirrors omit LFS metadata from the model info: the tree API has it.
+    let weights_unhashed = files
+        .iter()
+        .any(|f| f.path.ends_with(".safetensors") && f.sha256.is_none());
+    if weights_unhashed {
+        let url = format!(
+            "{endpoint}/api/models/{repo}/tree/{}?recursive=true",
+            encode(&rev, false)
+        );
+        match get_bytes(client, &url, policy)
+            .await
+            .map(|b| parse_hub_tree(&b))
+        {
+            Ok(Ok(tree)) => {
+                for f in &mut files {
+                    if let Some(t) = tree.iter().find(|t| t.path == f.path) {
+                        f.sha256 = f.sha256.take().or_else(|| t.sha256.clone());
+                        f.size = t.size.or(f.size);
+                    }
+                }
+            }
+            Ok(Err(e)) => tracing::warn!("{url}: {e}; weights are checked by size only"),
+            Err(e) => tracing::warn!("{}; weights are checked by size only", e.message),
+        }
+    }
+    Ok(HubListing {
+        endpoint: endpoint.to_owned(),
+        commit: sha,
+        files,
+        base: format!("{endpoint}/{repo}/resolve/{}", encode(&rev, false)),
+    })
+}
+
 async fn fetch_one(
     client: &reqwest::Client,
     origin: &Result<String, PathBuf>,
@@ -329,40 +389,59 @@ async fn fetch_one(
     policy: &TransferPolicy,
     progress: &Progress,
 ) -> Result<CachedFile, ExitError> {
-    let dest = dir.join(&file.path);
+    let from = match origin {
+        Ok(base) => Origin::Url(format!("{base}/{}", encode(&file.path, true))),
+        Err(src_dir) => Origin::File(src_dir.join(&file.path)),
+    };
+    let (size, sha256) =
+        fetch_file(client, &from, file, &dir.join(&file.path), policy, progress).await?;
+    Ok(CachedFile {
+        path: file.path.clone(),
+        size,
+        sha256,
+    })
+}
+
+/// Where one file comes from.
+enum Origin {
+    /// A URL.
+    Url(String),
+    /// A file on a mounted volume.
+    File(PathBuf),
+}
+
+/// Fetches `file` from `from` to `dest` (kept when it is already there and verifies) and
+/// returns its size and sha256.
+async fn fetch_file(
+    client: &reqwest::Client,
+    from: &Origin,
+    file: &RemoteFile,
+    dest: &Path,
+    policy: &TransferPolicy,
+    progress: &Progress,
+) -> Result<(u64, String), ExitError> {
     if let Some(parent) = dest.parent() {
         tokio::fs::create_dir_all(parent)
             .await
             .map_err(|e| ExitError::io(parent, &e))?;
     }
     // A file already in place from an earlier, interrupted run: keep it if it verifies.
-    if let Ok((size, hash)) = download::hash_file(&dest).await {
-        let sum = sd35_pipeline::engine::hex(&hash.finalize());
+    if let Ok((size, hash)) = download::hash_file(dest).await {
+        let sum = sd35_contract::hex(&hash.finalize());
         if file.size.is_none_or(|s| s == size) && file.sha256.as_deref().is_none_or(|s| s == sum) {
-            return Ok(CachedFile {
-                path: file.path.clone(),
-                size,
-                sha256: sum,
-            });
+            return Ok((size, sum));
         }
         tracing::warn!(file = %file.path, "cached file does not match its checksum, fetching it again");
-        tokio::fs::remove_file(&dest)
+        tokio::fs::remove_file(dest)
             .await
-            .map_err(|e| ExitError::io(&dest, &e))?;
+            .map_err(|e| ExitError::io(dest, &e))?;
     }
-    let (size, sha256) = match origin {
-        Ok(base) => {
-            let url = format!("{base}/{}", encode(&file.path, true));
-            download(client, &url, file, &dest, policy, progress).await?
-        }
-        Err(src_dir) => import(&src_dir.join(&file.path), file, &dest, progress).await?,
+    let (size, sha256) = match from {
+        Origin::Url(url) => download(client, url, file, dest, policy, progress).await?,
+        Origin::File(src) => import(src, file, dest, progress).await?,
     };
     tracing::info!(file = %file.path, size, "verified");
-    Ok(CachedFile {
-        path: file.path.clone(),
-        size,
-        sha256,
-    })
+    Ok((size, sha256))
 }
 
 /// Copies a file from a mounted directory through a partial file, hashing as it goes.
@@ -398,7 +477,7 @@ async fn import(
     // A failed write surfaces on flush; sync_all would report it less precisely.
     w.flush().await.map_err(|e| ExitError::io(&part, &e))?;
     w.sync_all().await.map_err(|e| ExitError::io(&part, &e))?;
-    let sum = sd35_pipeline::engine::hex(&h.finalize());
+    let sum = sd35_contract::hex(&h.finalize());
     if file.sha256.as_deref().is_some_and(|s| s != sum) {
         let _ = tokio::fs::remove_file(&part).await;
         return Err(ExitError::new(
