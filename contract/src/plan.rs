@@ -691,10 +691,11 @@ impl MemoryGate {
     ) -> Option<String> {
         let p = self.plan(width, height, 1, guidance);
         let lower = match self.largest_square(guidance, max_side) {
-            Some(side) => format!(
-                "lower width and height (the largest square that fits is {side}x{side})"
-            ),
-            None => "no size fits: serve a smaller precision (fp8) or give the server a device                      with more memory"
+            Some(side) => {
+                format!("lower width and height (the largest square that fits is {side}x{side})")
+            }
+            None => "no size fits: serve a smaller precision (fp8) or give the server a device \
+             with more memory"
                 .to_owned(),
         };
         if let Some(why) = p.kernel_limit(self.device.kind) {
@@ -704,7 +705,9 @@ impl MemoryGate {
         }
         if p.activation_bytes > self.activation_budget_bytes {
             return Some(format!(
-                "{width}x{height} needs {} for its activations (the {} stage, computed from the                  model's shapes) but only {} of device memory is left beside the {} of weights;                  {lower}",
+                "{width}x{height} needs {} for its activations (the {} stage, computed from the \
+                 model's shapes) but only {} of device memory is left beside the {} of weights; \
+                 {lower}",
                 gib(p.activation_bytes),
                 p.largest_stage,
                 gib(self.activation_budget_bytes),

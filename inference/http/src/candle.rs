@@ -104,7 +104,8 @@ fn memory_gate(
     };
     let Some(free) = free else {
         warnings.push(
-            "the device's free memory could not be read: requests are not checked against              the memory plan"
+            "the device's free memory could not be read: requests are not checked against \
+             the memory plan"
                 .to_owned(),
         );
         return Ok(None);

@@ -333,7 +333,8 @@ fn conv2d_in_bands(
     let (o, _, kh, kw) = w.dims4()?;
     if stride == 0 || h + 2 * padding < kh || wd + 2 * padding < kw {
         return Err(crate::Error::Layout(format!(
-            "a {kh}x{kw} convolution with padding {padding} and stride {stride} does not fit              a {h}x{wd} input"
+            "a {kh}x{kw} convolution with padding {padding} and stride {stride} does not fit \
+             a {h}x{wd} input"
         )));
     }
     let h_out = (h + 2 * padding - kh) / stride + 1;
