@@ -66,7 +66,7 @@ e2e: ## End-to-end tests on a real local control plane with kwok GPU nodes, the 
 	  $(CARGO) test --locked -p sd35-e2e
 
 .PHONY: test
-test: install controlplane lint unit fuzz cuda e2e ## Everything CI runs (cuda: the CUDA build, checked without a GPU; e2e checks its image)
+test: install controlplane lint unit fuzz cuda device-bench-dry-run e2e ## Everything CI runs (cuda: the CUDA build, checked without a GPU; device-bench-dry-run: the GPU benchmark on the CPU with that build; e2e checks its image)
 
 .PHONY: crds
 crds: ## Regenerate the CRD YAML (crds/, the chart) and docs/api.md from the Rust types
@@ -121,6 +121,10 @@ bench-kernels: ## CPU kernels side by side: sgemm, the block's linears, fused vs
 .PHONY: device-bench
 device-bench: ## Prepare target/cuda/ for the GPU benchmark; on the GPU machine run tools/device-bench.sh
 	bash tools/device-bench.sh --prepare
+
+.PHONY: device-bench-dry-run
+device-bench-dry-run: ## The GPU benchmark's whole script on the CPU, small shapes, with the bundle it carries (checked to fit 64 MiB)
+	bash tools/device-bench.sh --dry-run
 
 .PHONY: demo-stop
 demo-stop: ## Stop the demo cluster and restore the host
