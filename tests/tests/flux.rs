@@ -45,9 +45,20 @@ const OPERATOR_NAMESPACE: &str = "sd35-system";
 const ENVIRONMENTS: [&str; 2] = ["staging", "production"];
 /// The SD35Deployment every environment serves (`gitops/flux/apps/base`).
 const APP: &str = "sd35-large";
-/// The chart's version in the repository, and the next one the upgrade test releases.
-const CHART_VERSION: &str = "0.1.0";
-const NEXT_CHART_VERSION: &str = "0.1.1";
+/// The chart's version in this repository (the fleet pins its tag; the gitops test checks).
+fn chart_version() -> String {
+    let chart =
+        std::fs::read_to_string(repo_root().join("charts/sd35-operator/Chart.yaml")).unwrap();
+    let chart: Value = serde_yaml::from_str(&chart).unwrap();
+    chart["version"].as_str().unwrap().to_owned()
+}
+
+/// The next patch version, which the upgrade test releases.
+fn next_chart_version() -> String {
+    let version = chart_version();
+    let (head, patch) = version.rsplit_once('.').unwrap();
+    format!("{head}.{}", patch.parse::<u32>().unwrap() + 1)
+}
 /// The printer column the next chart version adds to the CRD.
 const NEW_PRINTER_COLUMN: &str = "Cache";
 /// How long one change may take to roll out (a fetch, an engine build, a model load).
@@ -168,9 +179,12 @@ async fn set_up() -> anyhow::Result<Fleet> {
     );
     commit(
         &chart_repository,
-        &format!("sd35-operator chart {CHART_VERSION}"),
+        &format!("sd35-operator chart {}", chart_version()),
     );
-    git(&chart_repository, &["tag", &format!("v{CHART_VERSION}")]);
+    git(
+        &chart_repository,
+        &["tag", &format!("v{}", chart_version())],
+    );
     release_next_chart_version(&chart_repository);
 
     // The fleet: gitops/flux as a user copies it, with this cluster's settings.
@@ -343,11 +357,12 @@ fn release_next_chart_version(chart_repository: &Path) {
     let chart = chart_repository.join("charts/sd35-operator");
     let manifest = chart.join("Chart.yaml");
     let text = std::fs::read_to_string(&manifest).unwrap();
-    let from = format!("\nversion: {CHART_VERSION}\n");
-    assert!(text.contains(&from), "Chart.yaml is not at {CHART_VERSION}");
+    let (current, next) = (chart_version(), next_chart_version());
+    let from = format!("\nversion: {current}\n");
+    assert!(text.contains(&from), "Chart.yaml is not at {current}");
     std::fs::write(
         &manifest,
-        text.replace(&from, &format!("\nversion: {NEXT_CHART_VERSION}\n")),
+        text.replace(&from, &format!("\nversion: {next}\n")),
     )
     .unwrap();
     let file = chart.join("files/crds").join(sd35_crds::CRD_FILE_NAME);
@@ -362,12 +377,9 @@ fn release_next_chart_version(chart_repository: &Path) {
     std::fs::write(&file, serde_yaml::to_string(&crd).unwrap()).unwrap();
     commit(
         chart_repository,
-        &format!("sd35-operator chart {NEXT_CHART_VERSION}: a printer column for the cache"),
+        &format!("sd35-operator chart {next}: a printer column for the cache"),
     );
-    git(
-        chart_repository,
-        &["tag", &format!("v{NEXT_CHART_VERSION}")],
-    );
+    git(chart_repository, &["tag", &format!("v{next}")]);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -942,6 +954,7 @@ async fn a_chart_version_commit_upgrades_the_operator_and_its_crd_and_leaves_the
         return;
     };
     let _turn = fleet.turn.lock().await;
+    let next = next_chart_version();
     let client = fleet.cluster.client();
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let columns = |crd: CustomResourceDefinition| -> Vec<String> {
@@ -979,12 +992,10 @@ async fn a_chart_version_commit_upgrades_the_operator_and_its_crd_and_leaves_the
 
     fleet.edit(
         "infrastructure/sd35-operator/source.yaml",
-        &format!("tag: v{CHART_VERSION}"),
-        &format!("tag: v{NEXT_CHART_VERSION}"),
+        &format!("tag: v{}", chart_version()),
+        &format!("tag: v{next}"),
     );
-    let revision = fleet
-        .push(&format!("sd35-operator {NEXT_CHART_VERSION}"))
-        .await;
+    let revision = fleet.push(&format!("sd35-operator {next}")).await;
     kustomization_ready(&client, "sd35-operator", &revision, TIMEOUT)
         .await
         .unwrap_or_else(|error| panic!("{error:#}\n{}", fleet.diagnostics()));
@@ -993,7 +1004,7 @@ async fn a_chart_version_commit_upgrades_the_operator_and_its_crd_and_leaves_the
         let release = releases.get("sd35-operator").await?;
         let latest = &release.data["status"]["history"][0];
         let ready = flux_condition(&release, "Ready").is_some_and(|c| c.0 == "True");
-        Ok(if ready && latest["chartVersion"] == NEXT_CHART_VERSION {
+        Ok(if ready && latest["chartVersion"] == next.as_str() {
             Probe::Ready(release)
         } else {
             Probe::Pending(format!("{} history[0]={latest}", flux_summary(&release)))
@@ -1020,7 +1031,7 @@ async fn a_chart_version_commit_upgrades_the_operator_and_its_crd_and_leaves_the
     assert_eq!(operator.len(), 1);
     assert_eq!(
         operator[0].metadata.labels.as_ref().unwrap()["helm.sh/chart"],
-        format!("sd35-operator-{NEXT_CHART_VERSION}")
+        format!("sd35-operator-{next}")
     );
     poll_until("the upgraded operator to be available", TIMEOUT, || async {
         let deployment = operators
