@@ -91,6 +91,8 @@ pub struct VaeSpec {
     pub layers_per_block: usize,
     /// Latent channels.
     pub latent_channels: usize,
+    /// Whether the encoder is loaded too (image editing, ControlNet conditions).
+    pub encoder: bool,
 }
 
 /// The shapes of a T5 encoder that the plan needs.
@@ -140,7 +142,7 @@ pub struct ModelSpec {
     pub clip_g: ClipSpec,
     /// T5, when it is loaded (or planned for).
     pub t5: Option<T5Spec>,
-    /// The VAE decoder.
+    /// The VAE.
     pub vae: VaeSpec,
 }
 
@@ -207,6 +209,7 @@ impl ModelSpec {
                 block_out_channels: vec![128, 256, 512, 512],
                 layers_per_block: 2,
                 latent_channels: 16,
+                encoder: true,
             },
         }
     }
@@ -221,7 +224,7 @@ pub struct WeightBytes {
     pub clip: u64,
     /// T5 (0 when not loaded).
     pub t5: u64,
-    /// The VAE decoder.
+    /// The VAE (decoder, and encoder when loaded).
     pub vae: u64,
 }
 
@@ -353,13 +356,49 @@ impl WeightSpec {
         total + self.plain(2 * first) + conv(3, first, 3)
     }
 
+    /// The VAE encoder's weights.
+    pub fn vae_encoder(&self, c: &VaeSpec) -> u64 {
+        let channels = &c.block_out_channels;
+        let (Some(&first), Some(&top)) = (channels.first(), channels.last()) else {
+            return 0;
+        };
+        let conv = |o: usize, i: usize, k: usize| self.plain(o * i * k * k + o);
+        let resnet = |a: usize, b: usize| {
+            self.plain(2 * a + 2 * b)
+                + conv(b, a, 3)
+                + conv(b, b, 3)
+                + if a == b { 0 } else { conv(b, a, 1) }
+        };
+        let mut total = conv(first, 3, 3);
+        let mut previous = first;
+        for (i, &ch) in channels.iter().enumerate() {
+            total +=
+                resnet(previous, ch) + c.layers_per_block.saturating_sub(1) as u64 * resnet(ch, ch);
+            if i + 1 < channels.len() {
+                total += conv(ch, ch, 3);
+            }
+            previous = ch;
+        }
+        total
+            + 2 * resnet(top, top)
+            + self.plain(2 * top)
+            + 4 * self.plain(top * top + top)
+            + self.plain(2 * top)
+            + conv(2 * c.latent_channels, top, 3)
+    }
+
     /// Every component's weights.
     pub fn model(&self, spec: &ModelSpec) -> WeightBytes {
         WeightBytes {
             mmdit: self.mmdit(&spec.mmdit),
             clip: self.clip(&spec.clip_l) + self.clip(&spec.clip_g),
             t5: spec.t5.as_ref().map_or(0, |t5| self.t5(t5)),
-            vae: self.vae_decoder(&spec.vae),
+            vae: self.vae_decoder(&spec.vae)
+                + if spec.vae.encoder {
+                    self.vae_encoder(&spec.vae)
+                } else {
+                    0
+                },
         }
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod attention;
 pub mod clip;
+pub mod cuda_kernels;
 pub mod device;
 pub mod engine;
 pub mod error;
@@ -33,7 +34,7 @@ pub mod weights;
 
 pub use error::{Error, Result};
 pub use pipeline::{
-    GenerateRequest, Pipeline, PipelineOptions, PromptParts, PromptTokens, StepControl,
+    Edit, GenerateRequest, Pipeline, PipelineOptions, PromptParts, PromptTokens, StepControl,
     VariantSource,
 };
 pub use sd35_contract::DeviceKind;

@@ -200,18 +200,49 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     Ok(x.transpose(1, 2)?.reshape((b, n, h * d))?)
 }
 
-/// A 2-D convolution with bias (square kernel padding and stride, no dilation).
+/// Zero padding of a convolution's input, per side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pad {
+    /// Rows above.
+    pub top: usize,
+    /// Rows below.
+    pub bottom: usize,
+    /// Columns on the left.
+    pub left: usize,
+    /// Columns on the right.
+    pub right: usize,
+}
+
+impl Pad {
+    /// The same padding on every side.
+    pub const fn all(p: usize) -> Self {
+        Self {
+            top: p,
+            bottom: p,
+            left: p,
+            right: p,
+        }
+    }
+}
+
+/// A 2-D convolution with bias (square stride, no dilation).
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
     bias: Tensor,
     stride: usize,
-    padding: usize,
+    padding: Pad,
 }
 
 impl Conv2d {
-    /// Loads `{name}.weight` / `{name}.bias`.
+    /// Loads `{name}.weight` / `{name}.bias`, with `padding` on every side.
     pub fn load(w: &Weights, name: &str, stride: usize, padding: usize) -> Result<Self> {
+        Self::load_padded(w, name, stride, Pad::all(padding))
+    }
+
+    /// Loads `{name}.weight` / `{name}.bias` with any padding (the VAE encoder's downsamplers
+    /// pad only the bottom and right).
+    pub fn load_padded(w: &Weights, name: &str, stride: usize, padding: Pad) -> Result<Self> {
         Ok(Self {
             weight: w.get(&format!("{name}.weight"))?,
             bias: w.get(&format!("{name}.bias"))?,
@@ -229,7 +260,11 @@ impl Conv2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let w = self.weight.to_dtype(dtype)?;
-        let y = if w.dim(2)? == 1 && w.dim(3)? == 1 && self.stride == 1 && self.padding == 0 {
+        let y = if w.dim(2)? == 1
+            && w.dim(3)? == 1
+            && self.stride == 1
+            && self.padding == Pad::all(0)
+        {
             // 1x1 convolutions are matmuls over channels.
             let (b, c, h, wd) = x.dims4()?;
             let o = w.dim(0)?;
@@ -325,34 +360,38 @@ struct Input<'a> {
 fn conv2d_in_bands(
     input: &Input<'_>,
     w: &Tensor,
-    padding: usize,
+    pad: Pad,
     stride: usize,
     limit: usize,
 ) -> Result<Tensor> {
     let (b, c, h, wd) = (input.b, input.c, input.h, input.w);
     let (o, _, kh, kw) = w.dims4()?;
-    if stride == 0 || h + 2 * padding < kh || wd + 2 * padding < kw {
+    let (padded_h, padded_w) = (h + pad.top + pad.bottom, wd + pad.left + pad.right);
+    if stride == 0 || padded_h < kh || padded_w < kw {
         return Err(crate::Error::Layout(format!(
-            "a {kh}x{kw} convolution with padding {padding} and stride {stride} does not fit \
-             a {h}x{wd} input"
+            "a {kh}x{kw} convolution with padding {pad:?} and stride {stride} does not fit a \
+             {h}x{wd} input"
         )));
     }
-    let h_out = (h + 2 * padding - kh) / stride + 1;
-    let w_out = (wd + 2 * padding - kw) / stride + 1;
+    let h_out = (padded_h - kh) / stride + 1;
+    let w_out = (padded_w - kw) / stride + 1;
     let rows = crate::op_graph::rows_per_chunk(h_out, b * w_out * c * kh * kw, limit);
     let band = |start: usize, len: usize| -> Result<Tensor> {
         // Padded-input rows [start·stride, start·stride + (len-1)·stride + kh) are input rows
-        // shifted by `padding`; those outside 0..h are zeros.
+        // shifted by `pad.top`; those outside 0..h are zeros.
         let lo = start * stride;
         let hi = lo + (len - 1) * stride + kh;
-        let (in_lo, in_hi) = (lo.max(padding) - padding, (hi - padding).min(h));
-        let (top, bottom) = (padding.saturating_sub(lo), hi.saturating_sub(h + padding));
-        let mut x = (input.rows)(in_lo, in_hi)?;
+        let (in_lo, in_hi) = (
+            lo.max(pad.top) - pad.top,
+            (hi.max(pad.top) - pad.top).min(h),
+        );
+        let (top, bottom) = (pad.top.saturating_sub(lo), hi.saturating_sub(h + pad.top));
+        let mut x = (input.rows)(in_lo, in_hi.max(in_lo))?;
         if top > 0 || bottom > 0 {
             x = x.pad_with_zeros(2, top, bottom)?;
         }
-        if padding > 0 {
-            x = x.pad_with_zeros(3, padding, padding)?;
+        if pad.left > 0 || pad.right > 0 {
+            x = x.pad_with_zeros(3, pad.left, pad.right)?;
         }
         Ok(x.conv2d(w, 0, stride, 1, 1)?)
     };
@@ -434,7 +473,9 @@ mod tests {
             // Limits of one, two and three output rows' im2col, and of all of them.
             for band in [1, 2, 3, h_out] {
                 let limit = band * 2 * w_out * 3 * k * k;
-                let banded = super::conv2d_in_bands(&input, &w, padding, stride, limit).unwrap();
+                let banded =
+                    super::conv2d_in_bands(&input, &w, super::Pad::all(padding), stride, limit)
+                        .unwrap();
                 let d = max_diff(&banded, &whole);
                 assert!(
                     d < 1e-5,
@@ -458,7 +499,7 @@ mod tests {
             weight: w.clone(),
             bias: Tensor::zeros(2, DType::F32, &dev).unwrap(),
             stride: 1,
-            padding: 1,
+            padding: super::Pad::all(1),
         };
         let got = conv.forward_upsampled(&x).unwrap();
         assert!(max_diff(&got, &want) < 1e-5);
@@ -477,7 +518,8 @@ mod tests {
             w: 8,
         };
         for band in 1..=4 {
-            let got = super::conv2d_in_bands(&input, &w, 1, 1, band * 8 * 27).unwrap();
+            let got =
+                super::conv2d_in_bands(&input, &w, super::Pad::all(1), 1, band * 8 * 27).unwrap();
             assert!(max_diff(&got, &want) < 1e-5, "band {band}");
         }
     }
@@ -524,6 +566,39 @@ mod tests {
                 let banded = Tensor::cat(&bands, 2).unwrap();
                 assert!(max_diff(&banded, &whole) < 1e-6);
             }
+        }
+    }
+
+    #[test]
+    fn asymmetric_padding_in_bands_equals_padding_first() {
+        // The VAE encoder's downsampler: pad bottom and right by one, 3x3, stride 2.
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (1, 2, 9, 8), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (3, 2, 3, 3), &dev).unwrap();
+        let want = x
+            .pad_with_zeros(2, 0, 1)
+            .unwrap()
+            .pad_with_zeros(3, 0, 1)
+            .unwrap()
+            .conv2d(&w, 0, 2, 1, 1)
+            .unwrap();
+        let rows = |r0: usize, r1: usize| Ok(x.narrow(2, r0, r1 - r0)?);
+        let input = super::Input {
+            rows: &rows,
+            b: 1,
+            c: 2,
+            h: 9,
+            w: 8,
+        };
+        let pad = super::Pad {
+            top: 0,
+            bottom: 1,
+            left: 0,
+            right: 1,
+        };
+        for band in [1, 2, 5] {
+            let got = super::conv2d_in_bands(&input, &w, pad, 2, band * 4 * 2 * 9).unwrap();
+            assert!(max_diff(&got, &want) < 1e-5, "band {band}");
         }
     }
 }

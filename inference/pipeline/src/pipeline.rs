@@ -17,7 +17,7 @@ use crate::plan::{ModelSpec, WeightBytes};
 use crate::scheduler::FlowMatchSchedule;
 use crate::t5::{T5Config, T5Encoder};
 use crate::tokenizer::PromptTokenizer;
-use crate::vae::{VaeConfig, VaeDecoder, VaeNames};
+use crate::vae::{VaeConfig, VaeDecoder, VaeEncoder, VaeNames};
 use crate::variant::{Precision, SkipLayerGuidance, Variant, model_card};
 use crate::weights::{Weights, component_files};
 use crate::{Error, Result};
@@ -112,6 +112,49 @@ pub struct GenerateRequest {
     /// Encode the prompts as if T5 were not loaded (its embedding zeros), so that servers with
     /// and without T5 can repeat the same image (the engine's smoke image).
     pub without_t5: bool,
+    /// An image to edit (img2img), optionally with a mask (inpainting).
+    pub edit: Option<Edit>,
+}
+
+/// An image to edit, as diffusers' `StableDiffusion3Img2ImgPipeline` and (with a mask)
+/// `StableDiffusion3InpaintPipeline` take it.
+#[derive(Debug, Clone)]
+pub struct Edit {
+    /// The image, `[1, 3, H, W]` f32 in `[-1, 1]` at the request's size ([`image::to_tensor`]).
+    pub image: Tensor,
+    /// Where to repaint, `[1, 1, H, W]`: 1 repaints, 0 keeps ([`image::mask_tensor`]).
+    pub mask: Option<Tensor>,
+    /// How much of the schedule runs, in (0, 1]: 1 starts from pure noise, 0.6 runs the last
+    /// 60 % of the steps (cut as [`first_step`] says).
+    pub strength: f64,
+}
+
+/// The first step an edit of `strength` runs of a `steps`-step schedule, exactly as diffusers'
+/// `get_timesteps`: `int(max(steps - min(steps · strength, steps), 0))` in f64, truncated, so
+/// 28 steps at 0.3 start at step 19 (28 − 8.4 = 19.6), and 3 steps at 0.7 at step 0
+/// (3 × 0.7 = 2.0999999999999996).
+pub fn first_step(steps: usize, strength: f64) -> usize {
+    let steps = steps as f64;
+    let init = (steps * strength).min(steps);
+    (steps - init).max(0.0) as usize
+}
+
+/// `sigma · noise + (1 − sigma) · sample`: the flow-matching forward process
+/// (`FlowMatchEulerDiscreteScheduler.scale_noise`), in f32.
+fn scale_noise(sample: &Tensor, sigma: f32, noise: &Tensor) -> Result<Tensor> {
+    let keep = 1.0f32 - sigma;
+    Ok(((noise * f64::from(sigma))? + (sample * f64::from(keep))?)?)
+}
+
+/// A `[1, 1, H, W]` 0/1 mask on the latent grid `[1, 1, H/8, W/8]`: the value at the top-left
+/// pixel of each 8 × 8 block, as PyTorch's default (`nearest`) `interpolate` picks it.
+fn mask_to_latents(mask: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = mask.dims4()?;
+    Ok(mask
+        .reshape((b, c, h / 8, 8, w / 8, 8))?
+        .narrow(3, 0, 1)?
+        .narrow(5, 0, 1)?
+        .reshape((b, c, h / 8, w / 8))?)
 }
 
 /// Per-encoder outputs for one prompt, as the reference computes them.
@@ -184,6 +227,8 @@ pub struct Pipeline {
     t5: Option<T5Encoder>,
     mmdit: Mmdit,
     vae: VaeDecoder,
+    /// The VAE encoder, when the checkpoint has one (edits and ControlNet conditions need it).
+    vae_encoder: Option<VaeEncoder>,
     shift: f64,
     /// Bytes of the weights each component keeps, as loaded.
     kept: WeightBytes,
@@ -236,7 +281,7 @@ impl Pipeline {
         let tok_l = PromptTokenizer::clip(&dir.component("tokenizer")?)?;
         let tok_g = PromptTokenizer::clip(&dir.component("tokenizer_2")?)?;
         let mut kept = WeightBytes::default();
-        let (clip_l, clip_g, t5, mmdit, vae, shift) = match &dir.layout {
+        let (clip_l, clip_g, t5, mmdit, vae, vae_encoder, shift) = match &dir.layout {
             Layout::Diffusers => {
                 let te = |name: &str, prec: Precision| -> Result<(Weights, std::path::PathBuf)> {
                     let d = dir.component(name)?;
@@ -266,14 +311,14 @@ impl Pipeline {
                 let vd = dir.component("vae")?;
                 let w =
                     Weights::open(&component_files(&vd, "diffusion_pytorch_model")?, dev, prec)?;
-                let vae = VaeDecoder::load(
-                    &w,
-                    VaeConfig::from_diffusers(&vd.join("config.json"))?,
-                    VaeNames::Diffusers,
-                )?;
+                let vae_config = VaeConfig::from_diffusers(&vd.join("config.json"))?;
+                let vae = VaeDecoder::load(&w, vae_config.clone(), VaeNames::Diffusers)?;
+                let vae_encoder = VaeEncoder::present(&w)
+                    .then(|| VaeEncoder::load(&w, vae_config, VaeNames::Diffusers))
+                    .transpose()?;
                 kept.vae = w.kept_bytes();
                 let shift = scheduler_shift(&dir.root.join("scheduler/scheduler_config.json"))?;
-                (clip_l, clip_g, t5, mmdit, vae, shift)
+                (clip_l, clip_g, t5, mmdit, vae, vae_encoder, shift)
             }
             Layout::SingleFile {
                 checkpoint,
@@ -311,10 +356,13 @@ impl Pipeline {
                 )?;
                 kept.mmdit = ckpt.kept_bytes();
                 let w = ckpt.with_prefix("first_stage_model.");
-                let vae =
-                    VaeDecoder::load(&w, VaeConfig::infer_stability(&w)?, VaeNames::Stability)?;
+                let vae_config = VaeConfig::infer_stability(&w)?;
+                let vae = VaeDecoder::load(&w, vae_config.clone(), VaeNames::Stability)?;
+                let vae_encoder = VaeEncoder::present(&w)
+                    .then(|| VaeEncoder::load(&w, vae_config, VaeNames::Stability))
+                    .transpose()?;
                 kept.vae = ckpt.kept_bytes() - kept.mmdit;
-                (cl, cg, t5, mmdit, vae, 3.0)
+                (cl, cg, t5, mmdit, vae, vae_encoder, 3.0)
             }
         };
         let tok_t5 = match &t5 {
@@ -347,6 +395,7 @@ impl Pipeline {
             t5,
             mmdit,
             vae,
+            vae_encoder,
             shift,
             kept,
         })
@@ -389,7 +438,7 @@ impl Pipeline {
             clip_l: self.clip_l.spec()?,
             clip_g: self.clip_g.spec()?,
             t5: self.t5.as_ref().map(T5Encoder::spec).transpose()?,
-            vae: self.vae.config().into(),
+            vae: crate::plan::vae_spec(self.vae.config(), self.vae_encoder.is_some()),
         })
     }
 
@@ -439,6 +488,7 @@ impl Pipeline {
             slg: d.slg,
             init_latents: None,
             without_t5: false,
+            edit: None,
         }
     }
 
@@ -521,6 +571,9 @@ impl Pipeline {
                 format!("{} must be ≥ 0", req.guidance),
             ));
         }
+        if let Some(edit) = &req.edit {
+            self.validate_edit(req, edit)?;
+        }
         if let Some(slg) = &req.slg
             && let Some(&bad) = slg.layers.iter().find(|&&l| l >= self.mmdit.config().depth)
         {
@@ -533,6 +586,69 @@ impl Pipeline {
             ));
         }
         Ok(())
+    }
+
+    fn validate_edit(&self, req: &GenerateRequest, edit: &Edit) -> Result<()> {
+        if !(edit.strength > 0.0 && edit.strength <= 1.0) {
+            return Err(Error::invalid(
+                "strength",
+                format!("{} must be above 0 and at most 1", edit.strength),
+            ));
+        }
+        if first_step(req.steps, edit.strength) >= req.steps {
+            return Err(Error::invalid(
+                "strength",
+                format!(
+                    "{} of {} steps runs none of them: raise strength or steps",
+                    edit.strength, req.steps
+                ),
+            ));
+        }
+        if self.vae_encoder.is_none() {
+            return Err(Error::invalid(
+                "image",
+                "this model's VAE has no encoder, so it cannot edit images",
+            ));
+        }
+        let want = [1, 3, req.height, req.width];
+        if edit.image.dims() != want {
+            return Err(Error::invalid(
+                "image",
+                format!(
+                    "shape {:?}, expected {want:?} for {}x{}",
+                    edit.image.dims(),
+                    req.width,
+                    req.height
+                ),
+            ));
+        }
+        if let Some(mask) = &edit.mask
+            && mask.dims() != [1, 1, req.height, req.width]
+        {
+            return Err(Error::invalid(
+                "mask",
+                format!(
+                    "shape {:?}, expected [1, 1, {}, {}] (the image's size)",
+                    mask.dims(),
+                    req.height,
+                    req.width
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Sampler latents of images `[B, 3, H, W]` in `[-1, 1]`: the VAE encoder's posterior
+    /// mean, shifted and scaled, in f32.
+    pub fn encode_image(&self, images: &Tensor) -> Result<Tensor> {
+        let encoder = self.vae_encoder.as_ref().ok_or_else(|| {
+            Error::invalid(
+                "image",
+                "this model's VAE has no encoder, so it cannot edit images",
+            )
+        })?;
+        let x = images.to_device(&self.device)?.to_dtype(self.dtype)?;
+        Ok(encoder.encode_latents(&x)?.to_dtype(DType::F32)?)
     }
 
     /// The initial latents: the request's own, or seeded standard normal noise.
@@ -596,24 +712,31 @@ impl Pipeline {
         };
         for req in reqs {
             self.validate(req)?;
+            let edit_key = |r: &GenerateRequest| {
+                r.edit
+                    .as_ref()
+                    .map(|e| (e.strength.to_bits(), e.mask.is_some()))
+            };
             let same = (
                 req.width,
                 req.height,
                 req.steps,
                 req.guidance.to_bits(),
                 &req.slg,
+                edit_key(req),
             ) == (
                 first.width,
                 first.height,
                 first.steps,
                 first.guidance.to_bits(),
                 &first.slg,
+                edit_key(first),
             );
             if !same {
                 return Err(Error::invalid(
                     "batch",
-                    "requests of one batch must share size, steps, guidance and skip-layer \
-                     guidance",
+                    "requests of one batch must share size, steps, guidance, skip-layer \
+                     guidance and, for edits, strength and whether a mask is given",
                 ));
             }
         }
@@ -621,10 +744,37 @@ impl Pipeline {
         let cfg = first.guidance > 1.0;
         // Skip-layer guidance refines classifier-free guidance; without CFG there is none.
         let slg = if cfg { first.slg.as_ref() } else { None };
+        let schedule = FlowMatchSchedule::new(first.steps, self.shift);
+        // An edit runs the end of the schedule, from its first step on (diffusers'
+        // get_timesteps), starting from the image's latents noised to that step.
+        let start = first
+            .edit
+            .as_ref()
+            .map_or(0, |e| first_step(first.steps, e.strength));
         let (mut lat, mut ctx, mut pooled, mut nctx, mut npooled) =
             (vec![], vec![], vec![], vec![], vec![]);
+        // Inpainting: each row's noise, image latents and latent mask, to put the kept region
+        // back after every step.
+        let (mut noises, mut images, mut masks) = (vec![], vec![], vec![]);
         for req in reqs {
-            lat.push(self.initial_latents(req)?);
+            let noise = self.initial_latents(req)?;
+            match &req.edit {
+                None => lat.push(noise),
+                Some(edit) => {
+                    let image = self.encode_image(&edit.image)?;
+                    lat.push(if edit.strength == 1.0 {
+                        noise.clone()
+                    } else {
+                        scale_noise(&image, schedule.sigmas[start], &noise)?
+                    });
+                    if let Some(mask) = &edit.mask {
+                        let mask = mask.to_device(dev)?.to_dtype(DType::F32)?;
+                        masks.push(mask_to_latents(&mask)?);
+                        noises.push(noise);
+                        images.push(image);
+                    }
+                }
+            }
             let (c, p) = self.encode_prompt_with(&req.prompt, !req.without_t5)?;
             ctx.push(c);
             pooled.push(p);
@@ -642,11 +792,19 @@ impl Pipeline {
         } else {
             (None, None)
         };
+        let mut inpaint = if masks.is_empty() {
+            None
+        } else {
+            Some((cat(&noises)?, cat(&images)?, cat(&masks)?))
+        };
         // Original index of each row still sampled.
         let mut rows: Vec<usize> = (0..reqs.len()).collect();
-        let schedule = FlowMatchSchedule::new(first.steps, self.shift);
-        let steps = schedule.len();
-        for (i, &t) in schedule.timesteps.iter().enumerate() {
+        let last = schedule.len();
+        // Steps this request runs (all of them, or an edit's tail), counted from 0 for
+        // progress, previews and skip-layer guidance.
+        let steps = last - start;
+        for (k, &t) in schedule.timesteps[start..].iter().enumerate() {
+            let i = start + k;
             let keep: Vec<usize> = (0..rows.len())
                 .filter(|&r| control.wanted(rows[r]))
                 .collect();
@@ -660,6 +818,15 @@ impl Pipeline {
                 pooled = pooled.index_select(&ids, 0)?;
                 nctx = nctx.map(|t| t.index_select(&ids, 0)).transpose()?;
                 npooled = npooled.map(|t| t.index_select(&ids, 0)).transpose()?;
+                inpaint = inpaint
+                    .map(|(n, im, m)| -> Result<_> {
+                        Ok((
+                            n.index_select(&ids, 0)?,
+                            im.index_select(&ids, 0)?,
+                            m.index_select(&ids, 0)?,
+                        ))
+                    })
+                    .transpose()?;
                 rows = keep.iter().map(|&r| rows[r]).collect();
             }
             let started = std::time::Instant::now();
@@ -680,7 +847,7 @@ impl Pipeline {
                     let text = pred.narrow(0, b, b)?;
                     let mut noise = (&uncond + ((&text - &uncond)? * first.guidance)?)?;
                     if let Some(slg) = slg {
-                        let (fi, n) = (i as f64, steps as f64);
+                        let (fi, n) = (k as f64, steps as f64);
                         if fi > n * slg.start && fi < n * slg.stop {
                             let tb = Tensor::full(t, b, dev)?;
                             let skip = self
@@ -700,13 +867,24 @@ impl Pipeline {
                 }
             };
             latents = (latents + (&noise * f64::from(schedule.dt(i)))?)?;
-            control.step_done(i + 1, steps, b, started.elapsed().as_secs_f64());
+            if let Some((start_noise, image, mask)) = &inpaint {
+                // The kept region is the image noised to the next step (the image itself after
+                // the last): (1 − m) · kept + m · latents, as diffusers' inpaint loop.
+                let kept = if i + 1 < last {
+                    scale_noise(image, schedule.sigmas[i + 1], start_noise)?
+                } else {
+                    image.clone()
+                };
+                latents = (mask.affine(-1.0, 1.0)?.broadcast_mul(&kept)?
+                    + mask.broadcast_mul(&latents)?)?;
+            }
+            control.step_done(k + 1, steps, b, started.elapsed().as_secs_f64());
             for (r, &orig) in rows.iter().enumerate() {
-                if control.preview_wanted(orig, i + 1, steps) {
+                if control.preview_wanted(orig, k + 1, steps) {
                     // x0 = x_t - sigma_t * v, written with the latents after the step.
                     let sigma = f64::from(schedule.sigmas[i + 1]);
                     let predicted = (latents.narrow(0, r, 1)? - (noise.narrow(0, r, 1)? * sigma)?)?;
-                    control.preview(orig, i + 1, &predicted);
+                    control.preview(orig, k + 1, &predicted);
                 }
             }
         }

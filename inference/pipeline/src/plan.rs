@@ -27,13 +27,13 @@ impl From<&MmditConfig> for MmditSpec {
     }
 }
 
-impl From<&VaeConfig> for VaeSpec {
-    fn from(c: &VaeConfig) -> Self {
-        Self {
-            block_out_channels: c.block_out_channels.clone(),
-            layers_per_block: c.layers_per_block,
-            latent_channels: c.latent_channels,
-        }
+/// The plan's view of a VAE of `config`, with or without its encoder.
+pub fn vae_spec(config: &VaeConfig, encoder: bool) -> VaeSpec {
+    VaeSpec {
+        block_out_channels: config.block_out_channels.clone(),
+        layers_per_block: config.layers_per_block,
+        latent_channels: config.latent_channels,
+        encoder,
     }
 }
 

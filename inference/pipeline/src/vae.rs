@@ -1,11 +1,12 @@
-//! The decoder half of SD3's `AutoencoderKL` (16 latent channels), from diffusers or
-//! Stability (`first_stage_model.`) names.
+//! SD3's `AutoencoderKL` (16 latent channels), from diffusers or Stability
+//! (`first_stage_model.`) names: the decoder, and the encoder whose posterior mean turns an
+//! image into latents (image editing, ControlNet conditions).
 
 use candle_core::Tensor;
 use serde::Deserialize;
 
 use crate::attention::attention;
-use crate::nn::{Conv2d, GroupNorm};
+use crate::nn::{Conv2d, GroupNorm, Pad};
 use crate::weights::Weights;
 use crate::{Error, Result};
 
@@ -193,6 +194,127 @@ impl MidAttention {
         let o = lin(&a, &self.out)?; // [B, HW, C]
         let o = o.transpose(1, 2)?.reshape((b, c, h, wd))?;
         Ok((o + x)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DownBlock {
+    resnets: Vec<Resnet>,
+    downsample: Option<Conv2d>,
+}
+
+/// The VAE encoder. Images encode to the posterior's mean (diffusers'
+/// `retrieve_latents(..., sample_mode="argmax")`), so an image encodes the same way every time.
+#[derive(Debug, Clone)]
+pub struct VaeEncoder {
+    cfg: VaeConfig,
+    conv_in: Conv2d,
+    down: Vec<DownBlock>,
+    mid1: Resnet,
+    mid_attn: MidAttention,
+    mid2: Resnet,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl VaeEncoder {
+    /// Whether `w` (the root of the autoencoder) holds an encoder (in either naming).
+    pub fn present(w: &Weights) -> bool {
+        w.contains("encoder.conv_in.weight")
+    }
+
+    /// Loads the encoder from `w` (the root of the autoencoder).
+    pub fn load(w: &Weights, cfg: VaeConfig, names: VaeNames) -> Result<Self> {
+        let e = w.pp("encoder");
+        let groups = cfg.norm_num_groups;
+        let n = cfg.block_out_channels.len();
+        let (mid1, attn, mid2, norm_out) = match names {
+            VaeNames::Diffusers => (
+                "mid_block.resnets.0",
+                "mid_block.attentions.0",
+                "mid_block.resnets.1",
+                "conv_norm_out",
+            ),
+            VaeNames::Stability => ("mid.block_1", "mid.attn_1", "mid.block_2", "norm_out"),
+        };
+        // diffusers' Downsample2D pads the right and bottom by one, then convolves with
+        // stride 2 and no padding.
+        let downsample_pad = Pad {
+            top: 0,
+            bottom: 1,
+            left: 0,
+            right: 1,
+        };
+        let mut down = Vec::with_capacity(n);
+        for i in 0..n {
+            let (block, down_name) = match names {
+                VaeNames::Diffusers => (
+                    format!("down_blocks.{i}.resnets"),
+                    format!("down_blocks.{i}.downsamplers.0.conv"),
+                ),
+                VaeNames::Stability => (
+                    format!("down.{i}.block"),
+                    format!("down.{i}.downsample.conv"),
+                ),
+            };
+            let resnets = (0..cfg.layers_per_block)
+                .map(|j| Resnet::load(&e.pp(format!("{block}.{j}")), names, groups))
+                .collect::<Result<Vec<_>>>()?;
+            let downsample = if i + 1 < n {
+                Some(Conv2d::load_padded(&e, &down_name, 2, downsample_pad)?)
+            } else {
+                None
+            };
+            down.push(DownBlock {
+                resnets,
+                downsample,
+            });
+        }
+        Ok(Self {
+            conv_in: Conv2d::load(&e, "conv_in", 1, 1)?,
+            down,
+            mid1: Resnet::load(&e.pp(mid1), names, groups)?,
+            mid_attn: MidAttention::load(&e.pp(attn), names, groups)?,
+            mid2: Resnet::load(&e.pp(mid2), names, groups)?,
+            norm_out: norm(&e, norm_out, groups)?,
+            conv_out: Conv2d::load(&e, "conv_out", 1, 1)?,
+            cfg,
+        })
+    }
+
+    /// The posterior's mean of images `[B, 3, H, W]` in `[-1, 1]`: raw latents
+    /// `[B, 16, H/8, W/8]`, before the shift and scaling. Images are encoded one at a time.
+    pub fn encode_mean(&self, images: &Tensor) -> Result<Tensor> {
+        let batch = images.dim(0)?;
+        let one = |x: &Tensor| -> Result<Tensor> {
+            let mut x = self.conv_in.forward(x)?;
+            for block in &self.down {
+                for r in &block.resnets {
+                    x = r.forward(x)?;
+                }
+                if let Some(conv) = &block.downsample {
+                    x = conv.forward(&x)?;
+                }
+            }
+            x = self.mid1.forward(x)?;
+            x = self.mid_attn.forward(&x)?;
+            x = self.mid2.forward(x)?;
+            let moments = self.conv_out.forward_normed(&x, &self.norm_out, true)?;
+            Ok(moments.narrow(1, 0, self.cfg.latent_channels)?)
+        };
+        if batch == 1 {
+            return one(images);
+        }
+        let means = (0..batch)
+            .map(|i| one(&images.narrow(0, i, 1)?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&means, 0)?)
+    }
+
+    /// Sampler latents of images in `[-1, 1]`: `(mean - shift) · scaling`.
+    pub fn encode_latents(&self, images: &Tensor) -> Result<Tensor> {
+        let mean = self.encode_mean(images)?;
+        Ok(((mean - self.cfg.shift_factor)? * self.cfg.scaling_factor)?)
     }
 }
 
