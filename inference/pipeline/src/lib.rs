@@ -9,7 +9,6 @@
 
 pub mod attention;
 pub mod clip;
-pub mod cuda_kernels;
 pub mod device;
 pub mod engine;
 pub mod error;
