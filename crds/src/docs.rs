@@ -39,7 +39,7 @@ const EMBEDDED: [(&str, &str, &str); 5] = [
 ];
 
 /// What each condition the operator sets means.
-const CONDITIONS: [(&str, &str); 8] = [
+const CONDITIONS: [(&str, &str); 9] = [
     (
         condition::READY,
         "The latest generation is observed and every desired replica runs it and is available. \
@@ -67,6 +67,15 @@ const CONDITIONS: [(&str, &str); 8] = [
     (
         condition::AVAILABLE,
         "At least one serving pod is available (or the object is scaled to zero).",
+    ),
+    (
+        condition::ADAPTERS_READY,
+        "Every adapter and ControlNet of the spec is cached and verified (reason Cached; \
+         NoneRequested when there are none). False while one is fetched (Fetching) and when \
+         one failed (AdapterFailed): status.adapters says which, with its reason and message. \
+         A failed adapter stalls only itself: the model and the other adapters are served, \
+         and once nothing else is in progress Ready is False and Stalled True with reason \
+         AdapterFailed (phase Degraded) until the spec changes.",
     ),
     (
         condition::ADDONS_READY,

@@ -12,7 +12,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use sd35_contract::{Precision, S3UrlStyle, Variant};
+pub use sd35_contract::{AdapterKind, ControlMode, Precision, S3UrlStyle, Variant};
 
 use crate::status::SD35DeploymentStatus;
 
@@ -74,6 +74,23 @@ pub struct SD35DeploymentSpec {
     /// Where the weights come from and which text encoders to load.
     #[serde(default)]
     pub model: ModelSpec,
+
+    /// LoRA adapters served beside the model; requests name the ones they apply, with scales.
+    /// Each is fetched once into the cache, beside the weights; adding, changing or removing
+    /// one never fetches the model again, and rolls the serving pods to the new set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new("self.all(a, self.exists_one(b, b.name == a.name))")
+        .message("spec.adapters must have unique names"))]
+    pub adapters: Vec<AdapterSpec>,
+
+    /// SD3.5 ControlNets served beside the model, at most one per mode; requests ask for one
+    /// by its mode. Fetched and rolled out like the adapters.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 3))]
+    #[x_kube(validation = Rule::new("self.all(a, self.exists_one(b, b.mode == a.mode))")
+        .message("spec.controlNets must have one entry per mode"))]
+    pub control_nets: Vec<ControlNetSpec>,
 
     /// The volume that caches the weights and the prebuilt engines.
     #[serde(default)]
@@ -276,6 +293,139 @@ pub struct PvcSource {
 
     /// Directory inside the volume that holds the model (diffusers or single-file layout).
     /// Empty means the volume's root.
+    #[serde(default)]
+    #[schemars(length(max = 512))]
+    #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.split('/').exists(p, p == '..')")
+        .message("pvc.path must be relative to the volume root and must not contain '..'"))]
+    pub path: String,
+}
+
+/// A LoRA adapter served beside the model.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.source.pvc) || self.source.pvc.path.endsWith('.safetensors')")
+    .message("a LoRA is one file: adapters[].source.pvc.path must name its .safetensors file"))]
+pub struct AdapterSpec {
+    /// The name requests use for it (`loras: [{name, scale}]`, `<lora:name:0.8>` in an
+    /// AUTOMATIC1111 prompt): lower-case letters, digits, `-`, `_` and `.`, starting and ending
+    /// with a letter or digit.
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$')")
+        .message("adapters[].name must be lower-case letters, digits, '-', '_' and '.', starting and ending with a letter or digit"))]
+    pub name: String,
+
+    /// Where its safetensors file (diffusers' PEFT or kohya format) comes from.
+    pub source: AdapterSource,
+
+    /// The scale a request that names the adapter without one gets. Unset: 1.0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = -10.0, max = 10.0))]
+    pub scale: Option<f64>,
+}
+
+/// An SD3.5 ControlNet served beside the model.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ControlNetSpec {
+    /// What it conditions on: `canny` (edges), `depth` (a depth map) or `blur` (a blurred
+    /// image). Requests ask for a ControlNet by its mode.
+    pub mode: ControlMode,
+
+    /// Where it comes from: one safetensors file (as Stability publishes SD3.5's, for example
+    /// `stabilityai/stable-diffusion-3.5-large-controlnet-canny` with `file:
+    /// sd3.5_large_controlnet_canny.safetensors`) or a folder in diffusers' layout.
+    pub source: AdapterSource,
+}
+
+/// Exactly one of `huggingFace`, `http` or `pvc`.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("[has(self.huggingFace), has(self.http), has(self.pvc)].filter(x, x).size() == 1")
+    .message("an adapter or ControlNet source must set exactly one of huggingFace, http or pvc"))]
+pub struct AdapterSource {
+    /// A file, or a folder in diffusers' layout, of a Hugging Face Hub repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugging_face: Option<AdapterHuggingFaceSource>,
+
+    /// One file over HTTP(S), checked against its sha256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<FileHttpSource>,
+
+    /// A file, or a folder in diffusers' layout, on a PersistentVolumeClaim in this namespace,
+    /// imported read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc: Option<AdapterPvcSource>,
+}
+
+/// A file (or diffusers folder) of a Hugging Face Hub repository.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AdapterHuggingFaceSource {
+    /// Repository id, `owner/name`.
+    #[schemars(length(min = 3, max = 200))]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9][-A-Za-z0-9_.]*/[-A-Za-z0-9_.]+$')")
+        .message("huggingFace.repo must look like owner/name"))]
+    pub repo: String,
+
+    /// Branch, tag or commit. A commit hash pins the exact file; a branch is resolved to its
+    /// commit once, when the adapter is fetched.
+    #[serde(default = "default_revision")]
+    #[schemars(length(min = 1, max = 255))]
+    pub revision: String,
+
+    /// Path of the `.safetensors` file in the repository. Unset: a LoRA is the repository's
+    /// one `.safetensors` file at its root; a ControlNet is the repository's root folder in
+    /// diffusers' layout (`config.json` and its weights).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    #[x_kube(validation = Rule::new("self.endsWith('.safetensors') && !self.startsWith('/') && !self.split('/').exists(p, p == '..')")
+        .message("huggingFace.file must be a relative path to a .safetensors file in the repository"))]
+    pub file: Option<String>,
+
+    /// A Secret key holding a Hugging Face access token, for gated or private repositories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret_ref: Option<SecretKeyRef>,
+
+    /// Hub endpoint, for a Hub mirror or proxy. Defaults to the operator's Hub endpoint
+    /// (`https://huggingface.co` unless the operator is configured with another).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = Rule::new("isURL(self) && (self.startsWith('https://') || self.startsWith('http://'))")
+        .message("huggingFace.endpoint must be an http:// or https:// URL"))]
+    pub endpoint: Option<String>,
+}
+
+/// One file over HTTP(S).
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FileHttpSource {
+    /// URL of the `.safetensors` file.
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new("isURL(self) && (self.startsWith('https://') || self.startsWith('http://'))")
+        .message("http.url must be an http:// or https:// URL"))]
+    pub url: String,
+
+    /// Lower-case hex sha256 of the file; the fetch refuses a file that does not match.
+    #[schemars(length(min = 64, max = 64))]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9a-f]{64}$')")
+        .message("http.sha256 must be the file's sha256 as 64 lower-case hex digits (sha256sum prints it)"))]
+    pub sha256: String,
+
+    /// A Secret key holding a bearer token sent with the request, if the server needs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret_ref: Option<SecretKeyRef>,
+}
+
+/// A file or folder on a PersistentVolumeClaim.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AdapterPvcSource {
+    /// Name of the PersistentVolumeClaim in this namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub claim_name: String,
+
+    /// Path inside the volume: a file ending in `.safetensors`, or (for a ControlNet) a folder
+    /// in diffusers' layout. Empty means the volume's root folder.
     #[serde(default)]
     #[schemars(length(max = 512))]
     #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.split('/').exists(p, p == '..')")

@@ -6,6 +6,7 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use schemars::JsonSchema;
+use sd35_contract::AdapterKind;
 use serde::{Deserialize, Serialize};
 
 /// Condition types the operator sets.
@@ -30,6 +31,9 @@ pub mod condition {
     /// False only on a GPU the server cannot run on or one with less memory than the plan
     /// needs. Set only when the serving pods request GPUs.
     pub const GPU_COMPATIBLE: &str = "GPUCompatible";
+    /// True when every adapter and ControlNet of the spec is cached and verified (or none is
+    /// asked for).
+    pub const ADAPTERS_READY: &str = "AdaptersReady";
 }
 
 /// Observed state of an SD35Deployment.
@@ -41,7 +45,7 @@ pub struct SD35DeploymentStatus {
     pub observed_generation: Option<i64>,
 
     /// Ready, Reconciling and Stalled (kstatus), plus CacheReady, EngineReady, Available,
-    /// AddonsReady and GPUCompatible.
+    /// AdaptersReady, AddonsReady and GPUCompatible.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -83,6 +87,12 @@ pub struct SD35DeploymentStatus {
     /// In-cluster URL of the service, for example `http://name.namespace.svc:8080`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+
+    /// The adapters and ControlNets of the spec, each cached or not and why. The serving pods
+    /// load the ready ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["kind", "name"]))]
+    pub adapters: Vec<AdapterStatus>,
 }
 
 /// One word for where the object is.
@@ -112,6 +122,27 @@ pub struct CacheStatus {
     pub key: String,
     /// True when the cache is complete and verified.
     pub ready: bool,
+}
+
+/// One adapter or ControlNet of the spec.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AdapterStatus {
+    /// `lora` or `controlnet`.
+    pub kind: AdapterKind,
+    /// The adapter's name, or the ControlNet's mode.
+    pub name: String,
+    /// Content-derived key of its directory in the cache (its source and the model's cache).
+    pub key: String,
+    /// True when it is cached and verified: the serving pods load it from the rollout that
+    /// follows.
+    pub ready: bool,
+    /// One word: `Cached`, `Fetching`, or why it failed (`NotFound`, `InvalidModel`,
+    /// `ChecksumMismatch`, …).
+    pub reason: String,
+    /// What is happening, or what failed and what to change.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }
 
 /// The serving engine.

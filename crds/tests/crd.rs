@@ -55,7 +55,8 @@ fn api_reference_documents_every_field() {
                 return;
             }
             let (parent, name) = path.rsplit_once('.').unwrap();
-            let parent = parent.trim_end_matches("[]");
+            // Sections of list items are named without the brackets: `spec.adapters.source`.
+            let parent = parent.replace("[]", "");
             let section = if parent.contains('.') {
                 markdown
                     .split_once(&format!(" {parent}\n"))
@@ -250,6 +251,12 @@ fn assert_subset(part: &Value, whole: &Value, at: &str) {
                     .get(k)
                     .unwrap_or_else(|| panic!("{at}: field {k} is lost by the types"));
                 assert_subset(v, sub, &format!("{at}.{k}"));
+            }
+        }
+        (Value::Array(p), Value::Array(w)) => {
+            assert_eq!(p.len(), w.len(), "{at}: items lost or added by the types");
+            for (i, (p, w)) in p.iter().zip(w).enumerate() {
+                assert_subset(p, w, &format!("{at}[{i}]"));
             }
         }
         _ => assert_eq!(part, whole, "{at}"),

@@ -3,7 +3,8 @@
 //! complete and an engine ready.
 //!
 //! The claim is the cache's record: `sd35.io/cache-complete: "true"` once the fetch Job
-//! succeeded, `engine.sd35.io/<engine-key>: ready` once that engine was built. With an engine
+//! succeeded, `engine.sd35.io/<engine-key>: ready` once that engine was built,
+//! `adapter.sd35.io/<adapter-key>: ready` once that adapter's fetch Job succeeded. With an engine
 //! to build, the cache's mark waits for the engine's and both go in one patch (one write
 //! fewer); until then the fetch Job says that the cache is complete.
 
@@ -54,6 +55,20 @@ pub fn engine_recorded(claim: &PersistentVolumeClaim, engine_key: &str) -> bool 
         .get(&labels::engine_ready_annotation(engine_key))
         .map(String::as_str)
         == Some("ready")
+}
+
+/// Whether the claim records the adapter `adapter_key` cached.
+pub fn adapter_recorded(claim: &PersistentVolumeClaim, adapter_key: &str) -> bool {
+    claim
+        .annotations()
+        .get(&labels::adapter_ready_annotation(adapter_key))
+        .map(String::as_str)
+        == Some("ready")
+}
+
+/// What to record once the fetch Job of the adapter `adapter_key` succeeded.
+pub fn records_after_adapter(adapter_key: &str) -> Vec<Record> {
+    vec![(labels::adapter_ready_annotation(adapter_key), "ready")]
 }
 
 /// An annotation to record on the claim: key and value.
@@ -220,6 +235,20 @@ mod tests {
         );
         assert!(records_of_built_engine(&recorded).is_empty());
         assert_eq!(records_of_built_engine(&fresh).len(), 1);
+    }
+
+    #[test]
+    fn an_adapter_is_recorded_by_its_own_key() {
+        let fresh = claim(json!({"metadata": {"name": "c"}}));
+        assert!(!adapter_recorded(&fresh, "a1"));
+        assert_eq!(
+            records_after_adapter("a1"),
+            [("adapter.sd35.io/a1".to_owned(), "ready")]
+        );
+        let recorded = claim(json!({"metadata": {"name": "c", "annotations": {
+            "adapter.sd35.io/a1": "ready", "sd35.io/cache-complete": "true"
+        }}}));
+        assert!(adapter_recorded(&recorded, "a1") && !adapter_recorded(&recorded, "a2"));
     }
 
     #[test]

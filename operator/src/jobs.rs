@@ -8,37 +8,61 @@ use crate::labels;
 use crate::pods::AttemptFailure;
 use crate::status::StepState;
 
-/// The two Jobs a cache goes through.
+/// The Jobs a cache goes through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum JobKind {
     /// The fetch Job (`sd35-server fetch`): fills the cache.
     Fetch,
     /// The engine build Job (`sd35-server build-engine`): builds an engine from the cache.
     Build,
+    /// An adapter's fetch Job (`sd35-server fetch-adapter`): one LoRA or ControlNet into the
+    /// cache beside the model.
+    Adapter,
 }
 
 impl JobKind {
-    /// The word of its condition reasons and events: `Fetch`, `Build`.
+    /// The word of its condition reasons and events: `Fetch`, `Build`, `Adapter`.
     pub const fn word(self) -> &'static str {
         match self {
             JobKind::Fetch => "Fetch",
             JobKind::Build => "Build",
+            JobKind::Adapter => "Adapter",
         }
     }
 
     /// The step's reason while the Job runs: `Fetching`, `Building`.
     pub const fn running_reason(self) -> &'static str {
         match self {
-            JobKind::Fetch => "Fetching",
+            JobKind::Fetch | JobKind::Adapter => "Fetching",
             JobKind::Build => "Building",
         }
     }
 
-    /// The name of its container (and its pods' component): `fetch`, `build`.
+    /// The name of its container (and its pods' component): `fetch`, `build`, `adapter`.
     pub const fn container(self) -> &'static str {
         match self {
             JobKind::Fetch => "fetch",
             JobKind::Build => "build",
+            JobKind::Adapter => "adapter",
+        }
+    }
+
+    /// What a person should do about a failure of `reason` in a Job of this kind: the
+    /// reason's own hint, but where that names the model the adapter's source instead.
+    pub const fn hint(self, reason: ExitReason) -> &'static str {
+        match (self, reason) {
+            (JobKind::Adapter, ExitReason::NotFound) => {
+                "check the repository, revision, file, URL or path of this adapter's source in \
+                 spec.adapters or spec.controlNets"
+            }
+            (JobKind::Adapter, ExitReason::InvalidModel) => {
+                "the file is not a LoRA or ControlNet the server can load (the message names it \
+                 and why); fix the adapter's source"
+            }
+            (JobKind::Adapter, ExitReason::ChecksumMismatch) => {
+                "the file does not match its sha256: check http.sha256 or the mirror"
+            }
+            _ => reason.hint(),
         }
     }
 }
@@ -91,7 +115,7 @@ pub fn outcome(job: &Job, kind: JobKind, last_failure: Option<&AttemptFailure>) 
         let job_reason = c.reason.clone().unwrap_or_else(|| "Failed".into());
         let job_message = c.message.clone().unwrap_or_default();
         let (reason, hint) = match exit_code_in(&job_message).and_then(ExitReason::from_code) {
-            Some(r) => (r.as_str().to_owned(), r.hint().to_owned()),
+            Some(r) => (r.as_str().to_owned(), kind.hint(r).to_owned()),
             None => match job_reason.as_str() {
                 "DeadlineExceeded" => (
                     "DeadlineExceeded".to_owned(),
@@ -302,6 +326,36 @@ mod tests {
         assert!(
             message.starts_with("Job sd35-fetch-k failed (PodFailurePolicy: Container fetch"),
             "{message}"
+        );
+    }
+
+    #[test]
+    fn a_failed_adapter_job_points_at_the_adapters_source() {
+        let j = job(
+            json!([{"type": "Failed", "status": "True", "reason": "PodFailurePolicy",
+            "message": "Container adapter for pod ns/sd35-adapter-k-abc failed with exit code 16 matching FailJob rule at index 0"}]),
+        );
+        let said = "fetch-adapter failed: lora bad: bad.safetensors is not a valid safetensors file: its header is not a JSON object";
+        let failure = AttemptFailure {
+            exit_code: 16,
+            message: Some(said.to_owned()),
+        };
+        let JobOutcome::Failed { reason, message } = outcome(&j, JobKind::Adapter, Some(&failure))
+        else {
+            panic!("not failed");
+        };
+        assert_eq!(reason, "InvalidModel");
+        assert!(message.contains(said), "{message}");
+        assert!(message.contains("fix the adapter's source"), "{message}");
+        assert!(!message.contains("SD3.5 model"), "{message}");
+        assert!(
+            JobKind::Adapter
+                .hint(ExitReason::NotFound)
+                .contains("spec.adapters")
+        );
+        assert_eq!(
+            JobKind::Adapter.hint(ExitReason::Unauthorized),
+            ExitReason::Unauthorized.hint()
         );
     }
 

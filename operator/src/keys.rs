@@ -72,6 +72,61 @@ pub fn cache_key(variant: &str, source: &SourceIdentity) -> String {
     }
 }
 
+/// Identity of an adapter's (or ControlNet's) source, as it enters the adapter key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdapterSourceIdentity {
+    /// A file (or the root folder) of a Hugging Face repository at a revision.
+    HuggingFace {
+        endpoint: String,
+        repo: String,
+        revision: String,
+        file: Option<String>,
+    },
+    /// One file by its content: the same sha256 from another URL is the same file.
+    Http { sha256: String },
+    /// A file or folder on a claim in the namespace.
+    Pvc { claim: String, path: String },
+}
+
+/// The key of an adapter of `kind` (`lora`, `controlnet`) from a source, cached on the claim of
+/// `cache_key`: its directory under `adapters/` and the name of its fetch Job. The name it is
+/// served under and its scale are not part of it, so renaming or rescaling one fetches
+/// nothing.
+pub fn adapter_key(cache_key: &str, kind: &str, source: &AdapterSourceIdentity) -> String {
+    match source {
+        AdapterSourceIdentity::HuggingFace {
+            endpoint,
+            repo,
+            revision,
+            file,
+        } => digest(&[
+            ("cache", cache_key),
+            ("kind", kind),
+            ("source", "huggingface"),
+            ("endpoint", endpoint.trim_end_matches('/')),
+            ("repo", repo),
+            ("revision", revision),
+            (
+                "file",
+                file.as_deref().unwrap_or("").trim_start_matches('/'),
+            ),
+        ]),
+        AdapterSourceIdentity::Http { sha256 } => digest(&[
+            ("cache", cache_key),
+            ("kind", kind),
+            ("source", "http"),
+            ("sha256", sha256),
+        ]),
+        AdapterSourceIdentity::Pvc { claim, path } => digest(&[
+            ("cache", cache_key),
+            ("kind", kind),
+            ("source", "pvc"),
+            ("claim", claim),
+            ("path", path.trim_matches('/')),
+        ]),
+    }
+}
+
 /// The engine key of a cache built for a precision (and a GPU product, when pinned).
 pub fn engine_key(cache_key: &str, precision: &str, gpu_product: Option<&str>) -> String {
     let format = sd35_contract::ENGINE_FORMAT_VERSION.to_string();
@@ -158,6 +213,40 @@ mod tests {
             },
         );
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn an_adapter_key_is_its_source_on_its_cache() {
+        let hub = |file: Option<&str>| AdapterSourceIdentity::HuggingFace {
+            endpoint: "https://huggingface.co/".into(),
+            repo: "a/loras".into(),
+            revision: "main".into(),
+            file: file.map(str::to_owned),
+        };
+        let base = adapter_key("c1", "lora", &hub(Some("x.safetensors")));
+        assert_eq!(base.len(), KEY_LEN);
+        assert_eq!(
+            base,
+            adapter_key("c1", "lora", &hub(Some("/x.safetensors")))
+        );
+        for other in [
+            adapter_key("c2", "lora", &hub(Some("x.safetensors"))),
+            adapter_key("c1", "controlnet", &hub(Some("x.safetensors"))),
+            adapter_key("c1", "lora", &hub(Some("y.safetensors"))),
+            adapter_key("c1", "lora", &hub(None)),
+        ] {
+            assert_ne!(base, other);
+        }
+        // A file over HTTP is its content: another URL of the same bytes is the same file.
+        let http = |sha: &str| AdapterSourceIdentity::Http { sha256: sha.into() };
+        assert_eq!(
+            adapter_key("c1", "lora", &http("ab")),
+            adapter_key("c1", "lora", &http("ab"))
+        );
+        assert_ne!(
+            adapter_key("c1", "lora", &http("ab")),
+            adapter_key("c1", "lora", &http("cd"))
+        );
     }
 
     #[test]

@@ -4,12 +4,18 @@
 //! in defaults that depend on other fields (the variant's official repository and cache size,
 //! the keys). Its output is the single input of every builder.
 
+use std::path::PathBuf;
+
+use sd35_contract::{
+    AdapterSourceArgs, CACHE_MOUNT, FetchAdapterArgs, IMPORT_MOUNT, TERMINATION_MESSAGE_PATH,
+};
 use sd35_crds::{
-    AccessMode, EngineBuild, Precision, SD35Deployment, SD35DeploymentSpec, SecretKeyRef, Variant,
+    AccessMode, AdapterKind, AdapterSource, EngineBuild, Precision, SD35Deployment,
+    SD35DeploymentSpec, SecretKeyRef, Variant,
 };
 
 use crate::config::OperatorConfig;
-use crate::keys::{self, SourceIdentity};
+use crate::keys::{self, AdapterSourceIdentity, SourceIdentity};
 use crate::labels;
 
 /// GPU product node label set by NVIDIA's GPU feature discovery.
@@ -51,6 +57,33 @@ pub struct CachePlan {
     pub retain: bool,
 }
 
+/// An adapter or ControlNet of the spec: validated, keyed, with the command line of its fetch
+/// Job (paths as the pods see them).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResolvedAdapter {
+    pub kind: AdapterKind,
+    /// The adapter's name, or the ControlNet's mode.
+    pub name: String,
+    /// A LoRA's scale for requests that name it without one.
+    pub scale: Option<f64>,
+    /// Content-derived key: its directory in the cache and its fetch Job's name.
+    pub key: String,
+    /// `sd35-server fetch-adapter`'s arguments.
+    pub fetch: FetchAdapterArgs,
+    /// The Secret key of the source's token, if it needs one.
+    pub token: Option<SecretKeyRef>,
+    /// The claim mounted read-only at the import mount for a `pvc` source.
+    pub import_claim: Option<String>,
+}
+
+impl ResolvedAdapter {
+    /// Where a serving pod finds it once cached: the `PATH` of its `--lora` or
+    /// `--controlnet`.
+    pub fn served_path(&self) -> PathBuf {
+        self.fetch.served_path()
+    }
+}
+
 /// An SD35Deployment, validated and defaulted.
 #[derive(Clone, Debug)]
 pub struct Resolved {
@@ -67,6 +100,8 @@ pub struct Resolved {
     pub engine_key: Option<String>,
     pub cache: CachePlan,
     pub image: String,
+    /// The LoRAs (in spec order), then the ControlNets.
+    pub adapters: Vec<ResolvedAdapter>,
 }
 
 /// Default cache size: weights of the variant's files plus one engine per precision.
@@ -75,6 +110,147 @@ pub fn default_cache_size(v: Variant) -> &'static str {
         Variant::Large | Variant::LargeTurbo => "100Gi",
         Variant::Medium => "50Gi",
     }
+}
+
+/// Resolves one adapter (`field` is its place in the spec, for messages) of a model cached
+/// under `cache_key`.
+fn resolve_adapter(
+    field: &str,
+    kind: AdapterKind,
+    name: &str,
+    source: &AdapterSource,
+    variant: Variant,
+    cache_key: &str,
+    config: &OperatorConfig,
+) -> Result<ResolvedAdapter, InvalidSpec> {
+    let mut args = FetchAdapterArgs {
+        kind,
+        name: name.to_owned(),
+        source: AdapterSourceArgs {
+            hf_repo: None,
+            http_url: None,
+            import_path: None,
+        },
+        hf_file: None,
+        revision: "main".to_owned(),
+        hf_endpoint: config.hf_endpoint.clone(),
+        sha256: None,
+        variant,
+        cache_root: CACHE_MOUNT.into(),
+        adapter_key: String::new(),
+        termination_message_path: Some(TERMINATION_MESSAGE_PATH.into()),
+    };
+    let (identity, token, import_claim) = match (&source.hugging_face, &source.http, &source.pvc) {
+        (Some(hf), None, None) => {
+            args.source.hf_repo = Some(hf.repo.clone());
+            args.hf_file.clone_from(&hf.file);
+            args.revision.clone_from(&hf.revision);
+            if let Some(endpoint) = &hf.endpoint {
+                args.hf_endpoint.clone_from(endpoint);
+            }
+            let identity = AdapterSourceIdentity::HuggingFace {
+                endpoint: args.hf_endpoint.clone(),
+                repo: hf.repo.clone(),
+                revision: hf.revision.clone(),
+                file: hf.file.clone(),
+            };
+            (identity, hf.token_secret_ref.clone(), None)
+        }
+        (None, Some(http), None) => {
+            args.source.http_url = Some(http.url.clone());
+            args.sha256 = Some(http.sha256.to_ascii_lowercase());
+            let identity = AdapterSourceIdentity::Http {
+                sha256: http.sha256.to_ascii_lowercase(),
+            };
+            (identity, http.token_secret_ref.clone(), None)
+        }
+        (None, None, Some(pvc)) => {
+            let path = pvc.path.trim_matches('/');
+            args.source.import_path = Some(if path.is_empty() {
+                IMPORT_MOUNT.into()
+            } else {
+                format!("{IMPORT_MOUNT}/{path}").into()
+            });
+            let identity = AdapterSourceIdentity::Pvc {
+                claim: pvc.claim_name.clone(),
+                path: path.to_owned(),
+            };
+            (identity, None, Some(pvc.claim_name.clone()))
+        }
+        _ => {
+            return Err(InvalidSpec(format!(
+                "{field}.source must set exactly one of huggingFace, http or pvc"
+            )));
+        }
+    };
+    let key = keys::adapter_key(cache_key, kind.as_str(), &identity);
+    args.adapter_key.clone_from(&key);
+    Ok(ResolvedAdapter {
+        kind,
+        name: name.to_owned(),
+        scale: None,
+        key,
+        fetch: args,
+        token,
+        import_claim,
+    })
+}
+
+/// The adapters and ControlNets of `spec`, LoRAs first, each in spec order.
+fn resolve_adapters(
+    spec: &SD35DeploymentSpec,
+    cache_key: &str,
+    config: &OperatorConfig,
+) -> Result<Vec<ResolvedAdapter>, InvalidSpec> {
+    let mut out = Vec::new();
+    for (i, a) in spec.adapters.iter().enumerate() {
+        let field = format!("spec.adapters[{i}]");
+        if !sd35_contract::is_adapter_name(&a.name) {
+            return Err(InvalidSpec(format!(
+                "{field}.name {:?} is not an adapter name: lower-case letters, digits, '-', '_' and '.', starting and ending with a letter or digit",
+                a.name
+            )));
+        }
+        if out.iter().any(|o: &ResolvedAdapter| o.name == a.name) {
+            return Err(InvalidSpec(format!(
+                "{field}.name {} is used twice: adapter names must be unique",
+                a.name
+            )));
+        }
+        let mut resolved = resolve_adapter(
+            &field,
+            AdapterKind::Lora,
+            &a.name,
+            &a.source,
+            spec.variant,
+            cache_key,
+            config,
+        )?;
+        resolved.scale = a.scale;
+        out.push(resolved);
+    }
+    for (i, c) in spec.control_nets.iter().enumerate() {
+        let field = format!("spec.controlNets[{i}]");
+        let mode = c.mode.as_str();
+        if out
+            .iter()
+            .any(|o| o.kind == AdapterKind::Controlnet && o.name == mode)
+        {
+            return Err(InvalidSpec(format!(
+                "{field}.mode {mode} is used twice: one ControlNet per mode"
+            )));
+        }
+        out.push(resolve_adapter(
+            &field,
+            AdapterKind::Controlnet,
+            mode,
+            &c.source,
+            spec.variant,
+            cache_key,
+            config,
+        )?);
+    }
+    Ok(out)
 }
 
 fn access_mode(m: AccessMode) -> &'static str {
@@ -186,6 +362,7 @@ pub fn resolve(obj: &SD35Deployment, config: &OperatorConfig) -> Result<Resolved
         },
     };
     let cache_key = keys::cache_key(variant.as_str(), &identity);
+    let adapters = resolve_adapters(&spec, &cache_key, config)?;
     let gpu_product = spec
         .scheduling
         .node_selector
@@ -245,6 +422,7 @@ pub fn resolve(obj: &SD35Deployment, config: &OperatorConfig) -> Result<Resolved
         cache_key,
         engine_key,
         cache,
+        adapters,
     })
 }
 
@@ -331,6 +509,105 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.0.contains("existingClaim"), "{err}");
+    }
+
+    #[test]
+    fn adapters_get_keys_of_their_sources_and_the_fetch_command_line() {
+        let spec = "variant: large\nadapters:\n\
+            - {name: detail, scale: 0.5, source: {huggingFace: {repo: a/loras, file: d.safetensors, tokenSecretRef: {name: hf}}}}\n\
+            - {name: style, source: {http: {url: 'https://m.example/s.safetensors', sha256: ABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABAB}}}\n\
+            controlNets:\n\
+            - {mode: depth, source: {pvc: {claimName: nets, path: depth/}}}\n\
+            - {mode: canny, source: {huggingFace: {repo: s/canny, file: c.safetensors}}}";
+        let r = resolve(&obj(spec), &OperatorConfig::default()).unwrap();
+        let names: Vec<(&str, &str)> = r
+            .adapters
+            .iter()
+            .map(|a| (a.kind.as_str(), a.name.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("lora", "detail"),
+                ("lora", "style"),
+                ("controlnet", "depth"),
+                ("controlnet", "canny")
+            ]
+        );
+        let [detail, style, depth, canny] = &r.adapters[..] else {
+            panic!("four adapters");
+        };
+        assert_eq!(detail.scale, Some(0.5));
+        assert_eq!(detail.token.as_ref().map(|t| t.name.as_str()), Some("hf"));
+        assert_eq!(detail.fetch.hf_file.as_deref(), Some("d.safetensors"));
+        assert_eq!(
+            detail.served_path(),
+            PathBuf::from(format!(
+                "/cache/adapters/{}/adapter.safetensors",
+                detail.key
+            ))
+        );
+        assert_eq!(style.fetch.sha256.as_deref(), Some(&*"ab".repeat(32)));
+        // A ControlNet folder on a claim is served as the folder; a file as the file.
+        assert_eq!(depth.import_claim.as_deref(), Some("nets"));
+        assert_eq!(
+            depth.fetch.source.import_path.as_deref(),
+            Some(std::path::Path::new("/import/depth"))
+        );
+        assert_eq!(
+            depth.served_path(),
+            PathBuf::from(format!("/cache/adapters/{}", depth.key))
+        );
+        assert!(canny.served_path().ends_with("adapter.safetensors"));
+        let mut keys: Vec<&str> = r.adapters.iter().map(|a| a.key.as_str()).collect();
+        keys.dedup();
+        assert_eq!(keys.len(), 4);
+        assert!(r.adapters.iter().all(|a| a.fetch.adapter_key == a.key));
+
+        // Renaming or rescaling an adapter keeps its key; another model's cache gets another.
+        let renamed = resolve(
+            &obj("variant: large\nadapters:\n- {name: fine, scale: 2, source: {huggingFace: {repo: a/loras, file: d.safetensors}}}"),
+            &OperatorConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(renamed.adapters[0].key, detail.key);
+        let medium = resolve(
+            &obj("variant: medium\nadapters:\n- {name: detail, source: {huggingFace: {repo: a/loras, file: d.safetensors}}}"),
+            &OperatorConfig::default(),
+        )
+        .unwrap();
+        assert_ne!(medium.adapters[0].key, detail.key);
+        // Adapters do not touch the model's keys.
+        let plain = resolve(&obj("variant: large"), &OperatorConfig::default()).unwrap();
+        assert_eq!(
+            (&plain.cache_key, &plain.engine_key),
+            (&r.cache_key, &r.engine_key)
+        );
+    }
+
+    #[test]
+    fn what_the_schema_refuses_is_refused_here_too() {
+        for (spec, said) in [
+            (
+                "variant: large\nadapters:\n- {name: a, source: {huggingFace: {repo: x/y}}}\n- {name: a, source: {huggingFace: {repo: x/z}}}",
+                "spec.adapters[1].name a is used twice",
+            ),
+            (
+                "variant: large\nadapters:\n- {name: A, source: {huggingFace: {repo: x/y}}}",
+                "spec.adapters[0].name \"A\" is not an adapter name",
+            ),
+            (
+                "variant: large\nadapters:\n- {name: a, source: {}}",
+                "spec.adapters[0].source must set exactly one",
+            ),
+            (
+                "variant: large\ncontrolNets:\n- {mode: blur, source: {huggingFace: {repo: x/y}}}\n- {mode: blur, source: {huggingFace: {repo: x/z}}}",
+                "spec.controlNets[1].mode blur is used twice",
+            ),
+        ] {
+            let err = resolve(&obj(spec), &OperatorConfig::default()).unwrap_err();
+            assert!(err.0.contains(said), "{said:?} not in {err}");
+        }
     }
 
     #[test]

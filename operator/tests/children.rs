@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use k8s_openapi::api::core::v1::PodSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Resource;
-use sd35_contract::{BuildEngineArgs, FetchArgs, ServeArgs};
+use sd35_contract::{BuildEngineArgs, FetchAdapterArgs, FetchArgs, ServeArgs};
 use sd35_crds::SD35Deployment;
 use sd35_operator::children::{self, ServingTarget};
 use sd35_operator::config::OperatorConfig;
@@ -25,6 +25,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     Fetch(FetchArgs),
+    FetchAdapter(FetchAdapterArgs),
     BuildEngine(BuildEngineArgs),
     Serve(ServeArgs),
 }
@@ -105,7 +106,7 @@ fn large_fp8_with_surge_on_h100_nodes() {
     let obj = example("large-fp8.yaml");
     let (r, owner) = resolved(&obj);
     let config = OperatorConfig::default();
-    let target = ServingTarget::desired(&r);
+    let target = ServingTarget::desired(&r, Vec::new());
     let deployment = children::deployment(&r, &config, &owner, &target);
     let fetch = children::fetch_job(&r, &config, &users(), CLAIM_UID);
     let engine_key = r.engine_key.clone().unwrap();
@@ -307,7 +308,7 @@ fn medium_clip_only_defaults_and_single_replica() {
         &r,
         &OperatorConfig::default(),
         &owner,
-        &ServingTarget::desired(&r),
+        &ServingTarget::desired(&r, Vec::new()),
     );
     let pod = deployment
         .spec
@@ -362,7 +363,7 @@ fn a_pod_without_gpus_runs_on_its_cpu_and_a_custom_repository_is_a_served_name()
         &r,
         &OperatorConfig::default(),
         &owner,
-        &ServingTarget::desired(&r),
+        &ServingTarget::desired(&r, Vec::new()),
     );
     let c = &d.spec.unwrap().template.spec.unwrap().containers[0];
     match parse(c.command.as_ref().unwrap(), c.args.as_ref().unwrap()) {
@@ -403,7 +404,7 @@ fn engine_never_serves_the_cache_in_the_asked_precision_not_a_silent_f32() {
         &r,
         &OperatorConfig::default(),
         &owner,
-        &ServingTarget::desired(&r),
+        &ServingTarget::desired(&r, Vec::new()),
     );
     let c = &d.spec.unwrap().template.spec.unwrap().containers[0];
     match parse(c.command.as_ref().unwrap(), c.args.as_ref().unwrap()) {
@@ -419,7 +420,7 @@ fn engine_never_serves_the_cache_in_the_asked_precision_not_a_silent_f32() {
 fn the_serving_target_round_trips_through_the_pod_template() {
     let obj = example("large-fp8.yaml");
     let (r, owner) = resolved(&obj);
-    let target = ServingTarget::desired(&r);
+    let target = ServingTarget::desired(&r, Vec::new());
     let d = children::deployment(&r, &OperatorConfig::default(), &owner, &target);
     assert_eq!(ServingTarget::of(&d), Some(target));
 }
@@ -432,7 +433,7 @@ fn s3_artifacts_reach_the_server_as_flags_and_the_keys_by_secret_reference_only(
         &r,
         &OperatorConfig::default(),
         &owner,
-        &ServingTarget::desired(&r),
+        &ServingTarget::desired(&r, Vec::new()),
     );
     let pod = deployment
         .spec
@@ -503,7 +504,7 @@ fn s3_artifacts_reach_the_server_as_flags_and_the_keys_by_secret_reference_only(
         &plain,
         &OperatorConfig::default(),
         &owner,
-        &ServingTarget::desired(&plain),
+        &ServingTarget::desired(&plain, Vec::new()),
     );
     let c = &d.spec.unwrap().template.spec.unwrap().containers[0];
     assert!(c.env.is_none());
@@ -513,5 +514,167 @@ fn s3_artifacts_reach_the_server_as_flags_and_the_keys_by_secret_reference_only(
             .unwrap()
             .iter()
             .any(|a| a.contains("artifacts"))
+    );
+}
+
+#[test]
+fn adapters_and_a_controlnet_fetch_in_jobs_of_their_own_and_load_once_cached() {
+    let obj = example("large-adapters-controlnet.yaml");
+    let (r, owner) = resolved(&obj);
+    let config = OperatorConfig::default();
+    assert_eq!(r.adapters.len(), 3);
+    let [detail, style, canny] = &r.adapters[..] else {
+        panic!("two LoRAs and a ControlNet");
+    };
+
+    // One fetch Job per adapter, named by its key, labelled for the operator's pod watch;
+    // each command line is one the server parses, to the adapter's own directory.
+    let jobs: Vec<_> = r
+        .adapters
+        .iter()
+        .map(|a| children::adapter_job(&r, &config, &users(), CLAIM_UID, a))
+        .collect();
+    for (job, adapter) in jobs.iter().zip(&r.adapters) {
+        assert_eq!(
+            job.metadata.name.as_deref(),
+            Some(format!("sd35-adapter-{}", adapter.key).as_str())
+        );
+        let labels = job.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels["app.kubernetes.io/name"], "sd35-adapter");
+        assert_eq!(labels["sd35.io/adapter-key"], adapter.key);
+        assert_eq!(labels["sd35.io/cache-key"], r.cache_key);
+        let pod = pod_of_job(job);
+        assert_hardened(&pod);
+        let container = &pod.containers[0];
+        assert_eq!(container.name, "adapter");
+        match parse(
+            container.command.as_ref().unwrap(),
+            container.args.as_ref().unwrap(),
+        ) {
+            Command::FetchAdapter(f) => {
+                assert_eq!(f, adapter.fetch);
+                assert_eq!(f.adapter_key, adapter.key);
+                assert_eq!(f.cache_root, Path::new("/cache"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A failed attempt's cause reaches the operator, and retrying cannot fix a 404.
+        let policy = job
+            .spec
+            .as_ref()
+            .unwrap()
+            .pod_failure_policy
+            .as_ref()
+            .unwrap();
+        let on_exit = policy.rules[0].on_exit_codes.as_ref().unwrap();
+        assert_eq!(on_exit.container_name.as_deref(), Some("adapter"));
+        assert!(on_exit.values.contains(&11));
+    }
+    // The gated repository's token travels by reference; the mirror's file needs none.
+    let env = |job: &k8s_openapi::api::batch::v1::Job| pod_of_job(job).containers[0].env.clone();
+    assert_eq!(
+        env(&jobs[2]).unwrap()[0]
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap()
+            .name,
+        "hf-token"
+    );
+    assert!(env(&jobs[1]).is_none_or(|e| e.is_empty()));
+
+    // The pods load the cached ones: here the first LoRA and the ControlNet, the second LoRA
+    // still being fetched.
+    let served = [detail, canny]
+        .into_iter()
+        .map(children::ServedAdapter::of)
+        .collect();
+    let target = ServingTarget::desired(&r, served);
+    let deployment = children::deployment(&r, &config, &owner, &target);
+    let pod = deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .clone()
+        .unwrap();
+    match parse(
+        pod.containers[0].command.as_ref().unwrap(),
+        pod.containers[0].args.as_ref().unwrap(),
+    ) {
+        Command::Serve(s) => {
+            assert_eq!(s.loras.len(), 1);
+            assert_eq!(s.loras[0].name, "detail");
+            assert_eq!(s.loras[0].scale, Some(0.8));
+            assert_eq!(
+                s.loras[0].path,
+                Path::new("/cache/adapters")
+                    .join(&detail.key)
+                    .join("adapter.safetensors")
+            );
+            assert_eq!(s.controlnets.len(), 1);
+            assert_eq!(s.controlnets[0].mode, sd35_contract::ControlMode::Canny);
+            assert_eq!(s.controlnets[0].path, canny.served_path());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!style.served_path().as_os_str().is_empty());
+    // The target recorded on the template reads back, and a target without adapters records
+    // what it recorded before adapters existed (so an upgrade rolls nothing).
+    assert_eq!(ServingTarget::of(&deployment), Some(target.clone()));
+    let bare = ServingTarget::desired(&r, Vec::new()).to_annotation();
+    assert!(!bare.contains("adapters"), "{bare}");
+
+    insta::assert_yaml_snapshot!("adapter_fetch_job", jobs[0]);
+    insta::assert_yaml_snapshot!("controlnet_fetch_job", jobs[2]);
+    insta::assert_yaml_snapshot!("deployment_with_adapters", deployment);
+}
+
+#[test]
+fn a_controlnet_folder_on_a_claim_is_imported_read_only_and_served_as_the_folder() {
+    let mut obj = example("large-adapters-controlnet.yaml");
+    obj.spec.adapters.clear();
+    obj.spec.control_nets = serde_yaml::from_str(
+        "- {mode: depth, source: {pvc: {claimName: controlnets, path: sd35-large/depth}}}",
+    )
+    .unwrap();
+    let (r, _) = resolved(&obj);
+    let adapter = &r.adapters[0];
+    let job = children::adapter_job(&r, &OperatorConfig::default(), &users(), CLAIM_UID, adapter);
+    let pod = pod_of_job(&job);
+    let import = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "import")
+        .unwrap();
+    let claim = import.persistent_volume_claim.as_ref().unwrap();
+    assert_eq!(
+        (claim.claim_name.as_str(), claim.read_only),
+        ("controlnets", Some(true))
+    );
+    let mounts = pod.containers[0].volume_mounts.as_ref().unwrap();
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m.name == "import" && m.mount_path == "/import" && m.read_only == Some(true))
+    );
+    match parse(
+        pod.containers[0].command.as_ref().unwrap(),
+        pod.containers[0].args.as_ref().unwrap(),
+    ) {
+        Command::FetchAdapter(f) => assert_eq!(
+            f.source.import_path.as_deref(),
+            Some(Path::new("/import/sd35-large/depth"))
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        adapter.served_path(),
+        Path::new("/cache/adapters").join(&adapter.key)
     );
 }

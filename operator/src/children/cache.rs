@@ -1,6 +1,11 @@
-//! The cache claim and the Jobs that fill it (`sd35-server fetch`) and build engines from it
-//! (`sd35-server build-engine`). These are shared by every SD35Deployment of the namespace
-//! with the same keys, so they are named by key, not by object.
+//! The cache claim and the Jobs that fill it (`sd35-server fetch`, and `fetch-adapter` for each
+//! adapter and ControlNet) and build engines from it (`sd35-server build-engine`). These are
+//! shared by every SD35Deployment of the namespace with the same keys, so they are named by
+//! key, not by object.
+//!
+//! Each adapter has a fetch Job of its own rather than one Job for all: a failing download
+//! fails that Job alone, its pods' termination message names that adapter's cause, and the
+//! model and the other adapters go on; adding one starts one small Job and re-runs nothing.
 
 use std::collections::BTreeMap;
 
@@ -25,7 +30,7 @@ use super::{
 };
 use crate::config::{OperatorConfig, default_build_resources, default_fetch_resources};
 use crate::labels;
-use crate::resolve::{FetchSource, Resolved};
+use crate::resolve::{FetchSource, Resolved, ResolvedAdapter};
 
 /// The cache claim. `owners` are the SD35Deployments using it (none when one of them asks to
 /// retain it), so Kubernetes deletes it when the last user goes.
@@ -230,22 +235,7 @@ pub fn fetch_job(
         cache_key: resolved.cache_key.clone(),
         termination_message_path: Some(TERMINATION_MESSAGE_PATH.into()),
     };
-    let mut env = Vec::new();
-    if let Some(token) = &resolved.token {
-        // The token travels from the Secret to the process only; the spec names the Secret.
-        env.push(EnvVar {
-            name: TOKEN_ENV.into(),
-            value_from: Some(EnvVarSource {
-                secret_key_ref: Some(SecretKeySelector {
-                    name: token.name.clone(),
-                    key: token.key.clone(),
-                    optional: None,
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-    }
+    let env = token_env(resolved.token.as_ref());
     let resources = resolved
         .spec
         .cache
@@ -276,6 +266,74 @@ pub fn fetch_job(
             container: c,
             volumes,
             labels: Vec::new(),
+        },
+    )
+}
+
+/// The environment that carries a source's token into a fetch: from the Secret to the process
+/// only (the spec names the Secret, never the value).
+fn token_env(token: Option<&sd35_crds::SecretKeyRef>) -> Vec<EnvVar> {
+    token
+        .map(|token| EnvVar {
+            name: TOKEN_ENV.into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: token.name.clone(),
+                    key: token.key.clone(),
+                    optional: None,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .into_iter()
+        .collect()
+}
+
+/// The fetch Job of one adapter or ControlNet: downloads (or imports) it into
+/// `<cache>/adapters/<adapter-key>`, beside the model. Owned like the model's fetch Job;
+/// limits and resources are `spec.cache.fetch`'s.
+pub fn adapter_job(
+    resolved: &Resolved,
+    config: &OperatorConfig,
+    owners: &[OwnerReference],
+    claim_uid: &str,
+    adapter: &ResolvedAdapter,
+) -> Job {
+    let resources = resolved
+        .spec
+        .cache
+        .fetch
+        .resources
+        .clone()
+        .unwrap_or_else(default_fetch_resources);
+    let mut c = container(
+        resolved,
+        "adapter",
+        [vec!["fetch-adapter".to_owned()], adapter.fetch.to_args()].concat(),
+        resources,
+        token_env(adapter.token.as_ref()),
+    );
+    let mut volumes = Vec::new();
+    if let Some(claim) = &adapter.import_claim {
+        volumes.push(claim_volume("import", claim, Some(true)));
+        if let Some(mounts) = c.volume_mounts.as_mut() {
+            mounts.push(mount("import", IMPORT_MOUNT, Some(true)));
+        }
+    }
+    job(
+        resolved,
+        config,
+        JobParts {
+            name: labels::adapter_job(&adapter.key),
+            component: "adapter",
+            app_name: labels::ADAPTER_NAME,
+            owners,
+            claim_uid,
+            limits: &resolved.spec.cache.fetch,
+            container: c,
+            volumes,
+            labels: vec![(labels::ADAPTER_KEY.into(), adapter.key.clone())],
         },
     )
 }

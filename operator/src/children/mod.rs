@@ -1,6 +1,6 @@
-//! The children of an SD35Deployment (pure and infallible): the cache claim, the fetch and
-//! engine build Jobs, the serving Deployment, its Service and PodDisruptionBudget, and the
-//! optional NetworkPolicy and ServiceMonitor.
+//! The children of an SD35Deployment (pure and infallible): the cache claim, the fetch,
+//! adapter fetch and engine build Jobs, the serving Deployment, its Service and
+//! PodDisruptionBudget, and the optional NetworkPolicy and ServiceMonitor.
 //!
 //! Each function takes the resolved spec and returns a complete object, typed with the
 //! Kubernetes API structs (k8s-openapi), so the compiler checks every field; the reconciler
@@ -14,9 +14,9 @@ mod controlled;
 mod serving;
 
 pub use addons::{ServiceMonitor, ServiceMonitorSpec, network_policy, service_monitor};
-pub use cache::{build_job, cache_claim, fetch_job};
+pub use cache::{adapter_job, build_job, cache_claim, fetch_job};
 pub use controlled::Controlled;
-pub use serving::{ServingTarget, deployment, pdb, service};
+pub use serving::{ServedAdapter, ServingTarget, deployment, pdb, service};
 
 use std::collections::BTreeMap;
 

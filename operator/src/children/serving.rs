@@ -1,9 +1,17 @@
 //! The serving Deployment, its Service and PodDisruptionBudget.
 //!
-//! The pod template is built from a [`ServingTarget`]: which model and engine the pods run.
-//! The reconciler passes the desired target only once its cache and engine are ready, and the
-//! target the pods already run otherwise, so a precision change never takes serving pods down
-//! before the new engine exists.
+//! The pod template is built from a [`ServingTarget`]: which model and engine the pods run,
+//! and which adapters and ControlNets they load. The reconciler passes the desired target only
+//! once its cache and engine are ready, and the target the pods already run otherwise, so a
+//! precision change never takes serving pods down before the new engine exists.
+//!
+//! Adapters reach the pods as `--lora` / `--controlnet` flags of the pod template, only once
+//! cached, so adding, changing or removing one rolls the pods with the rollout strategy's
+//! behaviour (a new pod is ready before an old one stops with `Surge`) rather than hot-loading
+//! it into running servers: after a restart, what a pod serves is exactly what its template
+//! says, which is what the Deployment's updated replicas and the SD35Deployment's status
+//! report. A hot-load would leave pods serving sets no object shows, and a load that fails
+//! inside a running server with nowhere to say so.
 
 use std::collections::BTreeMap;
 
@@ -20,8 +28,9 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use sd35_contract::{
-    ArtifactArgs, CACHE_MOUNT, DeviceKind, Precision, ServeArgs, TERMINATION_MESSAGE_PATH, Variant,
-    dedup_in_order, default_served_names, engine_dir, model_dir,
+    AdapterKind, ArtifactArgs, CACHE_MOUNT, ControlNetArg, DeviceKind, LoraArg, Precision,
+    ServeArgs, TERMINATION_MESSAGE_PATH, Variant, dedup_in_order, default_served_names, engine_dir,
+    model_dir,
 };
 use sd35_crds::{ArtifactsSpec, RolloutStrategy};
 use serde::{Deserialize, Serialize};
@@ -32,10 +41,39 @@ use super::{
 };
 use crate::config::{OperatorConfig, default_server_resources};
 use crate::labels;
-use crate::resolve::{FetchSource, Resolved};
+use crate::resolve::{FetchSource, Resolved, ResolvedAdapter};
+
+/// An adapter or ControlNet the serving pods load: what its `--lora` or `--controlnet` says.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServedAdapter {
+    pub kind: AdapterKind,
+    /// The adapter's name, or the ControlNet's mode.
+    pub name: String,
+    /// Its key (its directory in the cache).
+    pub key: String,
+    /// What the server loads: its file, or its folder.
+    pub path: std::path::PathBuf,
+    /// A LoRA's scale for requests that name it without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<f64>,
+}
+
+impl ServedAdapter {
+    /// How the pods load a cached adapter.
+    pub fn of(adapter: &ResolvedAdapter) -> Self {
+        Self {
+            kind: adapter.kind,
+            name: adapter.name.clone(),
+            key: adapter.key.clone(),
+            path: adapter.served_path(),
+            scale: adapter.scale,
+        }
+    }
+}
 
 /// What serving pods run: recorded as a pod template annotation.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ServingTarget {
     pub variant: Variant,
@@ -43,17 +81,22 @@ pub struct ServingTarget {
     pub cache_claim: String,
     pub cache_key: String,
     pub engine_key: Option<String>,
+    /// The adapters and ControlNets the pods load (the cached ones of the spec). Empty is left
+    /// out, so a target without adapters reads as before they existed and rolls nothing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adapters: Vec<ServedAdapter>,
 }
 
 impl ServingTarget {
-    /// The target the spec asks for.
-    pub fn desired(resolved: &Resolved) -> Self {
+    /// The target the spec asks for, loading the `served` adapters (those cached so far).
+    pub fn desired(resolved: &Resolved, served: Vec<ServedAdapter>) -> Self {
         Self {
             variant: resolved.variant,
             precision: resolved.precision,
             cache_claim: resolved.cache.claim.clone(),
             cache_key: resolved.cache_key.clone(),
             engine_key: resolved.engine_key.clone(),
+            adapters: served,
         }
     }
 
@@ -145,8 +188,27 @@ fn serve_args(resolved: &Resolved, target: &ServingTarget) -> ServeArgs {
             .as_ref()
             .map(|a| format!("/etc/sd35/auth/{}", a.secret_ref.key).into()),
         artifacts: artifact_args(s.artifacts.as_ref()),
-        loras: Vec::new(),
-        controlnets: Vec::new(),
+        loras: target
+            .adapters
+            .iter()
+            .filter(|a| a.kind == AdapterKind::Lora)
+            .map(|a| LoraArg {
+                name: a.name.clone(),
+                scale: a.scale,
+                path: a.path.clone(),
+            })
+            .collect(),
+        controlnets: target
+            .adapters
+            .iter()
+            .filter(|a| a.kind == AdapterKind::Controlnet)
+            .filter_map(|a| {
+                Some(ControlNetArg {
+                    mode: a.name.parse().ok()?,
+                    path: a.path.clone(),
+                })
+            })
+            .collect(),
     }
 }
 

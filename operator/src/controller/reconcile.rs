@@ -1,6 +1,7 @@
 //! The reconciler: dereference (client) → validate (pure) → construct the children (pure) →
 //! apply (client) → status (client), for one SD35Deployment at a time, in steps: the cache
-//! claim, the fetch Job, the engine build Job, the serving children and add-ons, the status.
+//! claim, the fetch Job, the engine build Job, the adapters' fetch Jobs, the serving children
+//! and add-ons, the status.
 //!
 //! Guarantees: every write goes through one [`Applier`], whose strategy is `Observe` while the
 //! object is paused; children are only written when they differ from what is live, so a
@@ -12,6 +13,7 @@
 //! a whole cache, so the work of a reconcile does not grow with the number of objects. A
 //! failure names its step and its object, in logs and in the `error` label of the metrics.
 
+mod adapters;
 mod build;
 mod claim;
 mod controlled;
@@ -58,6 +60,12 @@ pub enum Error {
         object: ObjectRef<SD35Deployment>,
         source: kube::Error,
     },
+    /// Running an adapter's fetch Job or recording the adapter on the claim.
+    #[error("{object}: adapter fetch Job: {source}")]
+    Adapters {
+        object: ObjectRef<SD35Deployment>,
+        source: kube::Error,
+    },
     /// Applying or sweeping the serving Deployment, Service or PodDisruptionBudget.
     #[error("{object}: serving children: {source}")]
     Serving {
@@ -91,6 +99,7 @@ impl Error {
             Error::Claim { .. } => "Claim",
             Error::Fetch { .. } => "Fetch",
             Error::Build { .. } => "Build",
+            Error::Adapters { .. } => "Adapters",
             Error::Serving { .. } => "Serving",
             Error::Addons { .. } => "Addons",
             Error::Status { .. } => "Status",
@@ -105,6 +114,7 @@ enum Step {
     Claim,
     Fetch,
     Build,
+    Adapters,
     Serving,
     Addons,
     Status,
@@ -117,6 +127,7 @@ impl Step {
             Step::Claim => Error::Claim { object, source },
             Step::Fetch => Error::Fetch { object, source },
             Step::Build => Error::Build { object, source },
+            Step::Adapters => Error::Adapters { object, source },
             Step::Serving => Error::Serving { object, source },
             Step::Addons => Error::Addons { object, source },
             Step::Status => Error::Status { object, source },
@@ -217,6 +228,7 @@ fn invalid_spec(obj: &SD35Deployment, invalid: InvalidSpec, selector: String) ->
         engine: StepState::Pending("InvalidSpec".into(), invalid.0),
         rollout: None,
         addons: Addons::default(),
+        adapters: Vec::new(),
         gpu: None,
         cache_claim: String::new(),
         cache_key: String::new(),
@@ -298,8 +310,15 @@ pub async fn reconcile(obj: Arc<SD35Deployment>, ctx: Arc<Context>) -> Result<Ac
         .build_step(claim.as_ref(), &cache)
         .await
         .map_err(run.failed(Step::Build))?;
+    let adapter_states = run
+        .adapters_step(claim.as_ref())
+        .await
+        .map_err(run.failed(Step::Adapters))?;
     let (rollout, addons) = run
-        .controlled_step(cache.is_done() && engine.is_done())
+        .controlled_step(
+            cache.is_done() && engine.is_done(),
+            adapters::served(&resolved, &adapter_states),
+        )
         .await?;
 
     let observed = Observed {
@@ -311,6 +330,7 @@ pub async fn reconcile(obj: Arc<SD35Deployment>, ctx: Arc<Context>) -> Result<Ac
         engine,
         rollout,
         addons,
+        adapters: adapter_states,
         gpu: report::gpu_report(&ctx.children, &resolved),
         cache_claim: resolved.cache.claim.clone(),
         cache_key: resolved.cache_key.clone(),

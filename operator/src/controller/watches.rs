@@ -60,17 +60,18 @@ pub fn ours() -> watcher::Config {
 }
 
 /// Selects the operator's pods: serving pods (their exit codes say why a server could not
-/// start) and the pods of fetch and build Jobs (their termination messages say why an attempt
-/// failed).
+/// start) and the pods of fetch, adapter fetch and build Jobs (their termination messages say
+/// why an attempt failed).
 pub fn our_pods() -> watcher::Config {
     watcher::Config::default().labels(&format!(
-        "{}={},{} in ({},{},{})",
+        "{}={},{} in ({},{},{},{})",
         labels::MANAGED_BY,
         labels::MANAGER,
         labels::NAME,
         labels::SERVER_NAME,
         labels::FETCH_NAME,
-        labels::BUILD_NAME
+        labels::BUILD_NAME,
+        labels::ADAPTER_NAME
     ))
 }
 

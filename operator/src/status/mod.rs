@@ -1,15 +1,19 @@
 //! Compute the status of an SD35Deployment from what was observed (pure).
 //!
 //! Conditions follow kstatus: `Ready` is True only when the latest generation is observed and
-//! every desired replica runs the desired target and is available; `Reconciling` is True while
-//! work is in flight; `Stalled` is True when nothing will change without a change to the spec
-//! or the cluster. A condition keeps its transition time while its status does not change, so
+//! every desired replica runs the desired target (with every adapter of the spec) and is
+//! available; `Reconciling` is True while work is in flight; `Stalled` is True when nothing
+//! will change without a change to the spec or the cluster. A failed adapter stalls only
+//! itself: the model and the other adapters are served, and it is reported as `Stalled` once
+//! nothing else is in progress (phase `Degraded`: serving, not everything asked for). A condition keeps its transition time while its status does not change, so
 //! a steady state computes exactly the status it already has.
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use sd35_crds::{CacheStatus, EngineStatus, Phase, SD35DeploymentStatus, condition};
+use sd35_crds::{
+    AdapterKind, AdapterStatus, CacheStatus, EngineStatus, Phase, SD35DeploymentStatus, condition,
+};
 
 use crate::children::ServingTarget;
 
@@ -80,6 +84,130 @@ impl Rollout {
     }
 }
 
+/// One adapter or ControlNet of the spec and where its fetch stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdapterState {
+    pub kind: AdapterKind,
+    /// The adapter's name, or the ControlNet's mode.
+    pub name: String,
+    /// Its key.
+    pub key: String,
+    /// Done once cached (`Cached`), pending while its Job runs, failed with the Job's reason.
+    pub state: StepState,
+}
+
+impl AdapterState {
+    /// `lora detail`, `controlnet canny`: how messages name it.
+    fn what(&self) -> String {
+        format!("{} {}", self.kind, self.name)
+    }
+
+    fn status(&self) -> AdapterStatus {
+        let (reason, message) = match &self.state {
+            StepState::Done(reason, message) => ((*reason).to_owned(), message.clone()),
+            StepState::Pending(reason, message) | StepState::Failed(reason, message) => {
+                (reason.clone(), message.clone())
+            }
+        };
+        AdapterStatus {
+            kind: self.kind,
+            name: self.name.clone(),
+            key: self.key.clone(),
+            ready: self.state.is_done(),
+            reason,
+            message,
+        }
+    }
+}
+
+/// The adapters' condition, and how they bear on Ready: those still fetched and those failed.
+struct AdaptersView<'a> {
+    pending: Vec<&'a AdapterState>,
+    failed: Vec<&'a AdapterState>,
+    all: &'a [AdapterState],
+}
+
+impl<'a> AdaptersView<'a> {
+    fn of(all: &'a [AdapterState]) -> Self {
+        Self {
+            pending: all
+                .iter()
+                .filter(|a| matches!(a.state, StepState::Pending(..)))
+                .collect(),
+            failed: all
+                .iter()
+                .filter(|a| matches!(a.state, StepState::Failed(..)))
+                .collect(),
+            all,
+        }
+    }
+
+    /// `lora a: <reason>: <message>; controlnet canny: ...` of `which`.
+    fn told(which: &[&AdapterState], with_reason: bool) -> String {
+        which
+            .iter()
+            .map(|a| match &a.state {
+                StepState::Pending(reason, message) | StepState::Failed(reason, message)
+                    if with_reason =>
+                {
+                    format!("{}: {reason}: {message}", a.what())
+                }
+                StepState::Pending(_, message) | StepState::Failed(_, message) => {
+                    format!("{}: {message}", a.what())
+                }
+                StepState::Done(..) => a.what(),
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// Why Ready waits on the adapters while one is fetched.
+    fn fetching(&self) -> Option<(String, String)> {
+        (!self.pending.is_empty()).then(|| {
+            (
+                "FetchingAdapters".to_owned(),
+                Self::told(&self.pending, false),
+            )
+        })
+    }
+
+    /// What the failed adapters stall, once nothing else is in progress.
+    fn stalled(&self) -> Option<(String, String)> {
+        (!self.failed.is_empty()).then(|| {
+            let served = self.all.len() - self.failed.len() - self.pending.len();
+            (
+                "AdapterFailed".to_owned(),
+                format!(
+                    "{}; the model and {served} other adapter(s) are served; fix the source \
+                     in the spec (or delete the failed Job) to retry",
+                    Self::told(&self.failed, true)
+                ),
+            )
+        })
+    }
+
+    fn condition(&self, generation: i64, now: &Time) -> Condition {
+        let (status, reason, message) = if self.all.is_empty() {
+            (true, "NoneRequested", String::new())
+        } else if !self.failed.is_empty() {
+            (false, "AdapterFailed", Self::told(&self.failed, true))
+        } else if !self.pending.is_empty() {
+            (false, "Fetching", Self::told(&self.pending, false))
+        } else {
+            let names: Vec<String> = self.all.iter().map(AdapterState::what).collect();
+            (true, "Cached", format!("cached: {}", names.join(", ")))
+        };
+        cond(
+            condition::ADAPTERS_READY,
+            status,
+            reason,
+            &message,
+            generation,
+            now,
+        )
+    }
+}
+
 /// The add-ons the spec asks for (ServiceMonitor, NetworkPolicy) and what became of them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Addons {
@@ -135,6 +263,8 @@ pub struct Observed {
     pub rollout: Option<Rollout>,
     /// The add-ons; they never hold up Ready.
     pub addons: Addons,
+    /// The adapters and ControlNets of the spec (none for an invalid spec).
+    pub adapters: Vec<AdapterState>,
     /// The GPUs the serving pods get, when they request GPUs; never holds up Ready.
     pub gpu: Option<crate::gpu::GpuReport>,
     pub cache_claim: String,
@@ -187,7 +317,7 @@ pub fn compute(
         && r.replicas == o.desired_replicas;
 
     // What blocks Ready, first blocker first; None when Ready.
-    let stalled: Option<(String, String)> = if let Some(msg) = &o.invalid {
+    let base_stalled: Option<(String, String)> = if let Some(msg) = &o.invalid {
         Some(("InvalidSpec".into(), msg.clone()))
     } else if let StepState::Failed(reason, msg) = &o.cache {
         Some((reason.clone(), msg.clone()))
@@ -200,14 +330,9 @@ pub fn compute(
     } else {
         None
     };
-    let not_ready: Option<(String, String)> = if o.paused {
-        Some((
-            "Paused".into(),
-            "spec.paused is true: the operator changes nothing".into(),
-        ))
-    } else if let Some(s) = &stalled {
-        Some(s.clone())
-    } else if let StepState::Pending(reason, msg) = &o.cache {
+    let adapters = AdaptersView::of(&o.adapters);
+    // Work in flight, first first: the cache, the engine, the rollout, then the adapters.
+    let progress: Option<(String, String)> = if let StepState::Pending(reason, msg) = &o.cache {
         Some((reason.clone(), msg.clone()))
     } else if let StepState::Pending(reason, msg) = &o.engine {
         Some((reason.clone(), msg.clone()))
@@ -221,7 +346,22 @@ pub fn compute(
             ),
         ))
     } else {
-        None
+        adapters.fetching()
+    };
+    // A failed adapter stalls the object only once nothing else moves: until then the model's
+    // own progress is what Ready reports (and AdaptersReady says what failed).
+    let adapter_stalled = base_stalled.is_none() && progress.is_none();
+    let stalled = base_stalled.or_else(|| adapters.stalled().filter(|_| adapter_stalled));
+    let adapter_stalled = adapter_stalled && stalled.is_some();
+    let not_ready: Option<(String, String)> = if o.paused {
+        Some((
+            "Paused".into(),
+            "spec.paused is true: the operator changes nothing".into(),
+        ))
+    } else if let Some(s) = &stalled {
+        Some(s.clone())
+    } else {
+        progress
     };
 
     let scaled_to_zero = not_ready.is_none() && o.desired_replicas == 0;
@@ -300,6 +440,7 @@ pub fn compute(
         ),
     });
 
+    conditions.push(adapters.condition(g, &now));
     conditions.push(o.addons.condition(g, &now));
     if let Some(gpu) = &o.gpu {
         conditions.push(Condition {
@@ -325,12 +466,17 @@ pub fn compute(
 
     let phase = if o.paused {
         Phase::Paused
+    } else if adapter_stalled {
+        // Serving, but not everything the spec asks for.
+        Phase::Degraded
     } else if stalled.is_some() {
         Phase::Failed
     } else if !o.cache.is_done() {
         Phase::Caching
     } else if !o.engine.is_done() {
         Phase::Building
+    } else if rolled_out && !adapters.pending.is_empty() {
+        Phase::Caching
     } else if rolled_out && scaled_to_zero {
         Phase::ScaledToZero
     } else if rolled_out {
@@ -365,6 +511,7 @@ pub fn compute(
             ready: o.engine.is_done(),
         }),
         endpoint: o.endpoint.clone(),
+        adapters: o.adapters.iter().map(AdapterState::status).collect(),
     }
 }
 
@@ -395,6 +542,7 @@ pub(crate) mod tests {
                 server_failure: None,
             }),
             addons: Addons::default(),
+            adapters: Vec::new(),
             gpu: None,
             cache_claim: "sd35-cache-c".into(),
             cache_key: "c".into(),
@@ -535,6 +683,132 @@ pub(crate) mod tests {
         o.addons.skipped.clear();
         let s = compute(&o, None, t(1));
         assert_eq!(get(&s, "AddonsReady").message, "NetworkPolicy in place");
+    }
+
+    fn adapter(kind: AdapterKind, name: &str, state: StepState) -> AdapterState {
+        AdapterState {
+            kind,
+            name: name.into(),
+            key: format!("k-{name}"),
+            state,
+        }
+    }
+
+    fn cached(name: &str) -> AdapterState {
+        adapter(
+            AdapterKind::Lora,
+            name,
+            StepState::Done("Cached", String::new()),
+        )
+    }
+
+    #[test]
+    fn no_adapters_is_none_requested_and_cached_ones_are_listed() {
+        let s = compute(&observed(), None, t(1));
+        let c = get(&s, "AdaptersReady");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "NoneRequested")
+        );
+        assert!(s.adapters.is_empty());
+        let mut o = observed();
+        o.adapters = vec![
+            cached("detail"),
+            adapter(
+                AdapterKind::Controlnet,
+                "canny",
+                StepState::Done("Cached", String::new()),
+            ),
+        ];
+        let s = compute(&o, None, t(1));
+        let c = get(&s, "AdaptersReady");
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Cached"));
+        assert_eq!(c.message, "cached: lora detail, controlnet canny");
+        assert_eq!(get(&s, "Ready").status, "True");
+        assert_eq!(s.adapters.len(), 2);
+        assert!(s.adapters.iter().all(|a| a.ready && a.reason == "Cached"));
+        assert_eq!(s.adapters[1].kind, AdapterKind::Controlnet);
+    }
+
+    #[test]
+    fn an_adapter_being_fetched_holds_up_ready_while_the_model_serves() {
+        let mut o = observed();
+        o.adapters = vec![
+            cached("detail"),
+            adapter(
+                AdapterKind::Lora,
+                "style",
+                StepState::Pending("Fetching".into(), "Job sd35-adapter-k is running".into()),
+            ),
+        ];
+        let s = compute(&o, None, t(1));
+        assert_eq!(get(&s, "Ready").status, "False");
+        assert_eq!(get(&s, "Ready").reason, "FetchingAdapters");
+        assert_eq!(
+            get(&s, "Ready").message,
+            "lora style: Job sd35-adapter-k is running"
+        );
+        assert_eq!(get(&s, "Reconciling").status, "True");
+        assert_eq!(get(&s, "Available").status, "True");
+        assert_eq!(get(&s, "AdaptersReady").reason, "Fetching");
+        assert_eq!(s.phase, Some(Phase::Caching));
+        let style = &s.adapters[1];
+        assert!(!style.ready && style.reason == "Fetching");
+    }
+
+    #[test]
+    fn a_failed_adapter_stalls_only_itself_once_nothing_else_moves() {
+        let failed = adapter(
+            AdapterKind::Lora,
+            "bad",
+            StepState::Failed(
+                "NotFound".into(),
+                "Job sd35-adapter-k-bad failed (PodFailurePolicy, exit code 11): HTTP 404".into(),
+            ),
+        );
+        let mut o = observed();
+        o.adapters = vec![cached("detail"), failed.clone()];
+        let s = compute(&o, None, t(1));
+        for c in ["Ready", "Stalled"] {
+            assert_eq!(get(&s, c).reason, "AdapterFailed", "{c}");
+            assert!(
+                get(&s, c).message.starts_with(
+                    "lora bad: NotFound: Job sd35-adapter-k-bad failed (PodFailurePolicy, exit code 11): HTTP 404; the model and 1 other adapter(s) are served"
+                ),
+                "{}",
+                get(&s, c).message
+            );
+        }
+        assert_eq!(get(&s, "Stalled").status, "True");
+        assert_eq!(get(&s, "Reconciling").status, "False");
+        // The model is unaffected: cached, built, available.
+        for c in ["CacheReady", "EngineReady", "Available"] {
+            assert_eq!(get(&s, c).status, "True", "{c}");
+        }
+        assert_eq!(get(&s, "AdaptersReady").reason, "AdapterFailed");
+        assert_eq!(s.phase, Some(Phase::Degraded));
+        let bad = &s.adapters[1];
+        assert_eq!((bad.ready, bad.reason.as_str()), (false, "NotFound"));
+        assert!(bad.message.contains("HTTP 404"));
+
+        // While the model still builds, its progress is what Ready says; the failure waits in
+        // AdaptersReady.
+        o.engine = StepState::Pending("Building".into(), "Job sd35-build-e is running".into());
+        let s = compute(&o, None, t(2));
+        assert_eq!(get(&s, "Ready").reason, "Building");
+        assert_eq!(get(&s, "Stalled").status, "False");
+        assert_eq!(get(&s, "AdaptersReady").reason, "AdapterFailed");
+        assert_eq!(s.phase, Some(Phase::Building));
+        // So does another adapter still being fetched.
+        o.engine = StepState::Done("Built", String::new());
+        o.adapters.push(adapter(
+            AdapterKind::Controlnet,
+            "canny",
+            StepState::Pending("Fetching".into(), "Job j is running".into()),
+        ));
+        let s = compute(&o, None, t(3));
+        assert_eq!(get(&s, "Ready").reason, "FetchingAdapters");
+        assert_eq!(get(&s, "Stalled").status, "False");
     }
 
     #[test]

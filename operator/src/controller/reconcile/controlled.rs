@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use tracing::{debug, info};
 
 use super::{Error, Reconciliation, Step};
-use crate::children::{Controlled, ServingTarget};
+use crate::children::{Controlled, ServedAdapter, ServingTarget};
 use crate::controller::context::{Owned, cached};
 use crate::index::namespaced;
 use crate::status::{Addons, Rollout};
@@ -37,11 +37,12 @@ fn wanted<K: Resource>(desired: Option<&K>) -> Vec<&str> {
 
 impl Reconciliation<'_> {
     /// The serving and add-ons steps. `ready_for_desired` says whether the cache and the
-    /// engine of the spec are ready, so the serving pods may be pointed at them; until then
-    /// they keep running what they run.
+    /// engine of the spec are ready, so the serving pods may be pointed at them (loading the
+    /// `served` adapters, the cached ones); until then they keep running what they run.
     pub(super) async fn controlled_step(
         &self,
         ready_for_desired: bool,
+        served: Vec<ServedAdapter>,
     ) -> Result<(Option<Rollout>, Addons), Error> {
         let resolved = self.resolved;
         let (ns, name) = (&resolved.namespace, resolved.name.as_str());
@@ -52,7 +53,7 @@ impl Reconciliation<'_> {
             .store
             .get(&ObjectRef::new(name).within(ns))
             .map(|d| d.to_deployment());
-        let desired_target = ServingTarget::desired(resolved);
+        let desired_target = ServingTarget::desired(resolved, served);
         let target = if ready_for_desired {
             Some(desired_target.clone())
         } else {
