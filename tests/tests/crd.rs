@@ -218,6 +218,51 @@ const INVALID: &[(&str, &str, &str)] = &[
         "variant: large\nreplica: 2",
         "unknown field \"spec.replica\"",
     ),
+    (
+        "duplicate-adapter-names",
+        "variant: large\nadapters:\n- {name: detail, source: {huggingFace: {repo: a/b}}}\n- {name: detail, source: {huggingFace: {repo: a/c}}}",
+        "spec.adapters must have unique names",
+    ),
+    (
+        "bad-adapter-name",
+        "variant: large\nadapters:\n- {name: 'Detail:v1', source: {huggingFace: {repo: a/b}}}",
+        "adapters[].name must be lower-case letters, digits",
+    ),
+    (
+        "adapter-with-two-sources",
+        "variant: large\nadapters:\n- name: detail\n  source:\n    huggingFace: {repo: a/b}\n    http: {url: 'https://m.example/d.safetensors', sha256: 0000000000000000000000000000000000000000000000000000000000000000}",
+        "an adapter or ControlNet source must set exactly one of huggingFace, http or pvc",
+    ),
+    (
+        "adapter-url-without-sha256",
+        "variant: large\nadapters:\n- {name: detail, source: {http: {url: 'https://m.example/d.safetensors'}}}",
+        "sha256: Required value",
+    ),
+    (
+        "adapter-bad-sha256",
+        "variant: large\nadapters:\n- {name: detail, source: {http: {url: 'https://m.example/d.safetensors', sha256: 'ABCDEF0000000000000000000000000000000000000000000000000000000000'}}}",
+        "http.sha256 must be the file's sha256 as 64 lower-case hex digits",
+    ),
+    (
+        "lora-folder-on-a-claim",
+        "variant: large\nadapters:\n- {name: detail, source: {pvc: {claimName: loras, path: detail}}}",
+        "a LoRA is one file: adapters[].source.pvc.path must name its .safetensors file",
+    ),
+    (
+        "adapter-file-not-safetensors",
+        "variant: large\nadapters:\n- {name: detail, source: {huggingFace: {repo: a/b, file: detail.ckpt}}}",
+        "huggingFace.file must be a relative path to a .safetensors file",
+    ),
+    (
+        "two-controlnets-of-one-mode",
+        "variant: large\ncontrolNets:\n- {mode: canny, source: {huggingFace: {repo: a/b}}}\n- {mode: canny, source: {huggingFace: {repo: a/c}}}",
+        "spec.controlNets must have one entry per mode",
+    ),
+    (
+        "unknown-control-mode",
+        "variant: large\ncontrolNets:\n- {mode: pose, source: {huggingFace: {repo: a/b}}}",
+        "supported values: \"canny\", \"depth\", \"blur\"",
+    ),
 ];
 
 #[tokio::test]

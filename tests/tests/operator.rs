@@ -1898,3 +1898,334 @@ async fn raising_the_cache_size_grows_the_claim_when_its_class_allows_and_says_s
     assert!(has_condition(&o, "Ready", "True"), "{}", summary(&o));
     let _ = classes.delete(&class, &DeleteParams::default()).await;
 }
+
+/// The serving Deployment's server arguments that name adapters (`--lora=…`, `--controlnet=…`).
+async fn adapter_flags(s: &Setup, name: &str) -> Vec<String> {
+    let deployments: Api<Deployment> = s.ns.api();
+    let d = deployments.get(name).await.unwrap();
+    d.spec.unwrap().template.spec.unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.starts_with("--lora=") || a.starts_with("--controlnet="))
+        .collect()
+}
+
+/// The status entry of adapter `name` (a ControlNet's mode), if there is one.
+fn adapter_status<'a>(o: &'a SD35Deployment, name: &str) -> Option<&'a sd35_crds::AdapterStatus> {
+    o.status.as_ref()?.adapters.iter().find(|a| a.name == name)
+}
+
+#[tokio::test]
+async fn adapters_and_a_controlnet_are_cached_beside_the_model_and_a_change_never_fetches_it_again()
+{
+    let s = setup("adapters").await;
+    let sha = |c: char| c.to_string().repeat(64);
+    let spec = |loras: &str| {
+        format!(
+            "variant: large\nprecision: fp8\nreplicas: 2\nrollout: {{strategy: Surge}}\n\
+             adapters:\n{loras}\
+             controlNets:\n\
+             - {{mode: canny, source: {{huggingFace: {{repo: stabilityai/stable-diffusion-3.5-large-controlnet-canny, file: sd3.5_large_controlnet_canny.safetensors}}}}}}\n"
+        )
+    };
+    let detail = "- {name: detail, scale: 0.8, source: {huggingFace: {repo: org/loras, file: detail.safetensors}}}\n";
+    let style = format!(
+        "- {{name: style, source: {{http: {{url: 'https://m.example/style.safetensors', sha256: {}}}}}}}\n",
+        sha('a')
+    );
+    apply(&s, &manifest("ad", &spec(&format!("{detail}{style}"))));
+    let o = ready(&s, "ad").await;
+
+    // Two LoRAs and the ControlNet, each cached by a Job of its own beside the model.
+    let adapters = &o.status.as_ref().unwrap().adapters;
+    assert_eq!(adapters.len(), 3, "{}", summary(&o));
+    assert!(
+        adapters.iter().all(|a| a.ready && a.reason == "Cached"),
+        "{adapters:?}"
+    );
+    let ready_condition = condition(&o, "AdaptersReady").unwrap();
+    assert_eq!(
+        (
+            ready_condition.status.as_str(),
+            ready_condition.message.as_str()
+        ),
+        ("True", "cached: lora detail, lora style, controlnet canny")
+    );
+    let jobs: Api<Job> = s.ns.api();
+    for a in adapters {
+        let job = jobs.get(&format!("sd35-adapter-{}", a.key)).await.unwrap();
+        assert_eq!(
+            job.status.and_then(|st| st.succeeded),
+            Some(1),
+            "{}",
+            a.name
+        );
+    }
+    let claims: Api<PersistentVolumeClaim> = s.ns.api();
+    let claim_name = o
+        .status
+        .as_ref()
+        .unwrap()
+        .cache
+        .as_ref()
+        .unwrap()
+        .claim_name
+        .clone();
+    let annotations = claims
+        .get(&claim_name)
+        .await
+        .unwrap()
+        .metadata
+        .annotations
+        .unwrap();
+    for a in adapters {
+        assert_eq!(
+            annotations
+                .get(&format!("adapter.sd35.io/{}", a.key))
+                .map(String::as_str),
+            Some("ready")
+        );
+    }
+    // The pods load all three.
+    let key = |name: &str| adapter_status(&o, name).unwrap().key.clone();
+    let flags = adapter_flags(&s, "ad").await;
+    assert_eq!(
+        flags,
+        [
+            format!(
+                "--lora=detail:0.8=/cache/adapters/{}/adapter.safetensors",
+                key("detail")
+            ),
+            format!(
+                "--lora=style=/cache/adapters/{}/adapter.safetensors",
+                key("style")
+            ),
+            format!(
+                "--controlnet=canny=/cache/adapters/{}/adapter.safetensors",
+                key("canny")
+            ),
+        ]
+    );
+
+    // Style goes, a new adapter comes, detail is rescaled: one new Job (the newcomer's),
+    // no new fetch of the model, and the pods roll with the surge: capacity never drops.
+    let deployments: Api<Deployment> = s.ns.api();
+    let observer = {
+        let (deployments, api) = (deployments.clone(), s.api.clone());
+        tokio::spawn(async move {
+            let mut min_ready = i32::MAX;
+            let started = std::time::Instant::now();
+            loop {
+                let d = deployments.get("ad").await.unwrap();
+                min_ready = min_ready.min(
+                    d.status
+                        .as_ref()
+                        .and_then(|st| st.ready_replicas)
+                        .unwrap_or(0),
+                );
+                let o = api.get("ad").await.unwrap();
+                let done = o.spec.adapters.iter().any(|a| a.name == "night")
+                    && has_condition(&o, "Ready", "True")
+                    && o.status.as_ref().and_then(|st| st.observed_generation)
+                        == o.metadata.generation;
+                if done || started.elapsed() > TIMEOUT {
+                    return (min_ready, done);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let night = format!(
+        "- {{name: night, source: {{http: {{url: 'https://m.example/night.safetensors', sha256: {}}}}}}}\n",
+        sha('b')
+    );
+    let rescaled = detail.replace("scale: 0.8", "scale: 0.5");
+    apply(&s, &manifest("ad", &spec(&format!("{rescaled}{night}"))));
+    let (min_ready, done) = observer.await.unwrap();
+    assert!(
+        done,
+        "not Ready with the new adapters; operator log:\n{}",
+        s.operator.log()
+    );
+    assert!(
+        min_ready >= 2,
+        "ready replicas dropped to {min_ready} while adapters changed"
+    );
+    let o = ready(&s, "ad").await;
+    let names: Vec<&str> = o
+        .status
+        .as_ref()
+        .unwrap()
+        .adapters
+        .iter()
+        .map(|a| a.name.as_str())
+        .collect();
+    assert_eq!(names, ["detail", "night", "canny"]);
+    assert_eq!(
+        adapter_status(&o, "detail").unwrap().key,
+        key("detail"),
+        "rescaling keeps the key"
+    );
+    let flags = adapter_flags(&s, "ad").await;
+    assert!(flags[0].starts_with("--lora=detail:0.5="), "{flags:?}");
+    assert!(flags.iter().all(|f| !f.contains("style")), "{flags:?}");
+    let adapter_jobs = jobs
+        .list(&ListParams::default().labels("app.kubernetes.io/component=adapter"))
+        .await
+        .unwrap();
+    assert_eq!(
+        adapter_jobs.items.len(),
+        4,
+        "one Job per adapter source ever asked for"
+    );
+    let fetches = jobs
+        .list(&ListParams::default().labels("app.kubernetes.io/component=fetch"))
+        .await
+        .unwrap();
+    assert_eq!(fetches.items.len(), 1, "the model was fetched again");
+    let builds = jobs
+        .list(&ListParams::default().labels("app.kubernetes.io/component=build"))
+        .await
+        .unwrap();
+    assert_eq!(builds.items.len(), 1, "the engine was built again");
+}
+
+/// Ends the Job pod with `labels` as a kubelet would: exit 0, or `exit_code` with the
+/// termination message `said`.
+async fn end_job_pod(s: &Setup, labels: &str, exit_code: i32, said: Option<&str>) {
+    let pod = scheduled_pod(s, labels).await;
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let mut terminated = json!({"exitCode": exit_code, "startedAt": now, "finishedAt": now,
+        "reason": if exit_code == 0 { "Completed" } else { "Error" }});
+    if let Some(said) = said {
+        terminated["message"] = json!(said);
+    }
+    set_pod_status(
+        s,
+        &pod,
+        json!({
+            "phase": if exit_code == 0 { "Succeeded" } else { "Failed" },
+            "containerStatuses": [{"name": container_name(&pod), "image": "sd35-server:e2e",
+                "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"terminated": terminated}}]
+        }),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_failing_adapter_download_stalls_only_that_adapter_while_the_model_and_the_others_serve()
+{
+    let s = setup("badadapter").await;
+    let label = s.ns.name().to_owned();
+    let (node, heartbeat) = manual_node(s.cluster, &label).await;
+    let sha = |c: char| c.to_string().repeat(64);
+    apply(
+        &s,
+        &manifest(
+            "ba",
+            &format!(
+                "variant: large-turbo\nmodel: {{source: {{http: {{url: 'https://m.example/turbo/'}}}}}}\n\
+                 scheduling: {{nodeSelector: {{sd35.io/e2e-node: {label}}}}}\n\
+                 adapters:\n\
+                 - {{name: good, source: {{http: {{url: 'https://m.example/good.safetensors', sha256: {}}}}}}}\n\
+                 - {{name: bad, source: {{http: {{url: 'https://m.example/bad.safetensors', sha256: {}}}}}}}",
+                sha('c'),
+                sha('d')
+            ),
+        ),
+    );
+    let o = wait_for(&s.api, "ba", "two adapters in the status", TIMEOUT, |o| {
+        o.status.as_ref().is_some_and(|st| st.adapters.len() == 2)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{}", s.operator.log()));
+    let key = |name: &str| adapter_status(&o, name).unwrap().key.clone();
+    let (good, bad) = (key("good"), key("bad"));
+
+    // The good one is cached; the bad one's download answers 404, in its own words.
+    end_job_pod(&s, &format!("sd35.io/adapter-key={good}"), 0, None).await;
+    let said = "fetch-adapter failed: lora bad: https://m.example/bad.safetensors: HTTP 404: no such repository, revision or file";
+    end_job_pod(&s, &format!("sd35.io/adapter-key={bad}"), 11, Some(said)).await;
+    let o = wait_for(&s.api, "ba", "good cached, bad failed", TIMEOUT, |o| {
+        adapter_status(o, "good").is_some_and(|a| a.ready)
+            && adapter_status(o, "bad").is_some_and(|a| a.reason == "NotFound")
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{}", s.operator.log()));
+    // The model's own progress is what Ready says meanwhile; the failure is the adapter's.
+    assert_eq!(
+        condition(&o, "Ready").unwrap().reason,
+        "Fetching",
+        "{}",
+        summary(&o)
+    );
+    assert!(has_condition(&o, "Stalled", "False"), "{}", summary(&o));
+    assert_eq!(
+        condition(&o, "AdaptersReady").unwrap().reason,
+        "AdapterFailed"
+    );
+
+    // The model is fetched and built and its pod runs: it serves with the good adapter.
+    end_job_pod(&s, "app.kubernetes.io/component=fetch", 0, None).await;
+    end_job_pod(&s, "app.kubernetes.io/component=build", 0, None).await;
+    let pod = scheduled_pod(
+        &s,
+        "app.kubernetes.io/instance=ba,app.kubernetes.io/name=sd35-server",
+    )
+    .await;
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    set_pod_status(&s, &pod, json!({
+        "phase": "Running",
+        "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
+        "containerStatuses": [{"name": "server", "image": "sd35-server:e2e", "imageID": "", "ready": true,
+            "started": true, "restartCount": 0, "state": {"running": {"startedAt": now}}}]
+    }))
+    .await;
+    let o = wait_for(&s.api, "ba", "Stalled by the bad adapter", TIMEOUT, |o| {
+        condition(o, "Stalled").is_some_and(|c| c.status == "True" && c.reason == "AdapterFailed")
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{}", s.operator.log()));
+    for c in ["CacheReady", "EngineReady", "Available"] {
+        assert!(has_condition(&o, c, "True"), "{c}: {}", summary(&o));
+    }
+    assert_eq!(
+        o.status.as_ref().unwrap().phase,
+        Some(sd35_crds::Phase::Degraded)
+    );
+    let ready = condition(&o, "Ready").unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "AdapterFailed")
+    );
+    assert!(
+        ready.message.contains(said)
+            && ready
+                .message
+                .contains("the model and 1 other adapter(s) are served"),
+        "{}",
+        ready.message
+    );
+    let bad_status = adapter_status(&o, "bad").unwrap();
+    assert!(!bad_status.ready);
+    assert!(
+        bad_status.message.contains(said) && bad_status.message.contains("spec.adapters"),
+        "{}",
+        bad_status.message
+    );
+    assert!(adapter_status(&o, "good").unwrap().ready);
+    let flags = adapter_flags(&s, "ba").await;
+    assert_eq!(
+        flags,
+        [format!(
+            "--lora=good=/cache/adapters/{good}/adapter.safetensors"
+        )]
+    );
+
+    heartbeat.abort();
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(s.cluster.client());
+    nodes.delete(&node, &DeleteParams::default()).await.unwrap();
+}
