@@ -230,7 +230,7 @@ const INVALID: &[(&str, &str, &str)] = &[
     ),
     (
         "adapter-with-two-sources",
-        "variant: large\nadapters:\n- name: detail\n  source:\n    huggingFace: {repo: a/b}\n    http: {url: 'https://m.example/d.safetensors', sha256: 0000000000000000000000000000000000000000000000000000000000000000}",
+        "variant: large\nadapters:\n- name: detail\n  source:\n    huggingFace: {repo: a/b}\n    http: {url: 'https://m.example/d.safetensors', sha256: '0000000000000000000000000000000000000000000000000000000000000000'}",
         "an adapter or ControlNet source must set exactly one of huggingFace, http or pvc",
     ),
     (
