@@ -6,7 +6,9 @@
 //! temporary folders, the models served by local HTTP mirrors — for large/bf16,
 //! large-turbo/fp8 and medium/bf16, and sees the cache filled, the engine built, and the
 //! server report on `/v1/models` what the spec asked for (variant, precision, device, keys,
-//! the variant's defaults and the names clients send).
+//! the variant's defaults and the names clients send). For adapters, the adapter fetch Jobs'
+//! command lines (a LoRA over HTTP, a ControlNet folder on a claim) fill the directories that
+//! the serving pods' `--lora` and `--controlnet` flags name.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -381,4 +383,151 @@ fn tempdir() -> PathBuf {
     ));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// A safetensors file of zero-filled bf16 tensors (`name`, shape).
+fn safetensors_file(tensors: &[(&str, &[usize])]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let mut at = 0usize;
+    for (name, shape) in tensors {
+        let bytes = shape.iter().product::<usize>() * 2;
+        header.insert(
+            (*name).to_owned(),
+            serde_json::json!({"dtype": "BF16", "shape": shape, "data_offsets": [at, at + bytes]}),
+        );
+        at += bytes;
+    }
+    let json = serde_json::to_vec(&header).unwrap();
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend(json);
+    out.extend(std::iter::repeat_n(0u8, at));
+    out
+}
+
+#[tokio::test]
+async fn the_adapter_fetch_commands_the_operator_builds_cache_what_the_pods_are_told_to_load() {
+    let cluster = shared_cluster();
+    install_crd(cluster).unwrap();
+    let ns = cluster.temp_namespace("contract-adapters").await;
+    let _operator = OperatorProcess::start(cluster, ns.name(), &[]).unwrap();
+
+    // A LoRA on an HTTP server, and a ControlNet folder on a claim (mounted at /import).
+    let work = tempdir();
+    let lora = safetensors_file(&[
+        (
+            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight",
+            &[4, 64],
+        ),
+        (
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight",
+            &[64, 4],
+        ),
+    ]);
+    let served = work.join("http");
+    std::fs::create_dir_all(&served).unwrap();
+    std::fs::write(served.join("detail.safetensors"), &lora).unwrap();
+    let port = free_port();
+    let _mirror = serve_mirror(&served, port);
+    let sha: String = Sha256::digest(&lora)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let root = work.join("pod");
+    let folder = root.join("import/controlnets/canny");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(
+        folder.join("config.json"),
+        br#"{"_class_name": "SD3ControlNetModel"}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        folder.join("diffusion_pytorch_model.safetensors"),
+        safetensors_file(&[("pos_embed.proj.weight", &[64, 16, 2, 2])]),
+    )
+    .unwrap();
+    std::fs::create_dir_all(root.join("cache")).unwrap();
+    std::fs::create_dir_all(root.join("dev")).unwrap();
+    let manifest = format!(
+        "apiVersion: sd35.io/v1alpha1\nkind: SD35Deployment\nmetadata:\n  name: tiny-adapters\nspec:\n  \
+         variant: large\n  model: {{source: {{http: {{url: 'http://127.0.0.1:9/'}}}}}}\n  \
+         server: {{gpu: {{count: 0}}}}\n  \
+         adapters:\n  - {{name: detail, scale: 0.7, source: {{http: {{url: 'http://127.0.0.1:{port}/detail.safetensors', sha256: '{sha}'}}}}}}\n  \
+         controlNets:\n  - {{mode: canny, source: {{pvc: {{claimName: controlnets, path: controlnets/canny}}}}}}\n"
+    );
+    // The claim the ControlNet comes from (its Job's pod mounts it read-only).
+    let claim = "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: controlnets\nspec:\n  \
+                 accessModes: [ReadWriteOnce]\n  resources: {requests: {storage: 1Gi}}\n";
+    for yaml in [claim, manifest.as_str()] {
+        let out = kubectl_apply(cluster, ns.name(), yaml).unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let api: Api<SD35Deployment> = ns.api();
+    let obj = wait_ready(&api, "tiny-adapters", TIMEOUT).await.unwrap();
+    let adapters = obj.status.unwrap().adapters;
+    assert_eq!(adapters.len(), 2);
+
+    // Each adapter's own Job command line, run here, fills its directory.
+    let jobs: Api<Job> = ns.api();
+    for a in &adapters {
+        let job = jobs.get(&format!("sd35-adapter-{}", a.key)).await.unwrap();
+        let container = job.spec.unwrap().template.spec.unwrap().containers[0].clone();
+        run_to_completion(
+            local_command(&container, &root, 0),
+            &format!("fetch-adapter {}", a.name),
+        );
+        let dir = root.join("cache/adapters").join(&a.key);
+        assert!(
+            dir.join(sd35_contract::COMPLETE_MARKER).is_file(),
+            "no completion marker in {}",
+            dir.display()
+        );
+    }
+
+    // What the serving pods are told to load is what the Jobs cached.
+    let deployments: Api<Deployment> = ns.api();
+    let args = deployments
+        .get("tiny-adapters")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .containers[0]
+        .args
+        .clone()
+        .unwrap();
+    let local = |path: &str| root.join(path.trim_start_matches('/'));
+    let lora_flag = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--lora="))
+        .expect("a --lora flag");
+    let lora_arg: sd35_contract::LoraArg = lora_flag.parse().unwrap();
+    assert_eq!(
+        (lora_arg.name.as_str(), lora_arg.scale),
+        ("detail", Some(0.7))
+    );
+    assert!(
+        std::fs::read(local(&lora_arg.path.to_string_lossy())).unwrap() == lora,
+        "the LoRA the pods load is not the file served"
+    );
+    let controlnet: sd35_contract::ControlNetArg = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--controlnet="))
+        .expect("a --controlnet flag")
+        .parse()
+        .unwrap();
+    let dir = local(&controlnet.path.to_string_lossy());
+    assert!(
+        dir.join("config.json").is_file()
+            && dir.join("diffusion_pytorch_model.safetensors").is_file(),
+        "{} is not the ControlNet folder",
+        dir.display()
+    );
+    let _ = std::fs::remove_dir_all(&work);
 }
