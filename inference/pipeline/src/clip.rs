@@ -207,8 +207,44 @@ impl ClipTextModel {
         Ok(self.position_embedding.dim(0)?)
     }
 
+    /// Every linear an adapter may target, under transformers' module names
+    /// (`text_model.encoder.layers.0.self_attn.q_proj`; q, k and v share one layer).
+    pub fn lora_targets(&self) -> Result<Vec<crate::lora::Target>> {
+        let h = self.cfg.hidden;
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("text_model.encoder.layers.{i}");
+            for (j, part) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
+                out.push(
+                    l.qkv
+                        .target(format!("{p}.self_attn.{part}"), Some((j * h, h)), false)?,
+                );
+            }
+            out.push(
+                l.out
+                    .target(format!("{p}.self_attn.out_proj"), None, false)?,
+            );
+            out.push(l.fc1.target(format!("{p}.mlp.fc1"), None, false)?);
+            out.push(l.fc2.target(format!("{p}.mlp.fc2"), None, false)?);
+        }
+        if let Some(p) = &self.projection {
+            out.push(p.target("text_projection".into(), None, false)?);
+        }
+        Ok(out)
+    }
+
     /// Encodes one token sequence (already padded to the tokenizer's max length).
     pub fn forward(&self, ids: &[u32], dtype: DType) -> Result<ClipOutput> {
+        self.forward_with(ids, dtype, None)
+    }
+
+    /// [`ClipTextModel::forward`] with LoRA adapters.
+    pub fn forward_with(
+        &self,
+        ids: &[u32],
+        dtype: DType,
+        adapters: crate::lora::Active<'_>,
+    ) -> Result<ClipOutput> {
         let device = self.token_embedding.device().clone();
         let n = ids.len();
         if n > self.max_positions()? || self.cfg.layers < 2 {
@@ -236,16 +272,16 @@ impl ClipTextModel {
                 penultimate = Some(x.clone());
             }
             let h = nn::layer_norm(&x, Some(&l.ln1_w), Some(&l.ln1_b), self.cfg.eps)?;
-            let (q, k, v) = nn::split_qkv_heads(&l.qkv.forward(&h)?, heads)?;
+            let (q, k, v) = nn::split_qkv_heads(&l.qkv.forward_with(&h, adapters)?, heads)?;
             let a = attention(&q, &k, &v, scale, Some(&mask))?;
-            x = (x + l.out.forward(&a)?)?;
+            x = (x + l.out.forward_with(&a, adapters)?)?;
             let h = nn::layer_norm(&x, Some(&l.ln2_w), Some(&l.ln2_b), self.cfg.eps)?;
-            let h = l.fc1.forward(&h)?;
+            let h = l.fc1.forward_with(&h, adapters)?;
             let h = match self.cfg.activation {
                 ClipActivation::QuickGelu => nn::quick_gelu(&h)?,
                 ClipActivation::Gelu => h.gelu_erf()?,
             };
-            x = (x + l.fc2.forward(&h)?)?;
+            x = (x + l.fc2.forward_with(&h, adapters)?)?;
         }
         let penultimate = penultimate.ok_or_else(|| Error::Layout("CLIP without layers".into()))?;
         let last = nn::layer_norm(
@@ -257,7 +293,7 @@ impl ClipTextModel {
         let pos = pooled_position(ids, self.cfg.eos_token_id);
         let pooled = last.narrow(1, pos, 1)?.squeeze(1)?;
         let pooled = match &self.projection {
-            Some(p) => p.forward(&pooled)?,
+            Some(p) => p.forward_with(&pooled, adapters)?,
             None => pooled,
         };
         Ok(ClipOutput {

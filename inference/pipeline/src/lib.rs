@@ -15,6 +15,7 @@ pub mod error;
 pub mod fused;
 pub mod image;
 pub mod linear;
+pub mod lora;
 pub mod mmdit;
 pub mod model_dir;
 pub mod nn;

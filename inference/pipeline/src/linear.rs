@@ -54,6 +54,8 @@ enum Stored {
 pub struct Linear {
     weight: Stored,
     bias: Option<Tensor>,
+    /// Unique per layer loaded: how compiled LoRA adapters find it ([`crate::lora`]).
+    id: u64,
 }
 
 /// One part of an FP8 weight being assembled on the CPU: bit patterns and per-row scales.
@@ -120,7 +122,45 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            id: crate::lora::next_linear_id(),
+        })
+    }
+
+    /// The layer's id, unique in the process.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Input features.
+    pub fn in_features(&self) -> Result<usize> {
+        Ok(match &self.weight {
+            Stored::Float { weight, transposed } => weight.dim(usize::from(!*transposed))?,
+            Stored::Fp8 { bytes, .. } => bytes.dim(1)?,
+        })
+    }
+
+    /// This layer as the target of the module `module`: rows `rows` from `row_offset` (all of
+    /// them: `None`), stored with its halves swapped when `swapped`.
+    pub fn target(
+        &self,
+        module: String,
+        rows: Option<(usize, usize)>,
+        swapped: bool,
+    ) -> Result<crate::lora::Target> {
+        let out = self.out_features()?;
+        let (row_offset, rows) = rows.unwrap_or((0, out));
+        Ok(crate::lora::Target {
+            module,
+            linear: self.id,
+            in_features: self.in_features()?,
+            out_features: out,
+            row_offset,
+            rows,
+            swapped,
+        })
     }
 
     /// Output features.
@@ -162,7 +202,43 @@ impl Linear {
 
     /// Applies the layer to `x` (`[..., in]`), computing in `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::fused::bias_in_place(self.forward_unbiased(x)?, self.bias.as_ref(), false)
+        self.forward_with(x, None)
+    }
+
+    /// [`Linear::forward`] with the adapters' update of this layer, if any.
+    pub fn forward_with(&self, x: &Tensor, adapters: crate::lora::Active<'_>) -> Result<Tensor> {
+        crate::fused::bias_in_place(
+            self.forward_unbiased_with(x, adapters)?,
+            self.bias.as_ref(),
+            false,
+        )
+    }
+
+    /// [`Linear::forward_unbiased`] plus the adapters' `(x Aᵀ) Bᵀ`, if they touch this layer:
+    /// still a fresh tensor.
+    pub fn forward_unbiased_with(
+        &self,
+        x: &Tensor,
+        adapters: crate::lora::Active<'_>,
+    ) -> Result<Tensor> {
+        let y = self.forward_unbiased(x)?;
+        let Some(delta) = adapters.and_then(|a| a.get(self.id)) else {
+            return Ok(y);
+        };
+        let a = delta.a.to_dtype(x.dtype())?.t()?;
+        let b = delta.b.to_dtype(x.dtype())?.t()?;
+        let update = match x.rank() {
+            2 => x.matmul(&a)?.matmul(&b)?,
+            3 => {
+                let (batch, n, k) = x.dims3()?;
+                x.reshape((batch * n, k))?
+                    .matmul(&a)?
+                    .matmul(&b)?
+                    .reshape((batch, n, ()))?
+            }
+            _ => x.broadcast_matmul(&a)?.broadcast_matmul(&b)?,
+        };
+        Ok((y + update)?)
     }
 
     /// The bias, if the layer has one.

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use crate::attention::{self, Qkv, joint_attention};
 use crate::fused::{self, Norm};
 use crate::linear::Linear;
+use crate::lora::{Active, Target};
 use crate::nn::{self, Conv2d};
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -137,8 +138,13 @@ struct Attention {
 }
 
 impl Attention {
-    fn qkv_heads(&self, x: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
-        let (q, k, v) = nn::split_qkv_heads(&self.qkv.forward(x)?, heads)?;
+    fn qkv_heads(
+        &self,
+        x: &Tensor,
+        heads: usize,
+        adapters: Active<'_>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (q, k, v) = nn::split_qkv_heads(&self.qkv.forward_with(x, adapters)?, heads)?;
         let q = match &self.norm_q {
             Some(w) => nn::rms_norm(&q, w, 1e-6)?,
             None => q,
@@ -159,10 +165,20 @@ struct Mlp {
 
 impl Mlp {
     /// `residual + mlp(x) · gate`, the bias, GELU and gated residual fused into the products.
-    fn gated(&self, x: &Tensor, gate: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let h = fused::bias_in_place(self.fc1.forward_unbiased(x)?, self.fc1.bias(), true)?;
+    fn gated(
+        &self,
+        x: &Tensor,
+        gate: &Tensor,
+        residual: &Tensor,
+        adapters: Active<'_>,
+    ) -> Result<Tensor> {
+        let h = fused::bias_in_place(
+            self.fc1.forward_unbiased_with(x, adapters)?,
+            self.fc1.bias(),
+            true,
+        )?;
         fused::gated_residual_in_place(
-            self.fc2.forward_unbiased(&h)?,
+            self.fc2.forward_unbiased_with(&h, adapters)?,
             self.fc2.bias(),
             gate,
             residual,
@@ -171,8 +187,19 @@ impl Mlp {
 }
 
 /// `residual + proj(a) · gate`.
-fn gated_proj(proj: &Linear, a: &Tensor, gate: &Tensor, residual: &Tensor) -> Result<Tensor> {
-    fused::gated_residual_in_place(proj.forward_unbiased(a)?, proj.bias(), gate, residual)
+fn gated_proj(
+    proj: &Linear,
+    a: &Tensor,
+    gate: &Tensor,
+    residual: &Tensor,
+    adapters: Active<'_>,
+) -> Result<Tensor> {
+    fused::gated_residual_in_place(
+        proj.forward_unbiased_with(a, adapters)?,
+        proj.bias(),
+        gate,
+        residual,
+    )
 }
 
 #[derive(Debug, Clone)]
@@ -205,12 +232,13 @@ impl Block {
         ctx: &Tensor,
         temb_silu: &Tensor,
         heads: usize,
+        adapters: Active<'_>,
     ) -> Result<(Option<Tensor>, Tensor)> {
         let c = x.dim(D::Minus1)?;
-        let xm = self.x_ada.forward(temb_silu)?;
+        let xm = self.x_ada.forward_with(temb_silu, adapters)?;
         let norm_x = modulate(x, &chunk(&xm, 0, c)?, &chunk(&xm, 1, c)?)?;
         let pre_only = self.c_mlp.is_none();
-        let cm = self.c_ada.forward(temb_silu)?;
+        let cm = self.c_ada.forward_with(temb_silu, adapters)?;
         let norm_c = if pre_only {
             let (shift, scale) = if self.c_shift_first {
                 (chunk(&cm, 0, c)?, chunk(&cm, 1, c)?)
@@ -223,8 +251,8 @@ impl Block {
         };
 
         // Joint attention over [image tokens, context tokens].
-        let (qx, kx, vx) = self.x_attn.qkv_heads(&norm_x, heads)?;
-        let (qc, kc, vc) = self.c_attn.qkv_heads(&norm_c, heads)?;
+        let (qx, kx, vx) = self.x_attn.qkv_heads(&norm_x, heads, adapters)?;
+        let (qc, kc, vc) = self.c_attn.qkv_heads(&norm_c, heads, adapters)?;
         let scale = 1.0 / ((c / heads) as f64).sqrt();
         let parts = [
             Qkv {
@@ -248,20 +276,22 @@ impl Block {
             .proj
             .as_ref()
             .ok_or_else(|| Error::Layout("image attention without output projection".into()))?;
-        let mut out_x = gated_proj(x_proj, &a_x, &chunk(&xm, 2, c)?, x)?;
+        let mut out_x = gated_proj(x_proj, &a_x, &chunk(&xm, 2, c)?, x, adapters)?;
         if let Some(attn2) = &self.x_attn2 {
             // MMDiT-X: image-only attention on the block input, modulated by chunks 6..9.
             let norm_x2 = modulate(x, &chunk(&xm, 6, c)?, &chunk(&xm, 7, c)?)?;
-            let (q, k, v) = attn2.qkv_heads(&norm_x2, heads)?;
+            let (q, k, v) = attn2.qkv_heads(&norm_x2, heads, adapters)?;
             let a2 = attention::attention(&q, &k, &v, scale, None)?;
             let proj2 = attn2
                 .proj
                 .as_ref()
                 .ok_or_else(|| Error::Layout("attn2 without output projection".into()))?;
-            out_x = gated_proj(proj2, &a2, &chunk(&xm, 8, c)?, &out_x)?;
+            out_x = gated_proj(proj2, &a2, &chunk(&xm, 8, c)?, &out_x, adapters)?;
         }
         let ff_in = modulate(&out_x, &chunk(&xm, 3, c)?, &chunk(&xm, 4, c)?)?;
-        let out_x = self.x_mlp.gated(&ff_in, &chunk(&xm, 5, c)?, &out_x)?;
+        let out_x = self
+            .x_mlp
+            .gated(&ff_in, &chunk(&xm, 5, c)?, &out_x, adapters)?;
 
         let out_c = match &self.c_mlp {
             None => None,
@@ -270,9 +300,9 @@ impl Block {
                     self.c_attn.proj.as_ref().ok_or_else(|| {
                         Error::Layout("context attention without projection".into())
                     })?;
-                let ctx = gated_proj(proj, &a_c, &chunk(&cm, 2, c)?, ctx)?;
+                let ctx = gated_proj(proj, &a_c, &chunk(&cm, 2, c)?, ctx, adapters)?;
                 let ff_in = modulate(&ctx, &chunk(&cm, 3, c)?, &chunk(&cm, 4, c)?)?;
-                Some(mlp.gated(&ff_in, &chunk(&cm, 5, c)?, &ctx)?)
+                Some(mlp.gated(&ff_in, &chunk(&cm, 5, c)?, &ctx, adapters)?)
             }
         };
         Ok((out_c, out_x))
@@ -482,8 +512,21 @@ impl Mmdit {
         pooled: &Tensor,
         skip_layers: &[usize],
     ) -> Result<Tensor> {
+        self.forward_with(
+            latents,
+            timesteps,
+            context,
+            pooled,
+            skip_layers,
+            &Extras::default(),
+        )
+    }
+
+    /// The image tokens `[B, hp·wp, hidden]`: the patch embedding of `latents` plus the
+    /// position embedding cropped from the centre of its table (what ControlNets start from).
+    pub fn embed_patches(&self, latents: &Tensor) -> Result<Tensor> {
         let dtype = latents.dtype();
-        let (b, _, h, w) = latents.dims4()?;
+        let (_, _, h, w) = latents.dims4()?;
         let p = self.cfg.patch_size;
         let (hp, wp) = (h / p, w / p);
         let m = self.cfg.pos_embed_max_size;
@@ -508,35 +551,76 @@ impl Mmdit {
             .narrow(2, left, wp)?
             .reshape((1, hp * wp, c))?
             .to_dtype(dtype)?;
-        let mut x = x.broadcast_add(&pos)?.contiguous()?;
+        Ok(x.broadcast_add(&pos)?.contiguous()?)
+    }
+
+    /// [`Mmdit::forward`] with LoRA adapters and ControlNet residuals ([`Extras`]).
+    pub fn forward_with(
+        &self,
+        latents: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        pooled: &Tensor,
+        skip_layers: &[usize],
+        extras: &Extras<'_>,
+    ) -> Result<Tensor> {
+        let adapters = extras.adapters;
+        let dtype = latents.dtype();
+        let (b, _, h, w) = latents.dims4()?;
+        let p = self.cfg.patch_size;
+        let (hp, wp) = (h / p, w / p);
+        let c = self.cfg.hidden;
+        let mut x = match extras.embedded {
+            Some(x) => x.clone(),
+            None => self.embed_patches(latents)?,
+        };
 
         let t_emb = timestep_embedding(timesteps, 256)?
             .to_device(latents.device())?
             .to_dtype(dtype)?;
-        let t_emb = self.t_fc2.forward(&self.t_fc1.forward(&t_emb)?.silu()?)?;
-        let y_emb = self.y_fc2.forward(&self.y_fc1.forward(pooled)?.silu()?)?;
+        let t_emb = self.t_fc2.forward_with(
+            &self.t_fc1.forward_with(&t_emb, adapters)?.silu()?,
+            adapters,
+        )?;
+        let y_emb = self.y_fc2.forward_with(
+            &self.y_fc1.forward_with(pooled, adapters)?.silu()?,
+            adapters,
+        )?;
         let temb = (t_emb + y_emb)?;
         let temb_silu = temb.silu()?;
 
-        let mut ctx = self.context_embedder.forward(context)?;
+        let mut ctx = self.context_embedder.forward_with(context, adapters)?;
+        let n_blocks = self.blocks.len();
         for (i, block) in self.blocks.iter().enumerate() {
-            if skip_layers.contains(&i) {
-                continue;
+            if !skip_layers.contains(&i) {
+                let (new_ctx, new_x) =
+                    block.forward(&x, &ctx, &temb_silu, self.cfg.heads, adapters)?;
+                x = new_x;
+                if let Some(nc) = new_ctx {
+                    ctx = nc;
+                }
             }
-            let (new_ctx, new_x) = block.forward(&x, &ctx, &temb_silu, self.cfg.heads)?;
-            x = new_x;
-            if let Some(nc) = new_ctx {
-                ctx = nc;
+            // ControlNet residuals, as diffusers adds them: after every block but the last
+            // (skipped or not), residual ⌊i / (blocks / residuals)⌋.
+            if let Some(residuals) = extras.control
+                && !residuals.is_empty()
+                && block.c_mlp.is_some()
+            {
+                let interval = n_blocks as f64 / residuals.len() as f64;
+                let r = &residuals[((i as f64 / interval) as usize).min(residuals.len() - 1)];
+                x = (x + r.to_dtype(dtype)?)?;
             }
         }
 
-        let fm = self.final_ada.forward(&temb_silu)?;
+        let fm = self.final_ada.forward_with(&temb_silu, adapters)?;
         let (shift, scale) = if self.final_shift_first {
             (chunk(&fm, 0, c)?, chunk(&fm, 1, c)?)
         } else {
             (chunk(&fm, 1, c)?, chunk(&fm, 0, c)?)
         };
-        let x = self.final_linear.forward(&modulate(&x, &shift, &scale)?)?;
+        let x = self
+            .final_linear
+            .forward_with(&modulate(&x, &shift, &scale)?, adapters)?;
         // Unpatchify: [B, hp*wp, p*p*C] -> [B, C, hp*p, wp*p].
         let oc = self.cfg.out_channels;
         let x = x
@@ -549,6 +633,121 @@ impl Mmdit {
             .reshape((b, oc, hp * p, wp * p))?;
         Ok(x)
     }
+
+    /// Every linear an adapter may target, under diffusers' module names, with the rows each
+    /// module is of its layer (q, k and v share one) and whether the layer stores them in
+    /// Stability's (shift, scale) order.
+    pub fn lora_targets(&self) -> Result<Vec<Target>> {
+        let h = self.cfg.hidden;
+        let mut out = Vec::new();
+        let mut one = |l: &Linear, name: String, swapped: bool| -> Result<()> {
+            out.push(l.target(name, None, swapped)?);
+            Ok(())
+        };
+        one(
+            &self.t_fc1,
+            "time_text_embed.timestep_embedder.linear_1".into(),
+            false,
+        )?;
+        one(
+            &self.t_fc2,
+            "time_text_embed.timestep_embedder.linear_2".into(),
+            false,
+        )?;
+        one(
+            &self.y_fc1,
+            "time_text_embed.text_embedder.linear_1".into(),
+            false,
+        )?;
+        one(
+            &self.y_fc2,
+            "time_text_embed.text_embedder.linear_2".into(),
+            false,
+        )?;
+        one(&self.context_embedder, "context_embedder".into(), false)?;
+        one(
+            &self.final_ada,
+            "norm_out.linear".into(),
+            self.final_shift_first,
+        )?;
+        one(&self.final_linear, "proj_out".into(), false)?;
+        let qkv = |l: &Linear, names: [String; 3]| -> Result<Vec<Target>> {
+            names
+                .into_iter()
+                .enumerate()
+                .map(|(i, n)| l.target(n, Some((i * h, h)), false))
+                .collect()
+        };
+        for (i, block) in self.blocks.iter().enumerate() {
+            let b = format!("transformer_blocks.{i}");
+            let mut more = qkv(
+                &block.x_attn.qkv,
+                ["to_q", "to_k", "to_v"].map(|m| format!("{b}.attn.{m}")),
+            )?;
+            more.extend(qkv(
+                &block.c_attn.qkv,
+                ["add_q_proj", "add_k_proj", "add_v_proj"].map(|m| format!("{b}.attn.{m}")),
+            )?);
+            if let Some(a2) = &block.x_attn2 {
+                more.extend(qkv(
+                    &a2.qkv,
+                    ["to_q", "to_k", "to_v"].map(|m| format!("{b}.attn2.{m}")),
+                )?);
+                if let Some(p) = &a2.proj {
+                    more.push(p.target(format!("{b}.attn2.to_out.0"), None, false)?);
+                }
+            }
+            if let Some(p) = &block.x_attn.proj {
+                more.push(p.target(format!("{b}.attn.to_out.0"), None, false)?);
+            }
+            if let Some(p) = &block.c_attn.proj {
+                more.push(p.target(format!("{b}.attn.to_add_out"), None, false)?);
+            }
+            more.push(
+                block
+                    .x_ada
+                    .target(format!("{b}.norm1.linear"), None, false)?,
+            );
+            more.push(block.c_ada.target(
+                format!("{b}.norm1_context.linear"),
+                None,
+                block.c_mlp.is_none() && block.c_shift_first,
+            )?);
+            more.push(
+                block
+                    .x_mlp
+                    .fc1
+                    .target(format!("{b}.ff.net.0.proj"), None, false)?,
+            );
+            more.push(
+                block
+                    .x_mlp
+                    .fc2
+                    .target(format!("{b}.ff.net.2"), None, false)?,
+            );
+            if let Some(m) = &block.c_mlp {
+                more.push(
+                    m.fc1
+                        .target(format!("{b}.ff_context.net.0.proj"), None, false)?,
+                );
+                more.push(m.fc2.target(format!("{b}.ff_context.net.2"), None, false)?);
+            }
+            out.extend(more);
+        }
+        Ok(out)
+    }
+}
+
+/// What a transformer pass may add to the base model: LoRA adapters, ControlNet residuals, and
+/// the image tokens already embedded (a ControlNet read them first).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Extras<'a> {
+    /// Compiled adapters of the transformer.
+    pub adapters: Active<'a>,
+    /// One residual `[B, N, hidden]` per ControlNet block (summed over ControlNets).
+    pub control: Option<&'a [Tensor]>,
+    /// [`Mmdit::embed_patches`] of the latents, when already computed.
+    pub embedded: Option<&'a Tensor>,
 }
 
 /// Sinusoidal timestep features `[cos | sin]` (diffusers' `Timesteps(256, flip_sin_to_cos=True,

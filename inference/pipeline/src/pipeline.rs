@@ -3,7 +3,9 @@
 //! Same request and seed give bit-identical images on one machine: noise comes from a seeded
 //! ChaCha8 generator and every step is deterministic on the CPU backend.
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
@@ -11,7 +13,8 @@ use rand_distr::Distribution;
 
 use crate::clip::{ClipActivation, ClipConfig, ClipOutput, ClipTextModel};
 use crate::image::{self, RgbImage};
-use crate::mmdit::{Mmdit, MmditConfig, MmditNames};
+use crate::lora::{Adapters, Component, LoraFile};
+use crate::mmdit::{Extras, Mmdit, MmditConfig, MmditNames};
 use crate::model_dir::{Layout, ModelDir, TextEncoderSource};
 use crate::plan::{ModelSpec, WeightBytes};
 use crate::scheduler::FlowMatchSchedule;
@@ -114,6 +117,8 @@ pub struct GenerateRequest {
     pub without_t5: bool,
     /// An image to edit (img2img), optionally with a mask (inpainting).
     pub edit: Option<Edit>,
+    /// LoRA adapters (names given to [`Pipeline::add_lora`]) with their scales.
+    pub loras: Vec<(String, f64)>,
 }
 
 /// An image to edit, as diffusers' `StableDiffusion3Img2ImgPipeline` and (with a mask)
@@ -232,6 +237,28 @@ pub struct Pipeline {
     shift: f64,
     /// Bytes of the weights each component keeps, as loaded.
     kept: WeightBytes,
+    /// LoRA adapters requests may name, by name.
+    loras: BTreeMap<String, Arc<LoraFile>>,
+    /// The adapter set compiled last, with its key (names and scales), reused while batches
+    /// ask for the same set.
+    compiled: Mutex<Option<(LoraKey, Arc<CompiledLoras>)>>,
+}
+
+/// An adapter set as requests name it: names with their scales' bits.
+type LoraKey = Vec<(String, u64)>;
+
+/// An adapter set compiled for each model it adapts.
+#[derive(Debug, Default)]
+struct CompiledLoras {
+    transformer: Adapters,
+    clip_l: Adapters,
+    clip_g: Adapters,
+}
+
+impl CompiledLoras {
+    fn active(a: &Adapters) -> crate::lora::Active<'_> {
+        (!a.is_empty()).then_some(a)
+    }
 }
 
 fn weights_of(src: &TextEncoderSource, device: &Device, precision: Precision) -> Result<Weights> {
@@ -398,6 +425,8 @@ impl Pipeline {
             vae_encoder,
             shift,
             kept,
+            loras: BTreeMap::new(),
+            compiled: Mutex::new(None),
         })
     }
 
@@ -429,6 +458,107 @@ impl Pipeline {
     /// Bytes of the weights each component keeps in memory, as loaded.
     pub fn weight_bytes(&self) -> WeightBytes {
         self.kept
+    }
+
+    /// Reads the LoRA file `path` and offers it to requests as `name`. The file is checked
+    /// against this model now: a module it does not have, or a shape that does not fit (an
+    /// adapter made for another variant), is refused here, naming the file and the module.
+    pub fn add_lora(&mut self, name: &str, path: &Path) -> Result<()> {
+        if self.loras.contains_key(name) {
+            return Err(Error::invalid(
+                "lora",
+                format!("two adapters are named `{name}`"),
+            ));
+        }
+        let file = Arc::new(LoraFile::read(path)?);
+        self.compile_loras(&[(file.as_ref(), 1.0)])?;
+        self.loras.insert(name.to_owned(), file);
+        Ok(())
+    }
+
+    /// The adapters requests may name, with their files.
+    pub fn loras(&self) -> impl Iterator<Item = (&str, &LoraFile)> {
+        self.loras.iter().map(|(n, f)| (n.as_str(), f.as_ref()))
+    }
+
+    fn compile_loras(&self, set: &[(&LoraFile, f64)]) -> Result<CompiledLoras> {
+        let (dev, dtype) = (&self.device, self.dtype);
+        let transformer = Adapters::compile(
+            set,
+            Component::Transformer,
+            "transformer",
+            &self.mmdit.lora_targets()?,
+            dtype,
+            dev,
+        )?;
+        let clip_l = Adapters::compile(
+            set,
+            Component::ClipL,
+            "CLIP-L encoder",
+            &self.clip_l.lora_targets()?,
+            dtype,
+            dev,
+        )?;
+        let clip_g = Adapters::compile(
+            set,
+            Component::ClipG,
+            "CLIP-G encoder",
+            &self.clip_g.lora_targets()?,
+            dtype,
+            dev,
+        )?;
+        Ok(CompiledLoras {
+            transformer,
+            clip_l,
+            clip_g,
+        })
+    }
+
+    /// The compiled adapters of a request's set (cached while batches repeat it).
+    fn adapters_for(&self, loras: &[(String, f64)]) -> Result<Option<Arc<CompiledLoras>>> {
+        if loras.is_empty() {
+            return Ok(None);
+        }
+        let key: LoraKey = loras
+            .iter()
+            .map(|(n, s)| (n.clone(), s.to_bits()))
+            .collect();
+        let mut cache = self
+            .compiled
+            .lock()
+            .map_err(|_| Error::Layout("the adapter cache is poisoned".into()))?;
+        if let Some((k, compiled)) = cache.as_ref()
+            && *k == key
+        {
+            return Ok(Some(compiled.clone()));
+        }
+        let set = loras
+            .iter()
+            .map(|(name, scale)| {
+                self.loras
+                    .get(name)
+                    .map(|f| (f.as_ref(), *scale))
+                    .ok_or_else(|| self.unknown_lora(name))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let compiled = Arc::new(self.compile_loras(&set)?);
+        *cache = Some((key, compiled.clone()));
+        Ok(Some(compiled))
+    }
+
+    fn unknown_lora(&self, name: &str) -> Error {
+        let served: Vec<String> = self.loras.keys().map(|n| format!("`{n}`")).collect();
+        Error::invalid(
+            "loras",
+            if served.is_empty() {
+                format!("unknown adapter `{name}`: this server serves no LoRA adapter")
+            } else {
+                format!(
+                    "unknown adapter `{name}`: this server serves {}",
+                    served.join(", ")
+                )
+            },
+        )
     }
 
     /// The shapes the memory plan needs, read off the loaded model.
@@ -489,6 +619,7 @@ impl Pipeline {
             init_latents: None,
             without_t5: false,
             edit: None,
+            loras: Vec::new(),
         }
     }
 
@@ -503,14 +634,26 @@ impl Pipeline {
 
     /// Each encoder's output for `prompt`.
     pub fn encode_parts(&self, prompt: &str) -> Result<PromptParts> {
-        self.encode_parts_with(prompt, true)
+        self.encode_parts_with(prompt, true, None)
     }
 
     /// [`Pipeline::encode_parts`], with T5 left out (zeros) when `t5` is false.
-    fn encode_parts_with(&self, prompt: &str, t5: bool) -> Result<PromptParts> {
+    fn encode_parts_with(
+        &self,
+        prompt: &str,
+        t5: bool,
+        adapters: Option<&CompiledLoras>,
+    ) -> Result<PromptParts> {
         let ids = self.tokenize(prompt)?;
-        let clip_l = self.clip_l.forward(&ids.clip_l, self.dtype)?;
-        let clip_g = self.clip_g.forward(&ids.clip_g, self.dtype)?;
+        let (l, g) = match adapters {
+            Some(a) => (
+                CompiledLoras::active(&a.clip_l),
+                CompiledLoras::active(&a.clip_g),
+            ),
+            None => (None, None),
+        };
+        let clip_l = self.clip_l.forward_with(&ids.clip_l, self.dtype, l)?;
+        let clip_g = self.clip_g.forward_with(&ids.clip_g, self.dtype, g)?;
         let joint = self.mmdit.config().joint_attention_dim;
         let t5 = match (&self.t5, &ids.t5) {
             (Some(encoder), Some(ids)) if t5 => encoder.forward(ids, self.dtype)?,
@@ -521,11 +664,16 @@ impl Pipeline {
 
     /// The transformer's context `[1, 77 + L, joint]` and pooled vector `[1, P]` for `prompt`.
     pub fn encode_prompt(&self, prompt: &str) -> Result<(Tensor, Tensor)> {
-        self.encode_prompt_with(prompt, true)
+        self.encode_prompt_with(prompt, true, None)
     }
 
-    fn encode_prompt_with(&self, prompt: &str, t5: bool) -> Result<(Tensor, Tensor)> {
-        let p = self.encode_parts_with(prompt, t5)?;
+    fn encode_prompt_with(
+        &self,
+        prompt: &str,
+        t5: bool,
+        adapters: Option<&CompiledLoras>,
+    ) -> Result<(Tensor, Tensor)> {
+        let p = self.encode_parts_with(prompt, t5, adapters)?;
         let clip = Tensor::cat(&[&p.clip_l.penultimate, &p.clip_g.penultimate], 2)?;
         let joint = self.mmdit.config().joint_attention_dim;
         let width = clip.dim(2)?;
@@ -573,6 +721,17 @@ impl Pipeline {
         }
         if let Some(edit) = &req.edit {
             self.validate_edit(req, edit)?;
+        }
+        for (name, scale) in &req.loras {
+            if !self.loras.contains_key(name) {
+                return Err(self.unknown_lora(name));
+            }
+            if !scale.is_finite() {
+                return Err(Error::invalid(
+                    "loras",
+                    format!("adapter `{name}`: the scale {scale} is not a number"),
+                ));
+            }
         }
         if let Some(slg) = &req.slg
             && let Some(&bad) = slg.layers.iter().find(|&&l| l >= self.mmdit.config().depth)
@@ -717,6 +876,12 @@ impl Pipeline {
                     .as_ref()
                     .map(|e| (e.strength.to_bits(), e.mask.is_some()))
             };
+            let lora_key = |r: &GenerateRequest| -> LoraKey {
+                r.loras
+                    .iter()
+                    .map(|(n, s)| (n.clone(), s.to_bits()))
+                    .collect()
+            };
             let same = (
                 req.width,
                 req.height,
@@ -724,6 +889,7 @@ impl Pipeline {
                 req.guidance.to_bits(),
                 &req.slg,
                 edit_key(req),
+                lora_key(req),
             ) == (
                 first.width,
                 first.height,
@@ -731,12 +897,14 @@ impl Pipeline {
                 first.guidance.to_bits(),
                 &first.slg,
                 edit_key(first),
+                lora_key(first),
             );
             if !same {
                 return Err(Error::invalid(
                     "batch",
                     "requests of one batch must share size, steps, guidance, skip-layer \
-                     guidance and, for edits, strength and whether a mask is given",
+                     guidance, LoRA adapters and, for edits, strength and whether a mask is \
+                     given",
                 ));
             }
         }
@@ -744,6 +912,12 @@ impl Pipeline {
         let cfg = first.guidance > 1.0;
         // Skip-layer guidance refines classifier-free guidance; without CFG there is none.
         let slg = if cfg { first.slg.as_ref() } else { None };
+        let compiled = self.adapters_for(&first.loras)?;
+        let adapters = compiled.as_deref();
+        let extras = Extras {
+            adapters: adapters.and_then(|a| CompiledLoras::active(&a.transformer)),
+            ..Extras::default()
+        };
         let schedule = FlowMatchSchedule::new(first.steps, self.shift);
         // An edit runs the end of the schedule, from its first step on (diffusers'
         // get_timesteps), starting from the image's latents noised to that step.
@@ -775,11 +949,12 @@ impl Pipeline {
                     }
                 }
             }
-            let (c, p) = self.encode_prompt_with(&req.prompt, !req.without_t5)?;
+            let (c, p) = self.encode_prompt_with(&req.prompt, !req.without_t5, adapters)?;
             ctx.push(c);
             pooled.push(p);
             if cfg {
-                let (c, p) = self.encode_prompt_with(&req.negative_prompt, !req.without_t5)?;
+                let (c, p) =
+                    self.encode_prompt_with(&req.negative_prompt, !req.without_t5, adapters)?;
                 nctx.push(c);
                 npooled.push(p);
             }
@@ -841,7 +1016,7 @@ impl Pipeline {
                     let tt = Tensor::full(t, 2 * b, dev)?;
                     let pred = self
                         .mmdit
-                        .forward(&x_in, &tt, &c_in, &p_in, &[])?
+                        .forward_with(&x_in, &tt, &c_in, &p_in, &[], &extras)?
                         .to_dtype(DType::F32)?;
                     let uncond = pred.narrow(0, 0, b)?;
                     let text = pred.narrow(0, b, b)?;
@@ -852,7 +1027,7 @@ impl Pipeline {
                             let tb = Tensor::full(t, b, dev)?;
                             let skip = self
                                 .mmdit
-                                .forward(&x, &tb, &ctx, &pooled, &slg.layers)?
+                                .forward_with(&x, &tb, &ctx, &pooled, &slg.layers, &extras)?
                                 .to_dtype(DType::F32)?;
                             noise = (noise + ((&text - &skip)? * slg.scale)?)?;
                         }
@@ -862,7 +1037,7 @@ impl Pipeline {
                 _ => {
                     let tt = Tensor::full(t, b, dev)?;
                     self.mmdit
-                        .forward(&x, &tt, &ctx, &pooled, &[])?
+                        .forward_with(&x, &tt, &ctx, &pooled, &[], &extras)?
                         .to_dtype(DType::F32)?
                 }
             };

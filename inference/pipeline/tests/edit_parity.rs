@@ -45,7 +45,13 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
 
 fn psnr(a: &Tensor, b: &Tensor) -> f64 {
     let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
-    let mse = d.sqr().unwrap().mean_all().unwrap().to_scalar::<f64>().unwrap();
+    let mse = d
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     10.0 * (1.0 / mse).log10()
 }
 
@@ -58,7 +64,11 @@ fn strength_cuts_the_schedule_as_diffusers_get_timesteps() {
     assert_eq!(first_step(5, 0.5), 2);
     assert_eq!(first_step(4, 0.75), 1);
     assert_eq!(first_step(28, 1.0), 0);
-    assert_eq!(first_step(28, 0.3), 19, "28 - 8.4 = 19.6 truncates, it does not round");
+    assert_eq!(
+        first_step(28, 0.3),
+        19,
+        "28 - 8.4 = 19.6 truncates, it does not round"
+    );
     assert_eq!(
         first_step(3, 0.7),
         0,
@@ -92,7 +102,9 @@ fn edits_match_the_reference() {
                 ..PipelineOptions::default()
             };
             Pipeline::load(
-                &Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata").join(model),
+                &Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../testdata")
+                    .join(model),
                 &opts,
             )
             .unwrap()
@@ -119,13 +131,19 @@ fn edits_match_the_reference() {
             .clamp(0f32, 1f32)
             .unwrap();
         let g = golden(&format!("edit_{id}.safetensors"));
-        let (e_lat, e_img) = (rel_err(&latents, &g["latents"]), rel_err(&decoded, &g["image"]));
+        let (e_lat, e_img) = (
+            rel_err(&latents, &g["latents"]),
+            rel_err(&decoded, &g["image"]),
+        );
         let db = psnr(&decoded, &g["image"]);
         eprintln!(
             "{id}: latents {e_lat:.2e}, image {e_img:.2e} relative, PSNR {db:.1} dB ({} op graph)",
             op_graph::current().name()
         );
-        assert!(e_lat <= 1e-3 && e_img <= 1e-3, "{id}: {e_lat:.2e} {e_img:.2e}");
+        assert!(
+            e_lat <= 1e-3 && e_img <= 1e-3,
+            "{id}: {e_lat:.2e} {e_img:.2e}"
+        );
         assert!(db >= 45.0, "{id}: PSNR {db:.1} dB");
     }
     assert_eq!(loaded.len(), 2);
