@@ -285,16 +285,21 @@ class Runner:
             p = subprocess.Popen([str(c) for c in cmd], env=env, stdout=out, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL, start_new_session=True)
             stopped = False
-            while True:
-                pid, status, usage = os.wait4(p.pid, os.WNOHANG)
-                if pid:
-                    break
-                if time.perf_counter() - start > timeout:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    pid, status, usage = os.wait4(p.pid, 0)
-                    stopped = True
-                    break
-                time.sleep(0.05)
+            try:
+                while True:
+                    pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+                    if pid:
+                        break
+                    if time.perf_counter() - start > timeout:
+                        os.killpg(p.pid, signal.SIGKILL)
+                        pid, status, usage = os.wait4(p.pid, 0)
+                        stopped = True
+                        break
+                    time.sleep(0.05)
+            except BaseException:  # interrupted: the command and its children go too
+                os.killpg(p.pid, signal.SIGKILL)
+                os.wait4(p.pid, 0)
+                raise
             p.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - start
         text = re.sub(r"\x1b\[[0-9;]*m", "", path.read_text(errors="replace"))
@@ -604,6 +609,8 @@ class Bench:
             cuda = torch.cuda.is_available()  # NVML-based here: no CUDA context in this process
             self.results["torch_cuda"] = {"available": cuda, "cuda": torch.version.cuda}
             log(f"  torch sees CUDA: {cuda} (built for CUDA {torch.version.cuda})")
+            if a.device == "cuda" and not cuda:
+                failed.append("torch sees no CUDA device")
         r = self.runner.run([a.binary, "--version"], self.env, limit=30, name="version")
         digest = hashlib.sha256(Path(a.binary).read_bytes()).hexdigest()
         self.results["binary"] = {"path": str(a.binary), "version": r["out"].strip(), "sha256": digest,
@@ -627,17 +634,18 @@ class Bench:
         a = self.args
         dev = a.device
         floors = {"f32": F32_FLOOR_DB, **smoke_floors()}
-        # model dir, label, variant, steps, extra flags, precisions compared
+        # model dir, label, variant (its model card's guidance and skip-layer guidance), steps,
+        # precisions compared. Medium: 12 steps, so skip-layer guidance runs (steps 1 and 2).
         cases = [
-            ("sd35-tiny-large", "large CFG", "large", 4, [], ("f32", "bf16", "fp8")),
-            ("sd35-tiny-large", "large-turbo", "large-turbo", 4, [], ("f32",)),
-            ("sd35-tiny-medium", "medium SLG", "medium", 12, [], ("f32", "bf16", "fp8")),
-            ("sd35-tiny-large-fp8", "large fp8 file", "large", 4, [], ("fp8",)),
+            ("sd35-tiny-large", "large CFG", "large", 4, ("f32", "bf16", "fp8")),
+            ("sd35-tiny-large", "large-turbo", "large-turbo", 4, ("f32",)),
+            ("sd35-tiny-medium", "medium SLG", "medium", 12, ("f32", "bf16", "fp8")),
+            ("sd35-tiny-large-fp8", "large fp8 file", "large", 4, ("fp8",)),
         ]
         out = self.work / "parity"
         out.mkdir(exist_ok=True)
         failures = []
-        for model, label, variant, steps, extra, precisions in cases:
+        for model, label, variant, steps, precisions in cases:
             images = {}
 
             def image(where, precision):
@@ -646,8 +654,7 @@ class Bench:
                     path = out / f"{model}-{variant}-{precision}-{where}.png"
                     cmd = [a.binary, "generate", "--model", TESTDATA / model, "--prompt", PROMPT, "--out", path,
                            "--precision", precision, "--width", 128, "--height", 128, "--steps", steps,
-                           "--seed", 7, "--variant", variant, "--device", dev if where == "dev" else "cpu",
-                           *extra]
+                           "--seed", 7, "--variant", variant, "--device", dev if where == "dev" else "cpu"]
                     env = self.dev_env if where == "dev" else self.cpu_env
                     r = self.runner.run(cmd, env, limit=180, name=f"parity-{where}", gpu=None)
                     images[key] = (path, r["ref"])
@@ -873,6 +880,10 @@ class Bench:
                 part["status"] = "FAILED"
                 part["note"] = f"{type(e).__name__}: {e}"
                 part["traceback"] = traceback.format_exc()[-3000:]
+            except KeyboardInterrupt:
+                part["status"] = "interrupted"
+                part["elapsed_s"] = time.perf_counter() - start
+                raise
             part["elapsed_s"] = time.perf_counter() - start
             note = f": {part['note']}" if part.get("note") else ""
             log(f"-- {name}: {part['status']} in {part['elapsed_s']:.1f} s{note}")
@@ -975,10 +986,18 @@ def main():
     # torch.cuda.is_available() asks NVML, so this process never creates a CUDA context.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     bench = Bench(args)
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, interrupted)
     try:
         return bench.run()
-    except KeyboardInterrupt:
-        log("interrupted")
+    except KeyboardInterrupt as e:
+        log(f"interrupted ({e or 'SIGINT'}): the summary so far")
+        bench.results["interrupted"] = True
+        bench.results["total_s"] = bench.runner.elapsed()
+        bench.save()
         log(bench.summary())
         return 1
 
