@@ -113,9 +113,9 @@ impl LoraFile {
             .keys()
             .any(|k| k.starts_with("lora_unet_") || k.starts_with("lora_te"))
         {
-            read_kohya(&tensors).map_err(|e| bad(e))?
+            read_kohya(&tensors).map_err(bad)?
         } else {
-            read_peft(&tensors, &metadata).map_err(|e| bad(e))?
+            read_peft(&tensors, &metadata).map_err(bad)?
         };
         Ok(Self {
             path: path.to_owned(),

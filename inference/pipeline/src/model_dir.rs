@@ -63,28 +63,9 @@ fn safetensors_in(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Tensor names of a safetensors file, read from its header only.
 pub fn tensor_names(file: &Path) -> Result<Vec<String>> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(|e| Error::io(file, e))?;
-    let n = u64::from_le_bytes(len);
-    if n > 100 << 20 {
-        return Err(Error::Layout(format!(
-            "{}: not a safetensors file",
-            file.display()
-        )));
-    }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header).map_err(|e| Error::io(file, e))?;
-    let v: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&header).map_err(|source| Error::Json {
-            path: file.to_path_buf(),
-            source,
-        })?;
-    Ok(v.into_iter()
-        .map(|(k, _)| k)
-        .filter(|k| k != "__metadata__")
-        .collect())
+    let header = sd35_contract::read_safetensors_header(file)
+        .map_err(|why| Error::Layout(format!("{}: {why}", file.display())))?;
+    Ok(header.tensors.into_keys().collect())
 }
 
 impl ModelDir {

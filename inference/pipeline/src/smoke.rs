@@ -27,7 +27,9 @@
 //! a_server_repeats -- --nocapture`).
 
 use base64::Engine as _;
-use sd35_contract::{DeviceKind, SmokeRecord};
+use std::path::Path;
+
+use sd35_contract::{DeviceKind, EngineManifest, SmokeRecord};
 use sha2::{Digest, Sha256};
 
 use crate::image::{self, RgbImage};
@@ -79,7 +81,7 @@ pub fn generate(pipeline: &Pipeline, req: &GenerateRequest) -> Result<RgbImage> 
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    crate::engine::hex(&Sha256::digest(bytes))
+    sd35_contract::hex(&Sha256::digest(bytes))
 }
 
 /// Makes the smoke image with `pipeline` (running on `device`) and its record.
@@ -98,6 +100,25 @@ pub fn record(pipeline: &Pipeline, device: DeviceKind) -> Result<SmokeRecord> {
         sha256: sha256_hex(&img.pixels),
         pixels: base64::engine::general_purpose::STANDARD.encode(&img.pixels),
     })
+}
+
+/// Makes an engine's smoke image on the CPU with the engine as a server loads it, and writes
+/// it into `engine.json` (atomically, last again): only an engine with its smoke image is
+/// served.
+pub fn record_engine(dir: &Path) -> Result<EngineManifest> {
+    let mut manifest = crate::engine::open(dir, false)?;
+    let opts = crate::PipelineOptions {
+        precision: Some(manifest.precision),
+        device: candle_core::Device::Cpu,
+        // The smoke image leaves T5 out; not loading it saves the builder its memory.
+        load_t5: false,
+        variant: Some(manifest.variant),
+        ..crate::PipelineOptions::default()
+    };
+    let pipeline = crate::Pipeline::load(dir, &opts)?;
+    manifest.smoke = Some(record(&pipeline, sd35_contract::DeviceKind::Cpu)?);
+    crate::engine::write_manifest(&manifest, dir)?;
+    Ok(manifest)
 }
 
 /// The least PSNR in dB an image served on `serving` in `precision` must reach against a

@@ -36,7 +36,13 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
 
 fn psnr(a: &Tensor, b: &Tensor) -> f64 {
     let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
-    let mse = d.sqr().unwrap().mean_all().unwrap().to_scalar::<f64>().unwrap();
+    let mse = d
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     10.0 * (1.0 / mse).log10()
 }
 
@@ -83,8 +89,10 @@ fn adapters_match_the_reference() {
         for lora in case["loras"].as_array().unwrap() {
             let file = lora["file"].as_str().unwrap();
             let name = file.trim_end_matches(".safetensors");
-            p.add_lora(name, &testdata().join("lora").join(file)).unwrap();
-            req.loras.push((name.to_owned(), lora["scale"].as_f64().unwrap()));
+            p.add_lora(name, &testdata().join("lora").join(file))
+                .unwrap();
+            req.loras
+                .push((name.to_owned(), lora["scale"].as_f64().unwrap()));
         }
         let latents = p.sample(&req, &mut |_, _| {}).unwrap();
         let img = image(&p, &latents);
@@ -96,13 +104,19 @@ fn adapters_match_the_reference() {
              graph)",
             op_graph::current().name()
         );
-        assert!(e_lat <= 1e-3 && e_img <= 1e-3, "{id}: {e_lat:.2e} {e_img:.2e}");
+        assert!(
+            e_lat <= 1e-3 && e_img <= 1e-3,
+            "{id}: {e_lat:.2e} {e_img:.2e}"
+        );
         assert!(db >= 45.0, "{id}: PSNR {db:.1} dB");
         // The adapter visibly changes the image: the same request without it is far away.
         let mut base = req.clone();
         base.loras.clear();
         let without = p.sample(&base, &mut |_, _| {}).unwrap();
-        assert!(rel_err(&without, &latents) > 1e-2, "{id}: the adapter did nothing");
+        assert!(
+            rel_err(&without, &latents) > 1e-2,
+            "{id}: the adapter did nothing"
+        );
     }
 }
 
@@ -147,7 +161,10 @@ fn adapters_that_do_not_fit_are_refused_at_load_naming_the_file_and_module() {
     std::fs::write(&junk, b"not a safetensors file").unwrap();
     let err = p.add_lora("junk", &junk).unwrap_err().to_string();
     std::fs::remove_file(&junk).unwrap();
-    assert!(err.contains("junk") && err.contains("not a safetensors file"), "{err}");
+    assert!(
+        err.contains("junk") && err.contains("not a safetensors file"),
+        "{err}"
+    );
     // An unknown adapter in a request is named with what is served.
     p.add_lora("style", &testdata().join("lora/style.safetensors"))
         .unwrap();

@@ -129,7 +129,7 @@ pub fn run(cmd: &BuildEngineCommand) -> Result<(), ExitError> {
     // The fixed-seed image servers repeat before they turn ready: without it the engine is
     // not complete, and a server refuses it.
     let smoke_started = Instant::now();
-    let manifest = sd35_pipeline::engine::record_smoke(&out).map_err(|e| {
+    let manifest = sd35_pipeline::smoke::record_engine(&out).map_err(|e| {
         let e = pipeline_error(e);
         ExitError::new(
             e.reason,

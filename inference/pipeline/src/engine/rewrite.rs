@@ -1,32 +1,19 @@
-//! Prebuilt engines: a cached model rewritten for one serving precision, plus a manifest.
-//!
-//! An engine directory mirrors the model's file tree, so the ordinary loader reads it with no
-//! conversion at start-up. Every safetensors file is rewritten:
-//! - bf16 engines store every float tensor in bf16 (F8 tensors of `fp8_scaled` sources are
-//!   dequantised with their scales);
-//! - fp8 engines store the linear weights of the MMDiT and T5 as F8E4M3 with an f32
-//!   `<name>.scale_weight` (absmax per tensor or per output channel, the arithmetic of
-//!   [`quantize_per_channel`]) and every other float tensor in bf16; each such file carries the
-//!   `scaled_fp8` marker of ComfyUI's `fp8_scaled` checkpoints, so nothing is quantised again
-//!   at load. CLIP stays bf16, as the pipeline keeps it in fp8 mode.
-//!
-//! Conversion streams chunks of rows from the source file to the engine file, so memory stays
-//! near one chunk, not one tensor and never the model. `engine.json` is written last,
-//! atomically, and lists the size and sha256 of every file; an engine without it is
-//! incomplete and is refused.
+//! Rewriting one safetensors file of a model for an engine's precision, streamed in chunks of
+//! rows: copied, converted to bf16 (F8 dequantised with its scale) or quantised to F8E4M3 with
+//! its scale, as [`plan`] decides per tensor.
 
 use std::collections::BTreeMap;
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use sd35_contract::{ENGINE_FORMAT_VERSION, ENGINE_MANIFEST, ManifestError};
-use serde::Deserialize;
+use sd35_contract::Fp8Scale;
 use sha2::{Digest, Sha256};
 
+use super::build::BuildOptions;
 use crate::linear::quantize_per_channel;
-use crate::variant::{Precision, Variant};
+use crate::variant::Precision;
 use crate::{Error, Result};
 
 /// Largest finite F8E4M3 value.
@@ -38,281 +25,14 @@ const CHUNK_BYTES: usize = 4 << 20;
 /// Name of the marker tensor of pre-quantised checkpoints.
 const FP8_MARKER: &str = "scaled_fp8";
 
-pub use sd35_contract::{EngineManifest, FileRecord, Fp8Scale};
-
-/// What to build.
-#[derive(Clone, Debug)]
-pub struct BuildOptions {
-    /// The variant the engine serves, recorded in the manifest.
-    pub variant: Variant,
-    /// `Bf16` or `Fp8`.
-    pub precision: Precision,
-    /// The engine key, recorded in the manifest.
-    pub engine_key: String,
-    /// Scaling of fp8 weights.
-    pub fp8_scale: Fp8Scale,
-    /// Cache key of the source model, recorded in the manifest.
-    pub source_cache_key: String,
-    /// Revision of the source model, recorded in the manifest.
-    pub source_revision: Option<String>,
-    /// Hugging Face repository of the source model, recorded in the manifest.
-    pub source_repo: Option<String>,
-    /// Recorded in the manifest.
-    pub tool_version: String,
-}
-
-/// Progress of a build, reported after every chunk.
-#[derive(Clone, Debug)]
-pub struct BuildProgress<'a> {
-    /// The file being written, relative to the engine directory.
-    pub file: &'a str,
-    /// Source bytes processed so far, over all files.
-    pub done_bytes: u64,
-    /// Source bytes in all.
-    pub total_bytes: u64,
-}
-
-/// Whether `dir` holds an engine manifest (complete or not, it is an engine directory).
-pub fn is_engine(dir: &Path) -> bool {
-    dir.join(ENGINE_MANIFEST).is_file()
-}
-
-fn engine_err(dir: &Path, message: impl Into<String>) -> Error {
-    Error::Engine {
-        path: dir.to_path_buf(),
-        message: message.into(),
-    }
-}
-
-/// Reads and checks an engine: manifest present and of this format version, every file
-/// present with its recorded size and, when `checksums`, its recorded sha256.
-pub fn open(dir: &Path, checksums: bool) -> Result<EngineManifest> {
-    let manifest = EngineManifest::read(dir).map_err(|e| match e {
-        ManifestError::Missing(_) => engine_err(
-            dir,
-            format!(
-                "no {ENGINE_MANIFEST}: the engine is missing or incomplete (an interrupted \
-                 build); run build-engine for it"
-            ),
-        ),
-        ManifestError::Io(path, source) => Error::io(path, source),
-        ManifestError::Invalid(_, message) => engine_err(dir, message),
-    })?;
-    for f in &manifest.files {
-        let path = dir.join(&f.path);
-        let meta = std::fs::metadata(&path).map_err(|e| {
-            engine_err(
-                dir,
-                format!("file {} is unreadable ({e}); rebuild the engine", f.path),
-            )
-        })?;
-        if meta.len() != f.size {
-            return Err(engine_err(
-                dir,
-                format!(
-                    "file {} has {} bytes, the manifest says {}: the engine is corrupt; \
-                     rebuild it",
-                    f.path,
-                    meta.len(),
-                    f.size
-                ),
-            ));
-        }
-        if checksums {
-            let sum = sha256_file(&path)?;
-            if sum != f.sha256 {
-                return Err(engine_err(
-                    dir,
-                    format!(
-                        "file {} has sha256 {sum}, the manifest says {}: the engine is \
-                         corrupt; rebuild it",
-                        f.path, f.sha256
-                    ),
-                ));
-            }
-        }
-    }
-    Ok(manifest)
-}
-
-/// Lower-case hex sha256 of a file.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex(&h.finalize()))
-}
-
-/// Lower-case hex of bytes.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
-}
-
-/// Files of a model tree, relative and sorted; hidden files (markers, partials) are skipped.
-fn model_files(root: &Path) -> Result<Vec<String>> {
-    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
-        for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-            let e = e.map_err(|e| Error::io(dir, e))?;
-            let name = e.file_name();
-            if name.to_string_lossy().starts_with('.') {
-                continue;
-            }
-            let p = e.path();
-            if p.is_dir() {
-                walk(root, &p, out)?;
-            } else if p.is_file() {
-                let rel = p.strip_prefix(root).unwrap_or(&p);
-                let rel: Vec<_> = rel
-                    .components()
-                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
-                    .collect();
-                out.push(rel.join("/"));
-            }
-        }
-        Ok(())
-    }
-    let mut out = Vec::new();
-    walk(root, root, &mut out)?;
-    out.sort();
-    Ok(out)
-}
-
-/// Builds the engine of `model` into `out` (created; stale content from an interrupted build
-/// is replaced). Returns the manifest, which is written last.
-pub fn build(
-    model: &Path,
-    out: &Path,
-    opts: &BuildOptions,
-    progress: &mut dyn FnMut(&BuildProgress<'_>),
-) -> Result<EngineManifest> {
-    if !opts.precision.is_engine_precision() {
-        return Err(Error::invalid(
-            "precision",
-            "engines are built in bf16 or fp8",
-        ));
-    }
-    // Refuse what the server could not load before spending time on it.
-    crate::model_dir::ModelDir::open(model)?;
-    let files = model_files(model)?;
-    let total_bytes = files
-        .iter()
-        .map(|f| {
-            std::fs::metadata(model.join(f))
-                .map(|m| m.len())
-                .unwrap_or(0)
-        })
-        .sum();
-    if out.exists() {
-        std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
-    }
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let mut done_bytes = 0u64;
-    let mut entries = Vec::with_capacity(files.len());
-    for rel in &files {
-        let src = model.join(rel);
-        let dst = out.join(rel);
-        if let Some(parent) = dst.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        }
-        let tmp = dst.with_file_name(format!(
-            ".{}.partial",
-            dst.file_name().unwrap_or_default().to_string_lossy()
-        ));
-        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let mut w = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
-        if rel.ends_with(".safetensors") {
-            convert_safetensors(&src, rel, &dst, &mut w, opts, &mut |n| {
-                done_bytes += n;
-                progress(&BuildProgress {
-                    file: rel,
-                    done_bytes,
-                    total_bytes,
-                });
-            })?;
-        } else {
-            let mut r = std::fs::File::open(&src).map_err(|e| Error::io(&src, e))?;
-            let n = std::io::copy(&mut r, &mut w).map_err(|e| Error::io(&dst, e))?;
-            done_bytes += n;
-            progress(&BuildProgress {
-                file: rel,
-                done_bytes,
-                total_bytes,
-            });
-        }
-        let (size, sha256) = w.finish(&tmp)?;
-        std::fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
-        entries.push(FileRecord {
-            path: rel.clone(),
-            size,
-            sha256,
-        });
-    }
-    let manifest = EngineManifest {
-        format_version: ENGINE_FORMAT_VERSION,
-        variant: opts.variant,
-        precision: opts.precision,
-        fp8_scale: (opts.precision == Precision::Fp8).then_some(opts.fp8_scale),
-        engine_key: opts.engine_key.clone(),
-        source_cache_key: opts.source_cache_key.clone(),
-        source_revision: opts.source_revision.clone(),
-        source_repo: opts.source_repo.clone(),
-        tool_version: opts.tool_version.clone(),
-        files: entries,
-        smoke: None,
-    };
-    write_manifest(&manifest, out)?;
-    Ok(manifest)
-}
-
-fn write_manifest(manifest: &EngineManifest, dir: &Path) -> Result<()> {
-    manifest.write(dir).map_err(|e| match e {
-        ManifestError::Io(path, source) => Error::io(path, source),
-        other => engine_err(dir, other.to_string()),
-    })
-}
-
-/// Makes the engine's smoke image on the CPU (see [`crate::smoke`]) with the engine as a
-/// server loads it, and writes it into `engine.json` (atomically, last again): only an engine
-/// with its smoke image is served.
-pub fn record_smoke(dir: &Path) -> Result<EngineManifest> {
-    let mut manifest = open(dir, false)?;
-    let opts = crate::PipelineOptions {
-        precision: Some(manifest.precision),
-        device: Device::Cpu,
-        // The smoke image leaves T5 out; not loading it saves the builder its memory.
-        load_t5: false,
-        variant: Some(manifest.variant),
-        ..crate::PipelineOptions::default()
-    };
-    let pipeline = crate::Pipeline::load(dir, &opts)?;
-    manifest.smoke = Some(crate::smoke::record(
-        &pipeline,
-        sd35_contract::DeviceKind::Cpu,
-    )?);
-    write_manifest(&manifest, dir)?;
-    Ok(manifest)
-}
-
-struct HashingWriter<W: Write> {
+pub(super) struct HashingWriter<W: Write> {
     inner: W,
     hash: Sha256,
     size: u64,
 }
 
 impl<W: Write> HashingWriter<W> {
-    fn new(inner: W) -> Self {
+    pub(super) fn new(inner: W) -> Self {
         Self {
             inner,
             hash: Sha256::new(),
@@ -322,13 +42,13 @@ impl<W: Write> HashingWriter<W> {
 }
 
 impl HashingWriter<BufWriter<std::fs::File>> {
-    fn finish(self, path: &Path) -> Result<(u64, String)> {
+    pub(super) fn finish(self, path: &Path) -> Result<(u64, String)> {
         let file = self
             .inner
             .into_inner()
             .map_err(|e| Error::io(path, e.into_error()))?;
         file.sync_all().map_err(|e| Error::io(path, e))?;
-        Ok((self.size, hex(&self.hash.finalize())))
+        Ok((self.size, sd35_contract::hex(&self.hash.finalize())))
     }
 }
 
@@ -345,7 +65,7 @@ impl<W: Write> Write for HashingWriter<W> {
 }
 
 /// A tensor entry of a safetensors header.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug)]
 struct TensorInfo {
     dtype: String,
     shape: Vec<usize>,
@@ -405,36 +125,26 @@ fn quantisable(rel: &str, name: &str, info: &TensorInfo) -> bool {
         && st_dtype(&info.dtype).is_some_and(|d| d != DType::F8E4M3)
 }
 
+/// The tensors of `path`'s header, its metadata and where its data starts, through the one
+/// header reader both sides use ([`sd35_contract::read_safetensors_header`]).
 fn read_header(
     path: &Path,
 ) -> Result<(BTreeMap<String, TensorInfo>, Option<serde_json::Value>, u64)> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
-    let n = u64::from_le_bytes(len);
-    if n > 100 << 20 {
-        return Err(Error::Layout(format!(
-            "{}: not a safetensors file",
-            path.display()
-        )));
-    }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
-    let mut v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
-        .map_err(|source| Error::Json {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    let meta = v.remove("__metadata__");
-    let mut tensors = BTreeMap::new();
-    for (k, t) in v {
-        let info: TensorInfo = serde_json::from_value(t).map_err(|source| Error::Json {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        tensors.insert(k, info);
-    }
-    Ok((tensors, meta, 8 + n))
+    let header = sd35_contract::read_safetensors_header(path)
+        .map_err(|why| Error::Layout(format!("{}: {why}", path.display())))?;
+    let tensors = header
+        .tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let info = TensorInfo {
+                dtype: t.dtype,
+                shape: t.shape.iter().map(|&d| d as usize).collect(),
+                data_offsets: t.data_offsets,
+            };
+            (name, info)
+        })
+        .collect();
+    Ok((tensors, header.metadata, header.data_start))
 }
 
 /// One tensor of the output file, in output order.
@@ -449,7 +159,7 @@ fn scale_name(weight: &str) -> String {
     format!("{}scale_weight", weight.trim_end_matches("weight"))
 }
 
-fn convert_safetensors(
+pub(super) fn convert_safetensors(
     src: &Path,
     rel: &str,
     dst: &Path,
