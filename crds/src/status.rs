@@ -37,7 +37,13 @@ pub mod condition {
 }
 
 /// Observed state of an SD35Deployment.
+///
+/// A new object reads back `status.observedGeneration: -1` (the schema's default) until the
+/// operator writes its first status: kstatus (Flux's health checks, `kubectl wait`) then sees
+/// a generation not yet observed, in progress, instead of an object with no status, which it
+/// counts as current. Flux's own CRDs do the same.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+#[schemars(extend("default" = {"observedGeneration": -1}))]
 #[serde(rename_all = "camelCase")]
 pub struct SD35DeploymentStatus {
     /// The generation of the spec this status describes.
