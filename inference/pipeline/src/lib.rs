@@ -9,6 +9,8 @@
 
 pub mod attention;
 pub mod clip;
+pub mod control_image;
+pub mod controlnet;
 pub mod device;
 pub mod engine;
 pub mod error;
