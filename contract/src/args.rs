@@ -12,6 +12,7 @@ use std::str::FromStr;
 
 use clap::Args;
 
+use crate::EnginePrecision;
 use crate::layout::{CACHE_MOUNT, adapter_path, names_one_file};
 use crate::model::{AdapterKind, ControlMode, DeviceKind, Precision, S3UrlStyle, Variant};
 
@@ -180,7 +181,7 @@ pub struct BuildEngineArgs {
 
     /// Precision of the engine: bf16 or fp8.
     #[arg(long, env = "SD35_PRECISION")]
-    pub precision: Precision,
+    pub precision: EnginePrecision,
 
     /// The variant the engine serves, recorded in `engine.json` (unset: the variant the
     /// cache was fetched as).
@@ -867,11 +868,11 @@ mod tests {
     fn build_engine_command_line_parses_back() {
         for (precision, variant, termination_message_path) in [
             (
-                Precision::Bf16,
+                EnginePrecision::Bf16,
                 Some(Variant::Medium),
                 Some("/dev/termination-log".into()),
             ),
-            (Precision::Fp8, None, None),
+            (EnginePrecision::Fp8, None, None),
         ] {
             let args = BuildEngineArgs {
                 cache_root: "/cache".into(),

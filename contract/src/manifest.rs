@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::layout::{COMPLETE_MARKER, ENGINE_FORMAT_VERSION, ENGINE_MANIFEST};
-use crate::model::{DeviceKind, Precision, Variant};
+use crate::model::{DeviceKind, EnginePrecision, Variant};
 
 /// Why a manifest could not be read or written.
 #[derive(Debug)]
@@ -194,7 +194,7 @@ pub struct EngineManifest {
     /// The variant the engine serves; decides the sampling defaults.
     pub variant: Variant,
     /// `bf16` or `fp8`.
-    pub precision: Precision,
+    pub precision: EnginePrecision,
     /// fp8 only: how weights are scaled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fp8_scale: Option<Fp8Scale>,
@@ -275,15 +275,6 @@ impl EngineManifest {
                 format!("not a valid engine manifest ({e}); rebuild the engine"),
             )
         })?;
-        if !manifest.precision.is_engine_precision() {
-            return Err(ManifestError::Invalid(
-                path,
-                format!(
-                    "engine precision `{}` is neither bf16 nor fp8; rebuild the engine",
-                    manifest.precision
-                ),
-            ));
-        }
         Ok(manifest)
     }
 
@@ -301,7 +292,7 @@ mod tests {
         EngineManifest {
             format_version: ENGINE_FORMAT_VERSION,
             variant: Variant::LargeTurbo,
-            precision: Precision::Fp8,
+            precision: EnginePrecision::Fp8,
             fp8_scale: Some(Fp8Scale::PerChannel),
             engine_key: "e".into(),
             source_cache_key: "c".into(),
@@ -366,7 +357,10 @@ mod tests {
         v["precision"] = "f32".into();
         std::fs::write(dir.join(ENGINE_MANIFEST), v.to_string()).unwrap_or_default();
         let err = EngineManifest::read(&dir).unwrap_err().to_string();
-        assert!(err.contains("neither bf16 nor fp8"), "{err}");
+        assert!(
+            err.contains("`f32`") && err.contains("bf16") && err.contains("rebuild"),
+            "{err}"
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -105,9 +105,69 @@ impl Precision {
         }
     }
 
-    /// Whether an engine can be built in this precision (`bf16` or `fp8`).
-    pub const fn is_engine_precision(self) -> bool {
-        matches!(self, Precision::Bf16 | Precision::Fp8)
+    /// The engine precision this is, if an engine can be built in it (`bf16` or `fp8`).
+    pub const fn engine(self) -> Option<EnginePrecision> {
+        match self {
+            Precision::Bf16 => Some(EnginePrecision::Bf16),
+            Precision::Fp8 => Some(EnginePrecision::Fp8),
+            Precision::F32 => None,
+        }
+    }
+}
+
+/// The precisions an engine is built and an SD35Deployment is served in: what the CRD's
+/// `spec.precision`, `build-engine --precision` and `engine.json` accept, so no other value
+/// needs a check anywhere.
+#[derive(
+    ValueEnum,
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+)]
+#[value(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum EnginePrecision {
+    /// Every weight in bfloat16.
+    #[default]
+    Bf16,
+    /// Linear weights in F8E4M3 with scales, everything else bfloat16.
+    Fp8,
+}
+
+impl EnginePrecision {
+    /// The name on the command line, in manifests and in the API.
+    pub const fn as_str(self) -> &'static str {
+        Precision::from_engine(self).as_str()
+    }
+}
+
+impl Precision {
+    /// The weights' precision of an engine precision.
+    pub const fn from_engine(p: EnginePrecision) -> Self {
+        match p {
+            EnginePrecision::Bf16 => Precision::Bf16,
+            EnginePrecision::Fp8 => Precision::Fp8,
+        }
+    }
+}
+
+impl From<EnginePrecision> for Precision {
+    fn from(p: EnginePrecision) -> Self {
+        Precision::from_engine(p)
+    }
+}
+
+impl std::fmt::Display for EnginePrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -355,7 +415,9 @@ mod tests {
         }
         let err = "xl".parse::<Variant>().unwrap_err();
         assert!(err.contains("large-turbo"), "{err}");
-        assert!(!Precision::F32.is_engine_precision());
+        assert_eq!(Precision::F32.engine(), None);
+        assert_eq!(Precision::Fp8.engine(), Some(EnginePrecision::Fp8));
+        assert_eq!(Precision::from(EnginePrecision::Bf16), Precision::Bf16);
     }
 
     #[test]

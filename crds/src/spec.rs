@@ -12,7 +12,9 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use sd35_contract::{AdapterKind, ControlMode, Precision, S3UrlStyle, Variant};
+pub use sd35_contract::{
+    AdapterKind, ControlMode, EnginePrecision, Precision, S3UrlStyle, Variant,
+};
 
 use crate::status::SD35DeploymentStatus;
 
@@ -63,7 +65,7 @@ pub struct SD35DeploymentSpec {
     /// scales: about half the GPU memory of bf16; needs a GPU with FP8 support for full speed).
     #[serde(default)]
     #[schemars(schema_with = "engine_precision_schema")]
-    pub precision: Precision,
+    pub precision: EnginePrecision,
 
     /// Number of serving pods. Also set through the scale subresource (`kubectl scale`, HPA).
     /// Zero keeps the cache and engine but runs no server.
@@ -188,14 +190,14 @@ fn default_true() -> bool {
     true
 }
 
-/// The engine precisions a spec may ask for: the shared [`Precision`] without `f32`, which
-/// only a CPU server serving a model directory uses.
+/// The engine precisions a spec may ask for ([`EnginePrecision`]), with their default, as a
+/// plain string enum.
 fn engine_precision_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    let names: Vec<&str> = [Precision::Bf16, Precision::Fp8]
+    let names: Vec<&str> = [EnginePrecision::Bf16, EnginePrecision::Fp8]
         .iter()
         .map(|p| p.as_str())
         .collect();
-    schemars::json_schema!({"type": "string", "enum": names, "default": Precision::default().as_str()})
+    schemars::json_schema!({"type": "string", "enum": names, "default": EnginePrecision::default().as_str()})
 }
 
 /// Where the weights come from and which text encoders to load.

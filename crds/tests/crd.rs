@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use kube::CustomResourceExt;
-use sd35_crds::{Precision, RolloutStrategy, SD35Deployment, Variant};
+use sd35_crds::{EnginePrecision, RolloutStrategy, SD35Deployment, Variant};
 use serde_json::Value;
 
 fn repo_root() -> PathBuf {
@@ -177,7 +177,7 @@ fn a_minimal_spec_gets_the_documented_defaults() {
     .unwrap();
     let spec = &obj.spec;
     assert_eq!(spec.variant, Variant::LargeTurbo);
-    assert_eq!(spec.precision, Precision::Bf16);
+    assert_eq!(spec.precision, EnginePrecision::Bf16);
     assert_eq!(spec.replicas, 1);
     assert!(spec.model.source.is_none());
     assert!(spec.model.text_encoders.t5);

@@ -97,7 +97,7 @@ impl Workload {
             .unwrap_or_else(|| resolved.variant.card_guidance());
         Self {
             variant: resolved.variant,
-            precision: resolved.precision,
+            precision: resolved.precision.into(),
             width: side(defaults.width),
             height: side(defaults.height),
             batch: u32::try_from(spec.server.limits.max_batch_size)

@@ -10,7 +10,7 @@ use sd35_contract::{
     AdapterSourceArgs, CACHE_MOUNT, FetchAdapterArgs, IMPORT_MOUNT, TERMINATION_MESSAGE_PATH,
 };
 use sd35_crds::{
-    AccessMode, AdapterKind, AdapterSource, EngineBuild, Precision, SD35Deployment,
+    AccessMode, AdapterKind, AdapterSource, EngineBuild, EnginePrecision, SD35Deployment,
     SD35DeploymentSpec, SecretKeyRef, Variant,
 };
 
@@ -92,7 +92,7 @@ pub struct Resolved {
     pub generation: i64,
     pub spec: SD35DeploymentSpec,
     pub variant: Variant,
-    pub precision: Precision,
+    pub precision: EnginePrecision,
     pub source: FetchSource,
     pub token: Option<SecretKeyRef>,
     pub cache_key: String,
@@ -277,11 +277,6 @@ pub fn resolve(obj: &SD35Deployment, config: &OperatorConfig) -> Result<Resolved
     let spec = obj.spec.clone();
     let variant = spec.variant;
     let precision = spec.precision;
-    if !precision.is_engine_precision() {
-        return Err(InvalidSpec(format!(
-            "spec.precision {precision} is not served by the operator: use bf16 or fp8"
-        )));
-    }
 
     let (source, token) = match &spec.model.source {
         None => (

@@ -181,7 +181,7 @@ fn large_fp8_with_surge_on_h100_nodes() {
     ) {
         Command::BuildEngine(b) => {
             assert_eq!(b.engine_key, engine_key);
-            assert_eq!(b.precision, sd35_contract::Precision::Fp8);
+            assert_eq!(b.precision, sd35_contract::EnginePrecision::Fp8);
             assert_eq!(
                 b.termination_message_path.as_deref(),
                 Some(Path::new(

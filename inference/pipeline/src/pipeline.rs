@@ -283,7 +283,7 @@ impl Pipeline {
             None
         };
         let prec = match (&engine, opts.precision) {
-            (Some(m), Some(asked)) if asked != m.precision => {
+            (Some(m), Some(asked)) if asked != m.precision.into() => {
                 return Err(Error::Mismatch(format!(
                     "--precision {asked} but the engine {} is {}: rebuild it in {asked} or ask \
                      for {}",
@@ -292,7 +292,7 @@ impl Pipeline {
                     m.precision
                 )));
             }
-            (Some(m), _) => m.precision,
+            (Some(m), _) => m.precision.into(),
             (None, Some(asked)) => asked,
             (None, None) if opts.device.is_cpu() => Precision::F32,
             (None, None) => Precision::Bf16,

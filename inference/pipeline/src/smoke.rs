@@ -108,7 +108,7 @@ pub fn record(pipeline: &Pipeline, device: DeviceKind) -> Result<SmokeRecord> {
 pub fn record_engine(dir: &Path) -> Result<EngineManifest> {
     let mut manifest = crate::engine::open(dir, false)?;
     let opts = crate::PipelineOptions {
-        precision: Some(manifest.precision),
+        precision: Some(manifest.precision.into()),
         device: candle_core::Device::Cpu,
         // The smoke image leaves T5 out; not loading it saves the builder its memory.
         load_t5: false,

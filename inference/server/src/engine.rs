@@ -8,8 +8,7 @@
 
 use std::time::Instant;
 
-use sd35_contract::{BuildEngineArgs, ExitReason, engine_dir, model_dir};
-use sd35_pipeline::Precision;
+use sd35_contract::{BuildEngineArgs, EnginePrecision, ExitReason, engine_dir, model_dir};
 use sd35_pipeline::engine::{BuildOptions, Fp8Scale};
 
 use crate::fetch::error::{ExitError, exit_on_error};
@@ -66,19 +65,13 @@ pub fn run(cmd: &BuildEngineCommand) -> Result<(), ExitError> {
         ));
     }
     let precision = a.precision;
-    if !precision.is_engine_precision() {
-        return Err(ExitError::new(
-            ExitReason::Usage,
-            format!("--precision {precision}: engines are built in bf16 or fp8"),
-        ));
-    }
     let variant = a.variant.unwrap_or(cache.variant);
     if let Ok(m) = sd35_pipeline::engine::open(&out, true)
         && m.source_cache_key == a.cache_key
         && m.engine_key == a.engine_key
         && m.variant == variant
         && m.precision == precision
-        && m.fp8_scale == (precision == Precision::Fp8).then_some(cmd.fp8_scale)
+        && m.fp8_scale == (precision == EnginePrecision::Fp8).then_some(cmd.fp8_scale)
         && m.smoke.is_some()
     {
         tracing::info!(engine = %out.display(), "engine already built, nothing to do");

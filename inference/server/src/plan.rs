@@ -42,7 +42,11 @@ pub struct PlanArgs {
 
 /// The plan `args` ask for.
 pub fn compute(args: &PlanArgs) -> anyhow::Result<(PlanRequest, PlanDevice, MemoryPlan)> {
-    if args.width == 0 || args.height == 0 || args.width % 16 != 0 || args.height % 16 != 0 {
+    if args.width == 0
+        || args.height == 0
+        || !args.width.is_multiple_of(16)
+        || !args.height.is_multiple_of(16)
+    {
         anyhow::bail!(
             "--width {} --height {}: both must be positive multiples of 16",
             args.width,

@@ -92,7 +92,7 @@ impl ServingTarget {
     pub fn desired(resolved: &Resolved, served: Vec<ServedAdapter>) -> Self {
         Self {
             variant: resolved.variant,
-            precision: resolved.precision,
+            precision: resolved.precision.into(),
             cache_claim: resolved.cache.claim.clone(),
             cache_key: resolved.cache_key.clone(),
             engine_key: resolved.engine_key.clone(),

@@ -4,11 +4,11 @@
 use std::io::BufWriter;
 use std::path::Path;
 
-use sd35_contract::{ENGINE_FORMAT_VERSION, EngineManifest, FileRecord, Fp8Scale};
+use sd35_contract::{ENGINE_FORMAT_VERSION, EngineManifest, EnginePrecision, FileRecord, Fp8Scale};
 
 use super::rewrite::{HashingWriter, convert_safetensors};
 use super::write_manifest;
-use crate::variant::{Precision, Variant};
+use crate::variant::Variant;
 use crate::{Error, Result};
 
 /// What to build.
@@ -16,8 +16,8 @@ use crate::{Error, Result};
 pub struct BuildOptions {
     /// The variant the engine serves, recorded in the manifest.
     pub variant: Variant,
-    /// `Bf16` or `Fp8`.
-    pub precision: Precision,
+    /// The engine's precision.
+    pub precision: EnginePrecision,
     /// The engine key, recorded in the manifest.
     pub engine_key: String,
     /// Scaling of fp8 weights.
@@ -80,12 +80,6 @@ pub fn build(
     opts: &BuildOptions,
     progress: &mut dyn FnMut(&BuildProgress<'_>),
 ) -> Result<EngineManifest> {
-    if !opts.precision.is_engine_precision() {
-        return Err(Error::invalid(
-            "precision",
-            "engines are built in bf16 or fp8",
-        ));
-    }
     // Refuse what the server could not load before spending time on it.
     crate::model_dir::ModelDir::open(model)?;
     let files = model_files(model)?;
@@ -146,7 +140,7 @@ pub fn build(
         format_version: ENGINE_FORMAT_VERSION,
         variant: opts.variant,
         precision: opts.precision,
-        fp8_scale: (opts.precision == Precision::Fp8).then_some(opts.fp8_scale),
+        fp8_scale: (opts.precision == EnginePrecision::Fp8).then_some(opts.fp8_scale),
         engine_key: opts.engine_key.clone(),
         source_cache_key: opts.source_cache_key.clone(),
         source_revision: opts.source_revision.clone(),

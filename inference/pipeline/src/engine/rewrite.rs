@@ -8,12 +8,11 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use sd35_contract::Fp8Scale;
+use sd35_contract::{EnginePrecision, Fp8Scale};
 use sha2::{Digest, Sha256};
 
 use super::build::BuildOptions;
 use crate::linear::quantize_per_channel;
-use crate::variant::Precision;
 use crate::{Error, Result};
 
 /// Largest finite F8E4M3 value.
@@ -171,7 +170,7 @@ pub(super) fn convert_safetensors(
     let prequantized = tensors
         .keys()
         .any(|n| n == FP8_MARKER || n.ends_with(".scaled_fp8"));
-    let fp8 = opts.precision == Precision::Fp8;
+    let fp8 = opts.precision == EnginePrecision::Fp8;
     // Scales of F8 weights in the source, by weight name.
     let f8_scales: BTreeMap<String, String> = tensors
         .iter()
