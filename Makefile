@@ -39,7 +39,7 @@ lint: ## rustfmt and clippy, warnings are errors
 .PHONY: unit
 unit: ## Tests that need no cluster: unit, snapshot, parity, drift and server tests; parity again on the GPU's op graph
 	SD35_PYTHON="$$(bash tools/python-env.sh)" $(CARGO) test --locked
-	SD35_GENERIC_OPS=1 SD35_OP_CHUNK_ELEMENTS=2048 $(CARGO) test --locked -p sd35-pipeline --lib --test parity --test edit_parity --test lora_parity
+	SD35_GENERIC_OPS=1 SD35_OP_CHUNK_ELEMENTS=2048 $(CARGO) test --locked -p sd35-pipeline --lib --test parity --test edit_parity --test lora_parity --test controlnet_parity --test controlnet_sampling
 
 .PHONY: fuzz
 fuzz: ## Fuzz request parsing and validation for FUZZ_SECONDS (60) from the committed corpus (nightly, cargo-fuzz)

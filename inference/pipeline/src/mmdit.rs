@@ -603,12 +603,9 @@ impl Mmdit {
             // ControlNet residuals, as diffusers adds them: after every block but the last
             // (skipped or not), residual ⌊i / (blocks / residuals)⌋.
             if let Some(residuals) = extras.control
-                && !residuals.is_empty()
-                && block.c_mlp.is_some()
+                && let Some(r) = crate::controlnet::block_residual(i, n_blocks, residuals.len())
             {
-                let interval = n_blocks as f64 / residuals.len() as f64;
-                let r = &residuals[((i as f64 / interval) as usize).min(residuals.len() - 1)];
-                x = (x + r.to_dtype(dtype)?)?;
+                x = (x + residuals[r].to_dtype(dtype)?)?;
             }
         }
 

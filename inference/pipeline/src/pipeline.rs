@@ -12,6 +12,7 @@ use rand::SeedableRng;
 use rand_distr::Distribution;
 
 use crate::clip::{ClipActivation, ClipConfig, ClipOutput, ClipTextModel};
+use crate::controlnet::ControlNet;
 use crate::image::{self, RgbImage};
 use crate::lora::{Adapters, Component, LoraFile};
 use crate::mmdit::{Extras, Mmdit, MmditConfig, MmditNames};
@@ -119,6 +120,31 @@ pub struct GenerateRequest {
     pub edit: Option<Edit>,
     /// LoRA adapters (names given to [`Pipeline::add_lora`]) with their scales.
     pub loras: Vec<(String, f64)>,
+    /// A ControlNet's condition.
+    pub control: Option<Control>,
+}
+
+/// A ControlNet condition, as diffusers' `StableDiffusion3ControlNetPipeline` takes it.
+#[derive(Debug, Clone)]
+pub struct Control {
+    /// Which of the served ControlNets ([`Pipeline::add_controlnet`]).
+    pub mode: sd35_contract::ControlMode,
+    /// The control image (already preprocessed: edges, a blur, a depth map), `[1, 3, H, W]`
+    /// f32 in `[-1, 1]` at the request's size ([`image::to_tensor`]).
+    pub image: Tensor,
+    /// `controlnet_conditioning_scale`.
+    pub scale: f64,
+    /// `control_guidance_start`: the fraction of the steps before which it is off.
+    pub start: f64,
+    /// `control_guidance_end`: the fraction of the steps after which it is off.
+    pub end: f64,
+}
+
+/// Whether the ControlNet acts at step `i` of `steps`: diffusers' `controlnet_keep`, off while
+/// `i / steps < start` or `(i + 1) / steps > end`, in f64.
+pub fn control_keeps(i: usize, steps: usize, start: f64, end: f64) -> bool {
+    let (i, n) = (i as f64, steps as f64);
+    !(i / n < start || (i + 1.0) / n > end)
 }
 
 /// An image to edit, as diffusers' `StableDiffusion3Img2ImgPipeline` and (with a mask)
@@ -142,6 +168,18 @@ pub fn first_step(steps: usize, strength: f64) -> usize {
     let steps = steps as f64;
     let init = (steps * strength).min(steps);
     (steps - init).max(0.0) as usize
+}
+
+/// `extras` with a ControlNet pass's patch embeddings and residuals, when it ran.
+fn with_control<'a>(extras: Extras<'a>, found: &'a Option<(Tensor, Vec<Tensor>)>) -> Extras<'a> {
+    match found {
+        Some((embedded, residuals)) => Extras {
+            control: Some(residuals),
+            embedded: Some(embedded),
+            ..extras
+        },
+        None => extras,
+    }
 }
 
 /// `sigma · noise + (1 − sigma) · sample`: the flow-matching forward process
@@ -239,6 +277,8 @@ pub struct Pipeline {
     kept: WeightBytes,
     /// LoRA adapters requests may name, by name.
     loras: BTreeMap<String, Arc<LoraFile>>,
+    /// ControlNets requests may name, by mode.
+    controlnets: BTreeMap<sd35_contract::ControlMode, ControlNet>,
     /// The adapter set compiled last, with its key (names and scales), reused while batches
     /// ask for the same set.
     compiled: Mutex<Option<(LoraKey, Arc<CompiledLoras>)>>,
@@ -426,6 +466,7 @@ impl Pipeline {
             shift,
             kept,
             loras: BTreeMap::new(),
+            controlnets: BTreeMap::new(),
             compiled: Mutex::new(None),
         })
     }
@@ -474,6 +515,31 @@ impl Pipeline {
         self.compile_loras(&[(file.as_ref(), 1.0)])?;
         self.loras.insert(name.to_owned(), file);
         Ok(())
+    }
+
+    /// Loads the ControlNet at `path` (a diffusers folder or a single file) and serves it for
+    /// `mode`. One made for another variant is refused here, naming the file and both shapes.
+    pub fn add_controlnet(&mut self, mode: sd35_contract::ControlMode, path: &Path) -> Result<()> {
+        if self.controlnets.contains_key(&mode) {
+            return Err(Error::invalid(
+                "controlnet",
+                format!("two ControlNets are given for {mode}"),
+            ));
+        }
+        if self.vae_encoder.is_none() {
+            return Err(Error::invalid(
+                "controlnet",
+                "this model's VAE has no encoder, so it cannot encode control images",
+            ));
+        }
+        let net = ControlNet::load(path, self.mmdit.config(), &self.device, self.precision)?;
+        self.controlnets.insert(mode, net);
+        Ok(())
+    }
+
+    /// The ControlNets served, by mode.
+    pub fn controlnets(&self) -> impl Iterator<Item = (sd35_contract::ControlMode, &ControlNet)> {
+        self.controlnets.iter().map(|(m, n)| (*m, n))
     }
 
     /// The adapters requests may name, with their files.
@@ -620,6 +686,7 @@ impl Pipeline {
             without_t5: false,
             edit: None,
             loras: Vec::new(),
+            control: None,
         }
     }
 
@@ -722,6 +789,9 @@ impl Pipeline {
         if let Some(edit) = &req.edit {
             self.validate_edit(req, edit)?;
         }
+        if let Some(control) = &req.control {
+            self.validate_control(req, control)?;
+        }
         for (name, scale) in &req.loras {
             if !self.loras.contains_key(name) {
                 return Err(self.unknown_lora(name));
@@ -795,6 +865,74 @@ impl Pipeline {
             ));
         }
         Ok(())
+    }
+
+    fn validate_control(&self, req: &GenerateRequest, control: &Control) -> Result<()> {
+        if !self.controlnets.contains_key(&control.mode) {
+            let served: Vec<String> = self.controlnets.keys().map(|m| format!("`{m}`")).collect();
+            return Err(Error::invalid(
+                "control",
+                if served.is_empty() {
+                    format!(
+                        "mode `{}` is not served: this server serves no ControlNet",
+                        control.mode
+                    )
+                } else {
+                    format!(
+                        "mode `{}` is not served: this server serves {}",
+                        control.mode,
+                        served.join(", ")
+                    )
+                },
+            ));
+        }
+        if req.edit.is_some() {
+            return Err(Error::invalid(
+                "control",
+                "a ControlNet condition and an image to edit cannot be combined: send one",
+            ));
+        }
+        if !control.scale.is_finite() {
+            return Err(Error::invalid(
+                "control",
+                format!("the scale {} is not a number", control.scale),
+            ));
+        }
+        if !(0.0 <= control.start && control.start < control.end && control.end <= 1.0) {
+            return Err(Error::invalid(
+                "control",
+                format!(
+                    "start {} and end {} must satisfy 0 <= start < end <= 1",
+                    control.start, control.end
+                ),
+            ));
+        }
+        let want = [1, 3, req.height, req.width];
+        if control.image.dims() != want {
+            return Err(Error::invalid(
+                "control",
+                format!(
+                    "the control image has shape {:?}, expected {want:?} for {}x{}",
+                    control.image.dims(),
+                    req.width,
+                    req.height
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The control image's latents `[1, 16, H/8, W/8]` (f32) for `net`: the VAE encoder's
+    /// posterior mean, shifted as the ControlNet's config says and scaled.
+    fn control_latents(&self, net: &ControlNet, image: &Tensor) -> Result<Tensor> {
+        let encoder = self
+            .vae_encoder
+            .as_ref()
+            .ok_or_else(|| Error::invalid("control", "this model's VAE has no encoder"))?;
+        let cfg = self.vae.config();
+        let x = image.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let mean = encoder.encode_mean(&x)?.to_dtype(DType::F32)?;
+        Ok(((mean - net.control_latent_shift(cfg.shift_factor))? * cfg.scaling_factor)?)
     }
 
     /// Sampler latents of images `[B, 3, H, W]` in `[-1, 1]`: the VAE encoder's posterior
@@ -882,6 +1020,16 @@ impl Pipeline {
                     .map(|(n, s)| (n.clone(), s.to_bits()))
                     .collect()
             };
+            let condition_key = |r: &GenerateRequest| {
+                r.control.as_ref().map(|c| {
+                    (
+                        c.mode,
+                        c.scale.to_bits(),
+                        c.start.to_bits(),
+                        c.end.to_bits(),
+                    )
+                })
+            };
             let same = (
                 req.width,
                 req.height,
@@ -890,6 +1038,7 @@ impl Pipeline {
                 &req.slg,
                 edit_key(req),
                 lora_key(req),
+                condition_key(req),
             ) == (
                 first.width,
                 first.height,
@@ -898,13 +1047,14 @@ impl Pipeline {
                 &first.slg,
                 edit_key(first),
                 lora_key(first),
+                condition_key(first),
             );
             if !same {
                 return Err(Error::invalid(
                     "batch",
                     "requests of one batch must share size, steps, guidance, skip-layer \
-                     guidance, LoRA adapters and, for edits, strength and whether a mask is \
-                     given",
+                     guidance, LoRA adapters, the ControlNet condition's mode and scales and, \
+                     for edits, strength and whether a mask is given",
                 ));
             }
         }
@@ -930,7 +1080,21 @@ impl Pipeline {
         // Inpainting: each row's noise, image latents and latent mask, to put the kept region
         // back after every step.
         let (mut noises, mut images, mut masks) = (vec![], vec![], vec![]);
+        // A ControlNet condition: the net, its scales and each row's control latents.
+        let condition = match &first.control {
+            Some(c) => Some((
+                self.controlnets
+                    .get(&c.mode)
+                    .ok_or_else(|| Error::invalid("control", "the ControlNet is not served"))?,
+                c,
+            )),
+            None => None,
+        };
+        let mut control_latents = Vec::new();
         for req in reqs {
+            if let (Some((net, _)), Some(c)) = (condition, &req.control) {
+                control_latents.push(self.control_latents(net, &c.image)?);
+            }
             let noise = self.initial_latents(req)?;
             match &req.edit {
                 None => lat.push(noise),
@@ -967,6 +1131,11 @@ impl Pipeline {
         } else {
             (None, None)
         };
+        let mut control_latents = if condition.is_some() {
+            Some(cat(&control_latents)?)
+        } else {
+            None
+        };
         let mut inpaint = if masks.is_empty() {
             None
         } else {
@@ -993,6 +1162,9 @@ impl Pipeline {
                 pooled = pooled.index_select(&ids, 0)?;
                 nctx = nctx.map(|t| t.index_select(&ids, 0)).transpose()?;
                 npooled = npooled.map(|t| t.index_select(&ids, 0)).transpose()?;
+                control_latents = control_latents
+                    .map(|t| t.index_select(&ids, 0))
+                    .transpose()?;
                 inpaint = inpaint
                     .map(|(n, im, m)| -> Result<_> {
                         Ok((
@@ -1007,6 +1179,22 @@ impl Pipeline {
             let started = std::time::Instant::now();
             let b = rows.len();
             let x = latents.to_dtype(self.dtype)?;
+            // The ControlNet's residuals for a pass over `x_in` with `p_in` and `tt`: none
+            // while diffusers' controlnet_keep is off at this step (adding its zeros would
+            // change nothing). The skip-layer pass runs without them.
+            let controlled = |x_in: &Tensor, p_in: &Tensor, tt: &Tensor, copies: usize| {
+                let (Some((net, c)), Some(latents)) = (condition, &control_latents) else {
+                    return Ok(None);
+                };
+                if !control_keeps(i, last, c.start, c.end) {
+                    return Ok(None);
+                }
+                let embedded = self.mmdit.embed_patches(x_in)?;
+                let latents = latents.to_dtype(self.dtype)?;
+                let latents = Tensor::cat(&vec![&latents; copies], 0)?;
+                let residuals = net.forward(&embedded, &latents, p_in, tt, c.scale)?;
+                Ok::<_, Error>(Some((embedded, residuals)))
+            };
             let noise = match (&nctx, &npooled) {
                 (Some(nc), Some(np)) => {
                     // Unconditional rows first, then conditional: one transformer pass.
@@ -1014,9 +1202,10 @@ impl Pipeline {
                     let c_in = Tensor::cat(&[nc, &ctx], 0)?;
                     let p_in = Tensor::cat(&[np, &pooled], 0)?;
                     let tt = Tensor::full(t, 2 * b, dev)?;
+                    let found = controlled(&x_in, &p_in, &tt, 2)?;
                     let pred = self
                         .mmdit
-                        .forward_with(&x_in, &tt, &c_in, &p_in, &[], &extras)?
+                        .forward_with(&x_in, &tt, &c_in, &p_in, &[], &with_control(extras, &found))?
                         .to_dtype(DType::F32)?;
                     let uncond = pred.narrow(0, 0, b)?;
                     let text = pred.narrow(0, b, b)?;
@@ -1036,8 +1225,9 @@ impl Pipeline {
                 }
                 _ => {
                     let tt = Tensor::full(t, b, dev)?;
+                    let found = controlled(&x, &pooled, &tt, 1)?;
                     self.mmdit
-                        .forward_with(&x, &tt, &ctx, &pooled, &[], &extras)?
+                        .forward_with(&x, &tt, &ctx, &pooled, &[], &with_control(extras, &found))?
                         .to_dtype(DType::F32)?
                 }
             };
