@@ -1,27 +1,33 @@
 #!/usr/bin/env bash
 # The GPU benchmark (tools/device_bench.py) and what it carries. The GPU machine has CUDA 13,
-# PyTorch and no Rust toolchain, and reaches no network; what it needs from here is prepared
-# into target/cuda/ (the bundle) on a machine with Rust, then carried with the working tree:
+# PyTorch and no Rust toolchain, and reaches no network; what it needs from here is packed into
+# target/device-bench/ (the bundle) on a machine with Rust, then carried with the working tree:
 #
-#   tools/device-bench.sh --prepare     # here: the CUDA build (tools/cuda/build.sh) and the
-#                                       # carried wheels (tools/device-bench-wheels.txt)
+#   tools/device-bench.sh --prepare     # here: the CUDA build (tools/cuda/build.sh, into
+#                                       # target/cuda/), packed; the carried wheels
+#                                       # (tools/device-bench-wheels.txt)
 #   tools/device-bench.sh [ARGS...]     # there: ARGS go to tools/device_bench.py, e.g.
 #                                       # --out "$OUT/device-bench.json" --skip-fp8-build
 #   tools/device-bench.sh --dry-run [ARGS...]
 #                                       # here, on the CPU: the same script and bundle, small
 #                                       # shapes, in the Python environment of
-#                                       # tools/device-bench-env.sh (made once per user); checks
-#                                       # that the working tree and the bundle fit the 64 MiB a
-#                                       # GPU machine is sent. `make device-bench-dry-run`.
+#                                       # tools/device-bench-env.sh (made once per user).
+#                                       # `make device-bench-dry-run`.
 #
-# The binary's CUDA libraries (cuBLAS, cuBLASLt, cuRAND, NVRTC, the CUDA runtime) are taken from
-# the Python environment's NVIDIA wheels (what PyTorch itself loads), else from /usr/local/cuda;
-# the driver's libcuda from the system. A dry run puts the build's driver stub on the library
-# path (no driver here: the binary must start, and `--device cpu` never asks the driver).
+# The bundle: sd35-server.xz (the stripped CUDA build, about 5 MiB instead of 26: the working
+# tree and the bundle together must fit the 64 MiB a GPU machine is sent, and --prepare and
+# --dry-run check that they do), its sha256, and wheels/. Unpacked with Python's lzma, which
+# every Python has.
+#
+# The binary's CUDA libraries (cuBLAS, cuBLASLt, cuRAND) are taken from the Python environment's
+# NVIDIA wheels (what PyTorch itself loads), else from /usr/local/cuda; the driver's libcuda from
+# the system. A dry run puts the build's driver stub on the library path (no driver here: the
+# binary must start, and `--device cpu` never asks the driver).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bundle="$repo/target/cuda"
+build="$repo/target/cuda"
+bundle="$repo/target/device-bench"
 wheels_req="$repo/tools/device-bench-wheels.txt"
 limit_bytes=$((64 * 1024 * 1024))
 log() { printf '[device-bench] %s\n' "$*" >&2; }
@@ -39,6 +45,40 @@ prepare_wheels() {
   log "wheels: $(cd "$bundle/wheels" && echo *.whl)"
 }
 
+# Packs target/cuda/sd35-server into the bundle, unless the packed one is that binary already.
+pack_binary() {
+  local sum
+  sum=$(sha256sum "$build/sd35-server" | cut -d' ' -f1)
+  if [ -f "$bundle/sd35-server.xz" ] && [ "$(cat "$bundle/sd35-server.sha256" 2>/dev/null)" = "$sum" ]; then
+    return 0
+  fi
+  mkdir -p "$bundle"
+  rm -f "$bundle/sd35-server.sha256"
+  nice xz -T2 -6 -c "$build/sd35-server" >"$bundle/sd35-server.xz.tmp"
+  mv "$bundle/sd35-server.xz.tmp" "$bundle/sd35-server.xz"
+  echo "$sum" >"$bundle/sd35-server.sha256"
+  log "packed $build/sd35-server ($(stat -c %s "$build/sd35-server") bytes) into" \
+    "$bundle/sd35-server.xz ($(stat -c %s "$bundle/sd35-server.xz") bytes)"
+}
+
+# Unpacks the bundle's binary into the folder $2 with the Python $1; prints its path.
+unpack_binary() {
+  "$1" - "$bundle" "$2" <<'PY'
+import hashlib, lzma, os, shutil, sys
+bundle, dest = sys.argv[1:3]
+out = os.path.join(dest, "sd35-server")
+with lzma.open(os.path.join(bundle, "sd35-server.xz")) as src, open(out, "wb") as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)
+want = open(os.path.join(bundle, "sd35-server.sha256")).read().split()[0]
+with open(out, "rb") as f:
+    got = hashlib.sha256(f.read()).hexdigest()
+if got != want:
+    sys.exit(f"{out}: sha256 {got}, the bundle says {want}: run tools/device-bench.sh --prepare again")
+os.chmod(out, 0o755)
+print(out)
+PY
+}
+
 # Whether what a GPU machine is sent fits its 64 MiB: the working tree (tracked and untracked
 # files that git does not ignore) plus the bundle. Prints the sizes; fails when over.
 check_carried_size() {
@@ -47,8 +87,8 @@ check_carried_size() {
     | xargs -0 -r stat -c %s -- 2>/dev/null | awk '{s += $1} END {print s + 0}')
   bundle_bytes=$(find "$bundle" -type f -printf '%s\n' 2>/dev/null | awk '{s += $1} END {print s + 0}')
   total=$((tree + bundle_bytes))
-  log "carried: working tree $((tree / 1024 / 1024)) MiB + target/cuda $((bundle_bytes / 1024 / 1024)) MiB" \
-    "($(cd "$bundle" 2>/dev/null && find . -type f -printf '%P %s B; ' 2>/dev/null))" \
+  log "carried: working tree $((tree / 1024 / 1024)) MiB + target/device-bench" \
+    "$((bundle_bytes / 1024 / 1024)) MiB ($(cd "$bundle" 2>/dev/null && find . -type f -printf '%P %s B; ' 2>/dev/null))" \
     "= $((total / 1024 / 1024)) MiB ($total bytes) of 64 MiB"
   if [ "$total" -gt "$limit_bytes" ]; then
     log "over the 64 MiB a GPU machine is sent: carry less (see tools/device-bench.sh)"
@@ -88,46 +128,59 @@ check_links() {
 
 case "${1:-}" in
 --prepare)
-  SD35_CUDA_OUT="$bundle" bash "$repo/tools/cuda/build.sh" >/dev/null
+  SD35_CUDA_OUT="$build" bash "$repo/tools/cuda/build.sh" >/dev/null
+  pack_binary
   prepare_wheels
   check_carried_size
-  log "bundle ready: carry target/cuda; on the GPU machine run tools/device-bench.sh --out \"\$OUT/device-bench.json\""
+  log "bundle ready: carry target/device-bench; on the GPU machine run" \
+    "tools/device-bench.sh --out \"\$OUT/device-bench.json\""
   ;;
 --dry-run)
   shift
   started=$(date +%s)
   python=$(bash "$repo/tools/device-bench-env.sh")
   prepare_wheels
-  if [ -x "$bundle/sd35-server" ]; then
-    bin="$bundle/sd35-server"
-    log "binary: the CUDA build $bin, run with --device cpu and the driver stub"
+  scratch=$(mktemp -d "${TMPDIR:-/tmp}/sd35-device-bench-dry-run.XXXXXX")
+  trap 'rm -rf "$scratch"' EXIT
+  stub=""
+  if [ -x "$build/sd35-server" ]; then
+    pack_binary
     check_carried_size
-    stub="$bundle/driver-stub"
+    mkdir "$scratch/bin"
+    bin=$(unpack_binary "$python" "$scratch/bin")
+    log "binary: the CUDA build, unpacked from the bundle ($bin), run with --device cpu and the driver stub"
+    stub="$build/driver-stub"
     [ -e "$stub/libcuda.so.1" ] || { log "$stub/libcuda.so.1 missing: run make cuda"; exit 1; }
   else
-    log "no CUDA build in $bundle (make cuda makes it): the dry run uses target/debug/sd35-server," \
+    log "no CUDA build in $build (make cuda makes it): the dry run uses target/debug/sd35-server," \
       "and the bundle's size is checked without the binary"
     (cd "$repo" && nice cargo build --locked -q -p sd35-server --bin sd35-server)
     bin="$repo/target/debug/sd35-server"
-    stub=""
     check_carried_size
   fi
   LD_LIBRARY_PATH="$(cuda_library_path "$python")${stub:+:$stub}"
   export LD_LIBRARY_PATH
   check_links "$bin"
-  work=$(mktemp -d "${TMPDIR:-/tmp}/sd35-device-bench-dry-run.XXXXXX")
-  trap 'rm -rf "$work"' EXIT
   out="$repo/target/device-bench-dry-run/result.json"
   rc=0
   PYTHONUNBUFFERED=1 nice "$python" "$repo/tools/device_bench.py" --dry-run --binary "$bin" \
-    --wheels "$bundle/wheels" --work "$work" --out "$out" "$@" || rc=$?
-  log "dry run: exit $rc in $(( $(date +%s) - started )) s; summary in ${out%.json}.md"
+    --wheels "$bundle/wheels" --work "$scratch/work" --out "$out" "$@" || rc=$?
+  log "dry run: exit $rc in $(($(date +%s) - started)) s; summary in ${out%.json}.md"
   exit "$rc"
   ;;
 *)
   python=${PYTHON:-python3}
-  bin=${SD35_SERVER_BIN:-$bundle/sd35-server}
-  [ -x "$bin" ] || { log "$bin not found: run tools/device-bench.sh --prepare first (where Rust is)"; exit 1; }
+  if [ -n "${SD35_SERVER_BIN:-}" ]; then
+    bin=$SD35_SERVER_BIN
+  elif [ -f "$bundle/sd35-server.xz" ]; then
+    # A bundle that does not unpack is reported by the preflight; the parts without it still run.
+    bin=$(unpack_binary "$python" "$(mktemp -d "${TMPDIR:-/tmp}/sd35-device-bench-bin.XXXXXX")") ||
+      bin="$bundle/sd35-server (not unpacked)"
+  else
+    log "$bundle/sd35-server.xz not found: run tools/device-bench.sh --prepare first (where Rust is)" \
+      "and carry target/device-bench"
+    exit 1
+  fi
   LD_LIBRARY_PATH=$(cuda_library_path "$python")
   export LD_LIBRARY_PATH
   check_links "$bin"

@@ -483,7 +483,7 @@ class Bench:
         self.dev_label = args.device
         if args.dry_run:
             self.dev_env.update(SD35_GENERIC_OPS="1", SD35_OP_CHUNK_ELEMENTS="2048")
-            self.dev_label = "cpu on the GPU's op graph"
+            self.dev_label = "cpu-generic"  # the CPU on the GPU's op graph
         self.model = {"large": self.work / "large", "medium": self.work / "medium"}
         self.latents = self.work / f"latents-large-{args.size}.safetensors"
         self.medium_latents = self.work / f"latents-medium-{args.medium_size}.safetensors"
@@ -742,7 +742,8 @@ class Bench:
             ratio = mine["image_s"] / ref["image_s"]
             step_ratio = mine["step_median_s"] / ref["step_median_s"]
             self.results.update(ratio_image=ratio, ratio_step=step_ratio)
-            self.figure("diffusers", "time ratio sd35-server / diffusers, per image", ratio, f"{ratio:.2f}", refs=refs)
+            self.figure("diffusers", "time ratio sd35-server / diffusers, per image (ours in a fresh process, "
+                        "diffusers after a 2-step warm-up)", ratio, f"{ratio:.2f}", refs=refs)
             self.figure("diffusers", "time ratio sd35-server / diffusers, per step (median)", step_ratio,
                         f"{step_ratio:.2f}", refs=refs)
             if mine["gpu_peak_mib"] and ref["gpu_peak_mib"]:
@@ -917,6 +918,9 @@ class Bench:
                   if gpu.get("name") else f"no GPU ({gpu.get('error', 'NVML not reached')})")
         if a.device == "cpu":
             device = f"CPU: {os.cpu_count()} × {cpu_name()}; {device}"
+        if a.dry_run:
+            device += ("; `cpu-generic`: the CPU running the GPU's op graph (SD35_GENERIC_OPS=1, "
+                       "small chunks), `CPU`: its fused kernels")
         pk = r.get("packages", {})
         lines = [
             f"### sd35 device benchmark{' (dry run on the CPU, small shapes)' if a.dry_run else ''}",
