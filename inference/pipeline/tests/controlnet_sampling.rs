@@ -120,13 +120,19 @@ fn controlnets_in_the_sampler_match_the_reference() {
                  PSNR {db:.1} dB ({} op graph)",
                 op_graph::current().name()
             );
-            assert!(e_lat <= 1e-3 && e_img <= 1e-3, "{id}: {e_lat:.2e} {e_img:.2e}");
+            assert!(
+                e_lat <= 1e-3 && e_img <= 1e-3,
+                "{id}: {e_lat:.2e} {e_img:.2e}"
+            );
             assert!(db >= 45.0, "{id}: PSNR {db:.1} dB");
             // The condition matters: without it the latents are far away.
             let mut plain = req.clone();
             plain.control = None;
             let without = p.sample(&plain, &mut |_, _| {}).unwrap();
-            assert!(rel_err(&without, &latents) > 1e-2, "{id}: the ControlNet did nothing");
+            assert!(
+                rel_err(&without, &latents) > 1e-2,
+                "{id}: the ControlNet did nothing"
+            );
             ran += 1;
         }
     }
