@@ -16,8 +16,8 @@
 #
 # The bundle: sd35-server.xz (the stripped CUDA build, about 5 MiB instead of 26: the working
 # tree and the bundle together must fit the 64 MiB a GPU machine is sent, and --prepare and
-# --dry-run check that they do), its sha256, and wheels/. Unpacked with Python's lzma, which
-# every Python has.
+# --dry-run check that they do), its sha256, and wheels/. Packed and unpacked with Python's
+# lzma, which every Python has.
 #
 # The binary's CUDA libraries (cuBLAS, cuBLASLt, cuRAND) are taken from the Python environment's
 # NVIDIA wheels (what PyTorch itself loads), else from /usr/local/cuda; the driver's libcuda from
@@ -54,7 +54,9 @@ pack_binary() {
   fi
   mkdir -p "$bundle"
   rm -f "$bundle/sd35-server.sha256"
-  nice xz -T2 -6 -c "$build/sd35-server" >"$bundle/sd35-server.xz.tmp"
+  nice "${PYTHON:-python3}" -c 'import lzma, shutil, sys
+with open(sys.argv[1], "rb") as src, lzma.open(sys.argv[2], "wb", preset=6) as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)' "$build/sd35-server" "$bundle/sd35-server.xz.tmp"
   mv "$bundle/sd35-server.xz.tmp" "$bundle/sd35-server.xz"
   echo "$sum" >"$bundle/sd35-server.sha256"
   log "packed $build/sd35-server ($(stat -c %s "$build/sd35-server") bytes) into" \

@@ -272,7 +272,8 @@ class Runner:
         gpu_peak_mib (NVML, when `gpu` is an Nvml), ref (the command's number in the summary).
         Raises RuntimeError with the output's tail when the command fails or is stopped."""
         self.count += 1
-        self.commands.append(self.display(cmd))
+        shown = [f"{k}={env[k]}" for k in ("SD35_GENERIC_OPS", "SD35_OP_CHUNK_ELEMENTS") if env and env.get(k)]
+        self.commands.append(" ".join(shown + [self.display(cmd)]))
         ref = len(self.commands)
         timeout = self.left() - RESERVE_S
         if limit is not None:
