@@ -119,7 +119,7 @@ bench-kernels: ## CPU kernels side by side: sgemm, the block's linears, fused vs
 	  --threads $${THREADS:-2}
 
 .PHONY: device-bench
-device-bench: ## Prepare target/cuda/ for the GPU benchmark; on the GPU machine run tools/device-bench.sh
+device-bench: ## Build and pack the GPU benchmark's bundle (target/device-bench, carried to the GPU machine, which runs tools/device-bench.sh)
 	bash tools/device-bench.sh --prepare
 
 .PHONY: device-bench-dry-run
