@@ -115,7 +115,7 @@ bench-cpu: ## CPU benchmark: our pipeline and diffusers side by side (reference 
 .PHONY: bench-kernels
 bench-kernels: ## CPU kernels side by side: sgemm, the block's linears, fused vs unfused attention, then torch's (THREADS=2)
 	RAYON_NUM_THREADS=$${THREADS:-2} $(CARGO) bench --locked -q -p sd35-pipeline --bench cpu_kernels
-	"$${SD35_REFERENCE_PYTHON:-$$HOME/.cache/sd35-reference/bin/python}" inference/reference/kernels.py \
+	"$${SD35_REFERENCE_PYTHON:-$$HOME/.cache/sd35-reference/bin/python}" inference/reference/torch_kernel_times.py \
 	  --threads $${THREADS:-2}
 
 .PHONY: device-bench

@@ -6,7 +6,7 @@ warm-up, mean CPU time of this process over them), printed as rows of the same t
 `a @ b` at 2048³, `F.linear` at the MMDiT block's shapes and `F.scaled_dot_product_attention`
 on [2, 24, 1357, 64]. `make bench-kernels` runs both, one after the other.
 
-    python inference/reference/kernels.py [--threads N]
+    python inference/reference/torch_kernel_times.py [--threads N]
 """
 
 import argparse
