@@ -118,6 +118,10 @@ bench-kernels: ## CPU kernels side by side: sgemm, the block's linears, fused vs
 	"$${SD35_REFERENCE_PYTHON:-$$HOME/.cache/sd35-reference/bin/python}" inference/reference/torch_kernel_times.py \
 	  --threads $${THREADS:-2}
 
+.PHONY: check-full-size
+check-full-size: ## SD3.5 at its published shapes, random weights, on the CPU: mirror, fetch, bf16 and fp8 engines, one image each; load time and peak RSS beside the memory plan (VARIANTS="medium large"; needs twice the weights free on disk: 35 GB Medium, 58 GB Large)
+	CARGO=$(CARGO) bash tools/check-full-size.sh $${VARIANTS:-medium large}
+
 .PHONY: device-bench
 device-bench: ## Build and pack the GPU benchmark's bundle (target/device-bench, carried to the GPU machine, which runs tools/device-bench.sh)
 	bash tools/device-bench.sh --prepare
