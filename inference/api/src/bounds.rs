@@ -74,6 +74,9 @@ pub struct Bounds {
     /// The names a request may give as its model (`model`, `sd_model_checkpoint`), ASCII case
     /// ignored and surrounding white space trimmed; empty before the model is loaded.
     pub model_names: Vec<String>,
+    /// The transformer's blocks (`slg_layers` names blocks below it); `None` before the model
+    /// is loaded.
+    pub transformer_blocks: Option<u32>,
 }
 
 impl Bounds {
@@ -115,6 +118,7 @@ impl Bounds {
             guidance: (0.0, MAX_GUIDANCE),
             prompt_bytes: max_prompt_bytes,
             model_names: Vec::new(),
+            transformer_blocks: None,
         }
     }
 
@@ -185,6 +189,7 @@ impl Limits {
     pub fn bounds(&self) -> Bounds {
         Bounds {
             model_names: self.model.served_names.clone(),
+            transformer_blocks: Some(self.model.transformer_blocks),
             ..Bounds::for_model(self.max_size(), self.max_steps, self.max_prompt_bytes)
         }
     }

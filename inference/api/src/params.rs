@@ -1,13 +1,17 @@
 //! What one image needs ([`GenParams`]) and what the loaded model is ([`ModelInfo`]): the
 //! values validation produces and checks against.
 
+use std::sync::Arc;
+
 use schemars::JsonSchema;
 use sd35_contract::{DeviceKind, Precision, Variant};
 use serde::Serialize;
 
+use crate::picture::{Mask, Picture};
+
 /// Everything that decides one image. Two requests with equal [`GenParams::batch_key`] can
 /// be sampled together.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct GenParams {
     /// What to draw.
     pub prompt: String,
@@ -23,25 +27,68 @@ pub struct GenParams {
     pub guidance_scale: f64,
     /// Seed of the initial noise.
     pub seed: u64,
+    /// Skip-layer guidance blocks the request names (`Some(vec![])`: none); `None`: the
+    /// server's default ([`ModelInfo::skip_layer_guidance`]).
+    pub slg_layers: Option<Vec<u32>>,
+    /// The image to edit, for img2img and inpainting.
+    #[serde(skip)]
+    pub edit: Option<EditParams>,
+}
+
+/// An image to edit, already at the request's size: img2img, and inpainting with a mask.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EditParams {
+    /// The image (shared by the images of one request).
+    pub image: Arc<Picture>,
+    /// Where to repaint (level ≥ 128), when inpainting.
+    pub mask: Option<Arc<Mask>>,
+    /// How much of the schedule runs, in (0, 1] (diffusers' `strength`).
+    pub strength: f64,
 }
 
 /// What must match for two requests to share a batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BatchKey {
     width: u32,
     height: u32,
     steps: u32,
     guidance_bits: u64,
+    slg_layers: Option<Vec<u32>>,
+    /// An edit's strength and whether it has a mask.
+    edit: Option<(u64, bool)>,
+}
+
+/// The first step an edit of `strength` runs of a `steps`-step schedule, exactly as diffusers'
+/// `get_timesteps` (and the pipeline) cut it: `int(max(steps − min(steps · strength, steps),
+/// 0))` in f64, truncated.
+pub fn first_step(steps: u32, strength: f64) -> u32 {
+    let steps = f64::from(steps);
+    let init = (steps * strength).min(steps);
+    (steps - init).max(0.0) as u32
 }
 
 impl GenParams {
-    /// The shape of the work: size, steps and guidance.
+    /// The shape of the work: size, steps, guidance, skip-layer guidance and, for edits,
+    /// strength and whether a mask is given.
     pub fn batch_key(&self) -> BatchKey {
         BatchKey {
             width: self.width,
             height: self.height,
             steps: self.steps,
             guidance_bits: self.guidance_scale.to_bits(),
+            slg_layers: self.slg_layers.clone(),
+            edit: self
+                .edit
+                .as_ref()
+                .map(|e| (e.strength.to_bits(), e.mask.is_some())),
+        }
+    }
+
+    /// The sampling steps that run: all of them, or an edit's tail (see [`first_step`]).
+    pub fn sampled_steps(&self) -> u32 {
+        match &self.edit {
+            Some(e) => self.steps - first_step(self.steps, e.strength).min(self.steps),
+            None => self.steps,
         }
     }
 }
@@ -105,9 +152,14 @@ pub struct ModelInfo {
     pub t5_loaded: bool,
     /// Largest width or height the model accepts.
     pub max_size: u32,
+    /// Transformer blocks (skip-layer guidance may name blocks `0..transformer_blocks`).
+    pub transformer_blocks: u32,
+    /// Whether the model edits images (its VAE has the encoder).
+    pub image_editing: bool,
     /// Defaults the model card gives (before the server's overrides).
     pub defaults: Defaults,
-    /// Skip-layer guidance of the variant, when it has one.
+    /// Skip-layer guidance requests get unless they name their own blocks: the variant's,
+    /// when it has one and this model has the blocks it names.
     pub skip_layer_guidance: Option<SkipLayerInfo>,
     /// Things an operator should know (CPU fallback, an assumed variant, conversion at load).
     pub warnings: Vec<String>,

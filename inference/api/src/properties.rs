@@ -6,15 +6,23 @@
 //! either refuses with a 4xx naming a field, or turns into images whose every value lies
 //! inside [`Bounds`]; the same body always gives the same answer; an accepted request,
 //! written back as JSON, is accepted again with the same images; seeds never wrap.
+//!
+//! For the editing endpoints (the bytes as a `multipart/form-data` body of
+//! `/v1/images/edits`, and as the JSON of `/v1/img2img` and `/sdapi/v1/img2img`): the
+//! multipart parser either refuses with a 400 or yields parts that are pieces of the body,
+//! each named once; every refusal is a 4xx with a message; an accepted edit's image (and mask)
+//! has exactly the request's size, its strength lies in (0, 1] and at least one step runs.
 
 use http::StatusCode;
 use sd35_contract::{DeviceKind, Precision, Variant};
 
 use crate::bounds::{Bounds, Limits, max_first_seed};
+use crate::edit::{ImageEditRequest, Img2ImgRequest};
 use crate::error::ApiError;
+use crate::multipart;
 use crate::params::{Defaults, GenParams, ModelInfo};
 use crate::request::{ImagesRequest, Txt2ImgRequest, parse_json};
-use crate::sdapi::{A1111Txt2ImgRequest, MAX_RANDOM_SEED};
+use crate::sdapi::{A1111Img2ImgRequest, A1111Txt2ImgRequest, MAX_RANDOM_SEED};
 
 /// The limits the properties are checked against: a model of 256 px at most, 50 steps,
 /// 100-byte prompts (small limits, so the fuzzer reaches them).
@@ -41,6 +49,8 @@ pub fn limits() -> Limits {
             cache_key: None,
             t5_loaded: false,
             max_size: 256,
+            transformer_blocks: 24,
+            image_editing: true,
             defaults: defaults.clone(),
             skip_layer_guidance: None,
             warnings: Vec::new(),
@@ -164,10 +174,115 @@ pub fn sdapi_txt2img(body: &[u8], seed: u64) {
     }
 }
 
+/// What an accepted edit satisfies.
+fn check_edit(p: &GenParams, b: &Bounds) {
+    check_image(p, b);
+    let Some(e) = &p.edit else {
+        panic!("an edit without its image: {p:?}");
+    };
+    assert_eq!((e.image.width, e.image.height), (p.width, p.height));
+    assert_eq!(e.image.rgb.len(), (p.width * p.height * 3) as usize);
+    if let Some(m) = &e.mask {
+        assert_eq!((m.width, m.height), (p.width, p.height));
+        assert_eq!(m.grey.len(), (p.width * p.height) as usize);
+    }
+    assert!(e.strength > 0.0 && e.strength <= 1.0, "{}", e.strength);
+    assert!(p.sampled_steps() >= 1 && p.sampled_steps() <= p.steps);
+}
+
+/// Any refusal: a 4xx with a message.
+fn check_refusal(e: &ApiError) {
+    assert!(!e.message.is_empty(), "an error without a message: {e:?}");
+    assert!(e.status.is_client_error(), "answered {e:?}");
+}
+
+/// The boundary a body opens with (`--BOUNDARY` up to its line break), else `fuzz`.
+fn boundary_of(body: &[u8]) -> String {
+    body.strip_prefix(b"--")
+        .and_then(|rest| rest.split(|&b| b == b'\r').next())
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .filter(|b| !b.is_empty() && b.len() <= 70)
+        .unwrap_or("fuzz")
+        .to_owned()
+}
+
+/// The body as the `multipart/form-data` form of `POST /v1/images/edits`.
+pub fn edit_form(body: &[u8], seed: u64) {
+    let limits = limits();
+    let bounds = limits.bounds();
+    let content_type = format!("multipart/form-data; boundary={}", boundary_of(body));
+    let parts = match multipart::boundary(&content_type).and_then(|b| multipart::parse(&b, body)) {
+        Err(e) => {
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{e:?}");
+            assert!(!e.message.is_empty());
+            return;
+        }
+        Ok(parts) => parts,
+    };
+    let range = body.as_ptr_range();
+    for (i, part) in parts.iter().enumerate() {
+        let r = part.data.as_ptr_range();
+        assert!(
+            range.start <= r.start && r.end <= range.end,
+            "a part outside the body"
+        );
+        assert!(!part.name.is_empty());
+        assert!(
+            parts[..i].iter().all(|p| p.name != part.name),
+            "{} twice",
+            part.name
+        );
+    }
+    let answer = |parts: &[multipart::Part<'_>]| {
+        ImageEditRequest::from_form(parts).and_then(|r| r.resolve(&limits, || seed))
+    };
+    match answer(&parts) {
+        Err(e) => {
+            check_refusal(&e);
+            assert!(e.field.is_some(), "no field named: {e:?}");
+            assert_eq!(
+                answer(&parts).err(),
+                Some(e),
+                "the same body, another answer"
+            );
+        }
+        Ok(images) => {
+            let first = images.first().map_or(0, |p| p.seed);
+            for (i, p) in images.iter().enumerate() {
+                check_edit(p, &bounds);
+                assert_eq!(p.seed, first + i as u64);
+            }
+        }
+    }
+}
+
+/// The body as the JSON of `POST /v1/img2img` and `POST /sdapi/v1/img2img`.
+pub fn img2img(body: &[u8], seed: u64) {
+    let limits = limits();
+    let bounds = limits.bounds();
+    match parse_json::<Img2ImgRequest>(body).map(|r| r.resolve(&limits, || seed)) {
+        Err(e) => check_error(&e, false),
+        Ok(Err(e)) => check_refusal(&e),
+        Ok(Ok(p)) => check_edit(&p, &bounds),
+    }
+    match parse_json::<A1111Img2ImgRequest>(body).map(|r| r.resolve(&limits, || seed)) {
+        Err(e) => check_error(&e, false),
+        Ok(Err(e)) => check_refusal(&e),
+        Ok(Ok((images, batch, iterations))) => {
+            assert_eq!(images.len(), (batch * iterations) as usize);
+            for p in &images {
+                check_edit(p, &bounds);
+            }
+        }
+    }
+}
+
 /// Every endpoint, with a random seed taken from the input's length (any value will do).
 pub fn request(body: &[u8]) {
     let seed = u64::MAX - body.len() as u64;
     txt2img(body, seed);
     images(body, seed);
     sdapi_txt2img(body, seed);
+    img2img(body, seed);
+    edit_form(body, seed);
 }

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bounds::{Bounds, Limits, max_first_seed};
 use crate::error::ApiError;
+use crate::output::Output;
 use crate::params::{GenParams, ModelInfo};
 
 /// `POST /v1/txt2img`: the body diffusers-based services accept today.
@@ -37,11 +38,23 @@ pub struct Txt2ImgRequest {
     /// Seed of the initial noise (random when left out; the response reports it).
     #[serde(default)]
     pub seed: Option<u64>,
-    /// Also store the image (the server must have artifact storage): the PNG answer carries
+    /// Also store the image (the server must have artifact storage): the image answer carries
     /// its URL in `X-Artifact-Url` (and its expiry, Unix seconds, in `X-Artifact-Expires`),
     /// the JSON answer in `url` and `expires_at`.
     #[serde(default)]
     pub store: Option<bool>,
+    /// `png` (the default), `jpeg` or `webp` (lossless); left out, the first of
+    /// `image/png`, `image/jpeg`, `image/webp` the `Accept` header names.
+    #[serde(default)]
+    pub output_format: Option<String>,
+    /// JPEG quality from 0 to 100 (default 100); PNG and WebP are lossless.
+    #[serde(default)]
+    pub output_compression: Option<u32>,
+    /// Skip-layer guidance: the transformer blocks skipped in its extra pass (`[]` turns it
+    /// off); left out, the model's default (`/v1/models`: `defaults.skip_layer_guidance`).
+    /// It applies with classifier-free guidance (guidance_scale > 1).
+    #[serde(default)]
+    pub slg_layers: Option<Vec<u32>>,
 }
 
 /// Largest `partial_images` of a streamed generation (the OpenAI Images API's limit).
@@ -109,6 +122,12 @@ pub struct ImagesRequest {
     /// sampling steps; fewer when there are too few steps.
     #[serde(default)]
     pub partial_images: Option<u32>,
+    /// `png` (the default), `jpeg` or `webp` (lossless).
+    #[serde(default)]
+    pub output_format: Option<String>,
+    /// JPEG quality from 0 to 100 (default 100); PNG and WebP are lossless.
+    #[serde(default)]
+    pub output_compression: Option<u32>,
 }
 
 /// Parses a JSON body: exactly one JSON object (surrounding whitespace allowed), no unknown
@@ -181,7 +200,12 @@ pub struct Sampling<'a> {
     pub guidance_scale: Option<f64>,
     /// Seed.
     pub seed: Option<u64>,
+    /// Skip-layer guidance blocks.
+    pub slg_layers: Option<&'a [u32]>,
 }
+
+/// Most blocks `slg_layers` may name.
+pub const MAX_SLG_LAYERS: usize = 64;
 
 impl Sampling<'_> {
     /// Validates and fills defaults; `random_seed` supplies a seed when none is given.
@@ -212,6 +236,9 @@ impl Sampling<'_> {
         {
             return Err(ApiError::invalid("width", why));
         }
+        if let Some(layers) = self.slg_layers {
+            check_slg_layers(layers, limits.model.transformer_blocks)?;
+        }
         Ok(GenParams {
             prompt: self.prompt.to_owned(),
             negative_prompt: negative.to_owned(),
@@ -220,8 +247,35 @@ impl Sampling<'_> {
             steps,
             guidance_scale: guidance,
             seed: self.seed.unwrap_or_else(random_seed),
+            slg_layers: self.slg_layers.map(<[u32]>::to_vec),
+            edit: None,
         })
     }
+}
+
+/// Skip-layer guidance blocks a request names: each one of the model's, at most
+/// [`MAX_SLG_LAYERS`] of them.
+fn check_slg_layers(layers: &[u32], blocks: u32) -> Result<(), ApiError> {
+    if layers.len() > MAX_SLG_LAYERS {
+        return Err(ApiError::invalid(
+            "slg_layers",
+            format!(
+                "names {} blocks; at most {MAX_SLG_LAYERS} are accepted",
+                layers.len()
+            ),
+        ));
+    }
+    if let Some(&bad) = layers.iter().find(|&&l| l >= blocks) {
+        return Err(ApiError::invalid(
+            "slg_layers",
+            format!(
+                "block {bad} does not exist: this model's transformer has {blocks} blocks \
+                 (0 to {}); send `[]` to turn skip-layer guidance off",
+                blocks.saturating_sub(1)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether a request's `model` names the served model: any of its served names (compared
@@ -293,8 +347,8 @@ pub fn model_name_pattern(names: &[String]) -> Option<String> {
     ))
 }
 
-/// The pattern every `size` matches (the digits are ASCII).
-pub const SIZE_PATTERN: &str = "^[0-9]+[xX][0-9]+$";
+/// The pattern every `size` matches (the digits are ASCII): `WIDTHxHEIGHT`, or `auto`.
+pub const SIZE_PATTERN: &str = "^([0-9]+[xX][0-9]+|auto)$";
 
 /// Parses an OpenAI `size` (`"WxH"`: ASCII digits, `x` or `X`, ASCII digits).
 pub fn parse_size(size: &str) -> Result<(u32, u32), ApiError> {
@@ -320,56 +374,128 @@ pub fn parse_size(size: &str) -> Result<(u32, u32), ApiError> {
     Ok((side(w)?, side(h)?))
 }
 
+/// How an OpenAI images request is answered: inline or stored, streamed or not; a
+/// combination the API does not define is a 422 naming the field.
+pub fn openai_delivery(
+    response_format: Option<&str>,
+    stream: Option<bool>,
+    partial_images: Option<u32>,
+    n: Option<u32>,
+) -> Result<Delivery, ApiError> {
+    let format = match response_format {
+        None | Some("b64_json") => ResponseFormat::B64Json,
+        Some("url") => ResponseFormat::Url,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "response_format",
+                format!("`{other}` is not supported; use \"b64_json\" or \"url\""),
+            ));
+        }
+    };
+    if let Some(p) = partial_images
+        && p > MAX_PARTIAL_IMAGES
+    {
+        return Err(ApiError::invalid(
+            "partial_images",
+            format!("must be a whole number from 0 to {MAX_PARTIAL_IMAGES}; got {p}"),
+        ));
+    }
+    if stream != Some(true) {
+        if partial_images.is_some_and(|p| p > 0) {
+            return Err(ApiError::invalid(
+                "partial_images",
+                "partial images are streamed: send `stream: true` with them",
+            ));
+        }
+        return Ok(Delivery {
+            format,
+            stream: None,
+        });
+    }
+    if n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid(
+            "n",
+            "a streamed generation makes one image: `n` must be 1 with `stream: true`",
+        ));
+    }
+    if format == ResponseFormat::Url {
+        return Err(ApiError::invalid(
+            "response_format",
+            "streamed images are sent inline: use \"b64_json\" with `stream: true`",
+        ));
+    }
+    Ok(Delivery {
+        format,
+        stream: Some(partial_images.unwrap_or(0)),
+    })
+}
+
+/// An OpenAI `size` checked against the bounds: `(width, height)`, or `None` for a size left
+/// out or `auto` (the default).
+pub fn openai_size(size: Option<&str>, bounds: &Bounds) -> Result<Option<(u32, u32)>, ApiError> {
+    let Some(s) = size.filter(|s| *s != "auto") else {
+        return Ok(None);
+    };
+    let (w, h) = parse_size(s)?;
+    let side = |v| {
+        bounds.size.check("size", v).map_err(|e| ApiError {
+            message: format!("`{s}`: each side {}", e.message),
+            ..e
+        })
+    };
+    Ok(Some((side(w)?, side(h)?)))
+}
+
+/// A first seed checked for `n` images: seeds never wrap.
+pub fn check_first_seed(seed: Option<u64>, n: u32) -> Result<(), ApiError> {
+    let max_seed = max_first_seed(n);
+    if let Some(seed) = seed
+        && seed > max_seed
+    {
+        return Err(ApiError::invalid(
+            "seed",
+            format!(
+                "{seed} is too large for n = {n}: image i uses seed + i and seeds never \
+                 wrap, so the seed must be at most {max_seed}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The OpenAI routes have no width or height: their `size` says both.
+pub fn size_field(e: ApiError) -> ApiError {
+    match e.field.as_deref() {
+        Some("width" | "height") => e.with_field("size"),
+        _ => e,
+    }
+}
+
+/// `n` images like `first`, with seeds `first.seed`, `first.seed + 1`, …
+pub fn fan_out(first: &GenParams, n: u32) -> Vec<GenParams> {
+    (0..u64::from(n))
+        .map(|i| GenParams {
+            seed: first.seed + i,
+            ..first.clone()
+        })
+        .collect()
+}
+
 impl ImagesRequest {
     /// How the request is answered: inline or stored, streamed or not; a combination the API
     /// does not define is a 422 naming the field.
     pub fn delivery(&self) -> Result<Delivery, ApiError> {
-        let format = match self.response_format.as_deref() {
-            None | Some("b64_json") => ResponseFormat::B64Json,
-            Some("url") => ResponseFormat::Url,
-            Some(other) => {
-                return Err(ApiError::invalid(
-                    "response_format",
-                    format!("`{other}` is not supported; use \"b64_json\" or \"url\""),
-                ));
-            }
-        };
-        if let Some(p) = self.partial_images
-            && p > MAX_PARTIAL_IMAGES
-        {
-            return Err(ApiError::invalid(
-                "partial_images",
-                format!("must be a whole number from 0 to {MAX_PARTIAL_IMAGES}; got {p}"),
-            ));
-        }
-        if self.stream != Some(true) {
-            if self.partial_images.is_some_and(|p| p > 0) {
-                return Err(ApiError::invalid(
-                    "partial_images",
-                    "partial images are streamed: send `stream: true` with them",
-                ));
-            }
-            return Ok(Delivery {
-                format,
-                stream: None,
-            });
-        }
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::invalid(
-                "n",
-                "a streamed generation makes one image: `n` must be 1 with `stream: true`",
-            ));
-        }
-        if format == ResponseFormat::Url {
-            return Err(ApiError::invalid(
-                "response_format",
-                "streamed images are sent inline: use \"b64_json\" with `stream: true`",
-            ));
-        }
-        Ok(Delivery {
-            format,
-            stream: Some(self.partial_images.unwrap_or(0)),
-        })
+        openai_delivery(
+            self.response_format.as_deref(),
+            self.stream,
+            self.partial_images,
+            self.n,
+        )
+    }
+
+    /// The format the images are answered in.
+    pub fn output(&self) -> Result<Output, ApiError> {
+        Output::resolve(self.output_format.as_deref(), self.output_compression, None)
     }
 
     /// Validates the request into one parameter set per image (seeds `seed`, `seed + 1`, …).
@@ -381,55 +507,26 @@ impl ImagesRequest {
         let bounds: Bounds = limits.bounds();
         let n = bounds.images.check("n", self.n.unwrap_or(1))?;
         self.delivery()?;
+        self.output()?;
         if let Some(m) = &self.model {
             check_model(m, &limits.model)?;
         }
-        let (width, height) = match &self.size {
-            Some(s) => {
-                let (w, h) = parse_size(s)?;
-                let side = |v| {
-                    bounds.size.check("size", v).map_err(|e| ApiError {
-                        message: format!("`{s}`: each side {}", e.message),
-                        ..e
-                    })
-                };
-                (Some(side(w)?), Some(side(h)?))
-            }
-            None => (None, None),
-        };
+        let size = openai_size(self.size.as_deref(), &bounds)?;
+        check_first_seed(self.seed, n)?;
         let max_seed = max_first_seed(n);
-        if let Some(seed) = self.seed
-            && seed > max_seed
-        {
-            return Err(ApiError::invalid(
-                "seed",
-                format!(
-                    "{seed} is too large for n = {n}: image i uses seed + i and seeds never \
-                     wrap, so the seed must be at most {max_seed}"
-                ),
-            ));
-        }
         let first = Sampling {
             prompt: &self.prompt,
             negative_prompt: self.negative_prompt.as_deref(),
-            width,
-            height,
+            width: size.map(|s| s.0),
+            height: size.map(|s| s.1),
             steps: self.steps,
             guidance_scale: self.guidance_scale,
             seed: self.seed,
+            slg_layers: None,
         }
         .resolve(limits, || random_seed().min(max_seed))
-        .map_err(|e| match e.field.as_deref() {
-            // This route has no width or height: its `size` says both.
-            Some("width" | "height") => e.with_field("size"),
-            _ => e,
-        })?;
-        Ok((0..u64::from(n))
-            .map(|i| GenParams {
-                seed: first.seed + i,
-                ..first.clone()
-            })
-            .collect())
+        .map_err(size_field)?;
+        Ok(fan_out(&first, n))
     }
 }
 
@@ -440,6 +537,12 @@ impl Txt2ImgRequest {
         limits: &Limits,
         random_seed: impl FnOnce() -> u64,
     ) -> Result<GenParams, ApiError> {
+        self.output(None)?;
+        self.sampling().resolve(limits, random_seed)
+    }
+
+    /// The sampling fields.
+    pub fn sampling(&self) -> Sampling<'_> {
         Sampling {
             prompt: &self.prompt,
             negative_prompt: self.negative_prompt.as_deref(),
@@ -448,8 +551,17 @@ impl Txt2ImgRequest {
             steps: self.steps,
             guidance_scale: self.guidance_scale,
             seed: self.seed,
+            slg_layers: self.slg_layers.as_deref(),
         }
-        .resolve(limits, random_seed)
+    }
+
+    /// The format the image is answered in: `output_format`, else the `Accept` header's.
+    pub fn output(&self, accept: Option<&str>) -> Result<Output, ApiError> {
+        Output::resolve(
+            self.output_format.as_deref(),
+            self.output_compression,
+            accept,
+        )
     }
 }
 

@@ -12,8 +12,10 @@ use crate::params::{Defaults, GenParams, SkipLayerInfo};
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Txt2ImgResponse {
-    /// The PNG, base64.
+    /// The image, base64, in `output_format`.
     pub image: String,
+    /// `png`, `jpeg` or `webp`.
+    pub output_format: String,
     /// The parameters actually used (defaults and seed filled in).
     pub parameters: UsedParameters,
     /// With `store: true`: where the stored image can be fetched until `expires_at`.
@@ -42,6 +44,12 @@ pub struct UsedParameters {
     pub guidance_scale: f64,
     /// Seed.
     pub seed: u64,
+    /// Skip-layer guidance blocks the request named (`[]`: off); absent: the model's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slg_layers: Option<Vec<u32>>,
+    /// Edits: how much of the schedule ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
 }
 
 impl From<&GenParams> for UsedParameters {
@@ -54,6 +62,8 @@ impl From<&GenParams> for UsedParameters {
             steps: p.steps,
             guidance_scale: p.guidance_scale,
             seed: p.seed,
+            slg_layers: p.slg_layers.clone(),
+            strength: p.edit.as_ref().map(|e| e.strength),
         }
     }
 }
@@ -66,16 +76,19 @@ pub struct ImagesResponse {
     pub created: u64,
     /// One entry per image.
     pub data: Vec<ImageData>,
+    /// `png`, `jpeg` or `webp`: the format of every image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_format: Option<String>,
 }
 
 /// One generated image: inline (`b64_json`) or stored (`url`, `expires_at`).
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImageData {
-    /// The PNG, base64 (`response_format: "b64_json"`).
+    /// The image, base64 (`response_format: "b64_json"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub b64_json: Option<String>,
-    /// Where the stored PNG can be fetched until `expires_at` (`response_format: "url"`).
+    /// Where the stored image can be fetched until `expires_at` (`response_format: "url"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     /// When `url` stops working, Unix seconds.
@@ -114,22 +127,49 @@ pub struct StreamTokenDetails {
 pub const PARTIAL_IMAGE_EVENT: &str = "image_generation.partial_image";
 /// The `type` of the final event of a streamed generation.
 pub const COMPLETED_EVENT: &str = "image_generation.completed";
+/// The `type` of a partial image event of a streamed edit.
+pub const EDIT_PARTIAL_IMAGE_EVENT: &str = "image_edit.partial_image";
+/// The `type` of the final event of a streamed edit.
+pub const EDIT_COMPLETED_EVENT: &str = "image_edit.completed";
 
-/// One server-sent event of a streamed `POST /v1/images/generations` (`stream: true`), in the
-/// OpenAI Images API's shape: the event name is `type`, the data this object.
+/// The event names of a streamed route: (partial image, completed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamEvents {
+    /// A preview's `type`.
+    pub partial: &'static str,
+    /// The image's `type`.
+    pub completed: &'static str,
+}
+
+/// `POST /v1/images/generations`'s events.
+pub const GENERATION_EVENTS: StreamEvents = StreamEvents {
+    partial: PARTIAL_IMAGE_EVENT,
+    completed: COMPLETED_EVENT,
+};
+/// `POST /v1/images/edits`'s events.
+pub const EDIT_EVENTS: StreamEvents = StreamEvents {
+    partial: EDIT_PARTIAL_IMAGE_EVENT,
+    completed: EDIT_COMPLETED_EVENT,
+};
+
+/// One server-sent event of a streamed `POST /v1/images/generations` or `/v1/images/edits`
+/// (`stream: true`), in the OpenAI Images API's shape: the event name is `type`, the data this
+/// object.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImageStreamEvent {
-    /// `image_generation.partial_image` (a preview) or `image_generation.completed`.
+    /// `image_generation.partial_image` (a preview) or `image_generation.completed`; for
+    /// edits, `image_edit.partial_image` or `image_edit.completed`.
     #[serde(rename = "type")]
     pub kind: String,
-    /// The PNG, base64: a preview of the image the model predicts at that step, or the image.
+    /// The image, base64 in `output_format`: a preview of the image the model predicts at
+    /// that step, or the image.
     pub b64_json: String,
     /// Always `opaque`.
     pub background: String,
     /// Unix seconds.
     pub created_at: u64,
-    /// Always `png`.
+    /// `png`, `jpeg` or `webp`, as the request asked.
     pub output_format: String,
     /// Always `auto`.
     pub quality: String,
@@ -138,6 +178,12 @@ pub struct ImageStreamEvent {
     /// Partial images only: 0, 1, … in order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partial_image_index: Option<u32>,
+    /// Partial images only (our extension): the sampling steps done when the preview was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u32>,
+    /// Partial images only (our extension): the sampling steps the image takes in all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u32>,
     /// The completed event only: zeros.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<StreamUsage>,
@@ -146,10 +192,11 @@ pub struct ImageStreamEvent {
 }
 
 impl ImageStreamEvent {
-    /// An event of `kind` for a `width`×`height` image.
+    /// An event of `kind` for a `width`×`height` image, `image_b64` in `output_format`.
     pub fn new(
         kind: &str,
-        png_b64: String,
+        image_b64: String,
+        output_format: &str,
         width: u32,
         height: u32,
         seed: u64,
@@ -157,14 +204,17 @@ impl ImageStreamEvent {
     ) -> Self {
         Self {
             kind: kind.to_owned(),
-            b64_json: png_b64,
+            b64_json: image_b64,
             background: "opaque".into(),
             created_at,
-            output_format: "png".into(),
+            output_format: output_format.to_owned(),
             quality: "auto".into(),
             size: format!("{width}x{height}"),
             partial_image_index: None,
-            usage: (kind == COMPLETED_EVENT).then(StreamUsage::default),
+            step: None,
+            steps: None,
+            usage: (kind == COMPLETED_EVENT || kind == EDIT_COMPLETED_EVENT)
+                .then(StreamUsage::default),
             seed,
         }
     }
@@ -218,6 +268,8 @@ pub struct ModelEntry {
     pub cache_key: Option<String>,
     /// Whether T5 is loaded.
     pub t5_loaded: bool,
+    /// Whether the model edits images (img2img, inpainting): its VAE has the encoder.
+    pub image_editing: bool,
     /// What a request gets for the fields it leaves out.
     pub defaults: ModelDefaults,
     /// Things an operator should know.
@@ -374,6 +426,7 @@ impl ModelList {
             engine_key: m.engine_key.clone(),
             cache_key: m.cache_key.clone(),
             t5_loaded: m.t5_loaded,
+            image_editing: m.image_editing,
             defaults: ModelDefaults {
                 steps: limits.defaults.steps,
                 guidance_scale: limits.defaults.guidance_scale,

@@ -5,16 +5,32 @@ use schemars::generate::SchemaSettings;
 use serde_json::{Map, Value, json};
 
 use crate::bounds::{Bounds, IntRange};
+use crate::edit::{ImageEditRequest, Img2ImgRequest, MAX_MASK_BLUR};
 use crate::error::ErrorBody;
+use crate::output::OUTPUT_FORMATS;
 use crate::request::{
-    ImagesRequest, MAX_PARTIAL_IMAGES, NO_NUL_PATTERN, PROMPT_PATTERN, SIZE_PATTERN,
-    Txt2ImgRequest, model_name_pattern,
+    ImagesRequest, MAX_PARTIAL_IMAGES, MAX_SLG_LAYERS, NO_NUL_PATTERN, PROMPT_PATTERN,
+    SIZE_PATTERN, Txt2ImgRequest, model_name_pattern,
 };
 use crate::response::{ImageStreamEvent, ImagesResponse, ModelList, Txt2ImgResponse};
 use crate::sdapi::{
-    A1111Info, A1111Model, A1111Options, A1111OptionsUpdate, A1111Txt2ImgRequest,
-    A1111Txt2ImgResponse,
+    A1111Img2ImgRequest, A1111Info, A1111Model, A1111Options, A1111OptionsUpdate,
+    A1111Txt2ImgRequest, A1111Txt2ImgResponse,
 };
+
+/// The request bodies with the sampling fields.
+const GENERATION_BODIES: [&str; 6] = [
+    "Txt2ImgRequest",
+    "ImagesRequest",
+    "A1111Txt2ImgRequest",
+    "Img2ImgRequest",
+    "ImageEditRequest",
+    "A1111Img2ImgRequest",
+];
+/// The AUTOMATIC1111 generation bodies.
+const A1111_BODIES: [&str; 2] = ["A1111Txt2ImgRequest", "A1111Img2ImgRequest"];
+/// The OpenAI bodies (`n`, `size`, `response_format`, streaming).
+const OPENAI_BODIES: [&str; 2] = ["ImagesRequest", "ImageEditRequest"];
 
 /// Where the schemas live in the OpenAPI document.
 pub const COMPONENTS: &str = "/components/schemas";
@@ -74,10 +90,11 @@ fn describe(defs: &mut Map<String, Value>, schema: &str, field: &str, more: &str
 }
 
 /// Every schema the API uses, keyed by name, with `bounds` applied: `Txt2ImgRequest`,
-/// `ImagesRequest`, `Txt2ImgResponse`, `ImagesResponse`, `ImageStreamEvent`, `ModelList`,
-/// `ErrorBody`, the AUTOMATIC1111 bodies (`A1111Txt2ImgRequest`, `A1111Txt2ImgResponse`,
-/// `A1111Info`, `A1111Model`, `A1111Options`, `A1111OptionsUpdate`) and the schemas they
-/// refer to.
+/// `Img2ImgRequest`, `ImagesRequest`, `ImageEditRequest` (the fields of the
+/// `multipart/form-data` form), `Txt2ImgResponse`, `ImagesResponse`, `ImageStreamEvent`,
+/// `ModelList`, `ErrorBody`, the AUTOMATIC1111 bodies (`A1111Txt2ImgRequest`,
+/// `A1111Img2ImgRequest`, `A1111Txt2ImgResponse`, `A1111Info`, `A1111Model`, `A1111Options`,
+/// `A1111OptionsUpdate`) and the schemas they refer to.
 pub fn components(bounds: &Bounds) -> Map<String, Value> {
     let mut generator = SchemaSettings::draft2020_12()
         .with(|s| s.definitions_path = COMPONENTS.into())
@@ -95,14 +112,18 @@ pub fn components(bounds: &Bounds) -> Map<String, Value> {
     generator.subschema_for::<A1111Model>();
     generator.subschema_for::<A1111Options>();
     generator.subschema_for::<A1111OptionsUpdate>();
+    generator.subschema_for::<Img2ImgRequest>();
+    generator.subschema_for::<ImageEditRequest>();
+    generator.subschema_for::<A1111Img2ImgRequest>();
     let mut defs = generator.take_definitions(true);
+    form_fields(&mut defs, "ImageEditRequest", &["image", "mask"]);
 
     let prompt_bytes = bounds.prompt_bytes;
     let prompt_note = format!(
         "At most {prompt_bytes} bytes of UTF-8 (so at most {prompt_bytes} characters); no NUL"
     );
     let (g_min, g_max) = bounds.guidance;
-    for schema in ["Txt2ImgRequest", "ImagesRequest", "A1111Txt2ImgRequest"] {
+    for schema in GENERATION_BODIES {
         set(
             &mut defs,
             schema,
@@ -131,7 +152,7 @@ pub fn components(bounds: &Bounds) -> Map<String, Value> {
             "steps",
             &format!("{}; left out, the model's default", bounds.steps.describe()),
         );
-        let guidance = if schema == "A1111Txt2ImgRequest" {
+        let guidance = if A1111_BODIES.contains(&schema) {
             "cfg_scale"
         } else {
             "guidance_scale"
@@ -143,7 +164,12 @@ pub fn components(bounds: &Bounds) -> Map<String, Value> {
             &[("minimum", json!(g_min)), ("maximum", json!(g_max))],
         );
     }
-    for schema in ["Txt2ImgRequest", "ImagesRequest"] {
+    for schema in [
+        "Txt2ImgRequest",
+        "ImagesRequest",
+        "Img2ImgRequest",
+        "ImageEditRequest",
+    ] {
         set(
             &mut defs,
             schema,
@@ -151,49 +177,112 @@ pub fn components(bounds: &Bounds) -> Map<String, Value> {
             &[("minimum", json!(0)), ("maximum", json!(u64::MAX))],
         );
     }
-    set(
-        &mut defs,
+    for schema in GENERATION_BODIES {
+        set(
+            &mut defs,
+            schema,
+            "output_format",
+            &[("enum", json!(OUTPUT_FORMATS))],
+        );
+        set(
+            &mut defs,
+            schema,
+            "output_compression",
+            &[("minimum", json!(0)), ("maximum", json!(100))],
+        );
+    }
+    for (schema, field) in [
+        ("Img2ImgRequest", "strength"),
+        ("ImageEditRequest", "strength"),
+        ("A1111Img2ImgRequest", "denoising_strength"),
+    ] {
+        set(
+            &mut defs,
+            schema,
+            field,
+            &[("exclusiveMinimum", json!(0)), ("maximum", json!(1))],
+        );
+    }
+    for schema in ["Txt2ImgRequest", "Img2ImgRequest"] {
+        let mut items = json!({"type": "integer", "minimum": 0});
+        if let Some(blocks) = bounds.transformer_blocks {
+            items["maximum"] = json!(blocks.saturating_sub(1));
+        }
+        set(
+            &mut defs,
+            schema,
+            "slg_layers",
+            &[("items", items), ("maxItems", json!(MAX_SLG_LAYERS))],
+        );
+    }
+    for schema in A1111_BODIES {
+        set(
+            &mut defs,
+            schema,
+            "seed",
+            &[("minimum", json!(-1)), ("maximum", json!(i64::MAX))],
+        );
+    }
+    for schema in [
+        "Txt2ImgRequest",
         "A1111Txt2ImgRequest",
-        "seed",
-        &[("minimum", json!(-1)), ("maximum", json!(i64::MAX))],
-    );
-    for schema in ["Txt2ImgRequest", "A1111Txt2ImgRequest"] {
+        "Img2ImgRequest",
+        "A1111Img2ImgRequest",
+    ] {
         for field in ["width", "height"] {
             set(&mut defs, schema, field, &int_range(&bounds.size));
             describe(&mut defs, schema, field, &bounds.size.describe());
         }
     }
-    for field in ["batch_size", "n_iter"] {
+    for schema in A1111_BODIES {
+        for field in ["batch_size", "n_iter"] {
+            set(&mut defs, schema, field, &int_range(&bounds.images));
+            describe(
+                &mut defs,
+                schema,
+                field,
+                &format!(
+                    "{}; batch_size × n_iter at most {}",
+                    bounds.images.describe(),
+                    bounds.images.max.unwrap_or(1)
+                ),
+            );
+        }
+        for field in ["enable_hr", "restore_faces", "tiling"] {
+            set(&mut defs, schema, field, &[("enum", json!([false, null]))]);
+        }
         set(
             &mut defs,
-            "A1111Txt2ImgRequest",
-            field,
-            &int_range(&bounds.images),
-        );
-        describe(
-            &mut defs,
-            "A1111Txt2ImgRequest",
-            field,
-            &format!(
-                "{}; batch_size × n_iter at most {}",
-                bounds.images.describe(),
-                bounds.images.max.unwrap_or(1)
-            ),
+            schema,
+            "send_images",
+            &[("enum", json!([true, null]))],
         );
     }
-    for field in ["enable_hr", "restore_faces", "tiling"] {
+    for field in ["mask_blur", "mask_blur_x", "mask_blur_y"] {
         set(
             &mut defs,
-            "A1111Txt2ImgRequest",
+            "A1111Img2ImgRequest",
             field,
-            &[("enum", json!([false, null]))],
+            &[("minimum", json!(0)), ("maximum", json!(MAX_MASK_BLUR))],
         );
     }
     set(
         &mut defs,
-        "A1111Txt2ImgRequest",
-        "send_images",
-        &[("enum", json!([true, null]))],
+        "A1111Img2ImgRequest",
+        "inpainting_mask_invert",
+        &[("enum", json!([0, 1, null]))],
+    );
+    set(
+        &mut defs,
+        "A1111Img2ImgRequest",
+        "resize_mode",
+        &[("enum", json!([0, null]))],
+    );
+    set(
+        &mut defs,
+        "A1111Img2ImgRequest",
+        "init_images",
+        &[("minItems", json!(1)), ("maxItems", json!(1))],
     );
     // The served names, as validation compares them (ASCII case ignored, trimmed).
     let mut model_name = json!({"type": "string"});
@@ -208,18 +297,15 @@ pub fn components(bounds: &Bounds) -> Map<String, Value> {
             "One of the served names: {} (ASCII case ignored)",
             names.join(", ")
         ));
-        set(
-            &mut defs,
-            "ImagesRequest",
-            "model",
-            &[("pattern", json!(pattern))],
-        );
-        describe(
-            &mut defs,
-            "ImagesRequest",
-            "model",
-            &format!("One of {} (ASCII case ignored)", names.join(", ")),
-        );
+        for schema in OPENAI_BODIES {
+            set(&mut defs, schema, "model", &[("pattern", json!(pattern))]);
+            describe(
+                &mut defs,
+                schema,
+                "model",
+                &format!("One of {} (ASCII case ignored)", names.join(", ")),
+            );
+        }
         set(
             &mut defs,
             "A1111OptionsUpdate",
@@ -227,24 +313,42 @@ pub fn components(bounds: &Bounds) -> Map<String, Value> {
             &[("pattern", json!(pattern))],
         );
     }
-    set(
-        &mut defs,
-        "A1111Txt2ImgRequest",
-        "override_settings",
-        &[
-            ("properties", json!({"sd_model_checkpoint": model_name})),
-            ("additionalProperties", json!(false)),
-        ],
-    );
-    // AUTOMATIC1111 lets the prompt be left out; here an empty prompt is refused, so the
-    // document says it is required.
-    if let Some(Value::Object(a1111)) = defs.get_mut("A1111Txt2ImgRequest") {
-        a1111.insert("required".into(), json!(["prompt"]));
+    for schema in A1111_BODIES {
+        set(
+            &mut defs,
+            schema,
+            "override_settings",
+            &[
+                (
+                    "properties",
+                    json!({"sd_model_checkpoint": model_name.clone()}),
+                ),
+                ("additionalProperties", json!(false)),
+            ],
+        );
     }
-    // batch_size × n_iter images at most: the pairs allowed, for any per-field maximum.
-    if let (Some(Value::Object(a1111)), Some(max)) =
-        (defs.get_mut("A1111Txt2ImgRequest"), bounds.images.max)
-    {
+    // AUTOMATIC1111 lets the prompt be left out; here an empty prompt is refused, so the
+    // document says it is required (and the image, for img2img).
+    for (schema, required) in [
+        ("A1111Txt2ImgRequest", json!(["prompt"])),
+        ("A1111Img2ImgRequest", json!(["prompt", "init_images"])),
+    ] {
+        if let Some(Value::Object(a1111)) = defs.get_mut(schema) {
+            a1111.insert("required".into(), required);
+        }
+    }
+    for schema in A1111_BODIES {
+        batch_pairs(&mut defs, schema, bounds);
+    }
+    for schema in OPENAI_BODIES {
+        openai_fields(&mut defs, schema, bounds);
+    }
+    defs
+}
+
+/// `batch_size × n_iter` images at most: the pairs allowed, for any per-field maximum.
+fn batch_pairs(defs: &mut Map<String, Value>, schema: &str, bounds: &Bounds) {
+    if let (Some(Value::Object(a1111)), Some(max)) = (defs.get_mut(schema), bounds.images.max) {
         let one = json!({"anyOf": [{"type": "null"}, {"const": 1}]});
         let mut pairs = vec![
             json!({"properties": {"n_iter": one}}),
@@ -261,36 +365,58 @@ pub fn components(bounds: &Bounds) -> Map<String, Value> {
         }
         a1111.insert("anyOf".into(), Value::Array(pairs));
     }
-    set(&mut defs, "ImagesRequest", "n", &int_range(&bounds.images));
-    describe(&mut defs, "ImagesRequest", "n", &bounds.images.describe());
-    set(
-        &mut defs,
-        "ImagesRequest",
-        "size",
-        &[("pattern", json!(SIZE_PATTERN))],
-    );
+}
+
+/// The OpenAI fields: `n`, `size`, `response_format`, `partial_images`.
+fn openai_fields(defs: &mut Map<String, Value>, schema: &str, bounds: &Bounds) {
+    set(defs, schema, "n", &int_range(&bounds.images));
+    describe(defs, schema, "n", &bounds.images.describe());
+    set(defs, schema, "size", &[("pattern", json!(SIZE_PATTERN))]);
     describe(
-        &mut defs,
-        "ImagesRequest",
+        defs,
+        schema,
         "size",
         &format!("Each side {}", bounds.size.describe()),
     );
+    let formats = if schema == "ImageEditRequest" {
+        json!(["b64_json", "url"])
+    } else {
+        json!(["b64_json", "url", null])
+    };
+    set(defs, schema, "response_format", &[("enum", formats)]);
     set(
-        &mut defs,
-        "ImagesRequest",
-        "response_format",
-        &[("enum", json!(["b64_json", "url", null]))],
-    );
-    set(
-        &mut defs,
-        "ImagesRequest",
+        defs,
+        schema,
         "partial_images",
         &[
             ("minimum", json!(0)),
             ("maximum", json!(MAX_PARTIAL_IMAGES)),
         ],
     );
-    defs
+}
+
+/// A `multipart/form-data` form's schema: no field can be null (a form sends text or a file,
+/// or leaves the field out), `files` are binary.
+fn form_fields(defs: &mut Map<String, Value>, schema: &str, files: &[&str]) {
+    let Some(Value::Object(props)) = defs.get_mut(schema).and_then(|s| s.get_mut("properties"))
+    else {
+        return;
+    };
+    for (name, prop) in props.iter_mut() {
+        if files.contains(&name.as_str()) {
+            let description = prop.get("description").cloned();
+            *prop = json!({"type": "string", "format": "binary"});
+            if let Some(d) = description {
+                prop["description"] = d;
+            }
+        } else if let Some(Value::Array(types)) = prop.get_mut("type") {
+            types.retain(|t| t != "null");
+            if types.len() == 1 {
+                let one = types[0].clone();
+                prop["type"] = one;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

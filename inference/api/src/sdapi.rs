@@ -1,5 +1,6 @@
 //! The AUTOMATIC1111 web API subset (`/sdapi/v1/...`) that Open WebUI's image generation and
-//! many other clients speak: `txt2img`, `sd-models` and `options` (the model name only).
+//! many other clients speak: `txt2img`, `img2img` (with inpainting), `sd-models` and `options`
+//! (the model name only).
 //!
 //! Requests are parsed as strictly as the other routes (one JSON object; a field this server
 //! does not know is a 400 naming it) and validated by the same bounds (a value out of range is
@@ -15,9 +16,11 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::bounds::{Limits, MAX_IMAGES_PER_REQUEST};
+use crate::edit::{EditUpload, MAX_MASK_BLUR, MaskRule, MaskUpload, base64_file};
 use crate::error::ApiError;
+use crate::output::Output;
 use crate::params::{GenParams, ModelInfo};
-use crate::request::{Sampling, check_model};
+use crate::request::{Sampling, check_model, fan_out};
 
 /// The sampler SD3.5 is sampled with here, whatever `sampler_name` asks for.
 pub const SAMPLER: &str = "Euler";
@@ -97,6 +100,137 @@ pub struct A1111Txt2ImgRequest {
     /// Must be false or left out: no tiling.
     #[serde(default)]
     pub tiling: Option<bool>,
+    /// Our extension: `png` (the default), `jpeg` or `webp` (lossless) for `images`.
+    #[serde(default)]
+    pub output_format: Option<String>,
+    /// Our extension: JPEG quality from 0 to 100 (default 100).
+    #[serde(default)]
+    pub output_compression: Option<u32>,
+}
+
+/// `mask_blur` when left out (AUTOMATIC1111's default), in pixels.
+pub const DEFAULT_MASK_BLUR: u32 = 4;
+/// `denoising_strength` of `img2img` when left out (AUTOMATIC1111's default).
+pub const DEFAULT_DENOISING_STRENGTH: f64 = 0.75;
+
+/// `POST /sdapi/v1/img2img`: the `txt2img` fields, the image to edit and, for inpainting, a
+/// mask. The size defaults to the image's (rounded down to a multiple of 16); an image of
+/// another size is resized to the size asked for (AUTOMATIC1111's `resize_mode` 0, "just
+/// resize", with Lanczos).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct A1111Img2ImgRequest {
+    /// The image to edit, one PNG, JPEG or WebP in base64 (a `data:` URL too).
+    #[serde(default)]
+    pub init_images: Vec<String>,
+    /// Where to repaint, an image of the image's size in base64: white repaints; a mask with
+    /// transparency repaints where it is opaque (alpha above 128), as AUTOMATIC1111 reads
+    /// masks. Left out: the whole image is edited.
+    #[serde(default)]
+    pub mask: Option<String>,
+    /// How much of the schedule runs, above 0 and at most 1 (default 0.75).
+    #[serde(default)]
+    pub denoising_strength: Option<f64>,
+    /// 1 repaints where the mask is black instead (the mask's levels inverted, `255 − l`).
+    #[serde(default)]
+    pub inpainting_mask_invert: Option<u32>,
+    /// Blur of the mask, in pixels (default 4): a Gaussian of this standard deviation over
+    /// `2·⌊2.5·σ + 0.5⌋ + 1` taps, across then down, edges mirrored (OpenCV's `GaussianBlur`,
+    /// as AUTOMATIC1111 blurs), before the mask is resized and binarised at half scale — so
+    /// it rounds the mask's corners and drops specks narrower than about σ, it does not
+    /// feather the result.
+    #[serde(default)]
+    pub mask_blur: Option<u32>,
+    /// The blur across, replacing `mask_blur` for that direction.
+    #[serde(default)]
+    pub mask_blur_x: Option<u32>,
+    /// The blur down, replacing `mask_blur` for that direction.
+    #[serde(default)]
+    pub mask_blur_y: Option<u32>,
+    /// Must be 0 or left out: the image is resized to the size asked for ("just resize").
+    #[serde(default)]
+    pub resize_mode: Option<u32>,
+    /// Accepted and ignored: the masked region always starts from the image's own latents
+    /// noised by `denoising_strength` (AUTOMATIC1111's `original`, diffusers' inpainting).
+    #[serde(default)]
+    pub inpainting_fill: Option<u32>,
+    /// Accepted and ignored: the whole picture is inpainted at the request's size.
+    #[serde(default)]
+    pub inpaint_full_res: Option<serde_json::Value>,
+    /// Accepted and ignored, like `inpaint_full_res`.
+    #[serde(default)]
+    pub inpaint_full_res_padding: Option<u32>,
+    /// Accepted and ignored: the answer carries the generated images only.
+    #[serde(default)]
+    pub include_init_images: Option<bool>,
+    /// What the edited image shows (not empty, not only spaces).
+    #[serde(default)]
+    pub prompt: String,
+    /// What to steer away from (used when cfg_scale > 1).
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+    /// Width in pixels, a multiple of 16 up to the model's limit (left out: the image's,
+    /// rounded down to a multiple of 16).
+    #[serde(default)]
+    pub width: Option<u32>,
+    /// Height in pixels, likewise.
+    #[serde(default)]
+    pub height: Option<u32>,
+    /// Denoising steps of the whole schedule; an edit runs the last `denoising_strength` of
+    /// them.
+    #[serde(default)]
+    pub steps: Option<u32>,
+    /// Classifier-free guidance scale (≤ 1 disables guidance).
+    #[serde(default)]
+    pub cfg_scale: Option<f64>,
+    /// Seed of the first image; `-1` (or left out) draws one. Image `i` uses `seed + i`.
+    #[serde(default)]
+    pub seed: Option<i64>,
+    /// Images per batch.
+    #[serde(default)]
+    pub batch_size: Option<u32>,
+    /// Batches; `batch_size × n_iter` images in all.
+    #[serde(default)]
+    pub n_iter: Option<u32>,
+    /// Accepted and ignored: SD3.5 is sampled with flow-matching Euler.
+    #[serde(default)]
+    pub sampler_name: Option<String>,
+    /// Accepted and ignored, like `sampler_name`.
+    #[serde(default)]
+    pub sampler_index: Option<String>,
+    /// Accepted and ignored: the schedule is SD3.5's shifted flow-matching schedule.
+    #[serde(default)]
+    pub scheduler: Option<String>,
+    /// Must be true or left out: the images are always sent.
+    #[serde(default)]
+    pub send_images: Option<bool>,
+    /// Accepted and ignored.
+    #[serde(default)]
+    pub save_images: Option<bool>,
+    /// Accepted and ignored.
+    #[serde(default)]
+    pub do_not_save_samples: Option<bool>,
+    /// Accepted and ignored.
+    #[serde(default)]
+    pub do_not_save_grid: Option<bool>,
+    /// Settings for this request: only `sd_model_checkpoint`, which must be a served name.
+    #[serde(default)]
+    pub override_settings: Option<BTreeMap<String, serde_json::Value>>,
+    /// Accepted and ignored.
+    #[serde(default)]
+    pub override_settings_restore_afterwards: Option<bool>,
+    /// Must be false or left out: no face restoration.
+    #[serde(default)]
+    pub restore_faces: Option<bool>,
+    /// Must be false or left out: no tiling.
+    #[serde(default)]
+    pub tiling: Option<bool>,
+    /// Our extension: `png` (the default), `jpeg` or `webp` (lossless) for `images`.
+    #[serde(default)]
+    pub output_format: Option<String>,
+    /// Our extension: JPEG quality from 0 to 100 (default 100).
+    #[serde(default)]
+    pub output_compression: Option<u32>,
 }
 
 /// The parameters of a `/sdapi/v1/txt2img` answer: what was generated.
@@ -125,6 +259,9 @@ pub struct A1111Parameters {
     pub sampler_name: String,
     /// The model that made the images (the served model's primary name).
     pub sd_model_checkpoint: String,
+    /// `img2img`: how much of the schedule ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denoising_strength: Option<f64>,
 }
 
 /// `POST /sdapi/v1/txt2img` answer.
@@ -245,6 +382,11 @@ fn refuse_on(field: &str, value: Option<bool>, why: &str) -> Result<(), ApiError
 }
 
 impl A1111Txt2ImgRequest {
+    /// The format the images are answered in.
+    pub fn output(&self) -> Result<Output, ApiError> {
+        Output::resolve(self.output_format.as_deref(), self.output_compression, None)
+    }
+
     /// Validates the request into one parameter set per image (seeds `seed`, `seed + 1`, …) and
     /// the batch shape `(batch_size, n_iter)`; `random_seed` is drawn when `seed` is `-1` or left
     /// out, and is kept at most [`MAX_RANDOM_SEED`].
@@ -253,6 +395,44 @@ impl A1111Txt2ImgRequest {
         limits: &Limits,
         random_seed: impl FnOnce() -> u64,
     ) -> Result<(Vec<GenParams>, u32, u32), ApiError> {
+        let (batch, iterations) = self.checked_batch(limits)?;
+        let first = self
+            .sampling()?
+            .resolve(limits, || random_seed().min(MAX_RANDOM_SEED))
+            .map_err(cfg_scale_field)?;
+        // i64 seeds are far from wrapping when `n - 1` is added.
+        Ok((fan_out(&first, batch * iterations), batch, iterations))
+    }
+
+    /// The sampling fields (the seed checked).
+    fn sampling(&self) -> Result<Sampling<'_>, ApiError> {
+        let seed = match self.seed {
+            None | Some(-1) => None,
+            Some(s) => match u64::try_from(s) {
+                Ok(s) => Some(s),
+                Err(_) => {
+                    return Err(ApiError::invalid(
+                        "seed",
+                        format!("must be -1 (a random seed) or at least 0; got {s}"),
+                    ));
+                }
+            },
+        };
+        Ok(Sampling {
+            prompt: &self.prompt,
+            negative_prompt: self.negative_prompt.as_deref(),
+            width: self.width,
+            height: self.height,
+            steps: self.steps,
+            guidance_scale: self.cfg_scale,
+            seed,
+            slg_layers: None,
+        })
+    }
+
+    /// Everything but the sampling fields: `(batch_size, n_iter)`, the switches, the
+    /// overrides and the output format.
+    fn checked_batch(&self, limits: &Limits) -> Result<(u32, u32), ApiError> {
         let bounds = limits.bounds();
         let batch = bounds
             .images
@@ -302,43 +482,138 @@ impl A1111Txt2ImgRequest {
                 }
             }
         }
-        let seed = match self.seed {
-            None | Some(-1) => None,
-            Some(s) => match u64::try_from(s) {
-                Ok(s) => Some(s),
-                Err(_) => {
-                    return Err(ApiError::invalid(
-                        "seed",
-                        format!("must be -1 (a random seed) or at least 0; got {s}"),
-                    ));
-                }
-            },
-        };
-        let first = Sampling {
-            prompt: &self.prompt,
-            negative_prompt: self.negative_prompt.as_deref(),
+        self.output()?;
+        Ok((batch, iterations))
+    }
+}
+
+/// This API calls the guidance scale `cfg_scale`.
+fn cfg_scale_field(e: ApiError) -> ApiError {
+    match e.field.as_deref() {
+        Some("guidance_scale") => e.with_field("cfg_scale"),
+        _ => e,
+    }
+}
+
+impl A1111Img2ImgRequest {
+    /// The `txt2img` fields of the request.
+    fn txt2img(&self) -> A1111Txt2ImgRequest {
+        A1111Txt2ImgRequest {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
             width: self.width,
             height: self.height,
             steps: self.steps,
-            guidance_scale: self.cfg_scale,
-            seed,
+            cfg_scale: self.cfg_scale,
+            seed: self.seed,
+            batch_size: self.batch_size,
+            n_iter: self.n_iter,
+            sampler_name: self.sampler_name.clone(),
+            sampler_index: self.sampler_index.clone(),
+            scheduler: self.scheduler.clone(),
+            send_images: self.send_images,
+            save_images: self.save_images,
+            do_not_save_samples: self.do_not_save_samples,
+            do_not_save_grid: self.do_not_save_grid,
+            override_settings: self.override_settings.clone(),
+            override_settings_restore_afterwards: self.override_settings_restore_afterwards,
+            enable_hr: None,
+            denoising_strength: None,
+            restore_faces: self.restore_faces,
+            tiling: self.tiling,
+            output_format: self.output_format.clone(),
+            output_compression: self.output_compression,
         }
-        .resolve(limits, || random_seed().min(MAX_RANDOM_SEED))
-        .map_err(|e| match e.field.as_deref() {
-            Some("guidance_scale") => ApiError {
-                field: Some("cfg_scale".into()),
-                ..e
-            },
-            _ => e,
-        })?;
-        // i64 seeds are far from wrapping when `n - 1` is added.
-        let images = (0..u64::from(n))
-            .map(|i| GenParams {
-                seed: first.seed + i,
-                ..first.clone()
+    }
+
+    /// The format the images are answered in.
+    pub fn output(&self) -> Result<Output, ApiError> {
+        self.txt2img().output()
+    }
+
+    /// Validates the request into one parameter set per image (seeds `seed`, `seed + 1`, …),
+    /// the image and mask decoded and at the request's size, and `(batch_size, n_iter)`.
+    pub fn resolve(
+        &self,
+        limits: &Limits,
+        random_seed: impl FnOnce() -> u64,
+    ) -> Result<(Vec<GenParams>, u32, u32), ApiError> {
+        let txt2img = self.txt2img();
+        let (batch, iterations) = txt2img.checked_batch(limits)?;
+        if self.resize_mode.is_some_and(|m| m != 0) {
+            return Err(ApiError::invalid(
+                "resize_mode",
+                "only 0 (\"just resize\") is available: the image is resized to the size asked \
+                 for",
+            ));
+        }
+        let invert = match self.inpainting_mask_invert {
+            None | Some(0) => false,
+            Some(1) => true,
+            Some(v) => {
+                return Err(ApiError::invalid(
+                    "inpainting_mask_invert",
+                    format!("must be 0 or 1; got {v}"),
+                ));
+            }
+        };
+        let blur = self.mask_blur.unwrap_or(DEFAULT_MASK_BLUR);
+        let (blur_x, blur_y) = (
+            self.mask_blur_x.unwrap_or(blur),
+            self.mask_blur_y.unwrap_or(blur),
+        );
+        for (field, v) in [
+            ("mask_blur", self.mask_blur),
+            ("mask_blur_x", self.mask_blur_x),
+            ("mask_blur_y", self.mask_blur_y),
+        ] {
+            if let Some(v) = v
+                && v > MAX_MASK_BLUR
+            {
+                return Err(ApiError::invalid(
+                    field,
+                    format!("must be a whole number from 0 to {MAX_MASK_BLUR}; got {v}"),
+                ));
+            }
+        }
+        let [image] = self.init_images.as_slice() else {
+            return Err(ApiError::invalid(
+                "init_images",
+                format!(
+                    "holds {} images; send exactly one image to edit",
+                    self.init_images.len()
+                ),
+            ));
+        };
+        let image = base64_file("init_images", image)?;
+        let mask = self
+            .mask
+            .as_deref()
+            .map(|m| base64_file("mask", m))
+            .transpose()?;
+        let upload = EditUpload::probe(
+            "init_images",
+            &image,
+            mask.as_deref().map(|bytes| MaskUpload {
+                field: "mask",
+                bytes,
+                rule: MaskRule::A1111 {
+                    invert,
+                    blur_x,
+                    blur_y,
+                },
+            }),
+        )?;
+        let mut first = upload
+            .resolve_sampling(txt2img.sampling()?, limits, || {
+                random_seed().min(MAX_RANDOM_SEED)
             })
-            .collect();
-        Ok((images, batch, iterations))
+            .map_err(cfg_scale_field)?;
+        let strength = self
+            .denoising_strength
+            .unwrap_or(DEFAULT_DENOISING_STRENGTH);
+        first.edit = Some(upload.prepare(&first, "denoising_strength", strength)?);
+        Ok((fan_out(&first, batch * iterations), batch, iterations))
     }
 }
 
@@ -354,15 +629,7 @@ pub fn describe(
         Some(first) => first,
         // `resolve` always makes at least one image.
         None => {
-            none = GenParams {
-                prompt: String::new(),
-                negative_prompt: String::new(),
-                width: 0,
-                height: 0,
-                steps: 0,
-                guidance_scale: 0.0,
-                seed: 0,
-            };
+            none = GenParams::default();
             &none
         }
     };
@@ -378,6 +645,7 @@ pub fn describe(
         n_iter: iterations,
         sampler_name: SAMPLER.to_owned(),
         sd_model_checkpoint: model.id.clone(),
+        denoising_strength: first.edit.as_ref().map(|e| e.strength),
     };
     let infotexts = images
         .iter()
@@ -387,8 +655,13 @@ pub fn describe(
             } else {
                 format!("\nNegative prompt: {}", p.negative_prompt)
             };
+            let strength = p
+                .edit
+                .as_ref()
+                .map(|e| format!(", Denoising strength: {}", e.strength))
+                .unwrap_or_default();
             format!(
-                "{}{negative}\nSteps: {}, Sampler: {SAMPLER}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
+                "{}{negative}\nSteps: {}, Sampler: {SAMPLER}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}{strength}",
                 p.prompt, p.steps, p.guidance_scale, p.seed, p.width, p.height, model.id
             )
         })

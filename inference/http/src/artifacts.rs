@@ -75,7 +75,8 @@ pub trait ArtifactStore: Send + Sync + fmt::Debug {
     /// Where the images go, for logs and errors (`bucket images at http://…`, `directory …`).
     fn describe(&self) -> String;
 
-    /// Stores one PNG under `name` (letters, digits, `-`, `_` and `.`) and returns its URL.
+    /// Stores one image under `name` (letters, digits, `-`, `_` and `.`; its extension says
+    /// its format) and returns its URL.
     /// `origin` is this server's base URL as the client reached it (`http://host:port`); a
     /// store that hands out its own URLs ignores it.
     fn put<'a>(&'a self, name: &'a str, png: Vec<u8>, origin: &'a str) -> PutFuture<'a>;
@@ -88,11 +89,26 @@ pub fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// A fresh, unguessable artifact name for image `index` of a request.
-pub fn new_name(index: usize) -> String {
+/// A fresh, unguessable artifact name for image `index` of a request, with the extension of
+/// its format (`.png`, `.jpg`, `.webp`).
+pub fn new_name(index: usize, format: crate::api::OutputFormat) -> String {
     let a: u64 = rand::random();
     let b: u64 = rand::random();
-    format!("{}-{a:016x}{b:016x}-{index}.png", unix_now())
+    let ext = match format {
+        crate::api::OutputFormat::Png => "png",
+        crate::api::OutputFormat::Jpeg => "jpg",
+        crate::api::OutputFormat::Webp => "webp",
+    };
+    format!("{}-{a:016x}{b:016x}-{index}.{ext}", unix_now())
+}
+
+/// The media type of an artifact, from its name's extension.
+pub fn media_type(name: &str) -> &'static str {
+    match name.rsplit_once('.').map(|(_, ext)| ext) {
+        Some("jpg") => "image/jpeg",
+        Some("webp") => "image/webp",
+        _ => "image/png",
+    }
 }
 
 /// Whether `name` is one this server could have made (no path separators, no dot files).
@@ -532,12 +548,12 @@ impl S3Store {
     async fn put_once(&self, key: &str, png: &[u8]) -> Result<(), PutFailure> {
         let mut action =
             rusty_s3::actions::PutObject::new(&self.bucket, Some(&self.credentials), key);
-        action.headers_mut().insert("content-type", "image/png");
+        action.headers_mut().insert("content-type", media_type(key));
         let url = action.sign(Duration::from_secs(60));
         let resp = self
             .client
             .put(url)
-            .header(reqwest::header::CONTENT_TYPE, "image/png")
+            .header(reqwest::header::CONTENT_TYPE, media_type(key))
             .body(png.to_vec())
             .send()
             .await
@@ -613,7 +629,7 @@ mod tests {
     fn local_urls_are_refused_when_tampered_with_or_expired() {
         let dir = std::env::temp_dir().join(format!("sd35-artifacts-{}", std::process::id()));
         let store = local(&dir);
-        let name = new_name(0);
+        let name = new_name(0, crate::api::OutputFormat::Png);
         assert!(valid_name(&name));
         store.write(&name, b"png").unwrap_or_else(|e| panic!("{e}"));
         let sig = store.signature(&name, 1000);
@@ -644,7 +660,8 @@ mod tests {
             store.fetch(&name, Some(1000), Some("zz"), 999),
             Err(Refusal::BadSignature)
         );
-        let missing = new_name(1);
+        let missing = new_name(1, crate::api::OutputFormat::Webp);
+        assert_eq!(media_type(&missing), "image/webp");
         let sig = store.signature(&missing, 1000);
         assert_eq!(
             store.fetch(&missing, Some(1000), Some(&sig), 999),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use sd35_contract::{DeviceKind, Precision, Variant};
 
-pub use sd35_api::{BatchKey, Defaults, GenParams, ModelInfo, SkipLayerInfo};
+pub use sd35_api::{BatchKey, Defaults, EditParams, GenParams, ModelInfo, SkipLayerInfo};
 pub use sd35_pipeline::StepControl;
 
 /// Why a generation did not produce an image.
@@ -29,11 +29,12 @@ pub trait GenControl: StepControl {
     fn partial_image(&mut self, index: usize, step: usize, png: Vec<u8>);
 }
 
-/// A loaded text-to-image model.
+/// A loaded text-to-image model (that edits images too).
 pub trait Backend: Send {
     /// What the model is.
     fn info(&self) -> ModelInfo;
-    /// Generates one PNG per item; every item has the same [`GenParams::batch_key`].
+    /// Generates one PNG per item; every item has the same [`GenParams::batch_key`]. A step
+    /// count reported to the control is [`GenParams::sampled_steps`].
     fn generate(
         &mut self,
         batch: &[GenParams],
@@ -64,12 +65,17 @@ impl FakeBackend {
     }
 }
 
-/// A PNG whose pixels are a hash of the parameters (same parameters, same bytes).
+/// A PNG whose pixels are a hash of the parameters (same parameters, same bytes), an edit's
+/// image and mask included.
 pub fn fake_png(p: &GenParams) -> Vec<u8> {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (&p.prompt, &p.negative_prompt, p.width, p.height, p.steps).hash(&mut h);
-    (p.guidance_scale.to_bits(), p.seed).hash(&mut h);
+    (p.guidance_scale.to_bits(), p.seed, &p.slg_layers).hash(&mut h);
+    if let Some(e) = &p.edit {
+        (&e.image.rgb, e.mask.as_ref().map(|m| &m.grey)).hash(&mut h);
+        e.strength.to_bits().hash(&mut h);
+    }
     let mut state = h.finish() | 1;
     let n = (p.width * p.height * 3) as usize;
     let pixels: Vec<u8> = (0..n)
@@ -137,6 +143,8 @@ impl Backend for FakeBackend {
             cache_key: None,
             t5_loaded: false,
             max_size: 256,
+            transformer_blocks: 24,
+            image_editing: true,
             defaults: Defaults {
                 steps: 4,
                 guidance_scale: 3.5,
@@ -159,7 +167,7 @@ impl Backend for FakeBackend {
             seen.push(batch.len());
         }
         let mut alive = vec![true; batch.len()];
-        let steps = batch.first().map_or(0, |p| p.steps as usize);
+        let steps = batch.first().map_or(0, |p| p.sampled_steps() as usize);
         for step in 1..=steps {
             for (i, a) in alive.iter_mut().enumerate() {
                 *a = *a && control.wanted(i);

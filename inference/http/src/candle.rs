@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use sd35_contract::plan::MemoryGate;
 use sd35_contract::{CacheManifest, DeviceKind, Precision, Variant};
 use sd35_pipeline::device::OpenedDevice;
-use sd35_pipeline::{GenerateRequest, Pipeline, PipelineOptions, VariantSource, model_card};
+use sd35_pipeline::{
+    Edit, GenerateRequest, Pipeline, PipelineOptions, SkipLayerGuidance, VariantSource, model_card,
+};
 
 use crate::backend::{
     Backend, Defaults, GenControl, GenFailure, GenParams, ModelInfo, SkipLayerInfo, StepControl,
@@ -20,6 +22,44 @@ pub struct CandleBackend {
     pipeline: Pipeline,
     info: ModelInfo,
     smoke: Option<sd35_contract::SmokeRecord>,
+    /// Skip-layer guidance of requests that name no blocks: the model card's, when the
+    /// transformer has the blocks it names.
+    default_slg: Option<SkipLayerGuidance>,
+}
+
+/// The skip-layer guidance a request naming `layers` gets: the model card's scale and
+/// interval (the medium card's for variants without one).
+fn slg_with_layers(card: Option<&SkipLayerGuidance>, layers: &[u32]) -> SkipLayerGuidance {
+    let base = card.cloned().or(model_card(Variant::Medium).slg);
+    let (scale, start, stop) = base.map_or((2.8, 0.01, 0.2), |b| (b.scale, b.start, b.stop));
+    SkipLayerGuidance {
+        layers: layers.iter().map(|&l| l as usize).collect(),
+        scale,
+        start,
+        stop,
+    }
+}
+
+/// The model card's skip-layer guidance when this transformer has every block it names;
+/// otherwise none, and a warning that says so (a distilled or custom MMDiT-X with fewer
+/// blocks than the card's model).
+fn card_slg(
+    card: Option<SkipLayerGuidance>,
+    blocks: usize,
+    warnings: &mut Vec<String>,
+) -> Option<SkipLayerGuidance> {
+    let slg = card?;
+    if slg.layers.iter().all(|&l| l < blocks) {
+        return Some(slg);
+    }
+    warnings.push(format!(
+        "the model card's skip-layer guidance skips blocks {:?}, but this transformer has \
+         {blocks} blocks (0 to {}): skip-layer guidance is off by default; a request may \
+         name blocks that exist (`slg_layers`)",
+        slg.layers,
+        blocks.saturating_sub(1)
+    ));
+    None
 }
 
 fn decode_png(pipeline: &Pipeline, latents: &candle_core::Tensor) -> Result<Vec<u8>, String> {
@@ -172,7 +212,8 @@ impl CandleBackend {
         }
         let memory = memory_gate(&pipeline, &o.device, o.memory_limit, &mut warnings)?;
         let d = pipeline.default_request("");
-        let card = model_card(variant);
+        let blocks = pipeline.mmdit().config().depth;
+        let default_slg = card_slg(model_card(variant).slg, blocks, &mut warnings);
         let info = ModelInfo {
             id: served_names
                 .first()
@@ -194,14 +235,16 @@ impl CandleBackend {
                 .or_else(|| marker.as_ref().and_then(|_| dir_name(&o.model))),
             t5_loaded: pipeline.t5_loaded(),
             max_size: pipeline.max_size() as u32,
+            transformer_blocks: blocks as u32,
+            image_editing: pipeline.spec()?.vae.encoder,
             defaults: Defaults {
                 steps: d.steps as u32,
                 guidance_scale: d.guidance,
                 width: d.width as u32,
                 height: d.height as u32,
             },
-            skip_layer_guidance: card.slg.map(|s| SkipLayerInfo {
-                layers: s.layers,
+            skip_layer_guidance: default_slg.as_ref().map(|s| SkipLayerInfo {
+                layers: s.layers.clone(),
                 scale: s.scale,
                 start: s.start,
                 stop: s.stop,
@@ -215,6 +258,7 @@ impl CandleBackend {
             pipeline,
             info,
             smoke: engine.and_then(|m| m.smoke),
+            default_slg,
         })
     }
 
@@ -239,9 +283,9 @@ impl CandleBackend {
         ))
     }
 
-    /// The pipeline request for validated parameters: the variant's model card for what the
-    /// API does not expose (skip-layer guidance), the parameters for the rest.
-    fn request(&self, p: &GenParams) -> GenerateRequest {
+    /// The pipeline request for validated parameters: skip-layer guidance as the request
+    /// names it or the server's default, the image to edit as the pipeline's tensors.
+    fn request(&self, p: &GenParams) -> sd35_pipeline::Result<GenerateRequest> {
         let mut req = self.pipeline.default_request(&p.prompt);
         req.negative_prompt.clone_from(&p.negative_prompt);
         req.width = p.width as usize;
@@ -249,8 +293,39 @@ impl CandleBackend {
         req.steps = p.steps as usize;
         req.guidance = p.guidance_scale;
         req.seed = p.seed;
-        req
+        req.slg = match &p.slg_layers {
+            None => self.default_slg.clone(),
+            Some(layers) if layers.is_empty() => None,
+            Some(layers) => Some(slg_with_layers(
+                model_card(self.info.variant).slg.as_ref(),
+                layers,
+            )),
+        };
+        if let Some(edit) = &p.edit {
+            req.edit = Some(edit_tensors(edit)?);
+        }
+        Ok(req)
     }
+}
+
+/// An edit as the pipeline takes it (tensors on the CPU; the pipeline moves them).
+pub fn edit_tensors(edit: &crate::backend::EditParams) -> sd35_pipeline::Result<Edit> {
+    use sd35_pipeline::image;
+    let cpu = candle_core::Device::Cpu;
+    let picture = image::RgbImage {
+        width: edit.image.width as usize,
+        height: edit.image.height as usize,
+        pixels: edit.image.rgb.clone(),
+    };
+    Ok(Edit {
+        image: image::to_tensor(&picture, &cpu)?,
+        mask: edit
+            .mask
+            .as_ref()
+            .map(|m| image::mask_tensor(&m.grey, m.width as usize, m.height as usize, &cpu))
+            .transpose()?,
+        strength: edit.strength,
+    })
 }
 
 impl Backend for CandleBackend {
@@ -263,7 +338,20 @@ impl Backend for CandleBackend {
         batch: &[GenParams],
         control: &mut dyn GenControl,
     ) -> Vec<Result<Vec<u8>, GenFailure>> {
-        let reqs: Vec<GenerateRequest> = batch.iter().map(|p| self.request(p)).collect();
+        let reqs = match batch
+            .iter()
+            .map(|p| self.request(p))
+            .collect::<sd35_pipeline::Result<Vec<GenerateRequest>>>()
+        {
+            Ok(reqs) => reqs,
+            Err(e) => {
+                let msg = format!("generation failed: {e}");
+                return batch
+                    .iter()
+                    .map(|_| Err(GenFailure::Failed(msg.clone())))
+                    .collect();
+            }
+        };
         let sampled = {
             let mut decoding = Decoding {
                 pipeline: &self.pipeline,

@@ -89,6 +89,50 @@ pub fn post_json(addr: SocketAddr, path: &str, body: &str) -> std::io::Result<Re
     )
 }
 
+/// One field of a `multipart/form-data` body: a name, a file name for files, the bytes.
+pub type FormField<'a> = (&'a str, Option<&'a str>, &'a [u8]);
+
+/// A `multipart/form-data` body of `fields` and its `Content-Type` header value.
+pub fn form(fields: &[FormField<'_>]) -> (String, Vec<u8>) {
+    let boundary = "sd35-form-boundary-7MA4YWxkTrZu0gW";
+    let mut body = Vec::new();
+    for (name, filename, data) in fields {
+        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+        match filename {
+            Some(f) => body.extend_from_slice(
+                format!(
+                    "Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\n\
+                     Content-Type: application/octet-stream\r\n\r\n"
+                )
+                .as_bytes(),
+            ),
+            None => body.extend_from_slice(
+                format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
+            ),
+        }
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// `POST` of a `multipart/form-data` body.
+pub fn post_form(
+    addr: SocketAddr,
+    path: &str,
+    fields: &[FormField<'_>],
+) -> std::io::Result<Response> {
+    let (content_type, body) = form(fields);
+    request(
+        addr,
+        "POST",
+        path,
+        &[("Content-Type", content_type.as_str())],
+        &body,
+    )
+}
+
 /// `GET`.
 pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
     request(addr, "GET", path, &[], b"")

@@ -50,9 +50,15 @@ pub struct ServeConfig {
     #[arg(long, env = "SD35_LOG_PROMPTS")]
     pub log_prompts: bool,
 
-    /// Largest accepted request body in bytes.
+    /// Largest accepted request body in bytes (the text and JSON routes).
     #[arg(long, env = "SD35_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
+
+    /// Largest accepted body in bytes of the routes that take an image to edit
+    /// (`/v1/images/edits`, `/v1/img2img`, `/sdapi/v1/img2img`), images included (bytes, or
+    /// with a K, M, G or T suffix in powers of 1024).
+    #[arg(long, env = "SD35_MAX_UPLOAD_BYTES", default_value = "32M", value_parser = parse_bytes)]
+    pub max_upload_bytes: u64,
 
     /// Longest accepted prompt (and negative prompt) in bytes.
     #[arg(long, env = "SD35_MAX_PROMPT_BYTES", default_value_t = 4096)]
@@ -274,6 +280,7 @@ mod tests {
         assert_eq!(config.log_format, LogFormat::Text);
         assert!(!config.log_prompts);
         assert_eq!(config.max_body_bytes, 64 * 1024);
+        assert_eq!(config.max_upload_bytes, 32 << 20);
         assert_eq!(config.max_steps_for(sd35_pipeline::Variant::LargeTurbo), 16);
     }
 

@@ -13,16 +13,19 @@ use axum::response::{Html, IntoResponse, Response};
 use base64::Engine as _;
 use tokio::sync::oneshot;
 
-use crate::api::sdapi::{self, A1111Options, A1111OptionsUpdate, A1111Txt2ImgRequest};
+use crate::api::sdapi::{
+    self, A1111Img2ImgRequest, A1111Options, A1111OptionsUpdate, A1111Txt2ImgRequest,
+};
 use crate::api::{
-    self, ApiError, Bounds, COMPLETED_EVENT, ImageData, ImageStreamEvent, ImagesRequest,
-    ImagesResponse, Limits, PARTIAL_IMAGE_EVENT, ResponseFormat, Txt2ImgRequest, Txt2ImgResponse,
-    UsedParameters,
+    self, ApiError, Bounds, Delivery, EDIT_EVENTS, GENERATION_EVENTS, ImageData, ImageEditRequest,
+    ImageStreamEvent, ImagesRequest, ImagesResponse, Img2ImgRequest, Limits, Output,
+    ResponseFormat, StreamEvents, Txt2ImgRequest, Txt2ImgResponse, UsedParameters, multipart,
 };
 use crate::artifacts::{self, Refusal, Stored};
 use crate::backend::GenParams;
+use crate::encode;
 use crate::queue::{ImageResult, Partial, PreviewRequest, QueueError, retry_after};
-use crate::routes::{AppState, RequestId};
+use crate::routes::{AppState, BodyLimit, RequestId};
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -106,8 +109,31 @@ fn json_body(headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// Reads the whole body within `--body-read-timeout-seconds` (a client trickling its body
-/// byte by byte is cut off, not waited for) and `--max-body-bytes`.
+/// byte by byte is cut off, not waited for) and the route's body limit (`--max-body-bytes`,
+/// or `--max-upload-bytes` for the routes that take images).
 async fn read_body(state: &AppState, req: Request) -> Result<Bytes, ApiError> {
+    let BodyLimit { bytes: limit, flag } =
+        req.extensions()
+            .get::<BodyLimit>()
+            .copied()
+            .unwrap_or(BodyLimit {
+                bytes: state.max_body_bytes,
+                flag: "--max-body-bytes",
+            });
+    // A body announced too large is refused before a byte of it is read.
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(length) = announced
+        && length > limit as u64
+    {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is {length} bytes; this route accepts at most {limit} (see {flag})"),
+        ));
+    }
     let read = Bytes::from_request(req, &());
     match tokio::time::timeout(state.body_read_timeout, read).await {
         Err(_) => Err(ApiError::new(
@@ -121,13 +147,35 @@ async fn read_body(state: &AppState, req: Request) -> Result<Bytes, ApiError> {
         Ok(Err(e)) => {
             let status = e.status();
             let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-                "the body is larger than the server accepts (see --max-body-bytes)".to_owned()
+                format!("the body is larger than the server accepts (see {flag})")
             } else {
                 e.body_text()
             };
             Err(ApiError::new(status, message))
         }
     }
+}
+
+/// Runs `work` (decoding uploads, resizing them) on a blocking thread, once one of the
+/// server's decoding slots is free.
+async fn blocking<T: Send + 'static>(
+    state: &AppState,
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let failed = |e: String| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading the request failed: {e}"),
+        )
+    };
+    let _slot = state
+        .decoding
+        .acquire()
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| failed(e.to_string()))?
 }
 
 /// The parts of a request the handlers need besides the body.
@@ -191,7 +239,7 @@ fn submit_images(
             "queued"
         );
     }
-    let steps = images.first().map_or(1, |p| p.steps);
+    let steps = images.first().map_or(1, GenParams::sampled_steps);
     let rxs = state
         .queue
         .submit_with_previews(images, deadline, request_id, previews)
@@ -286,16 +334,17 @@ async fn store_images(
     state: &AppState,
     headers: &HeaderMap,
     request_id: &str,
-    pngs: &[Vec<u8>],
+    images: &[Vec<u8>],
+    output: Output,
 ) -> Result<Vec<Stored>, ApiError> {
     let Some(store) = &state.artifacts else {
         return Err(no_storage("response_format"));
     };
     let origin = origin(state, headers);
-    let mut out = Vec::with_capacity(pngs.len());
-    for (i, png) in pngs.iter().enumerate() {
-        let name = artifacts::new_name(i);
-        match store.put(&name, png.clone(), &origin).await {
+    let mut out = Vec::with_capacity(images.len());
+    for (i, image) in images.iter().enumerate() {
+        let name = artifacts::new_name(i, output.format);
+        match store.put(&name, image.clone(), &origin).await {
             Ok(stored) => {
                 state.metrics.artifacts_stored.inc();
                 tracing::info!(artifact = %name, store = %store.describe(), "image stored");
@@ -324,6 +373,10 @@ fn wants_json(headers: &HeaderMap) -> bool {
         .is_some_and(|a| a.contains("application/json"))
 }
 
+fn accept(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::ACCEPT).and_then(|v| v.to_str().ok())
+}
+
 pub(crate) async fn txt2img(
     State(state): State<Arc<AppState>>,
     req: Request,
@@ -334,34 +387,77 @@ pub(crate) async fn txt2img(
     let limits = ready_limits(&state)?;
     let req: Txt2ImgRequest = api::parse_json(&body)?;
     let params = req.resolve(limits, rand::random)?;
+    let output = req.output(accept(&headers))?;
+    one_image(
+        &state,
+        &headers,
+        &id,
+        params,
+        req.store == Some(true),
+        output,
+    )
+    .await
+}
+
+/// `POST /v1/img2img`: `/v1/txt2img`'s answer for an edit.
+pub(crate) async fn img2img(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let Head { headers, id } = head(&req);
+    let body = read_body(&state, req).await?;
+    json_body(&headers)?;
+    let limits = ready_limits(&state)?.clone();
+    let req: Img2ImgRequest = api::parse_json(&body)?;
+    drop(body);
+    let output = req.output(accept(&headers))?;
     let store = req.store == Some(true);
+    let params = blocking(&state, move || req.resolve(&limits, rand::random)).await?;
+    one_image(&state, &headers, &id, params, store, output).await
+}
+
+/// Makes one image and answers it as `/v1/txt2img` does: the image bytes (the `X-Seed`
+/// header, and the artifact's URL when stored), or JSON with `Accept: application/json`.
+async fn one_image(
+    state: &AppState,
+    headers: &HeaderMap,
+    id: &str,
+    params: GenParams,
+    store: bool,
+    output: Output,
+) -> Result<Response, ApiError> {
     if store && state.artifacts.is_none() {
         return Err(no_storage("store"));
     }
     let used = UsedParameters::from(&params);
-    let png = run_images(&state, vec![params], &id)
+    let pngs = run_images(state, vec![params], id).await?;
+    let image = encode::transcode_all(pngs, output)
         .await?
         .pop()
         .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no image"))?;
     let stored = if store {
-        store_images(&state, &headers, &id, std::slice::from_ref(&png))
+        store_images(state, headers, id, std::slice::from_ref(&image), output)
             .await?
             .pop()
     } else {
         None
     };
-    if wants_json(&headers) {
+    if wants_json(headers) {
         return Ok(axum::Json(Txt2ImgResponse {
-            image: b64(&png),
+            image: b64(&image),
+            output_format: output.format.as_str().to_owned(),
             parameters: used,
             url: stored.as_ref().map(|s| s.url.clone()),
             expires_at: stored.as_ref().map(|s| s.expires_at),
         })
         .into_response());
     }
-    let mut resp = Response::new(Body::from(png));
+    let mut resp = Response::new(Body::from(image));
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(output.format.media_type()),
+    );
     if let Ok(v) = HeaderValue::from_str(&used.seed.to_string()) {
         h.insert("x-seed", v);
     }
@@ -385,27 +481,84 @@ pub(crate) async fn images(
     let req: ImagesRequest = api::parse_json(&body)?;
     let params = req.resolve(limits, rand::random)?;
     let delivery = req.delivery()?;
+    let output = req.output()?;
+    openai_images(
+        state,
+        &headers,
+        &id,
+        params,
+        delivery,
+        output,
+        GENERATION_EVENTS,
+    )
+    .await
+}
+
+/// `POST /v1/images/edits`: the OpenAI edit form.
+pub(crate) async fn edits(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let Head { headers, id } = head(&req);
+    let body = read_body(&state, req).await?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let boundary = multipart::boundary(content_type)?;
+    let limits = ready_limits(&state)?.clone();
+    let (params, delivery, output) = blocking(&state, move || {
+        let parts = multipart::parse(&boundary, &body)?;
+        let req = ImageEditRequest::from_form(&parts)?;
+        drop(parts);
+        let params = req.resolve(&limits, rand::random)?;
+        Ok((params, req.delivery()?, req.output()?))
+    })
+    .await?;
+    openai_images(state, &headers, &id, params, delivery, output, EDIT_EVENTS).await
+}
+
+/// Answers an OpenAI images request: streamed, inline or stored.
+async fn openai_images(
+    state: Arc<AppState>,
+    headers: &HeaderMap,
+    id: &str,
+    params: Vec<GenParams>,
+    delivery: Delivery,
+    output: Output,
+    events: StreamEvents,
+) -> Result<Response, ApiError> {
     if delivery.format == ResponseFormat::Url && state.artifacts.is_none() {
         // Refused before any compute is spent.
         return Err(no_storage("response_format"));
     }
     if let Some(partials) = delivery.stream {
-        return stream_image(state.clone(), params, &id, partials);
+        return stream_image(
+            state.clone(),
+            params,
+            id,
+            Streamed {
+                partials,
+                events,
+                output,
+            },
+        );
     }
     let seeds: Vec<u64> = params.iter().map(|p| p.seed).collect();
-    let pngs = run_images(&state, params, &id).await?;
+    let pngs = run_images(&state, params, id).await?;
+    let images = encode::transcode_all(pngs, output).await?;
     let data = match delivery.format {
-        ResponseFormat::B64Json => pngs
+        ResponseFormat::B64Json => images
             .iter()
             .zip(seeds)
-            .map(|(png, seed)| ImageData {
-                b64_json: Some(b64(png)),
+            .map(|(image, seed)| ImageData {
+                b64_json: Some(b64(image)),
                 url: None,
                 expires_at: None,
                 seed,
             })
             .collect(),
-        ResponseFormat::Url => store_images(&state, &headers, &id, &pngs)
+        ResponseFormat::Url => store_images(&state, headers, id, &images, output)
             .await?
             .into_iter()
             .zip(seeds)
@@ -420,6 +573,7 @@ pub(crate) async fn images(
     Ok(axum::Json(ImagesResponse {
         created: unix_now(),
         data,
+        output_format: Some(output.format.as_str().to_owned()),
     })
     .into_response())
 }
@@ -430,17 +584,29 @@ fn sse(event: &str, data: &impl serde::Serialize) -> Bytes {
     Bytes::from(format!("event: {event}\ndata: {json}\n\n"))
 }
 
+/// How a streamed generation is sent: previews wanted, event names, image format.
+#[derive(Debug, Clone, Copy)]
+struct Streamed {
+    partials: u32,
+    events: StreamEvents,
+    output: Output,
+}
+
 /// Where a streamed generation is.
 enum Streaming {
-    Running {
-        state: Arc<AppState>,
-        params: GenParams,
-        partials: tokio::sync::mpsc::UnboundedReceiver<Partial>,
-        image: oneshot::Receiver<ImageResult>,
-        deadline: Instant,
-        expired: tokio::sync::watch::Receiver<bool>,
-    },
+    Running(Box<Running>),
     Done,
+}
+
+/// A streamed generation still running.
+struct Running {
+    state: Arc<AppState>,
+    params: GenParams,
+    how: Streamed,
+    partials: tokio::sync::mpsc::UnboundedReceiver<Partial>,
+    image: oneshot::Receiver<ImageResult>,
+    deadline: Instant,
+    expired: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Answers a streamed generation: the image is queued now (a full queue is still a 429),
@@ -451,14 +617,14 @@ fn stream_image(
     state: Arc<AppState>,
     mut params: Vec<GenParams>,
     request_id: &str,
-    partials: u32,
+    how: Streamed,
 ) -> Result<Response, ApiError> {
     let one = params
         .pop()
         .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no image"))?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let preview = PreviewRequest {
-        count: partials,
+        count: how.partials,
         tx,
     };
     let (mut rxs, deadline) = submit_images(&state, vec![one.clone()], request_id, Some(preview))?;
@@ -466,35 +632,44 @@ fn stream_image(
         .pop()
         .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no image"))?;
     let expired = state.drain_expired.subscribe();
-    let start = Streaming::Running {
+    let start = Streaming::Running(Box::new(Running {
         state,
         params: one,
+        how,
         partials: rx,
         image,
         deadline,
         expired,
-    };
+    }));
     let events = futures::stream::unfold(start, |phase| async move {
-        let Streaming::Running {
+        let Streaming::Running(running) = phase else {
+            return None;
+        };
+        let Running {
             state,
             params,
+            how,
             mut partials,
             mut image,
             deadline,
             mut expired,
-        } = phase
-        else {
-            return None;
-        };
-        let event = |kind: &str, png: &[u8]| {
+        } = *running;
+        let event = |kind: &str, image: &[u8]| {
             ImageStreamEvent::new(
                 kind,
-                b64(png),
+                b64(image),
+                how.output.format.as_str(),
                 params.width,
                 params.height,
                 params.seed,
                 unix_now(),
             )
+        };
+        let encoded = |png: Vec<u8>| async move {
+            encode::transcode_all(vec![png], how.output)
+                .await?
+                .pop()
+                .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no image"))
         };
         let error = |e: ApiError| sse("error", &e.body());
         enum Next {
@@ -513,21 +688,33 @@ fn stream_image(
         let bytes = match next {
             Next::Partial(p) => {
                 state.metrics.partial_images.inc();
-                let mut e = event(PARTIAL_IMAGE_EVENT, &p.png);
-                e.partial_image_index = Some(p.index);
-                let bytes = sse(PARTIAL_IMAGE_EVENT, &e);
-                let running = Streaming::Running {
+                let bytes = match encoded(p.png).await {
+                    Ok(preview) => {
+                        let mut e = event(how.events.partial, &preview);
+                        e.partial_image_index = Some(p.index);
+                        e.step = u32::try_from(p.step).ok();
+                        e.steps = Some(params.sampled_steps());
+                        sse(how.events.partial, &e)
+                    }
+                    // A preview is a courtesy: the image itself still comes.
+                    Err(_) => Bytes::new(),
+                };
+                let running = Streaming::Running(Box::new(Running {
                     state,
                     params,
+                    how,
                     partials,
                     image,
                     deadline,
                     expired,
-                };
+                }));
                 return Some((Ok::<_, std::convert::Infallible>(bytes), running));
             }
             Next::Image(r) => match image_result(&state, r) {
-                Ok(png) => sse(COMPLETED_EVENT, &event(COMPLETED_EVENT, &png)),
+                Ok(png) => match encoded(png).await {
+                    Ok(image) => sse(how.events.completed, &event(how.events.completed, &image)),
+                    Err(e) => error(e),
+                },
                 Err(e) => error(e),
             },
             Next::Drained => error(cut_at_drain(&state)),
@@ -570,11 +757,14 @@ pub(crate) async fn artifact(State(state): State<Arc<AppState>>, req: Request) -
         }
     }
     match store.fetch(name, expires, signature, unix_now()) {
-        Ok(png) => {
+        Ok(image) => {
             let left = expires.unwrap_or(0).saturating_sub(unix_now());
-            let mut resp = Response::new(Body::from(png));
+            let mut resp = Response::new(Body::from(image));
             let h = resp.headers_mut();
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(artifacts::media_type(name)),
+            );
             if let Ok(v) = HeaderValue::from_str(&format!("private, max-age={left}")) {
                 h.insert(header::CACHE_CONTROL, v);
             }
@@ -608,10 +798,42 @@ pub(crate) async fn sdapi_txt2img(
     let limits = ready_limits(&state)?;
     let req: A1111Txt2ImgRequest = api::parse_json(&body)?;
     let (params, batch, iterations) = req.resolve(limits, rand::random)?;
-    let pngs = run_images(&state, params.clone(), &id).await?;
-    let (parameters, info) = sdapi::describe(&params, batch, iterations, &limits.model);
+    let output = req.output()?;
+    let model = limits.model.clone();
+    a1111_images(&state, &id, (params, batch, iterations), output, &model).await
+}
+
+/// `POST /sdapi/v1/img2img`.
+pub(crate) async fn sdapi_img2img(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let Head { headers, id } = head(&req);
+    let body = read_body(&state, req).await?;
+    json_body(&headers)?;
+    let limits = ready_limits(&state)?.clone();
+    let req: A1111Img2ImgRequest = api::parse_json(&body)?;
+    drop(body);
+    let output = req.output()?;
+    let model = limits.model.clone();
+    let resolved = blocking(&state, move || req.resolve(&limits, rand::random)).await?;
+    a1111_images(&state, &id, resolved, output, &model).await
+}
+
+/// Makes the images of an AUTOMATIC1111 request (`(images, batch_size, n_iter)`) and answers
+/// them with their `info`.
+async fn a1111_images(
+    state: &AppState,
+    id: &str,
+    (params, batch, iterations): (Vec<GenParams>, u32, u32),
+    output: Output,
+    model: &api::ModelInfo,
+) -> Result<Response, ApiError> {
+    let pngs = run_images(state, params.clone(), id).await?;
+    let images = encode::transcode_all(pngs, output).await?;
+    let (parameters, info) = sdapi::describe(&params, batch, iterations, model);
     Ok(axum::Json(sdapi::A1111Txt2ImgResponse {
-        images: pngs.iter().map(|p| b64(p)).collect(),
+        images: images.iter().map(|p| b64(p)).collect(),
         parameters,
         info: serde_json::to_string(&info).unwrap_or_default(),
     })

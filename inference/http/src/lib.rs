@@ -12,7 +12,8 @@
 //!   table, auth, request ids, metrics, OpenAPI and the playground page; the request and
 //!   response types, their bounds and validation are the `sd35-api` crate ([`api`]);
 //! - [`artifacts`]: where images go when a client asks for URLs — a local directory served
-//!   back on signed, expiring URLs, or an S3-compatible bucket with presigned URLs.
+//!   back on signed, expiring URLs, or an S3-compatible bucket with presigned URLs;
+//! - [`encode`]: the answers' images in the format asked for (PNG, JPEG, WebP).
 //!
 //! [`server::run`] wires them from one [`config::ServeConfig`].
 
@@ -23,11 +24,13 @@ pub mod candle;
 pub mod client;
 pub mod config;
 pub mod edge;
+pub mod encode;
 mod handlers;
 pub mod metrics;
 pub mod openapi;
 pub mod queue;
 pub mod routes;
+pub mod sample_images;
 pub mod server;
 
 pub use config::ServeConfig;

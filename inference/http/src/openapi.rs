@@ -6,17 +6,25 @@ use serde_json::{Map, Value, json};
 
 use crate::api::Bounds;
 use crate::api::schema::{components, reference};
-use crate::routes::{Body, ROUTES, Route, status_description};
+use crate::routes::{Body, ROUTES, RequestBody, Route, status_description};
 
 /// The playground page served at `/` (no external resources).
 pub const PLAYGROUND: &str = include_str!("playground.html");
 
+/// A binary image body.
+fn binary() -> Value {
+    json!({"schema": {"type": "string", "format": "binary"}})
+}
+
 fn ok_response(body: Body) -> Value {
     let (description, content) = match body {
-        Body::PngOrJson(schema) => (
-            "The image (PNG), or JSON with `Accept: application/json`",
+        Body::ImageOrJson(schema) => (
+            "The image — PNG, JPEG or WebP as `output_format` (else the `Accept` header) asks — \
+             or JSON with `Accept: application/json`",
             json!({
-                "image/png": {"schema": {"type": "string", "format": "binary"}},
+                "image/png": binary(),
+                "image/jpeg": binary(),
+                "image/webp": binary(),
                 "application/json": {"schema": reference(schema)},
             }),
         ),
@@ -28,20 +36,33 @@ fn ok_response(body: Body) -> Value {
             "OK",
             json!({"application/json": {"schema": {"type": "array", "items": reference(schema)}}}),
         ),
-        Body::JsonOrEvents(schema, event) => (
-            "The images as JSON; with `stream: true`, server-sent events (`event: <type>`, \
-             `data: <ImageStreamEvent>`): `image_generation.partial_image` previews, then \
-             `image_generation.completed` (or `error` with an ErrorBody)",
+        Body::JsonOrEvents(schema, event, names) => (
+            match names.partial {
+                crate::api::PARTIAL_IMAGE_EVENT => {
+                    "The images as JSON; with `stream: true`, server-sent events (`event: \
+                     <type>`, `data: <ImageStreamEvent>`): `image_generation.partial_image` \
+                     previews, then `image_generation.completed` (or `error` with an ErrorBody)"
+                }
+                _ => {
+                    "The images as JSON; with `stream: true`, server-sent events (`event: \
+                     <type>`, `data: <ImageStreamEvent>`): `image_edit.partial_image` \
+                     previews, then `image_edit.completed` (or `error` with an ErrorBody)"
+                }
+            },
             json!({
                 "application/json": {"schema": reference(schema)},
                 // OpenAPI 3.1 reads the schema of an event stream as the schema of each event:
                 // its `event` name and `data`, a JSON text of the event's body.
-                "text/event-stream": {"schema": stream_event(event)},
+                "text/event-stream": {"schema": stream_event(event, names)},
             }),
         ),
-        Body::Png => (
-            "The PNG",
-            json!({"image/png": {"schema": {"type": "string", "format": "binary"}}}),
+        Body::Image => (
+            "The stored image (PNG, JPEG or WebP, as it was asked for)",
+            json!({
+                "image/png": binary(),
+                "image/jpeg": binary(),
+                "image/webp": binary(),
+            }),
         ),
         Body::AnyJson => (
             "OK",
@@ -59,7 +80,7 @@ fn ok_response(body: Body) -> Value {
 
 /// One server-sent event of a streamed generation: previews and the image carry `event`
 /// (an `ImageStreamEvent`), a failure after the stream began an `ErrorBody`.
-fn stream_event(event: &str) -> Value {
+fn stream_event(event: &str, names: crate::api::StreamEvents) -> Value {
     let one = |names: Value, body: Value| {
         json!({
             "type": "object",
@@ -76,10 +97,7 @@ fn stream_event(event: &str) -> Value {
         })
     };
     json!({"oneOf": [
-        one(
-            json!([crate::api::PARTIAL_IMAGE_EVENT, crate::api::COMPLETED_EVENT]),
-            reference(event),
-        ),
+        one(json!([names.partial, names.completed]), reference(event)),
         one(json!(["error"]), reference("ErrorBody")),
     ]})
 }
@@ -141,17 +159,51 @@ fn operation(r: &Route) -> Value {
     if !params.is_empty() {
         op["parameters"] = Value::Array(params);
     }
-    if let Some(schema) = r.request {
-        op["requestBody"] = json!({
-            "required": true,
-            "content": {"application/json": {"schema": reference(schema)}},
-        });
+    match r.request {
+        Some(RequestBody::Json(schema)) => {
+            let mut content = json!({"schema": reference(schema)});
+            if let Some(example) = example(schema) {
+                content["example"] = example;
+            }
+            op["requestBody"] = json!({
+                "required": true,
+                "content": {"application/json": content},
+            });
+        }
+        Some(RequestBody::Form(schema)) => {
+            op["requestBody"] = json!({
+                "required": true,
+                "content": {"multipart/form-data": {
+                    "schema": reference(schema),
+                    "encoding": {
+                        "image": {"contentType": "image/png, image/jpeg, image/webp"},
+                        "mask": {"contentType": "image/png"},
+                    },
+                }},
+            });
+        }
+        None => {}
     }
     if r.auth {
         // Bearer token when the server has tokens, nothing when it has none.
         op["security"] = json!([{"bearer": []}, {}]);
     }
     op
+}
+
+/// A body that works, for the routes whose bodies a schema cannot describe well enough to
+/// generate one (an image in base64 must decode).
+fn example(schema: &str) -> Option<Value> {
+    static PNG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let png = PNG.get_or_init(|| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(crate::sample_images::png(16, 16))
+    });
+    match schema {
+        "Img2ImgRequest" => Some(json!({"prompt": "a lighthouse", "image": png})),
+        "A1111Img2ImgRequest" => Some(json!({"prompt": "a lighthouse", "init_images": [png]})),
+        _ => None,
+    }
 }
 
 /// The OpenAPI document of the server with `bounds` (the loaded model's, or those known
@@ -167,8 +219,9 @@ pub fn document(bounds: &Bounds) -> Value {
         "info": {
             "title": "sd35-server",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Stable Diffusion 3.5 text-to-image. Every error answers \
-                `{\"error\": {\"message\", \"field\"}}`; a wrong method gets 405 with `Allow`.",
+            "description": "Stable Diffusion 3.5 text-to-image and image editing (img2img, \
+                inpainting). Every error answers `{\"error\": {\"message\", \"field\"}}`; a \
+                wrong method gets 405 with `Allow`.",
         },
         "components": {
             "schemas": components(bounds),
@@ -221,5 +274,37 @@ mod tests {
         assert!(options["get"].is_object() && options["post"].is_object());
         let w = &doc["components"]["schemas"]["Txt2ImgRequest"]["properties"]["width"];
         assert_eq!((&w["maximum"], &w["multipleOf"]), (&json!(256), &json!(16)));
+        // The edit routes: a form with a binary image, JSON with base64, their own events.
+        let edits = &doc["paths"]["/v1/images/edits"]["post"];
+        let form = &edits["requestBody"]["content"]["multipart/form-data"];
+        assert_eq!(form["schema"], reference("ImageEditRequest"));
+        let fields = &doc["components"]["schemas"]["ImageEditRequest"];
+        assert_eq!(fields["properties"]["image"]["format"], "binary");
+        assert_eq!(fields["properties"]["n"]["type"], "integer");
+        let required = fields["required"].as_array().cloned().unwrap_or_default();
+        assert!(required.contains(&json!("image")) && required.contains(&json!("prompt")));
+        let names: Vec<&str> = fields["properties"]
+            .as_object()
+            .map(|p| p.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        let mut expected = crate::api::edit::EDIT_FORM_FIELDS.to_vec();
+        expected.sort_unstable();
+        let mut names = names;
+        names.sort_unstable();
+        assert_eq!(
+            names, expected,
+            "the form's documented fields are the parsed ones"
+        );
+        let events = &edits["responses"]["200"]["content"]["text/event-stream"]["schema"];
+        assert_eq!(
+            events["oneOf"][0]["properties"]["event"]["enum"],
+            json!(["image_edit.partial_image", "image_edit.completed"])
+        );
+        for path in ["/v1/img2img", "/sdapi/v1/img2img", "/v1/images/edits"] {
+            let op = &doc["paths"][path]["post"];
+            assert!(op["responses"]["413"].is_object() && op["responses"]["415"].is_object());
+        }
+        let txt2img = &doc["paths"]["/v1/txt2img"]["post"]["responses"]["200"]["content"];
+        assert!(txt2img["image/jpeg"].is_object() && txt2img["image/webp"].is_object());
     }
 }

@@ -203,10 +203,11 @@ impl Queue {
         let mut out = Vec::with_capacity(images.len());
         for (image, (params, one)) in images.into_iter().zip(permits).enumerate() {
             let (reply, rx) = oneshot::channel();
-            let steps = params.steps;
+            // An edit runs the tail of its schedule: these are the steps it costs and reports.
+            let steps = params.sampled_steps();
             let job = Job {
                 previews: previews.as_ref().map(|p| JobPreviews {
-                    steps: preview_steps(params.steps, p.count),
+                    steps: preview_steps(steps, p.count),
                     image,
                     tx: p.tx.clone(),
                 }),
@@ -317,7 +318,7 @@ fn worker(
         pending.retain(|j| {
             if j.abandoned() {
                 m.cancelled.inc();
-                m.steps_outstanding.dec_by(i64::from(j.params.steps));
+                m.steps_outstanding.dec_by(i64::from(j.params.sampled_steps()));
                 tracing::info!(request_id = %j.request_id, "dropped from the queue: client gone or deadline passed");
                 false
             } else {
@@ -366,7 +367,7 @@ fn worker(
         for ((job, result), done) in batch.into_iter().zip(results).zip(done) {
             // Steps it will never run (cancelled early, or a backend that ran fewer).
             m.steps_outstanding
-                .dec_by(i64::from(job.params.steps.saturating_sub(done)));
+                .dec_by(i64::from(job.params.sampled_steps().saturating_sub(done)));
             m.images_in_flight.dec();
             let reply = match result {
                 Ok(png) => {

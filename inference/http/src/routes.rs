@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use tracing::Instrument;
 
-use crate::api::{ApiError, Limits};
+use crate::api::{ApiError, EDIT_EVENTS, GENERATION_EVENTS, Limits, StreamEvents};
 use crate::artifacts::{ArtifactStore, LocalStore};
 use crate::auth::Tokens;
 use crate::handlers;
@@ -50,8 +50,10 @@ pub struct AppState {
     pub max_batch_size: usize,
     /// Log prompts.
     pub log_prompts: bool,
-    /// Largest body.
+    /// Largest body of the text and JSON routes.
     pub max_body_bytes: usize,
+    /// Largest body of the routes that take an image ([`Route::upload`]).
+    pub max_upload_bytes: usize,
     /// Largest prompt in bytes (for the document served before the model is loaded).
     pub max_prompt_bytes: usize,
     /// When the server started, in Unix seconds (the models' `created`).
@@ -64,22 +66,29 @@ pub struct AppState {
     pub public_url: Option<String>,
     /// The model name `POST /sdapi/v1/options` chose last (unset: the primary name).
     pub checkpoint: Mutex<Option<String>>,
+    /// Uploads being decoded at once, at most ([`DECODING_AT_ONCE`]): decoding one may take
+    /// hundreds of megabytes, so a burst of uploads waits here instead of adding up.
+    pub decoding: tokio::sync::Semaphore,
 }
+
+/// Uploads decoded at once, at most.
+pub const DECODING_AT_ONCE: usize = 2;
 
 /// What a 200 answer carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Body {
-    /// A PNG, or with `Accept: application/json` the named JSON schema.
-    PngOrJson(&'static str),
+    /// An image (PNG, JPEG or WebP, as asked), or with `Accept: application/json` the named
+    /// JSON schema.
+    ImageOrJson(&'static str),
     /// JSON of the named schema.
     Json(&'static str),
     /// A JSON array of the named schema.
     JsonList(&'static str),
     /// JSON of the first named schema, or with `stream: true` server-sent events whose data
-    /// are the second.
-    JsonOrEvents(&'static str, &'static str),
-    /// A PNG.
-    Png,
+    /// are the second, with these event names.
+    JsonOrEvents(&'static str, &'static str, StreamEvents),
+    /// A stored image (PNG, JPEG or WebP).
+    Image,
     /// Any JSON object (the OpenAPI document itself).
     AnyJson,
     /// Plain text.
@@ -101,8 +110,11 @@ pub struct Route {
     pub summary: &'static str,
     /// Whether the route needs the bearer token when tokens are configured.
     pub auth: bool,
-    /// The JSON schema of the request body, for routes that take one.
-    pub request: Option<&'static str>,
+    /// The schema of the request body, for routes that take one.
+    pub request: Option<RequestBody>,
+    /// Whether the body may carry images: it is held to `--max-upload-bytes` instead of
+    /// `--max-body-bytes`.
+    pub upload: bool,
     /// Required query parameters: name and JSON type (`integer`, `string`). Path parameters
     /// (`{name}`) are read from the path.
     pub query: &'static [(&'static str, &'static str)],
@@ -112,6 +124,24 @@ pub struct Route {
     pub errors: &'static [u16],
     /// The handler.
     pub handler: fn() -> MethodRouter<Arc<AppState>>,
+}
+
+/// The body limit of a route and the flag that sets it, in the request's extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimit {
+    /// Largest body in bytes.
+    pub bytes: usize,
+    /// The flag that sets it.
+    pub flag: &'static str,
+}
+
+/// A request body: its media type and the name of its schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestBody {
+    /// `application/json`.
+    Json(&'static str),
+    /// `multipart/form-data`, the schema's properties its fields.
+    Form(&'static str),
 }
 
 /// The statuses of a generation route (502: the image could not be stored).
@@ -127,22 +157,48 @@ pub const ROUTES: &[Route] = &[
         path: "/v1/txt2img",
         summary: "Generate one image",
         auth: true,
-        request: Some("Txt2ImgRequest"),
+        request: Some(RequestBody::Json("Txt2ImgRequest")),
+        upload: false,
         query: &[],
-        ok: Body::PngOrJson("Txt2ImgResponse"),
+        ok: Body::ImageOrJson("Txt2ImgResponse"),
         errors: GENERATION_ERRORS,
         handler: || post(handlers::txt2img),
+    },
+    Route {
+        method: "POST",
+        path: "/v1/img2img",
+        summary: "Edit one image: img2img, or inpainting with a mask",
+        auth: true,
+        request: Some(RequestBody::Json("Img2ImgRequest")),
+        upload: true,
+        query: &[],
+        ok: Body::ImageOrJson("Txt2ImgResponse"),
+        errors: GENERATION_ERRORS,
+        handler: || post(handlers::img2img),
     },
     Route {
         method: "POST",
         path: "/v1/images/generations",
         summary: "Generate images (OpenAI Images API shape)",
         auth: true,
-        request: Some("ImagesRequest"),
+        request: Some(RequestBody::Json("ImagesRequest")),
+        upload: false,
         query: &[],
-        ok: Body::JsonOrEvents("ImagesResponse", "ImageStreamEvent"),
+        ok: Body::JsonOrEvents("ImagesResponse", "ImageStreamEvent", GENERATION_EVENTS),
         errors: IMAGES_ERRORS,
         handler: || post(handlers::images),
+    },
+    Route {
+        method: "POST",
+        path: "/v1/images/edits",
+        summary: "Edit an image, with a mask to inpaint (OpenAI Images API shape)",
+        auth: true,
+        request: Some(RequestBody::Form("ImageEditRequest")),
+        upload: true,
+        query: &[],
+        ok: Body::JsonOrEvents("ImagesResponse", "ImageStreamEvent", EDIT_EVENTS),
+        errors: IMAGES_ERRORS,
+        handler: || post(handlers::edits),
     },
     Route {
         method: "GET",
@@ -150,8 +206,9 @@ pub const ROUTES: &[Route] = &[
         summary: "A stored image, on the signed URL a generation answered with (local storage)",
         auth: false,
         request: None,
+        upload: false,
         query: &[("expires", "integer"), ("signature", "string")],
-        ok: Body::Png,
+        ok: Body::Image,
         errors: &[403, 404],
         handler: || get(handlers::artifact),
     },
@@ -160,11 +217,24 @@ pub const ROUTES: &[Route] = &[
         path: "/sdapi/v1/txt2img",
         summary: "Generate images (AUTOMATIC1111 web API shape)",
         auth: true,
-        request: Some("A1111Txt2ImgRequest"),
+        request: Some(RequestBody::Json("A1111Txt2ImgRequest")),
+        upload: false,
         query: &[],
         ok: Body::Json("A1111Txt2ImgResponse"),
         errors: IMAGES_ERRORS,
         handler: || post(handlers::sdapi_txt2img),
+    },
+    Route {
+        method: "POST",
+        path: "/sdapi/v1/img2img",
+        summary: "Edit images, with a mask to inpaint (AUTOMATIC1111 web API shape)",
+        auth: true,
+        request: Some(RequestBody::Json("A1111Img2ImgRequest")),
+        upload: true,
+        query: &[],
+        ok: Body::Json("A1111Txt2ImgResponse"),
+        errors: IMAGES_ERRORS,
+        handler: || post(handlers::sdapi_img2img),
     },
     Route {
         method: "GET",
@@ -172,6 +242,7 @@ pub const ROUTES: &[Route] = &[
         summary: "The served model under each served name (AUTOMATIC1111 shape)",
         auth: true,
         request: None,
+        upload: false,
         query: &[],
         ok: Body::JsonList("A1111Model"),
         errors: &[401, 503],
@@ -183,6 +254,7 @@ pub const ROUTES: &[Route] = &[
         summary: "The model name (the only AUTOMATIC1111 option here)",
         auth: true,
         request: None,
+        upload: false,
         query: &[],
         ok: Body::Json("A1111Options"),
         errors: &[401, 503],
@@ -193,7 +265,8 @@ pub const ROUTES: &[Route] = &[
         path: "/sdapi/v1/options",
         summary: "Choose the model name (one of the served names)",
         auth: true,
-        request: Some("A1111OptionsUpdate"),
+        request: Some(RequestBody::Json("A1111OptionsUpdate")),
+        upload: false,
         query: &[],
         ok: Body::Json("A1111Options"),
         errors: &[400, 401, 404, 408, 413, 415, 503],
@@ -205,6 +278,7 @@ pub const ROUTES: &[Route] = &[
         summary: "The served model under each served name, its defaults and limits",
         auth: true,
         request: None,
+        upload: false,
         query: &[],
         ok: Body::Json("ModelList"),
         errors: &[401, 503],
@@ -216,6 +290,7 @@ pub const ROUTES: &[Route] = &[
         summary: "Liveness",
         auth: false,
         request: None,
+        upload: false,
         query: &[],
         ok: Body::Text,
         errors: &[],
@@ -227,6 +302,7 @@ pub const ROUTES: &[Route] = &[
         summary: "Readiness: model loaded and warmed up, not shutting down",
         auth: false,
         request: None,
+        upload: false,
         query: &[],
         ok: Body::Text,
         errors: &[503],
@@ -238,6 +314,7 @@ pub const ROUTES: &[Route] = &[
         summary: "Prometheus metrics",
         auth: false,
         request: None,
+        upload: false,
         query: &[],
         ok: Body::Metrics,
         errors: &[],
@@ -249,6 +326,7 @@ pub const ROUTES: &[Route] = &[
         summary: "This document",
         auth: false,
         request: None,
+        upload: false,
         query: &[],
         ok: Body::AnyJson,
         errors: &[],
@@ -260,6 +338,7 @@ pub const ROUTES: &[Route] = &[
         summary: "The playground page",
         auth: false,
         request: None,
+        upload: false,
         query: &[],
         ok: Body::Html,
         errors: &[],
@@ -270,16 +349,25 @@ pub const ROUTES: &[Route] = &[
 /// What each error status means, for the document.
 pub fn status_description(status: u16) -> &'static str {
     match status {
-        400 => "Malformed body: not one JSON object, a wrong type or an unknown field",
+        400 => {
+            "Malformed body: not one JSON object or form, a wrong type or an unknown field; an \
+             upload that is not an image, or is truncated or damaged (the field is named)"
+        }
         401 => "Missing or wrong bearer token",
         403 => "The artifact URL's signature is wrong or it expired",
         404 => {
             "Not found: a model name that is not served (the message lists the served names), or an artifact that does not exist"
         }
         408 => "The body did not arrive in time (--body-read-timeout-seconds)",
-        413 => "Body too large (--max-body-bytes)",
-        415 => "The body is not sent as application/json",
-        422 => "A field is out of range (the field is named)",
+        413 => "Body too large (--max-body-bytes; --max-upload-bytes for routes that take images)",
+        415 => {
+            "The body is not sent as the route's media type (application/json, or \
+             multipart/form-data), or an upload is an image format other than PNG, JPEG or WebP"
+        }
+        422 => {
+            "A field is out of range (the field is named): an image claiming more pixels than \
+             are decoded, a mask of another size than its image, a strength outside (0, 1]"
+        }
         429 => "Queue full; retry after Retry-After seconds",
         500 => "The model failed on this request",
         502 => {
@@ -400,6 +488,14 @@ pub fn router(state: Arc<AppState>) -> Router {
     let mut router = Router::new();
     for r in ROUTES {
         let mut methods = (r.handler)();
+        if r.upload {
+            // Inside the router's own limit, so this one is the limit the body is read with.
+            methods = methods.layer(DefaultBodyLimit::max(state.max_upload_bytes));
+            methods = methods.layer(axum::Extension(BodyLimit {
+                bytes: state.max_upload_bytes,
+                flag: "--max-upload-bytes",
+            }));
+        }
         if r.auth {
             methods =
                 methods.route_layer(middleware::from_fn_with_state(state.clone(), require_token));

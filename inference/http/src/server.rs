@@ -158,12 +158,11 @@ pub fn candle_loader(config: &ServeConfig) -> anyhow::Result<LoadFn> {
             let size = 64.min(info.max_size);
             let params = GenParams {
                 prompt: "warm-up".into(),
-                negative_prompt: String::new(),
                 width: size,
                 height: size,
                 steps: 1,
                 guidance_scale: info.defaults.guidance_scale,
-                seed: 0,
+                ..GenParams::default()
             };
             let out = backend.generate(&[params], &mut Quiet);
             if let Some(Err(e)) = out.into_iter().next() {
@@ -382,6 +381,7 @@ pub async fn serve(
         max_batch_size: limits.max_batch_size.max(1),
         log_prompts: config.log_prompts,
         max_body_bytes: config.max_body_bytes,
+        max_upload_bytes: usize::try_from(config.max_upload_bytes).unwrap_or(usize::MAX),
         max_prompt_bytes: config.max_prompt_bytes,
         started_unix: std::time::SystemTime::now()
             .duration_since(std::time::SystemTime::UNIX_EPOCH)
@@ -390,6 +390,7 @@ pub async fn serve(
         local_artifacts: store.as_ref().and_then(Opened::local),
         public_url: config.artifacts_public_url.clone(),
         checkpoint: Mutex::new(None),
+        decoding: tokio::sync::Semaphore::new(crate::routes::DECODING_AT_ONCE),
     });
     let load_error: Arc<Mutex<Option<anyhow::Error>>> = Arc::default();
     let (failed_tx, failed_rx) = oneshot::channel::<()>();

@@ -84,6 +84,7 @@ fn batch_equals_singles(model: &str) {
             steps: 2,
             guidance_scale: 4.5,
             seed: i,
+            ..Default::default()
         })
         .collect();
     let batched = backend.generate(&items, &mut Keep(vec![true; 3], false));
@@ -137,6 +138,7 @@ fn previews_are_decoded_at_the_steps_asked_for_and_change_no_image() {
             steps: 4,
             guidance_scale: 3.5,
             seed: i,
+            ..Default::default()
         })
         .collect();
     let plain = backend.generate(&items, &mut Keep(vec![true; 2], false));

@@ -22,6 +22,7 @@ fn params(prompt: &str, size: u32, steps: u32, guidance: f64, seed: u64) -> GenP
         steps,
         guidance_scale: guidance,
         seed,
+        ..Default::default()
     }
 }
 

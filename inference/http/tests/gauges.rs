@@ -53,6 +53,7 @@ fn image(steps: u32) -> GenParams {
         steps,
         guidance_scale: 3.5,
         seed: 0,
+        ..Default::default()
     }
 }
 

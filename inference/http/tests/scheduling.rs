@@ -117,6 +117,7 @@ fn params(prompt: &str, w: u32, steps: u32, seed: u64) -> sd35_http::backend::Ge
         steps,
         guidance_scale: 3.5,
         seed,
+        ..Default::default()
     }
 }
 
