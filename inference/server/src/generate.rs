@@ -1,10 +1,17 @@
-//! `sd35-server generate`: one image from the command line, with progress per step.
+//! `sd35-server generate`: one image from the command line, with progress per step — drawn
+//! from a prompt, or an edit of an image (`--image`, and `--mask` to inpaint).
+//!
+//! An image to edit is read exactly as the server reads an upload (the same decoding, EXIF
+//! orientation, size defaults and resizing), so `generate` and the server make the same image
+//! for the same request.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
 use candle_core::{DType, Device};
+use sd35_http::api::GenParams;
+use sd35_http::api::edit::{self, EditUpload, MaskRule, MaskUpload};
 use sd35_pipeline::{DeviceKind, Pipeline, PipelineOptions, Precision, SkipLayerGuidance, Variant};
 
 /// Arguments of `generate`. Unset sampling options take the variant's model-card defaults.
@@ -60,6 +67,20 @@ pub struct GenerateArgs {
     /// Safetensors file with an f32 tensor `latents` [1, 16, H/8, W/8] replacing seeded noise.
     #[arg(long)]
     init_latents: Option<PathBuf>,
+    /// An image to edit (img2img): PNG, JPEG or WebP, its EXIF orientation applied. Width and
+    /// height default to its size rounded down to a multiple of 16; an image of another size
+    /// than the one asked for is resized to it (Lanczos, a = 3, the aspect ratio not kept, as
+    /// diffusers resizes).
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Inpaint: a mask of the image's size, white where to repaint (its grey level at least
+    /// 128, as diffusers reads masks). Needs --image.
+    #[arg(long, requires = "image")]
+    mask: Option<PathBuf>,
+    /// How much of the schedule an edit runs, above 0 and at most 1: 1 draws (the masked
+    /// region) anew, 0.6 runs the last 60 % of the steps [default: 0.6]. Needs --image.
+    #[arg(long, requires = "image")]
+    strength: Option<f64>,
     /// Do not load T5 (its embedding is then zeros).
     #[arg(long)]
     no_t5: bool,
@@ -129,6 +150,41 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let mut req = pipeline.default_request(&args.prompt);
     req.negative_prompt.clone_from(&args.negative_prompt);
     req.seed = args.seed;
+    // The files of an edit, read before anything is sampled.
+    let image = args
+        .image
+        .as_ref()
+        .map(|p| std::fs::read(p).with_context(|| format!("--image {}", p.display())))
+        .transpose()?;
+    let mask = args
+        .mask
+        .as_ref()
+        .map(|p| std::fs::read(p).with_context(|| format!("--mask {}", p.display())))
+        .transpose()?;
+    let upload = image
+        .as_deref()
+        .map(|bytes| {
+            EditUpload::probe(
+                "--image",
+                bytes,
+                mask.as_deref().map(|bytes| MaskUpload {
+                    field: "--mask",
+                    bytes,
+                    rule: MaskRule::White,
+                }),
+            )
+        })
+        .transpose()
+        .map_err(|e| {
+            anyhow::anyhow!("{}: {}", e.field.as_deref().unwrap_or("--image"), e.message)
+        })?;
+    if let Some(upload) = &upload {
+        // An edit's size defaults to its image's.
+        let (w, h) = upload
+            .default_size()
+            .map_err(|e| anyhow::anyhow!("--image: {}", e.message))?;
+        (req.width, req.height) = (w as usize, h as usize);
+    }
     if let Some(w) = args.width {
         req.width = w;
     }
@@ -147,9 +203,23 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         start: 0.01,
         stop: 0.2,
     });
+    let blocks = pipeline.mmdit().config().depth;
     let layers = match &args.slg_layers {
+        // Named on the command line: used as named (a block that does not exist is an error).
         Some(s) => parse_layers(s)?,
-        None => req.slg.as_ref().map(|s| s.layers.clone()),
+        // The model card's, unless this transformer lacks a block it names.
+        None => match &req.slg {
+            Some(slg) if slg.layers.iter().any(|&l| l >= blocks) => {
+                tracing::warn!(
+                    layers = ?slg.layers,
+                    blocks,
+                    "the model card's skip-layer guidance names blocks this transformer does \
+                     not have: generating without it (--slg-layers names blocks that exist)"
+                );
+                None
+            }
+            slg => slg.as_ref().map(|s| s.layers.clone()),
+        },
     };
     req.slg = layers.map(|layers| SkipLayerGuidance {
         layers,
@@ -175,6 +245,29 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         }
         req.init_latents = Some(latents);
     }
+    if let Some(upload) = &upload {
+        let params = GenParams {
+            width: u32::try_from(req.width).context("--width")?,
+            height: u32::try_from(req.height).context("--height")?,
+            steps: u32::try_from(req.steps).context("--steps")?,
+            ..GenParams::default()
+        };
+        let field = if args.strength.is_some() {
+            "--strength"
+        } else {
+            "strength"
+        };
+        let edit = upload
+            .prepare(
+                &params,
+                field,
+                args.strength.unwrap_or(edit::DEFAULT_STRENGTH),
+            )
+            .map_err(|e| {
+                anyhow::anyhow!("{}: {}", e.field.as_deref().unwrap_or("--image"), e.message)
+            })?;
+        req.edit = Some(sd35_http::candle::edit_tensors(&edit)?);
+    }
 
     tracing::info!(
         width = req.width,
@@ -183,6 +276,8 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         guidance = req.guidance,
         seed = req.seed,
         slg = ?req.slg.as_ref().map(|s| &s.layers),
+        strength = req.edit.as_ref().map(|e| e.strength),
+        inpainting = req.edit.as_ref().is_some_and(|e| e.mask.is_some()),
         "generating"
     );
     let started = Instant::now();
