@@ -98,7 +98,7 @@ async fn every_example_applies_and_gets_schema_defaults() {
     let turbo = api.get("sd35-turbo").await.expect("get turbo example");
     assert_eq!(
         turbo.spec.precision,
-        sd35_crds::Precision::Bf16,
+        sd35_crds::EnginePrecision::Bf16,
         "precision default"
     );
     let raw = cluster

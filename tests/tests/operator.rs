@@ -434,7 +434,7 @@ async fn precision_change_builds_the_engine_first_and_surges_without_losing_capa
                     }
                 }
                 let o = api.get("sd").await.unwrap();
-                let done = o.spec.precision == sd35_crds::Precision::Fp8
+                let done = o.spec.precision == sd35_crds::EnginePrecision::Fp8
                     && has_condition(&o, "Ready", "True")
                     && o.status.as_ref().and_then(|st| st.observed_generation)
                         == o.metadata.generation;
