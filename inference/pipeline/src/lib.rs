@@ -9,6 +9,7 @@
 
 pub mod attention;
 pub mod clip;
+pub mod cuda_kernels;
 pub mod control_image;
 pub mod controlnet;
 pub mod device;
