@@ -9,9 +9,9 @@
 
 pub mod attention;
 pub mod clip;
-pub mod cuda_kernels;
 pub mod control_image;
 pub mod controlnet;
+pub mod cuda_kernels;
 pub mod device;
 pub mod engine;
 pub mod error;
