@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds `sd35-server --features cuda` (release, stripped) on a machine without a GPU, a driver
 # or a system CUDA toolkit, with the pinned CUDA 13.0 toolchain of toolkit.sh, then checks it:
-# it is at most 64 MiB, prints --help, and asking it for CUDA where no driver answers ends in
-# an error message, not a panic.
+# it is at most 64 MiB, prints --help, asking it for CUDA where no driver answers ends in an
+# error message, not a panic, and every CUDA kernel the pipeline can request is defined in the
+# PTX it ships (the kernel inventory test, inference/pipeline/tests/cuda_kernels.rs).
 #
 # Kernels: candle's kernels are PTX, compiled for CUDA_COMPUTE_CAP (default 80) and
 # JIT-compiled by the driver for the GPU it finds, so the default binary runs on compute
@@ -76,4 +77,19 @@ if grep -q "panicked" "$scratch/out" || ! grep -qi "cuda" "$scratch/out"; then
   exit 1
 fi
 log "no driver: $(grep -m1 -A3 '^Error' "$scratch/out" | tr -s ' \n' ' ')"
+
+# The kernel inventory: candle loads its CUDA kernels by name at run time, so a name its PTX
+# lacks (the F8E4M3 casts) would only fail on a GPU. The test reads the PTX of the same
+# candle-kernels build the binary embeds, in the same target directory. sd35-server is selected
+# beside sd35-pipeline so that cargo resolves the features the binary's build did and reuses
+# its dependencies (the pipeline alone resolves serde, rand and others differently and would
+# compile candle a second time). Like the binary, the test links the driver; the stub lets it
+# start here.
+start=$(date +%s)
+log "checking the pipeline's CUDA kernel inventory against the shipped PTX"
+(cd "$repo" && RUST_BACKTRACE=0 \
+  LD_LIBRARY_PATH="$toolkit/lib/stubs:$toolkit/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+  cargo test --release --locked -p sd35-pipeline -p sd35-server --features sd35-server/cuda \
+    --test cuda_kernels) >&2
+log "kernel inventory checked in $(( $(date +%s) - start ))s"
 echo "$bin"
