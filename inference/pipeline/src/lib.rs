@@ -37,8 +37,8 @@ pub mod weights;
 
 pub use error::{Error, Result};
 pub use pipeline::{
-    Control, Edit, GenerateRequest, Pipeline, PipelineOptions, PromptParts, PromptTokens,
-    StepControl, VariantSource,
+    Control, Edit, GenerateRequest, ModelSource, Pipeline, PipelineOptions, PromptParts,
+    PromptTokens, StepControl, VariantSource,
 };
 pub use sd35_contract::DeviceKind;
 pub use variant::{Precision, SkipLayerGuidance, Variant, VariantDefaults, model_card};

@@ -425,6 +425,12 @@ impl Adapters {
         self.deltas.is_empty()
     }
 
+    /// Bytes the compiled updates take where they live.
+    pub fn bytes(&self) -> u64 {
+        let size = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        self.deltas.values().map(|d| size(&d.a) + size(&d.b)).sum()
+    }
+
     /// Compiles `adapters` (each file with the request's scale) for the component `component`
     /// of a model whose linears are `targets`, in `dtype` on `device`. Every piece must name a
     /// target and fit its shape.

@@ -76,6 +76,18 @@ impl Pipeline {
         self.loras.iter().map(|(n, f)| (n.as_str(), f.as_ref()))
     }
 
+    /// Bytes the compiled adapters of a request naming every served LoRA take on the device:
+    /// the most any request's set takes (a set's updates are its adapters' stacked, and one
+    /// set is kept compiled at a time).
+    pub fn lora_bytes(&self) -> Result<u64> {
+        let every: Vec<(&LoraFile, f64)> = self.loras.values().map(|f| (f.as_ref(), 1.0)).collect();
+        if every.is_empty() {
+            return Ok(0);
+        }
+        let c = self.compile_loras(&every)?;
+        Ok(c.transformer.bytes() + c.clip_l.bytes() + c.clip_g.bytes())
+    }
+
     fn compile_loras(&self, set: &[(&LoraFile, f64)]) -> Result<CompiledLoras> {
         let (dev, dtype) = (&self.device, self.dtype);
         let transformer = Adapters::compile(
@@ -139,6 +151,8 @@ impl Pipeline {
                     .ok_or_else(|| self.unknown_lora(name))
             })
             .collect::<Result<Vec<_>>>()?;
+        // The set compiled before goes first, so two sets never take memory side by side.
+        *cache = None;
         let compiled = Arc::new(self.compile_loras(&set)?);
         *cache = Some((key, compiled.clone()));
         Ok(Some(compiled))

@@ -8,12 +8,15 @@
 mod adapters;
 mod request;
 mod sample;
+mod source;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use adapters::{CompiledLoras, LoraKey};
+
+pub use source::ModelSource;
 
 pub use request::{
     Control, Edit, GenerateRequest, PromptParts, PromptTokens, StepControl, control_keeps,
@@ -141,6 +144,12 @@ impl Pipeline {
     /// Loads the model at `path` (diffusers or single-file layout, or an engine directory
     /// built by [`crate::engine::build`], which brings its own precision).
     pub fn load(path: &Path, opts: &PipelineOptions) -> Result<Self> {
+        Self::load_source(&ModelSource::open(path)?, opts)
+    }
+
+    /// Loads `source`, whose manifests are already read (see [`ModelSource`]).
+    pub fn load_source(source: &ModelSource, opts: &PipelineOptions) -> Result<Self> {
+        let path = source.weights.as_path();
         if opts.t5_max_length == 0 || opts.t5_max_length > MAX_T5_LENGTH {
             return Err(Error::invalid(
                 "t5_max_length",
@@ -149,12 +158,8 @@ impl Pipeline {
         }
         // A prebuilt engine is stored in its own precision: it is loaded as built, checked
         // against its manifest first, and never converted again.
-        let engine = if crate::engine::is_engine(path) {
-            Some(crate::engine::open(path, false)?)
-        } else {
-            None
-        };
-        let prec = match (&engine, opts.precision) {
+        let engine = source.engine.as_ref();
+        let prec = match (engine, opts.precision) {
             (Some(m), Some(asked)) if asked != m.precision.into() => {
                 return Err(Error::Mismatch(format!(
                     "--precision {asked} but the engine {} is {}: rebuild it in {asked} or ask \
@@ -169,7 +174,6 @@ impl Pipeline {
             (None, None) if opts.device.is_cpu() => Precision::F32,
             (None, None) => Precision::Bf16,
         };
-        let marker = sd35_contract::CacheManifest::read(path).ok();
         let dir = ModelDir::open(path)?;
         let (dev, prec) = (&opts.device, prec);
         // The CLIP encoders are small: in fp8 mode they stay bf16, as in fp8_scaled checkpoints.
@@ -274,8 +278,8 @@ impl Pipeline {
         let (variant, variant_source) = resolve_variant(
             path,
             opts.variant,
-            engine.as_ref().map(|m| m.variant),
-            marker.as_ref().map(|m| m.variant),
+            engine.map(|m| m.variant),
+            source.marker.as_ref().map(|m| m.variant),
             !mmdit.config().dual_attention_layers.is_empty(),
         )?;
         let dtype = ckpt_compute_dtype(dev, prec);
