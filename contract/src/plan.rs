@@ -226,12 +226,16 @@ pub struct WeightBytes {
     pub t5: u64,
     /// The VAE (decoder, and encoder when loaded).
     pub vae: u64,
+    /// What is served beside the model: the ControlNets, and the LoRA adapters' updates as a
+    /// request naming every one of them has them compiled (with the files as read, where the
+    /// model runs on the CPU); 0 when nothing is.
+    pub adapters: u64,
 }
 
 impl WeightBytes {
     /// All of them.
     pub fn total(&self) -> u64 {
-        self.mmdit + self.clip + self.t5 + self.vae
+        self.mmdit + self.clip + self.t5 + self.vae + self.adapters
     }
 }
 
@@ -399,6 +403,7 @@ impl WeightSpec {
                 } else {
                     0
                 },
+            adapters: 0,
         }
     }
 }
