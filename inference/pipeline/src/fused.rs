@@ -310,11 +310,7 @@ pub(crate) fn bias_in_place(y: Tensor, bias: Option<&Tensor>, gelu: bool) -> Res
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
             None => y,
         };
-        return if gelu {
-            crate::nn::gelu_tanh(&y)
-        } else {
-            Ok(y)
-        };
+        return if gelu { self::gelu(&y) } else { Ok(y) };
     }
     let width = y.dims().last().copied().unwrap_or(1);
     let bias = match bias {
@@ -491,6 +487,49 @@ impl simd::Kernel for GatedRows<'_> {
                 *y = M::mul_add(*y, g, r + bg);
             }
         }
+    }
+}
+
+/// GELU with the tanh approximation (PyTorch's `approximate="tanh"`), written as
+/// `x * sigmoid(2u)` with `u = sqrt(2/pi) (x + 0.044715 x^3)`, which equals
+/// `0.5 x (1 + tanh(u))`. On CPU in f32 it runs on all threads; candle's own element-wise ops
+/// run on one.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if x.dtype() == DType::F32 && crate::op_graph::fused_cpu(x) {
+        Ok(x.contiguous()?.apply_op1_no_bwd(&GeluTanh)?)
+    } else {
+        Ok(x.gelu()?)
+    }
+}
+
+struct GeluTanh;
+
+impl candle_core::CustomOp1 for GeluTanh {
+    fn name(&self) -> &'static str {
+        "gelu-tanh-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("gelu-tanh needs a contiguous input".into()))?;
+        let src = &storage.as_slice::<f32>()?[start..end];
+        let mut dst = vec![0f32; src.len()];
+        const C: f32 = 0.797_884_6; // sqrt(2 / pi)
+        dst.par_chunks_mut(4096)
+            .zip(src.par_chunks(4096))
+            .for_each(|(d, s)| {
+                for (o, &x) in d.iter_mut().zip(s) {
+                    let u = C * (x + 0.044715 * x * x * x);
+                    *o = x / (1.0 + (-2.0 * u).exp());
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(dst), layout.shape().clone()))
     }
 }
 

@@ -141,48 +141,9 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     Ok((x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)
 }
 
-/// GELU with the tanh approximation (PyTorch's `approximate="tanh"`), written as
-/// `x * sigmoid(2u)` with `u = sqrt(2/pi) (x + 0.044715 x^3)`, which equals
-/// `0.5 x (1 + tanh(u))`. On CPU in f32 it runs on all threads; candle's own element-wise ops
-/// run on one.
-pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    if x.dtype() == DType::F32 && crate::op_graph::fused_cpu(x) {
-        Ok(x.contiguous()?.apply_op1_no_bwd(&GeluTanh)?)
-    } else {
-        Ok(x.gelu()?)
-    }
-}
-
-struct GeluTanh;
-
-impl candle_core::CustomOp1 for GeluTanh {
-    fn name(&self) -> &'static str {
-        "gelu-tanh-f32"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use rayon::prelude::*;
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("gelu-tanh needs a contiguous input".into()))?;
-        let src = &storage.as_slice::<f32>()?[start..end];
-        let mut dst = vec![0f32; src.len()];
-        const C: f32 = 0.797_884_6; // sqrt(2 / pi)
-        dst.par_chunks_mut(4096)
-            .zip(src.par_chunks(4096))
-            .for_each(|(d, s)| {
-                for (o, &x) in d.iter_mut().zip(s) {
-                    let u = C * (x + 0.044715 * x * x * x);
-                    *o = x / (1.0 + (-2.0 * u).exp());
-                }
-            });
-        Ok((candle_core::CpuStorage::F32(dst), layout.shape().clone()))
-    }
-}
+/// GELU with the tanh approximation (PyTorch's `approximate="tanh"`), on all threads on the
+/// fused CPU graph ([`fused::gelu`]).
+pub use crate::fused::gelu as gelu_tanh;
 
 /// Splits a fused projection `[B, N, 3·C]` (queries, keys, values side by side) into three
 /// `[B, H, N, C/H]` views of it, nothing copied (the kernels read heads through their strides).

@@ -14,7 +14,7 @@
 //!   `force_zeros_for_pooled_projection` (false for SD3.5's) makes the pooled vector zeros, as
 //!   diffusers' pipeline does when the flag is set.
 //! - `controlnet_blocks`: one linear per block; the residuals are scaled by the conditioning
-//!   scale. [`block_residual`] says which residual each transformer block adds.
+//!   scale. [`crate::mmdit::block_residual`] says which residual each transformer block adds.
 //!
 //! Weights load from a diffusers folder (`config.json` + `diffusion_pytorch_model.safetensors`,
 //! sharded or not) or from the single file of Stability's sd3.5 repository (`ControlNetEmbedder`
@@ -37,9 +37,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{D, Device, Tensor};
 
-use crate::fused::{self, Norm};
+use crate::fused;
 use crate::linear::Linear;
-use crate::mmdit::{MmditConfig, timestep_embedding};
+use crate::mmdit::{MmditConfig, chunk, modulate, timestep_embedding};
 use crate::nn::{self, Conv2d};
 use crate::variant::Precision;
 use crate::{Error, Result};
@@ -55,16 +55,6 @@ struct Block {
     proj: Linear,
     fc1: Linear,
     fc2: Linear,
-}
-
-/// `x` layer-normalised (no affine, eps 1e-6) and modulated: `ln(x) * (1 + scale) + shift`.
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    fused::norm(x, Norm::Layer, 1e-6, Some(scale), 1.0, Some(shift))
-}
-
-/// The `i`-th of the `[B, k*C]` modulation chunks, as `[B, 1, C]`.
-fn chunk(m: &Tensor, i: usize, c: usize) -> Result<Tensor> {
-    Ok(m.narrow(1, i * c, c)?.unsqueeze(1)?)
 }
 
 impl Block {
@@ -274,47 +264,5 @@ impl ControlNet {
             residuals.push(if scale == 1.0 { r } else { (r * scale)? });
         }
         Ok(residuals)
-    }
-}
-
-/// Which of `residuals` ControlNet outputs transformer block `block` (of `depth`) adds to its
-/// image tokens after it runs, as diffusers' `SD3Transformer2DModel` picks it:
-/// `int(block / (depth / residuals))` in floating point, and none for the last block (its
-/// context stream is "pre-only", which diffusers' condition excludes). SD3.5 Large's 38 blocks
-/// with a 19-block ControlNet: blocks 2k and 2k+1 add residual k, block 37 none.
-pub fn block_residual(block: usize, depth: usize, residuals: usize) -> Option<usize> {
-    if residuals == 0 || block + 1 >= depth {
-        return None;
-    }
-    let interval = depth as f64 / residuals as f64;
-    let index = (block as f64 / interval) as usize;
-    (index < residuals).then_some(index)
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    use super::block_residual;
-
-    #[test]
-    fn residuals_map_to_blocks_as_diffusers_does() {
-        // Large with a 19-block ControlNet: pairs of blocks share a residual, the last none.
-        let map: Vec<Option<usize>> = (0..38).map(|i| block_residual(i, 38, 19)).collect();
-        assert_eq!(map[0], Some(0));
-        assert_eq!(map[1], Some(0));
-        assert_eq!(map[2], Some(1));
-        assert_eq!(map[36], Some(18));
-        assert_eq!(map[37], None);
-        // The tiny model: two blocks, two residuals; the second block is the last.
-        assert_eq!(block_residual(0, 2, 2), Some(0));
-        assert_eq!(block_residual(1, 2, 2), None);
-        // Uneven: 24 blocks, 5 residuals: int(i / 4.8).
-        let uneven: Vec<Option<usize>> = (0..24).map(|i| block_residual(i, 24, 5)).collect();
-        assert_eq!(uneven[4], Some(0));
-        assert_eq!(uneven[5], Some(1));
-        assert_eq!(uneven[19], Some(3));
-        assert_eq!(uneven[20], Some(4));
-        assert_eq!(block_residual(0, 4, 0), None);
     }
 }

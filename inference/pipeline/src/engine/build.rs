@@ -110,14 +110,22 @@ pub fn build(
         let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let mut w = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
         if rel.ends_with(".safetensors") {
-            convert_safetensors(&src, rel, &dst, &mut w, opts, &mut |n| {
-                done_bytes += n;
-                progress(&BuildProgress {
-                    file: rel,
-                    done_bytes,
-                    total_bytes,
-                });
-            })?;
+            convert_safetensors(
+                &src,
+                rel,
+                &dst,
+                &mut w,
+                opts.precision,
+                opts.fp8_scale,
+                &mut |n| {
+                    done_bytes += n;
+                    progress(&BuildProgress {
+                        file: rel,
+                        done_bytes,
+                        total_bytes,
+                    });
+                },
+            )?;
         } else {
             let mut r = std::fs::File::open(&src).map_err(|e| Error::io(&src, e))?;
             let n = std::io::copy(&mut r, &mut w).map_err(|e| Error::io(&dst, e))?;

@@ -11,7 +11,6 @@ use candle_core::{DType, Device, Tensor};
 use sd35_contract::{EnginePrecision, Fp8Scale};
 use sha2::{Digest, Sha256};
 
-use super::build::BuildOptions;
 use crate::linear::quantize_per_channel;
 use crate::{Error, Result};
 
@@ -163,14 +162,15 @@ pub(super) fn convert_safetensors(
     rel: &str,
     dst: &Path,
     w: &mut impl Write,
-    opts: &BuildOptions,
+    precision: EnginePrecision,
+    fp8_scale: Fp8Scale,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
     let (tensors, meta, data_start) = read_header(src)?;
     let prequantized = tensors
         .keys()
         .any(|n| n == FP8_MARKER || n.ends_with(".scaled_fp8"));
-    let fp8 = opts.precision == EnginePrecision::Fp8;
+    let fp8 = precision == EnginePrecision::Fp8;
     // Scales of F8 weights in the source, by weight name.
     let f8_scales: BTreeMap<String, String> = tensors
         .iter()
@@ -227,7 +227,7 @@ pub(super) fn convert_safetensors(
                     shape: info.shape.clone(),
                     bytes: elems as u64,
                 });
-                let scale_shape = match opts.fp8_scale {
+                let scale_shape = match fp8_scale {
                     Fp8Scale::PerTensor => vec![],
                     Fp8Scale::PerChannel => vec![info.shape[0], 1],
                 };
@@ -342,7 +342,7 @@ pub(super) fn convert_safetensors(
                     Ok(Tensor::from_raw_buffer(&buf, dtype, &[n, cols], &dev)?
                         .to_dtype(DType::F32)?)
                 };
-                match opts.fp8_scale {
+                match fp8_scale {
                     Fp8Scale::PerChannel => {
                         let mut scales = Vec::with_capacity(rows);
                         for (row0, n) in chunks(rows, row_bytes) {

@@ -99,12 +99,12 @@ pub(super) struct Block {
 }
 
 /// `x` layer-normalised (no affine) and modulated: `ln(x) * (1 + scale) + shift`.
-pub(super) fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+pub(crate) fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
     fused::norm(x, Norm::Layer, 1e-6, Some(scale), 1.0, Some(shift))
 }
 
 /// The `i`-th of the `[B, k*C]` modulation chunks, as `[B, 1, C]`.
-pub(super) fn chunk(m: &Tensor, i: usize, c: usize) -> Result<Tensor> {
+pub(crate) fn chunk(m: &Tensor, i: usize, c: usize) -> Result<Tensor> {
     Ok(m.narrow(1, i * c, c)?.unsqueeze(1)?)
 }
 

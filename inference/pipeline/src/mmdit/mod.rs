@@ -15,7 +15,8 @@ use crate::nn::Conv2d;
 use crate::weights::Weights;
 use crate::{Error, Result};
 
-use block::{Block, Mlp, attention, chunk, modulate};
+use block::{Block, Mlp, attention};
+pub(crate) use block::{chunk, modulate};
 pub use config::{MmditConfig, MmditNames};
 
 #[derive(Debug, Clone)]
@@ -289,7 +290,7 @@ impl Mmdit {
             // ControlNet residuals, as diffusers adds them: after every block but the last
             // (skipped or not), residual ⌊i / (blocks / residuals)⌋.
             if let Some(residuals) = extras.control
-                && let Some(r) = crate::controlnet::block_residual(i, n_blocks, residuals.len())
+                && let Some(r) = block_residual(i, n_blocks, residuals.len())
             {
                 x = (x + residuals[r].to_dtype(dtype)?)?;
             }
@@ -456,4 +457,46 @@ pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
         (t.len(), dim),
         &candle_core::Device::Cpu,
     )?)
+}
+
+/// Which of `residuals` ControlNet outputs transformer block `block` (of `depth`) adds to its
+/// image tokens after it runs, as diffusers' `SD3Transformer2DModel` picks it:
+/// `int(block / (depth / residuals))` in floating point, and none for the last block (its
+/// context stream is "pre-only", which diffusers' condition excludes). SD3.5 Large's 38 blocks
+/// with a 19-block ControlNet: blocks 2k and 2k+1 add residual k, block 37 none.
+pub fn block_residual(block: usize, depth: usize, residuals: usize) -> Option<usize> {
+    if residuals == 0 || block + 1 >= depth {
+        return None;
+    }
+    let interval = depth as f64 / residuals as f64;
+    let index = (block as f64 / interval) as usize;
+    (index < residuals).then_some(index)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::block_residual;
+
+    #[test]
+    fn residuals_map_to_blocks_as_diffusers_does() {
+        // Large with a 19-block ControlNet: pairs of blocks share a residual, the last none.
+        let map: Vec<Option<usize>> = (0..38).map(|i| block_residual(i, 38, 19)).collect();
+        assert_eq!(map[0], Some(0));
+        assert_eq!(map[1], Some(0));
+        assert_eq!(map[2], Some(1));
+        assert_eq!(map[36], Some(18));
+        assert_eq!(map[37], None);
+        // The tiny model: two blocks, two residuals; the second block is the last.
+        assert_eq!(block_residual(0, 2, 2), Some(0));
+        assert_eq!(block_residual(1, 2, 2), None);
+        // Uneven: 24 blocks, 5 residuals: int(i / 4.8).
+        let uneven: Vec<Option<usize>> = (0..24).map(|i| block_residual(i, 24, 5)).collect();
+        assert_eq!(uneven[4], Some(0));
+        assert_eq!(uneven[5], Some(1));
+        assert_eq!(uneven[19], Some(3));
+        assert_eq!(uneven[20], Some(4));
+        assert_eq!(block_residual(0, 4, 0), None);
+    }
 }
