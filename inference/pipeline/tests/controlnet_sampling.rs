@@ -6,58 +6,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+mod common;
 
 use candle_core::{DType, Device, Tensor};
+use common::{golden, golden_json, image_of, psnr, read_rgb, rel_err, testdata};
 use sd35_pipeline::pipeline::control_keeps;
 use sd35_pipeline::{Control, Pipeline, PipelineOptions, Precision, image, op_graph};
-use serde_json::Value;
-
-fn testdata() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata")
-}
-
-fn golden(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(testdata().join("golden").join(name), &Device::Cpu)
-        .unwrap_or_else(|e| panic!("golden {name}: {e}"))
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap();
-    let den = b.sqr().unwrap().sum_all().unwrap();
-    (num.to_scalar::<f64>().unwrap() / den.to_scalar::<f64>().unwrap().max(1e-30)).sqrt()
-}
-
-fn psnr(a: &Tensor, b: &Tensor) -> f64 {
-    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
-    let mse = d
-        .sqr()
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    10.0 * (1.0 / mse).log10()
-}
-
-fn read_rgb(name: &str) -> image::RgbImage {
-    let file = std::fs::File::open(testdata().join("golden").join(name)).unwrap();
-    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
-        .read_info()
-        .unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    buf.truncate(info.buffer_size());
-    assert_eq!(info.color_type.samples(), 3, "{name} is RGB");
-    image::RgbImage {
-        width: info.width as usize,
-        height: info.height as usize,
-        pixels: buf,
-    }
-}
 
 #[test]
 fn control_guidance_start_and_end_switch_steps_as_diffusers() {
@@ -69,8 +23,7 @@ fn control_guidance_start_and_end_switch_steps_as_diffusers() {
 
 #[test]
 fn controlnets_in_the_sampler_match_the_reference() {
-    let text = std::fs::read_to_string(testdata().join("golden/controlnets.json")).unwrap();
-    let manifest: Value = serde_json::from_str(&text).unwrap();
+    let manifest = golden_json("controlnets.json");
     let mut ran = 0;
     for case in manifest["cases"].as_array().unwrap() {
         let id = case["id"].as_str().unwrap();
@@ -108,10 +61,7 @@ fn controlnets_in_the_sampler_match_the_reference() {
                 end: case["control_guidance_end"].as_f64().unwrap(),
             });
             let latents = p.sample(&req, &mut |_, _| {}).unwrap();
-            let img = ((p.decode(&latents).unwrap() / 2.0).unwrap() + 0.5)
-                .unwrap()
-                .clamp(0f32, 1f32)
-                .unwrap();
+            let img = image_of(&p, &latents);
             let g = golden(&format!("controlnet_{id}.safetensors"));
             let (e_lat, e_img) = (rel_err(&latents, &g["latents"]), rel_err(&img, &g["image"]));
             let db = psnr(&img, &g["image"]);

@@ -5,55 +5,17 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+mod common;
 
-use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use common::{golden, golden_json, psnr, read_png, rel_err};
 use sd35_pipeline::pipeline::first_step;
 use sd35_pipeline::{Edit, Pipeline, PipelineOptions, Precision, image, op_graph};
-use serde_json::Value;
-
-fn golden_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/golden")
-}
-
-fn golden(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(golden_dir().join(name), &Device::Cpu)
-        .unwrap_or_else(|e| panic!("golden {name}: {e}"))
-}
 
 /// A PNG's size, channels and 8-bit samples.
-fn read_png(name: &str) -> (usize, usize, usize, Vec<u8>) {
-    let file = std::fs::File::open(golden_dir().join(name)).unwrap();
-    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
-        .read_info()
-        .unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    buf.truncate(info.buffer_size());
-    let channels = info.color_type.samples();
-    (info.width as usize, info.height as usize, channels, buf)
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap();
-    let den = b.sqr().unwrap().sum_all().unwrap();
-    (num.to_scalar::<f64>().unwrap() / den.to_scalar::<f64>().unwrap().max(1e-30)).sqrt()
-}
-
-fn psnr(a: &Tensor, b: &Tensor) -> f64 {
-    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
-    let mse = d
-        .sqr()
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    10.0 * (1.0 / mse).log10()
-}
 
 #[test]
 fn strength_cuts_the_schedule_as_diffusers_get_timesteps() {
@@ -80,9 +42,7 @@ fn strength_cuts_the_schedule_as_diffusers_get_timesteps() {
 
 #[test]
 fn edits_match_the_reference() {
-    let manifest: Value =
-        serde_json::from_str(&std::fs::read_to_string(golden_dir().join("edits.json")).unwrap())
-            .unwrap();
+    let manifest = golden_json("edits.json");
     let (w, h, channels, rgb) = read_png(manifest["image"].as_str().unwrap());
     assert_eq!(channels, 3);
     let rgb = image::RgbImage {

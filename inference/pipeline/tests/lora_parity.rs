@@ -5,54 +5,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+mod common;
 
-use candle_core::{DType, Device, Tensor};
-use sd35_pipeline::{GenerateRequest, Pipeline, PipelineOptions, Precision, op_graph};
+use candle_core::Tensor;
+use common::{golden, golden_json, image_of as image, load, psnr, rel_err, testdata};
+use sd35_pipeline::{GenerateRequest, Pipeline, Precision, op_graph};
 use serde_json::Value;
-
-fn testdata() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata")
-}
-
-fn golden(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(testdata().join("golden").join(name), &Device::Cpu)
-        .unwrap_or_else(|e| panic!("golden {name}: {e}"))
-}
-
-fn manifest() -> Value {
-    let text = std::fs::read_to_string(testdata().join("golden/loras.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap();
-    let den = b.sqr().unwrap().sum_all().unwrap();
-    (num.to_scalar::<f64>().unwrap() / den.to_scalar::<f64>().unwrap().max(1e-30)).sqrt()
-}
-
-fn psnr(a: &Tensor, b: &Tensor) -> f64 {
-    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
-    let mse = d
-        .sqr()
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    10.0 * (1.0 / mse).log10()
-}
-
-fn load(model: &str, precision: Precision) -> Pipeline {
-    let opts = PipelineOptions {
-        precision: Some(precision),
-        ..PipelineOptions::default()
-    };
-    Pipeline::load(&testdata().join(model), &opts).unwrap()
-}
 
 fn request(p: &Pipeline, m: &Value) -> GenerateRequest {
     let mut req = p.default_request(m["prompt"].as_str().unwrap());
@@ -66,16 +24,9 @@ fn request(p: &Pipeline, m: &Value) -> GenerateRequest {
     req
 }
 
-fn image(p: &Pipeline, latents: &Tensor) -> Tensor {
-    ((p.decode(latents).unwrap() / 2.0).unwrap() + 0.5)
-        .unwrap()
-        .clamp(0f32, 1f32)
-        .unwrap()
-}
-
 #[test]
 fn adapters_match_the_reference() {
-    let m = manifest();
+    let m = golden_json("loras.json");
     for case in m["cases"].as_array().unwrap() {
         let id = case["id"].as_str().unwrap();
         let model = case["model"].as_str().unwrap();
@@ -122,7 +73,7 @@ fn adapters_match_the_reference() {
 
 #[test]
 fn a_request_without_adapters_is_exactly_the_base_model_whatever_ran_before() {
-    let m = manifest();
+    let m = golden_json("loras.json");
     let mut p = load("sd35-tiny-large", Precision::F32);
     p.add_lora("style", &testdata().join("lora/style.safetensors"))
         .unwrap();

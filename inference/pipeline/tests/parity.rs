@@ -8,10 +8,9 @@
 // Test helpers panic on broken fixtures; that is the failure report.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use sd35_pipeline::op_graph;
 use sd35_pipeline::scheduler::FlowMatchSchedule;
 use sd35_pipeline::{
@@ -20,62 +19,11 @@ use sd35_pipeline::{
 };
 use serde_json::Value;
 
-fn testdata() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata")
-}
-
-fn golden(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(testdata().join("golden").join(name), &Device::Cpu)
-        .unwrap_or_else(|e| panic!("golden {name}: {e}"))
-}
+use common::{golden, load, psnr, rel_err, testdata};
 
 fn manifest() -> Value {
     let text = std::fs::read_to_string(testdata().join("golden/manifest.json")).unwrap();
     serde_json::from_str(&text).unwrap()
-}
-
-fn load(model: &str, precision: Precision) -> Pipeline {
-    let opts = PipelineOptions {
-        precision: Some(precision),
-        ..PipelineOptions::default()
-    };
-    Pipeline::load(&testdata().join(model), &opts).unwrap_or_else(|e| panic!("load {model}: {e}"))
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    let num = (&a - &b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let den = b
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    (num / den.max(1e-30)).sqrt()
-}
-
-fn psnr(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    let mse = (&a - &b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    10.0 * (1.0 / mse).log10()
 }
 
 fn assert_close(what: &str, ours: &Tensor, reference: &Tensor, tol: f64) -> f64 {
