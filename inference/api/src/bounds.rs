@@ -2,6 +2,8 @@
 //! Schemas of the OpenAPI document are written from them ([`crate::schema`]), so the document
 //! states exactly what the server enforces.
 
+use sd35_contract::ControlMode;
+
 use crate::error::ApiError;
 use crate::params::{Defaults, ModelInfo};
 
@@ -11,6 +13,19 @@ pub const MAX_IMAGES_PER_REQUEST: u32 = 4;
 pub const MAX_GUIDANCE: f64 = 30.0;
 /// Sizes must be multiples of this (VAE factor 8 × patch size 2).
 pub const SIZE_MULTIPLE: u32 = 16;
+/// Largest magnitude of a LoRA adapter's scale (negative scales push away from the adapter).
+pub const MAX_LORA_SCALE: f64 = 10.0;
+/// Largest ControlNet conditioning scale.
+pub const MAX_CONTROL_SCALE: f64 = 10.0;
+/// Canny thresholds of `control.preprocess` when it is `true` (OpenCV's usual 100 / 200).
+pub const DEFAULT_CANNY: (f64, f64) = (100.0, 200.0);
+/// Largest Canny threshold: the largest gradient the edge detector sees on 8-bit input
+/// (`2·√5·255`); a higher one keeps nothing.
+pub const MAX_CANNY_THRESHOLD: f64 = 1140.39;
+/// Blur σ of `control.preprocess` when it is `true`, in pixels.
+pub const DEFAULT_BLUR_SIGMA: f64 = 2.0;
+/// Largest blur σ in pixels: beyond it the kernel (radius ⌈2σ⌉) outgrows any image served.
+pub const MAX_BLUR_SIGMA: f64 = 256.0;
 
 /// An inclusive range of whole numbers, in steps of `multiple_of` from `min`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +92,11 @@ pub struct Bounds {
     /// The transformer's blocks (`slg_layers` names blocks below it); `None` before the model
     /// is loaded.
     pub transformer_blocks: Option<u32>,
+    /// The LoRA adapters a request may name; empty before the model is loaded (or when none
+    /// is served).
+    pub adapter_names: Vec<String>,
+    /// The ControlNet modes served; empty before the model is loaded (or when none is).
+    pub control_modes: Vec<ControlMode>,
 }
 
 impl Bounds {
@@ -119,6 +139,8 @@ impl Bounds {
             prompt_bytes: max_prompt_bytes,
             model_names: Vec::new(),
             transformer_blocks: None,
+            adapter_names: Vec::new(),
+            control_modes: Vec::new(),
         }
     }
 
@@ -187,9 +209,12 @@ impl Limits {
 
     /// The bounds of every request field for this model and server.
     pub fn bounds(&self) -> Bounds {
+        let served = &self.model.served;
         Bounds {
-            model_names: self.model.served_names.clone(),
+            model_names: served.served_names.clone(),
             transformer_blocks: Some(self.model.transformer_blocks),
+            adapter_names: served.adapters.iter().map(|a| a.name.clone()).collect(),
+            control_modes: served.control_modes.clone(),
             ..Bounds::for_model(self.max_size(), self.max_steps, self.max_prompt_bytes)
         }
     }

@@ -1,11 +1,12 @@
 //! What one image needs ([`GenParams`]) and what the loaded model is ([`ModelInfo`]): the
 //! values validation produces and checks against.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use schemars::JsonSchema;
-use sd35_contract::{DeviceKind, Precision, Variant};
-use serde::Serialize;
+use sd35_contract::{ControlMode, DeviceKind, Precision, Variant};
+use serde::{Deserialize, Serialize};
 
 use crate::picture::{Mask, Picture};
 
@@ -33,6 +34,46 @@ pub struct GenParams {
     /// The image to edit, for img2img and inpainting.
     #[serde(skip)]
     pub edit: Option<EditParams>,
+    /// LoRA adapters, each a served name with its scale, in the order the request gave them.
+    pub loras: Vec<(String, f64)>,
+    /// A ControlNet condition.
+    #[serde(skip)]
+    pub control: Option<ControlParams>,
+}
+
+/// A ControlNet condition, validated: the control image at the request's size, and how it is
+/// made into the condition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlParams {
+    /// Which of the served ControlNets.
+    pub mode: ControlMode,
+    /// The picture as sent, at the request's size (shared by the images of one request).
+    pub image: Arc<Picture>,
+    /// Made into the control image by this; `None`: the picture is the control image.
+    pub preprocess: Option<Preprocess>,
+    /// `controlnet_conditioning_scale`.
+    pub scale: f64,
+    /// The fraction of the steps before which the condition is off.
+    pub start: f64,
+    /// The fraction of the steps after which the condition is off.
+    pub end: f64,
+}
+
+/// How a picture is made into a control image (the pipeline's `control_image` module does it).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Preprocess {
+    /// Canny edges with hysteresis thresholds `low` ≤ `high` (OpenCV's units).
+    Canny {
+        /// Weakest gradient kept when connected to a strong edge.
+        low: f64,
+        /// Weakest gradient that starts an edge.
+        high: f64,
+    },
+    /// A Gaussian blur of standard deviation `sigma` pixels.
+    Blur {
+        /// Standard deviation in pixels.
+        sigma: f64,
+    },
 }
 
 /// An image to edit, already at the request's size: img2img, and inpainting with a mask.
@@ -56,6 +97,10 @@ pub struct BatchKey {
     slg_layers: Option<Vec<u32>>,
     /// An edit's strength and whether it has a mask.
     edit: Option<(u64, bool)>,
+    /// The adapters with their scales, in order.
+    loras: Vec<(String, u64)>,
+    /// A ControlNet condition's mode, scale, start and end.
+    control: Option<(ControlMode, u64, u64, u64)>,
 }
 
 /// The first step an edit of `strength` runs of a `steps`-step schedule, exactly as diffusers'
@@ -68,8 +113,9 @@ pub fn first_step(steps: u32, strength: f64) -> u32 {
 }
 
 impl GenParams {
-    /// The shape of the work: size, steps, guidance, skip-layer guidance and, for edits,
-    /// strength and whether a mask is given.
+    /// The shape of the work: size, steps, guidance, skip-layer guidance, the adapters and
+    /// their scales, a ControlNet condition's mode and scales and, for edits, strength and
+    /// whether a mask is given.
     pub fn batch_key(&self) -> BatchKey {
         BatchKey {
             width: self.width,
@@ -81,6 +127,19 @@ impl GenParams {
                 .edit
                 .as_ref()
                 .map(|e| (e.strength.to_bits(), e.mask.is_some())),
+            loras: self
+                .loras
+                .iter()
+                .map(|(name, scale)| (name.clone(), scale.to_bits()))
+                .collect(),
+            control: self.control.as_ref().map(|c| {
+                (
+                    c.mode,
+                    c.scale.to_bits(),
+                    c.start.to_bits(),
+                    c.end.to_bits(),
+                )
+            }),
         }
     }
 
@@ -119,11 +178,27 @@ pub struct SkipLayerInfo {
     pub stop: f64,
 }
 
-/// What the loaded model is and accepts: what `/v1/models` reports.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ModelInfo {
-    /// The primary model id (the first served name).
-    pub id: String,
+/// A LoRA adapter requests may name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterInfo {
+    /// The name a request gives (`loras[].name`, `<lora:NAME:0.8>`).
+    pub name: String,
+    /// The scale a request that names it without one gets.
+    pub scale: f64,
+    /// Whether it adapts the CLIP text encoders too (otherwise the transformer only).
+    pub text_encoders: bool,
+    /// Its file on the server (AUTOMATIC1111's `GET /sdapi/v1/loras` reports it).
+    #[serde(skip)]
+    pub path: String,
+    /// The file's safetensors `__metadata__` (AUTOMATIC1111's `GET /sdapi/v1/loras`).
+    #[serde(skip)]
+    pub metadata: BTreeMap<String, serde_json::Value>,
+}
+
+/// What is served, as every entry of `/v1/models` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ServedModel {
     /// Every name a request may give as `model`, the primary first.
     pub served_names: Vec<String>,
     /// The variant served.
@@ -150,23 +225,83 @@ pub struct ModelInfo {
     pub cache_key: Option<String>,
     /// Whether the T5 text encoder is loaded.
     pub t5_loaded: bool,
-    /// Largest width or height the model accepts.
-    pub max_size: u32,
-    /// Transformer blocks (skip-layer guidance may name blocks `0..transformer_blocks`).
-    pub transformer_blocks: u32,
-    /// Whether the model edits images (its VAE has the encoder).
+    /// Whether the model edits images (img2img, inpainting): its VAE has the encoder.
     pub image_editing: bool,
-    /// Defaults the model card gives (before the server's overrides).
-    pub defaults: Defaults,
-    /// Skip-layer guidance requests get unless they name their own blocks: the variant's,
-    /// when it has one and this model has the blocks it names.
-    pub skip_layer_guidance: Option<SkipLayerInfo>,
     /// Things an operator should know (CPU fallback, an assumed variant, conversion at load).
     pub warnings: Vec<String>,
     /// The op graph the model runs: `generic` (candle's own operations, always on GPUs) or
     /// `fused-cpu`.
     pub op_graph: String,
+    /// The LoRA adapters a request may name (`loras`), with their default scales.
+    pub adapters: Vec<AdapterInfo>,
+    /// The ControlNet modes a request may ask for (`control.mode`).
+    pub control_modes: Vec<ControlMode>,
+}
+
+/// What the loaded model is and accepts.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelInfo {
+    /// The primary model id (the first served name).
+    pub id: String,
+    /// What `/v1/models` reports of it.
+    #[serde(flatten)]
+    pub served: ServedModel,
+    /// Largest width or height the model accepts.
+    pub max_size: u32,
+    /// Transformer blocks (skip-layer guidance may name blocks `0..transformer_blocks`).
+    pub transformer_blocks: u32,
+    /// Defaults the model card gives (before the server's overrides).
+    pub defaults: Defaults,
+    /// Skip-layer guidance requests get unless they name their own blocks: the variant's,
+    /// when it has one and this model has the blocks it names.
+    pub skip_layer_guidance: Option<SkipLayerInfo>,
     /// What requests are checked against for memory; `None` where the device's memory is not
     /// known (no request is refused for memory then).
     pub memory: Option<sd35_contract::plan::MemoryGate>,
+}
+
+impl ModelInfo {
+    /// The served adapter `name`.
+    pub fn adapter(&self, name: &str) -> Option<&AdapterInfo> {
+        self.served.adapters.iter().find(|a| a.name == name)
+    }
+
+    /// A small model on the CPU answering to `names` (the first its id): 256 px at most, 24
+    /// transformer blocks, 4 steps of 64×64 at guidance 3.5 by default, editing, nothing
+    /// served beside it; what tests, the fuzzer and the fake backend check against.
+    pub fn small(names: &[&str]) -> Self {
+        let defaults = Defaults {
+            steps: 4,
+            guidance_scale: 3.5,
+            width: 64,
+            height: 64,
+        };
+        Self {
+            id: names.first().copied().unwrap_or("small").to_owned(),
+            served: ServedModel {
+                served_names: names.iter().map(|&n| n.to_owned()).collect(),
+                variant: Variant::Large,
+                variant_source: "requested".into(),
+                precision: Precision::F32,
+                device: DeviceKind::Cpu,
+                gpu_name: None,
+                compute_capability: None,
+                fp8_tensor_cores: false,
+                fp8_path: "cpu".into(),
+                engine_key: None,
+                cache_key: None,
+                t5_loaded: false,
+                image_editing: true,
+                warnings: Vec::new(),
+                op_graph: "fused-cpu".into(),
+                adapters: Vec::new(),
+                control_modes: Vec::new(),
+            },
+            max_size: 256,
+            transformer_blocks: 24,
+            defaults,
+            skip_layer_guidance: None,
+            memory: None,
+        }
+    }
 }

@@ -12,52 +12,43 @@
 //! multipart parser either refuses with a 400 or yields parts that are pieces of the body,
 //! each named once; every refusal is a 4xx with a message; an accepted edit's image (and mask)
 //! has exactly the request's size, its strength lies in (0, 1] and at least one step runs.
+//!
+//! For every accepted image: its adapters are served ones, each once, with scales in bounds;
+//! a ControlNet condition has a served mode, its picture the request's size, and no edit
+//! beside it.
 
 use http::StatusCode;
-use sd35_contract::{DeviceKind, Precision, Variant};
+use sd35_contract::ControlMode;
 
-use crate::bounds::{Bounds, Limits, max_first_seed};
-use crate::edit::{ImageEditRequest, Img2ImgRequest};
+use crate::bounds::{Bounds, Limits, MAX_CONTROL_SCALE, MAX_LORA_SCALE, max_first_seed};
+use crate::edit_form::ImageEditRequest;
 use crate::error::ApiError;
 use crate::multipart;
-use crate::params::{Defaults, GenParams, ModelInfo};
-use crate::request::{ImagesRequest, Txt2ImgRequest, parse_json};
+use crate::openai::ImagesRequest;
+use crate::params::{AdapterInfo, GenParams, ModelInfo};
+use crate::parse::parse_json;
+use crate::request::{Img2ImgRequest, Txt2ImgRequest};
 use crate::sdapi::{A1111Img2ImgRequest, A1111Txt2ImgRequest, MAX_RANDOM_SEED};
 
-/// The limits the properties are checked against: a model of 256 px at most, 50 steps,
-/// 100-byte prompts (small limits, so the fuzzer reaches them).
+/// The limits the properties are checked against: [`ModelInfo::small`] (256 px at most) with
+/// two adapters and the canny and blur ControlNets, 50 steps, 100-byte prompts (small limits,
+/// so the fuzzer reaches them).
 pub fn limits() -> Limits {
-    let defaults = Defaults {
-        steps: 4,
-        guidance_scale: 3.5,
-        width: 64,
-        height: 64,
-    };
+    let mut model = ModelInfo::small(&["fuzz", "large"]);
+    model.served.adapters = ["style", "detail"]
+        .into_iter()
+        .map(|name| AdapterInfo {
+            name: name.into(),
+            scale: 0.8,
+            text_encoders: name == "detail",
+            path: format!("/cache/adapters/{name}/adapter.safetensors"),
+            metadata: Default::default(),
+        })
+        .collect();
+    model.served.control_modes = vec![ControlMode::Canny, ControlMode::Blur];
     Limits {
-        model: ModelInfo {
-            id: "fuzz".into(),
-            served_names: vec!["fuzz".into(), "large".into()],
-            variant: Variant::Large,
-            variant_source: "requested".into(),
-            precision: Precision::F32,
-            device: DeviceKind::Cpu,
-            gpu_name: None,
-            compute_capability: None,
-            fp8_tensor_cores: false,
-            fp8_path: "cpu".into(),
-            engine_key: None,
-            cache_key: None,
-            t5_loaded: false,
-            max_size: 256,
-            transformer_blocks: 24,
-            image_editing: true,
-            defaults: defaults.clone(),
-            skip_layer_guidance: None,
-            warnings: Vec::new(),
-            op_graph: "fused-cpu".into(),
-            memory: None,
-        },
-        defaults,
+        defaults: model.defaults.clone(),
+        model,
         max_steps: 50,
         max_prompt_bytes: 100,
         max_size: None,
@@ -81,18 +72,50 @@ fn check_error(e: &ApiError, parsed: bool) {
     }
 }
 
-fn check_image(p: &GenParams, b: &Bounds) {
+fn check_image(params: &GenParams, bounds: &Bounds) {
     assert!(
-        b.size.contains(p.width) && b.size.contains(p.height),
-        "{p:?}"
+        bounds.size.contains(params.width) && bounds.size.contains(params.height),
+        "{params:?}"
     );
-    assert!(b.steps.contains(p.steps), "{p:?}");
-    assert!(b.check_guidance(p.guidance_scale).is_ok(), "{p:?}");
+    assert!(bounds.steps.contains(params.steps), "{params:?}");
     assert!(
-        !p.prompt.trim().is_empty() && p.prompt.len() <= b.prompt_bytes,
-        "{p:?}"
+        bounds.check_guidance(params.guidance_scale).is_ok(),
+        "{params:?}"
     );
-    assert!(p.negative_prompt.len() <= b.prompt_bytes && !p.prompt.contains('\0'));
+    assert!(
+        !params.prompt.trim().is_empty() && params.prompt.len() <= bounds.prompt_bytes,
+        "{params:?}"
+    );
+    assert!(params.negative_prompt.len() <= bounds.prompt_bytes && !params.prompt.contains('\0'));
+    for (i, (name, scale)) in params.loras.iter().enumerate() {
+        assert!(bounds.adapter_names.contains(name), "{name} is not served");
+        assert!(
+            scale.is_finite() && scale.abs() <= MAX_LORA_SCALE,
+            "{scale}"
+        );
+        assert!(
+            params.loras[..i].iter().all(|(n, _)| n != name),
+            "{name} twice"
+        );
+    }
+    if let Some(c) = &params.control {
+        assert!(
+            bounds.control_modes.contains(&c.mode),
+            "{:?} is not served",
+            c.mode
+        );
+        assert_eq!(
+            (c.image.width, c.image.height),
+            (params.width, params.height)
+        );
+        assert_eq!(
+            c.image.rgb.len(),
+            (params.width * params.height * 3) as usize
+        );
+        assert!(c.scale.is_finite() && (0.0..=MAX_CONTROL_SCALE).contains(&c.scale));
+        assert!(0.0 <= c.start && c.start < c.end && c.end <= 1.0);
+        assert!(params.edit.is_none(), "a condition with an edit");
+    }
 }
 
 /// The body as `POST /v1/txt2img` would take it.
@@ -175,19 +198,25 @@ pub fn sdapi_txt2img(body: &[u8], seed: u64) {
 }
 
 /// What an accepted edit satisfies.
-fn check_edit(p: &GenParams, b: &Bounds) {
-    check_image(p, b);
-    let Some(e) = &p.edit else {
-        panic!("an edit without its image: {p:?}");
+fn check_edit(params: &GenParams, bounds: &Bounds) {
+    check_image(params, bounds);
+    let Some(e) = &params.edit else {
+        panic!("an edit without its image: {params:?}");
     };
-    assert_eq!((e.image.width, e.image.height), (p.width, p.height));
-    assert_eq!(e.image.rgb.len(), (p.width * p.height * 3) as usize);
+    assert_eq!(
+        (e.image.width, e.image.height),
+        (params.width, params.height)
+    );
+    assert_eq!(
+        e.image.rgb.len(),
+        (params.width * params.height * 3) as usize
+    );
     if let Some(m) = &e.mask {
-        assert_eq!((m.width, m.height), (p.width, p.height));
-        assert_eq!(m.grey.len(), (p.width * p.height) as usize);
+        assert_eq!((m.width, m.height), (params.width, params.height));
+        assert_eq!(m.grey.len(), (params.width * params.height) as usize);
     }
     assert!(e.strength > 0.0 && e.strength <= 1.0, "{}", e.strength);
-    assert!(p.sampled_steps() >= 1 && p.sampled_steps() <= p.steps);
+    assert!(params.sampled_steps() >= 1 && params.sampled_steps() <= params.steps);
 }
 
 /// Any refusal: a 4xx with a message.

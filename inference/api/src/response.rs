@@ -2,11 +2,12 @@
 //! reports about the served model.
 
 use schemars::JsonSchema;
-use sd35_contract::{DeviceKind, Precision, Variant};
+use sd35_contract::ControlMode;
 use serde::{Deserialize, Serialize};
 
+use crate::adapters::LoraRequest;
 use crate::bounds::{Limits, MAX_GUIDANCE, MAX_IMAGES_PER_REQUEST, SIZE_MULTIPLE};
-use crate::params::{Defaults, GenParams, SkipLayerInfo};
+use crate::params::{Defaults, GenParams, ServedModel, SkipLayerInfo};
 
 /// `POST /v1/txt2img` with `Accept: application/json`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -50,6 +51,26 @@ pub struct UsedParameters {
     /// Edits: how much of the schedule ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strength: Option<f64>,
+    /// The LoRA adapters applied, each with the scale used; absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loras: Option<Vec<LoraRequest>>,
+    /// The ControlNet condition (its image is not echoed); absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<UsedControl>,
+}
+
+/// A ControlNet condition as it was applied.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UsedControl {
+    /// The mode.
+    pub mode: ControlMode,
+    /// The conditioning scale.
+    pub scale: f64,
+    /// The fraction of the steps before which it was off.
+    pub start: f64,
+    /// The fraction of the steps after which it was off.
+    pub end: f64,
 }
 
 impl From<&GenParams> for UsedParameters {
@@ -64,6 +85,21 @@ impl From<&GenParams> for UsedParameters {
             seed: p.seed,
             slg_layers: p.slg_layers.clone(),
             strength: p.edit.as_ref().map(|e| e.strength),
+            loras: (!p.loras.is_empty()).then(|| {
+                p.loras
+                    .iter()
+                    .map(|(name, scale)| LoraRequest {
+                        name: name.clone(),
+                        scale: Some(*scale),
+                    })
+                    .collect()
+            }),
+            control: p.control.as_ref().map(|c| UsedControl {
+                mode: c.mode,
+                scale: c.scale,
+                start: c.start,
+                end: c.end,
+            }),
         }
     }
 }
@@ -244,40 +280,13 @@ pub struct ModelEntry {
     pub owned_by: String,
     /// The primary name.
     pub root: String,
-    /// Every served name.
-    pub served_names: Vec<String>,
-    /// The variant served.
-    pub variant: Variant,
-    /// Where the variant came from.
-    pub variant_source: String,
-    /// Weight precision.
-    pub precision: Precision,
-    /// Where the model runs.
-    pub device: DeviceKind,
-    /// The GPU's name, on CUDA.
-    pub gpu_name: Option<String>,
-    /// The GPU's compute capability (`9.0`), on CUDA.
-    pub compute_capability: Option<String>,
-    /// Whether the GPU has FP8 tensor cores (compute capability 8.9 or later).
-    pub fp8_tensor_cores: bool,
-    /// How fp8 weights are computed here (`weight-only`, `cpu`).
-    pub fp8_path: String,
-    /// Engine key of a prebuilt engine.
-    pub engine_key: Option<String>,
-    /// Cache key of the cached model.
-    pub cache_key: Option<String>,
-    /// Whether T5 is loaded.
-    pub t5_loaded: bool,
-    /// Whether the model edits images (img2img, inpainting): its VAE has the encoder.
-    pub image_editing: bool,
+    /// What is served (the same in every entry).
+    #[serde(flatten)]
+    pub model: ServedModel,
     /// What a request gets for the fields it leaves out.
     pub defaults: ModelDefaults,
-    /// Things an operator should know.
-    pub warnings: Vec<String>,
     /// What a request may ask for.
     pub limits: ModelLimits,
-    /// The op graph the model runs (`generic` or `fused-cpu`).
-    pub op_graph: String,
     /// Device memory as planned from the model's shapes; absent where the device's memory is
     /// not known.
     pub memory: Option<MemoryReport>,
@@ -414,19 +423,7 @@ impl ModelList {
             created,
             owned_by: "sd35".into(),
             root: m.id.clone(),
-            served_names: m.served_names.clone(),
-            variant: m.variant,
-            variant_source: m.variant_source.clone(),
-            precision: m.precision,
-            device: m.device,
-            gpu_name: m.gpu_name.clone(),
-            compute_capability: m.compute_capability.clone(),
-            fp8_tensor_cores: m.fp8_tensor_cores,
-            fp8_path: m.fp8_path.clone(),
-            engine_key: m.engine_key.clone(),
-            cache_key: m.cache_key.clone(),
-            t5_loaded: m.t5_loaded,
-            image_editing: m.image_editing,
+            model: m.served.clone(),
             defaults: ModelDefaults {
                 steps: limits.defaults.steps,
                 guidance_scale: limits.defaults.guidance_scale,
@@ -435,8 +432,6 @@ impl ModelList {
                 classifier_free_guidance: limits.defaults.guidance_scale > 1.0,
                 skip_layer_guidance: m.skip_layer_guidance.clone(),
             },
-            warnings: m.warnings.clone(),
-            op_graph: m.op_graph.clone(),
             memory: m
                 .memory
                 .as_ref()
@@ -454,7 +449,34 @@ impl ModelList {
         };
         Self {
             object: "list".into(),
-            data: m.served_names.iter().map(|n| entry(n)).collect(),
+            data: m.served.served_names.iter().map(|n| entry(n)).collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `/v1/models` reads back as it was written (what the served model is comes from one
+    /// struct, flattened into every entry), and a field it does not have is refused.
+    #[test]
+    fn the_model_list_reads_back_and_refuses_unknown_fields() {
+        let limits = crate::properties::limits();
+        let list = ModelList::describe(&limits, 7, 2, 1000);
+        let mut value = serde_json::to_value(&list).unwrap_or_default();
+        let back: ModelList =
+            serde_json::from_value(value.clone()).unwrap_or_else(|e| panic!("{e}"));
+        let served = &back.data[0].model;
+        assert_eq!(served.served_names, limits.model.served.served_names);
+        assert_eq!(served.control_modes, limits.model.served.control_modes);
+        let names: Vec<&str> = served.adapters.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["style", "detail"]);
+        assert!(
+            value["data"][0]["adapters"][0].get("path").is_none(),
+            "paths stay inside"
+        );
+        value["data"][0]["surprise"] = serde_json::json!(1);
+        assert!(serde_json::from_value::<ModelList>(value).is_err());
     }
 }

@@ -4,17 +4,19 @@
 use schemars::generate::SchemaSettings;
 use serde_json::{Map, Value, json};
 
-use crate::bounds::{Bounds, IntRange};
-use crate::edit::{ImageEditRequest, Img2ImgRequest, MAX_MASK_BLUR};
-use crate::error::ErrorBody;
-use crate::output::OUTPUT_FORMATS;
-use crate::request::{
-    ImagesRequest, MAX_PARTIAL_IMAGES, MAX_SLG_LAYERS, NO_NUL_PATTERN, PROMPT_PATTERN,
-    SIZE_PATTERN, Txt2ImgRequest, model_name_pattern,
+use crate::bounds::{
+    Bounds, IntRange, MAX_BLUR_SIGMA, MAX_CANNY_THRESHOLD, MAX_CONTROL_SCALE, MAX_LORA_SCALE,
 };
+use crate::edit::MAX_MASK_BLUR;
+use crate::edit_form::ImageEditRequest;
+use crate::error::ErrorBody;
+use crate::openai::{ImagesRequest, MAX_PARTIAL_IMAGES, SIZE_PATTERN};
+use crate::output::OUTPUT_FORMATS;
+use crate::request::{Img2ImgRequest, Txt2ImgRequest};
 use crate::response::{ImageStreamEvent, ImagesResponse, ModelList, Txt2ImgResponse};
+use crate::sampling::{MAX_SLG_LAYERS, NO_NUL_PATTERN, PROMPT_PATTERN, model_name_pattern};
 use crate::sdapi::{
-    A1111Img2ImgRequest, A1111Info, A1111Model, A1111Options, A1111OptionsUpdate,
+    A1111Img2ImgRequest, A1111Info, A1111Lora, A1111Model, A1111Options, A1111OptionsUpdate,
     A1111Txt2ImgRequest, A1111Txt2ImgResponse,
 };
 
@@ -110,6 +112,7 @@ pub fn components(bounds: &Bounds) -> Map<String, Value> {
     generator.subschema_for::<A1111Txt2ImgResponse>();
     generator.subschema_for::<A1111Info>();
     generator.subschema_for::<A1111Model>();
+    generator.subschema_for::<A1111Lora>();
     generator.subschema_for::<A1111Options>();
     generator.subschema_for::<A1111OptionsUpdate>();
     generator.subschema_for::<Img2ImgRequest>();
@@ -343,7 +346,136 @@ pub fn components(bounds: &Bounds) -> Map<String, Value> {
     for schema in OPENAI_BODIES {
         openai_fields(&mut defs, schema, bounds);
     }
+    adapter_fields(&mut defs, bounds);
     defs
+}
+
+/// The bodies with `loras`, and those whose `control` is a condition (on the editing bodies it
+/// is refused).
+const LORA_BODIES: [&str; 4] = [
+    "Txt2ImgRequest",
+    "ImagesRequest",
+    "Img2ImgRequest",
+    "ImageEditRequest",
+];
+const CONTROL_BODIES: [&str; 2] = ["Txt2ImgRequest", "ImagesRequest"];
+
+/// `loras` and `control`: the served adapters and modes once the model is loaded (none served:
+/// `loras` empty and `control` null), the scales' and the preprocessing's bounds; on the
+/// editing bodies `control` is refused.
+fn adapter_fields(defs: &mut Map<String, Value>, bounds: &Bounds) {
+    set(
+        defs,
+        "LoraRequest",
+        "scale",
+        &[
+            ("minimum", json!(-MAX_LORA_SCALE)),
+            ("maximum", json!(MAX_LORA_SCALE)),
+        ],
+    );
+    set(
+        defs,
+        "ControlRequest",
+        "scale",
+        &[("minimum", json!(0)), ("maximum", json!(MAX_CONTROL_SCALE))],
+    );
+    for field in ["start", "end"] {
+        set(
+            defs,
+            "ControlRequest",
+            field,
+            &[("minimum", json!(0)), ("maximum", json!(1))],
+        );
+    }
+    if let Some(Value::Array(variants)) = defs
+        .get_mut("PreprocessRequest")
+        .and_then(|p| p.get_mut("anyOf"))
+    {
+        for variant in variants.iter_mut() {
+            let Some(Value::Object(props)) = variant.get_mut("properties") else {
+                continue;
+            };
+            for (name, prop) in props.iter_mut() {
+                let range = match name.as_str() {
+                    "sigma" => json!({"exclusiveMinimum": 0, "maximum": MAX_BLUR_SIGMA}),
+                    _ => json!({"minimum": 0, "maximum": MAX_CANNY_THRESHOLD}),
+                };
+                if let (Value::Object(prop), Value::Object(range)) = (prop, range) {
+                    prop.extend(range);
+                }
+            }
+        }
+    }
+    for schema in ["Img2ImgRequest", "ImageEditRequest"] {
+        if let Some(Value::Object(props)) =
+            defs.get_mut(schema).and_then(|s| s.get_mut("properties"))
+            && let Some(control) = props.get_mut("control")
+        {
+            let description = control.get("description").cloned();
+            *control = json!({"not": {}});
+            if let Some(d) = description {
+                control["description"] = d;
+            }
+        }
+    }
+    // Before the model is loaded nothing is known of what it serves.
+    if bounds.transformer_blocks.is_none() {
+        return;
+    }
+    let served = |names: Vec<String>| {
+        names
+            .iter()
+            .map(|n| format!("`{n}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if bounds.adapter_names.is_empty() {
+        for schema in LORA_BODIES {
+            set(defs, schema, "loras", &[("maxItems", json!(0))]);
+            describe(defs, schema, "loras", "this server serves no LoRA adapter");
+        }
+    } else {
+        set(
+            defs,
+            "LoraRequest",
+            "name",
+            &[("enum", json!(bounds.adapter_names))],
+        );
+        for schema in LORA_BODIES {
+            set(
+                defs,
+                schema,
+                "loras",
+                &[("maxItems", json!(bounds.adapter_names.len()))],
+            );
+            describe(
+                defs,
+                schema,
+                "loras",
+                &format!(
+                    "Served: {}; each at most once",
+                    served(bounds.adapter_names.clone())
+                ),
+            );
+        }
+    }
+    if bounds.control_modes.is_empty() {
+        for schema in CONTROL_BODIES {
+            set(defs, schema, "control", &[("type", json!("null"))]);
+            describe(defs, schema, "control", "this server serves no ControlNet");
+        }
+    } else {
+        let modes: Vec<String> = bounds.control_modes.iter().map(|m| m.to_string()).collect();
+        set(defs, "ControlRequest", "mode", &[("enum", json!(modes))]);
+        for schema in CONTROL_BODIES {
+            describe(
+                defs,
+                schema,
+                "control",
+                &format!("Served modes: {}", served(modes.clone())),
+            );
+        }
+    }
 }
 
 /// `batch_size × n_iter` images at most: the pairs allowed, for any per-field maximum.
@@ -432,7 +564,7 @@ mod tests {
     /// accepted, the values just past them refused.
     #[test]
     fn schema_bounds_are_the_validated_bounds() {
-        let limits: Limits = crate::request::tests::limits();
+        let limits: Limits = crate::properties::limits();
         let defs = components(&limits.bounds());
         let w = prop(&defs, "Txt2ImgRequest", "width");
         let (min, max, step) = (
@@ -446,7 +578,7 @@ mod tests {
         assert_eq!(prop(&defs, "ImagesRequest", "n")["maximum"], 4);
         assert_eq!(prop(&defs, "Txt2ImgRequest", "prompt")["maxLength"], 100);
         let accepts = |body: String| {
-            crate::request::parse_json::<Txt2ImgRequest>(body.as_bytes())
+            crate::parse::parse_json::<Txt2ImgRequest>(body.as_bytes())
                 .and_then(|r| r.resolve(&limits, || 0))
                 .is_ok()
         };
@@ -477,7 +609,25 @@ mod tests {
             4
         );
         assert_eq!(prop(&defs, "ImagesRequest", "partial_images")["maximum"], 3);
+        // The served adapters and modes, and the condition refused on the editing bodies.
+        assert_eq!(
+            defs["LoraRequest"]["properties"]["name"]["enum"],
+            json!(["style", "detail"])
+        );
+        assert_eq!(prop(&defs, "Txt2ImgRequest", "loras")["maxItems"], 2);
+        assert_eq!(
+            defs["ControlRequest"]["properties"]["mode"]["enum"],
+            json!(["canny", "blur"])
+        );
+        assert_eq!(prop(&defs, "Img2ImgRequest", "control")["not"], json!({}));
+        let mut bare = limits.clone();
+        bare.model.served.adapters.clear();
+        bare.model.served.control_modes.clear();
+        let defs_bare = components(&bare.bounds());
+        assert_eq!(prop(&defs_bare, "ImagesRequest", "loras")["maxItems"], 0);
+        assert_eq!(prop(&defs_bare, "ImagesRequest", "control")["type"], "null");
         for name in [
+            "A1111Lora",
             "ModelList",
             "ErrorBody",
             "ImagesResponse",

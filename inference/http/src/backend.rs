@@ -6,9 +6,11 @@
 
 use std::time::Duration;
 
-use sd35_contract::{DeviceKind, Precision, Variant};
+use sd35_contract::ControlMode;
 
-pub use sd35_api::{BatchKey, Defaults, EditParams, GenParams, ModelInfo, SkipLayerInfo};
+pub use sd35_api::{
+    AdapterInfo, BatchKey, ControlParams, Defaults, EditParams, GenParams, ModelInfo, SkipLayerInfo,
+};
 pub use sd35_pipeline::StepControl;
 
 /// Why a generation did not produce an image.
@@ -52,6 +54,10 @@ pub struct FakeBackend {
     pub batches: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
     /// The memory gate it reports (none by default).
     pub memory: Option<sd35_contract::plan::MemoryGate>,
+    /// The LoRA adapters it says it serves (none by default).
+    pub adapters: Vec<AdapterInfo>,
+    /// The ControlNet modes it says it serves (none by default).
+    pub control_modes: Vec<ControlMode>,
 }
 
 impl FakeBackend {
@@ -61,23 +67,44 @@ impl FakeBackend {
             step_time,
             batches: Default::default(),
             memory: None,
+            adapters: Vec::new(),
+            control_modes: Vec::new(),
         }
     }
 }
 
 /// A PNG whose pixels are a hash of the parameters (same parameters, same bytes), an edit's
-/// image and mask included.
-pub fn fake_png(p: &GenParams) -> Vec<u8> {
+/// image and mask, the adapters and a ControlNet condition included.
+pub fn fake_png(params: &GenParams) -> Vec<u8> {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    (&p.prompt, &p.negative_prompt, p.width, p.height, p.steps).hash(&mut h);
-    (p.guidance_scale.to_bits(), p.seed, &p.slg_layers).hash(&mut h);
-    if let Some(e) = &p.edit {
+    (
+        &params.prompt,
+        &params.negative_prompt,
+        params.width,
+        params.height,
+        params.steps,
+    )
+        .hash(&mut h);
+    (
+        params.guidance_scale.to_bits(),
+        params.seed,
+        &params.slg_layers,
+    )
+        .hash(&mut h);
+    if let Some(e) = &params.edit {
         (&e.image.rgb, e.mask.as_ref().map(|m| &m.grey)).hash(&mut h);
         e.strength.to_bits().hash(&mut h);
     }
+    for (name, scale) in &params.loras {
+        (name, scale.to_bits()).hash(&mut h);
+    }
+    if let Some(c) = &params.control {
+        (c.mode, &c.image.rgb, format!("{:?}", c.preprocess)).hash(&mut h);
+        (c.scale.to_bits(), c.start.to_bits(), c.end.to_bits()).hash(&mut h);
+    }
     let mut state = h.finish() | 1;
-    let n = (p.width * p.height * 3) as usize;
+    let n = (params.width * params.height * 3) as usize;
     let pixels: Vec<u8> = (0..n)
         .map(|_| {
             // xorshift64: cheap, deterministic noise.
@@ -87,20 +114,18 @@ pub fn fake_png(p: &GenParams) -> Vec<u8> {
             (state >> 56) as u8
         })
         .collect();
-    encode_png(p.width, p.height, &pixels).unwrap_or_default()
+    encode_png(params.width, params.height, &pixels).unwrap_or_default()
 }
 
-/// Encodes 8-bit RGB pixels as PNG.
+/// Encodes 8-bit RGB pixels as PNG (the pipeline's encoder, which writes the served images).
 pub fn encode_png(width: u32, height: u32, rgb: &[u8]) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    {
-        let mut enc = png::Encoder::new(&mut out, width, height);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut w = enc.write_header().map_err(|e| e.to_string())?;
-        w.write_image_data(rgb).map_err(|e| e.to_string())?;
+    sd35_pipeline::image::RgbImage {
+        width: width as usize,
+        height: height as usize,
+        pixels: rgb.to_vec(),
     }
-    Ok(out)
+    .to_png()
+    .map_err(|e| e.to_string())
 }
 
 /// Decodes a PNG into its 8-bit pixels (`None` when it is not a PNG).
@@ -128,34 +153,11 @@ pub fn pixel_difference(a: &[u8], b: &[u8]) -> (u8, usize) {
 
 impl Backend for FakeBackend {
     fn info(&self) -> ModelInfo {
-        ModelInfo {
-            id: "fake".into(),
-            served_names: vec!["fake".into(), "large".into()],
-            variant: Variant::Large,
-            variant_source: "requested".into(),
-            precision: Precision::F32,
-            device: DeviceKind::Cpu,
-            gpu_name: None,
-            compute_capability: None,
-            fp8_tensor_cores: false,
-            fp8_path: "cpu".into(),
-            engine_key: None,
-            cache_key: None,
-            t5_loaded: false,
-            max_size: 256,
-            transformer_blocks: 24,
-            image_editing: true,
-            defaults: Defaults {
-                steps: 4,
-                guidance_scale: 3.5,
-                width: 64,
-                height: 64,
-            },
-            skip_layer_guidance: None,
-            warnings: Vec::new(),
-            op_graph: "fused-cpu".into(),
-            memory: self.memory.clone(),
-        }
+        let mut model = ModelInfo::small(&["fake", "large"]);
+        model.served.adapters.clone_from(&self.adapters);
+        model.served.control_modes.clone_from(&self.control_modes);
+        model.memory.clone_from(&self.memory);
+        model
     }
 
     fn generate(

@@ -1,20 +1,24 @@
 //! The candle SD3.5 pipeline as a [`Backend`]. Sampling is the pipeline's own
-//! [`Pipeline::sample_batch`] — the loop `generate` runs and the goldens test — so a served
+//! [`Pipeline::sample_batch`] — the loop `generate` runs and the goldens test — and requests
+//! become pipeline requests through [`crate::to_pipeline`], as `generate`'s do, so a served
 //! image for a seed is the image `generate` makes for it; previews are the sampler's preview
 //! latents decoded by the VAE, and the engine's smoke image is checked with the same sampler.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use sd35_contract::plan::MemoryGate;
-use sd35_contract::{CacheManifest, DeviceKind, Precision, Variant};
+use sd35_contract::{CacheManifest, ExitError, ExitReason, Precision, ServeArgs};
 use sd35_pipeline::device::OpenedDevice;
 use sd35_pipeline::{
-    Edit, GenerateRequest, Pipeline, PipelineOptions, SkipLayerGuidance, VariantSource, model_card,
+    GenerateRequest, ModelSource, Pipeline, PipelineOptions, SkipLayerGuidance, VariantSource,
 };
 
+use crate::api::{AdapterInfo, ServedModel};
 use crate::backend::{
     Backend, Defaults, GenControl, GenFailure, GenParams, ModelInfo, SkipLayerInfo, StepControl,
 };
+use crate::config::ServeConfig;
+use crate::to_pipeline::{card_slg, generate_request};
 
 /// The loaded pipeline and what the server reports about it.
 #[derive(Debug)]
@@ -25,41 +29,6 @@ pub struct CandleBackend {
     /// Skip-layer guidance of requests that name no blocks: the model card's, when the
     /// transformer has the blocks it names.
     default_slg: Option<SkipLayerGuidance>,
-}
-
-/// The skip-layer guidance a request naming `layers` gets: the model card's scale and
-/// interval (the medium card's for variants without one).
-fn slg_with_layers(card: Option<&SkipLayerGuidance>, layers: &[u32]) -> SkipLayerGuidance {
-    let base = card.cloned().or(model_card(Variant::Medium).slg);
-    let (scale, start, stop) = base.map_or((2.8, 0.01, 0.2), |b| (b.scale, b.start, b.stop));
-    SkipLayerGuidance {
-        layers: layers.iter().map(|&l| l as usize).collect(),
-        scale,
-        start,
-        stop,
-    }
-}
-
-/// The model card's skip-layer guidance when this transformer has every block it names;
-/// otherwise none, and a warning that says so (a distilled or custom MMDiT-X with fewer
-/// blocks than the card's model).
-fn card_slg(
-    card: Option<SkipLayerGuidance>,
-    blocks: usize,
-    warnings: &mut Vec<String>,
-) -> Option<SkipLayerGuidance> {
-    let slg = card?;
-    if slg.layers.iter().all(|&l| l < blocks) {
-        return Some(slg);
-    }
-    warnings.push(format!(
-        "the model card's skip-layer guidance skips blocks {:?}, but this transformer has \
-         {blocks} blocks (0 to {}): skip-layer guidance is off by default; a request may \
-         name blocks that exist (`slg_layers`)",
-        slg.layers,
-        blocks.saturating_sub(1)
-    ));
-    None
 }
 
 fn decode_png(pipeline: &Pipeline, latents: &candle_core::Tensor) -> Result<Vec<u8>, String> {
@@ -93,35 +62,26 @@ impl StepControl for Decoding<'_> {
     }
 }
 
-/// How to load the candle backend.
-#[derive(Debug, Clone)]
-pub struct CandleOptions {
-    /// The model directory (any layout the pipeline reads; a cache model directory).
-    pub model: PathBuf,
-    /// A prebuilt engine to serve instead of the model's own weights.
-    pub engine: Option<PathBuf>,
-    /// The variant asked for (must match the engine's and the model's structure).
-    pub variant: Option<Variant>,
-    /// The precision asked for (must match the engine's).
-    pub precision: Option<Precision>,
-    /// Names clients may send as `model`; empty: the variant's default names.
-    pub served_names: Vec<String>,
-    /// Where to run.
-    pub device: OpenedDevice,
-    /// Load T5.
-    pub load_t5: bool,
-    /// T5 sequence length.
-    pub t5_max_tokens: usize,
-    /// Device memory the server may use in all (`--memory-limit`); unset: what is free.
-    pub memory_limit: Option<u64>,
+/// The pipeline's options for what `args` serve on `device`.
+fn pipeline_options(args: &ServeArgs, device: &OpenedDevice) -> PipelineOptions {
+    PipelineOptions {
+        precision: args.precision,
+        device: device.device.clone(),
+        load_t5: !args.no_t5,
+        t5_max_length: args.t5_max_tokens as usize,
+        variant: args.variant,
+    }
 }
 
 /// Kept free beside a request's planned activations (allocator slack, cuBLAS's workspace).
 const MEMORY_MARGIN_BYTES: u64 = 256 << 20;
 
-/// What requests are checked against: the loaded model's shapes and weights, and the memory
-/// the device has left for activations (capped by `--memory-limit`), measured now that the
-/// model is loaded. `None`, with a warning, when the device's memory cannot be read.
+/// What requests are checked against: the loaded model's shapes and weights (with what is
+/// served beside it: the ControlNets, the LoRA updates of a request naming every adapter, and
+/// on the CPU the LoRA files as read), and the memory the device has left for activations
+/// (capped by `--memory-limit`), measured now that the model and its ControlNets are loaded
+/// (the LoRA updates are compiled per request, so they come off what is measured). `None`,
+/// with a warning, when the device's memory cannot be read.
 fn memory_gate(
     pipeline: &Pipeline,
     device: &OpenedDevice,
@@ -129,7 +89,19 @@ fn memory_gate(
     warnings: &mut Vec<String>,
 ) -> sd35_pipeline::Result<Option<MemoryGate>> {
     let spec = pipeline.spec()?;
-    let weights = pipeline.weight_bytes();
+    let compiled_loras = pipeline.lora_bytes()?;
+    let lora_files: u64 = if device.device.is_cpu() {
+        pipeline
+            .loras()
+            .flat_map(|(_, file)| file.pieces.values().flatten())
+            .map(|piece| 4 * (piece.down.elem_count() + piece.up.elem_count()) as u64)
+            .sum()
+    } else {
+        0
+    };
+    let controlnets: u64 = pipeline.controlnets().map(|(_, n)| n.weight_bytes()).sum();
+    let mut weights = pipeline.weight_bytes();
+    weights.adapters = controlnets + compiled_loras + lora_files;
     let plan_device = sd35_pipeline::plan::plan_device(
         device,
         pipeline.precision(),
@@ -137,8 +109,12 @@ fn memory_gate(
     );
     let measured = device.memory();
     let free = match (measured, limit) {
-        (Some(m), Some(limit)) => Some(m.free.min(limit.saturating_sub(weights.total()))),
-        (Some(m), None) => Some(m.free),
+        (Some(m), Some(limit)) => Some(
+            m.free
+                .saturating_sub(compiled_loras)
+                .min(limit.saturating_sub(weights.total())),
+        ),
+        (Some(m), None) => Some(m.free.saturating_sub(compiled_loras)),
         (None, Some(limit)) => Some(limit.saturating_sub(weights.total())),
         (None, None) => None,
     };
@@ -169,40 +145,102 @@ pub fn dir_name(dir: &Path) -> Option<String> {
         .map(|n| n.to_string_lossy().into_owned())
 }
 
+/// A start-up failure of a pipeline call, `what` saying what was being done.
+pub fn pipeline_failure(what: &str, e: &sd35_pipeline::Error) -> ExitError {
+    ExitError::new(e.exit_reason(), format!("{what}: {e}"))
+}
+
+/// A `--lora` or `--controlnet` file that cannot be served: missing or unreadable as the
+/// pipeline says, anything else (not an adapter, made for another model) `InvalidModel`.
+fn adapter_failure(flag: &str, e: &sd35_pipeline::Error) -> ExitError {
+    let reason = match e.exit_reason() {
+        ExitReason::NotFound | ExitReason::PermissionDenied => e.exit_reason(),
+        _ => ExitReason::InvalidModel,
+    };
+    ExitError::new(reason, format!("{flag}: {e}"))
+}
+
+/// The served adapters as the API reports them: each `--lora` with its default scale, what it
+/// adapts, its file and the file's metadata.
+fn adapter_infos(config: &ServeConfig, pipeline: &Pipeline) -> Vec<AdapterInfo> {
+    config
+        .args
+        .loras
+        .iter()
+        .map(|lora| {
+            let text_encoders = pipeline
+                .loras()
+                .find(|(name, _)| *name == lora.name)
+                .is_some_and(|(_, file)| file.has_text_encoders());
+            let metadata = sd35_contract::read_safetensors_header(&lora.path)
+                .ok()
+                .and_then(|h| h.metadata)
+                .and_then(|m| serde_json::from_value(m).ok())
+                .unwrap_or_default();
+            AdapterInfo {
+                name: lora.name.clone(),
+                scale: lora.scale.unwrap_or(1.0),
+                text_encoders,
+                path: lora.path.display().to_string(),
+                metadata,
+            }
+        })
+        .collect()
+}
+
 impl CandleBackend {
-    /// Loads the model (or its prebuilt engine).
-    pub fn load(o: CandleOptions) -> sd35_pipeline::Result<Self> {
-        let dir = o.engine.as_deref().unwrap_or(&o.model);
-        let opts = PipelineOptions {
-            precision: o.precision,
-            device: o.device.device.clone(),
-            load_t5: o.load_t5,
-            t5_max_length: o.t5_max_tokens,
-            variant: o.variant,
+    /// Loads what `config` serves from `source` (the model or its engine, opened once at
+    /// start-up) on `device`, then every `--lora` and `--controlnet`, each checked against the
+    /// model (a file that is not an adapter, or one made for another model, fails here naming
+    /// the flag, the file and the mismatch).
+    pub fn load(
+        config: &ServeConfig,
+        source: &ModelSource,
+        device: &OpenedDevice,
+    ) -> Result<Self, ExitError> {
+        let args = &config.args;
+        let mut pipeline =
+            Pipeline::load_source(source, &pipeline_options(args, device)).map_err(|e| {
+                pipeline_failure(
+                    &format!("cannot load the model {}", source.weights.display()),
+                    &e,
+                )
+            })?;
+        for lora in &args.loras {
+            pipeline
+                .add_lora(&lora.name, &lora.path)
+                .map_err(|e| adapter_failure(&format!("--lora {lora}"), &e))?;
+        }
+        for net in &args.controlnets {
+            pipeline
+                .add_controlnet(net.mode, &net.path)
+                .map_err(|e| adapter_failure(&format!("--controlnet {net}"), &e))?;
+        }
+        let adapters = adapter_infos(config, &pipeline);
+        let model_failure = |e: sd35_pipeline::Error| {
+            pipeline_failure(
+                &format!("cannot load the model {}", source.weights.display()),
+                &e,
+            )
         };
-        let pipeline = Pipeline::load(dir, &opts)?;
-        let engine = match &o.engine {
-            Some(e) => Some(sd35_pipeline::engine::open(e, false)?),
-            None => None,
-        };
-        let marker = CacheManifest::read(&o.model).ok();
+        let engine = source.engine.as_ref();
+        let marker: Option<&CacheManifest> = source.marker.as_ref();
         let variant = pipeline.variant();
         let repo = engine
-            .as_ref()
             .and_then(|m| m.source_repo.clone())
-            .or_else(|| marker.as_ref().and_then(|m| m.repo().map(str::to_owned)));
-        let mut served_names = if o.served_names.is_empty() {
+            .or_else(|| marker.and_then(|m| m.repo().map(str::to_owned)));
+        let mut served_names = if args.served_model_names.is_empty() {
             sd35_contract::default_served_names(variant, repo.as_deref())
         } else {
-            o.served_names.clone()
+            args.served_model_names.clone()
         };
         sd35_contract::dedup_in_order(&mut served_names);
-        let mut warnings: Vec<String> = o.device.warning.iter().cloned().collect();
+        let mut warnings: Vec<String> = device.warning.iter().cloned().collect();
         if pipeline.variant_source() == VariantSource::Assumed {
             warnings.push(format!(
                 "nothing states the variant of {}: serving it as {variant}; pass --variant \
                  (large and large-turbo have the same architecture but different defaults)",
-                o.model.display()
+                args.model.display()
             ));
         }
         if engine.is_none() && pipeline.precision() == Precision::Fp8 {
@@ -210,38 +248,43 @@ impl CandleBackend {
                 "no prebuilt engine: the weights were quantised to fp8 at start-up".to_owned(),
             );
         }
-        let memory = memory_gate(&pipeline, &o.device, o.memory_limit, &mut warnings)?;
-        let d = pipeline.default_request("");
-        let blocks = pipeline.mmdit().config().depth;
-        let default_slg = card_slg(model_card(variant).slg, blocks, &mut warnings);
+        let memory = memory_gate(&pipeline, device, config.memory_limit, &mut warnings)
+            .map_err(model_failure)?;
+        let card = pipeline.default_request("");
+        let default_slg = card_slg(&pipeline, &mut warnings);
         let info = ModelInfo {
             id: served_names
                 .first()
                 .cloned()
                 .unwrap_or_else(|| variant.to_string()),
-            served_names,
-            variant,
-            variant_source: pipeline.variant_source().as_str().to_owned(),
-            precision: pipeline.precision(),
-            device: o.device.kind,
-            gpu_name: o.device.gpu_name.clone(),
-            compute_capability: o.device.compute_capability.map(|c| c.to_string()),
-            fp8_tensor_cores: o.device.fp8_capability() == sd35_contract::Fp8Path::TensorCore,
-            fp8_path: o.device.fp8_path().as_str().to_owned(),
-            engine_key: engine.as_ref().map(|m| m.engine_key.clone()),
-            cache_key: engine
-                .as_ref()
-                .map(|m| m.source_cache_key.clone())
-                .or_else(|| marker.as_ref().and_then(|_| dir_name(&o.model))),
-            t5_loaded: pipeline.t5_loaded(),
+            served: ServedModel {
+                served_names,
+                variant,
+                variant_source: pipeline.variant_source().as_str().to_owned(),
+                precision: pipeline.precision(),
+                device: device.kind,
+                gpu_name: device.gpu_name.clone(),
+                compute_capability: device.compute_capability.map(|c| c.to_string()),
+                fp8_tensor_cores: device.fp8_capability() == sd35_contract::Fp8Path::TensorCore,
+                fp8_path: device.fp8_path().as_str().to_owned(),
+                engine_key: engine.map(|m| m.engine_key.clone()),
+                cache_key: engine
+                    .map(|m| m.source_cache_key.clone())
+                    .or_else(|| marker.and_then(|_| dir_name(&args.model))),
+                t5_loaded: pipeline.t5_loaded(),
+                image_editing: pipeline.spec().map_err(model_failure)?.vae.encoder,
+                warnings,
+                op_graph: sd35_pipeline::op_graph::current().name().to_owned(),
+                adapters,
+                control_modes: pipeline.controlnets().map(|(mode, _)| mode).collect(),
+            },
             max_size: pipeline.max_size() as u32,
-            transformer_blocks: blocks as u32,
-            image_editing: pipeline.spec()?.vae.encoder,
+            transformer_blocks: pipeline.mmdit().config().depth as u32,
             defaults: Defaults {
-                steps: d.steps as u32,
-                guidance_scale: d.guidance,
-                width: d.width as u32,
-                height: d.height as u32,
+                steps: card.steps as u32,
+                guidance_scale: card.guidance,
+                width: card.width as u32,
+                height: card.height as u32,
             },
             skip_layer_guidance: default_slg.as_ref().map(|s| SkipLayerInfo {
                 layers: s.layers.clone(),
@@ -249,15 +292,12 @@ impl CandleBackend {
                 start: s.start,
                 stop: s.stop,
             }),
-            warnings,
-            op_graph: sd35_pipeline::op_graph::current().name().to_owned(),
             memory,
         };
-        debug_assert!(o.device.kind != DeviceKind::Auto);
         Ok(Self {
             pipeline,
             info,
-            smoke: engine.and_then(|m| m.smoke),
+            smoke: engine.and_then(|m| m.smoke.clone()),
             default_slg,
         })
     }
@@ -265,7 +305,11 @@ impl CandleBackend {
     /// Whether the served engine has its smoke image (an engine without one was not built to
     /// completion); `None` when no engine is served.
     pub fn engine_has_smoke(&self) -> Option<bool> {
-        self.info.engine_key.as_ref().map(|_| self.smoke.is_some())
+        self.info
+            .served
+            .engine_key
+            .as_ref()
+            .map(|_| self.smoke.is_some())
     }
 
     /// Repeats the engine's smoke image and compares it with the record (see
@@ -278,54 +322,10 @@ impl CandleBackend {
         Some(sd35_pipeline::smoke::check(
             &self.pipeline,
             record,
-            self.info.device,
+            self.info.served.device,
             min_psnr_db,
         ))
     }
-
-    /// The pipeline request for validated parameters: skip-layer guidance as the request
-    /// names it or the server's default, the image to edit as the pipeline's tensors.
-    fn request(&self, p: &GenParams) -> sd35_pipeline::Result<GenerateRequest> {
-        let mut req = self.pipeline.default_request(&p.prompt);
-        req.negative_prompt.clone_from(&p.negative_prompt);
-        req.width = p.width as usize;
-        req.height = p.height as usize;
-        req.steps = p.steps as usize;
-        req.guidance = p.guidance_scale;
-        req.seed = p.seed;
-        req.slg = match &p.slg_layers {
-            None => self.default_slg.clone(),
-            Some(layers) if layers.is_empty() => None,
-            Some(layers) => Some(slg_with_layers(
-                model_card(self.info.variant).slg.as_ref(),
-                layers,
-            )),
-        };
-        if let Some(edit) = &p.edit {
-            req.edit = Some(edit_tensors(edit)?);
-        }
-        Ok(req)
-    }
-}
-
-/// An edit as the pipeline takes it (tensors on the CPU; the pipeline moves them).
-pub fn edit_tensors(edit: &crate::backend::EditParams) -> sd35_pipeline::Result<Edit> {
-    use sd35_pipeline::image;
-    let cpu = candle_core::Device::Cpu;
-    let picture = image::RgbImage {
-        width: edit.image.width as usize,
-        height: edit.image.height as usize,
-        pixels: edit.image.rgb.clone(),
-    };
-    Ok(Edit {
-        image: image::to_tensor(&picture, &cpu)?,
-        mask: edit
-            .mask
-            .as_ref()
-            .map(|m| image::mask_tensor(&m.grey, m.width as usize, m.height as usize, &cpu))
-            .transpose()?,
-        strength: edit.strength,
-    })
 }
 
 impl Backend for CandleBackend {
@@ -338,19 +338,20 @@ impl Backend for CandleBackend {
         batch: &[GenParams],
         control: &mut dyn GenControl,
     ) -> Vec<Result<Vec<u8>, GenFailure>> {
+        let failed = |e: sd35_pipeline::Error| {
+            let msg = format!("generation failed: {e}");
+            batch
+                .iter()
+                .map(|_| Err(GenFailure::Failed(msg.clone())))
+                .collect()
+        };
         let reqs = match batch
             .iter()
-            .map(|p| self.request(p))
+            .map(|p| generate_request(&self.pipeline, p, self.default_slg.as_ref()))
             .collect::<sd35_pipeline::Result<Vec<GenerateRequest>>>()
         {
             Ok(reqs) => reqs,
-            Err(e) => {
-                let msg = format!("generation failed: {e}");
-                return batch
-                    .iter()
-                    .map(|_| Err(GenFailure::Failed(msg.clone())))
-                    .collect();
-            }
+            Err(e) => return failed(e),
         };
         let sampled = {
             let mut decoding = Decoding {
@@ -370,13 +371,7 @@ impl Backend for CandleBackend {
                     _ => Err(GenFailure::Cancelled),
                 })
                 .collect(),
-            Err(e) => {
-                let msg = format!("generation failed: {e}");
-                batch
-                    .iter()
-                    .map(|_| Err(GenFailure::Failed(msg.clone())))
-                    .collect()
-            }
+            Err(e) => failed(e),
         }
     }
 }

@@ -50,13 +50,14 @@ pub struct ServeConfig {
     #[arg(long, env = "SD35_LOG_PROMPTS")]
     pub log_prompts: bool,
 
-    /// Largest accepted request body in bytes (the text and JSON routes).
+    /// Largest accepted request body in bytes of the routes that take no image.
     #[arg(long, env = "SD35_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
 
-    /// Largest accepted body in bytes of the routes that take an image to edit
-    /// (`/v1/images/edits`, `/v1/img2img`, `/sdapi/v1/img2img`), images included (bytes, or
-    /// with a K, M, G or T suffix in powers of 1024).
+    /// Largest accepted body in bytes of the routes that take images — an image to edit
+    /// (`/v1/images/edits`, `/v1/img2img`, `/sdapi/v1/img2img`) or a ControlNet's control
+    /// image (`/v1/txt2img`, `/v1/images/generations`) — images included (bytes, or with a K,
+    /// M, G or T suffix in powers of 1024).
     #[arg(long, env = "SD35_MAX_UPLOAD_BYTES", default_value = "32M", value_parser = parse_bytes)]
     pub max_upload_bytes: u64,
 

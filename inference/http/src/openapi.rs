@@ -126,8 +126,8 @@ fn error_response(status: u16) -> Value {
 }
 
 /// The path parameters (`{name}`) and the route's query parameters.
-fn parameters(r: &Route) -> Vec<Value> {
-    let mut out: Vec<Value> = r
+fn parameters(route: &Route) -> Vec<Value> {
+    let mut out: Vec<Value> = route
         .path
         .split('/')
         .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
@@ -138,7 +138,7 @@ fn parameters(r: &Route) -> Vec<Value> {
             })
         })
         .collect();
-    for (name, kind) in r.query {
+    for (name, kind) in route.query {
         let schema = match *kind {
             "integer" => json!({"type": "integer", "minimum": 0}),
             _ => json!({"type": "string"}),
@@ -148,18 +148,18 @@ fn parameters(r: &Route) -> Vec<Value> {
     out
 }
 
-fn operation(r: &Route) -> Value {
+fn operation(route: &Route) -> Value {
     let mut responses = Map::new();
-    responses.insert("200".into(), ok_response(r.ok));
-    for &status in r.errors {
+    responses.insert("200".into(), ok_response(route.ok));
+    for &status in route.errors {
         responses.insert(status.to_string(), error_response(status));
     }
-    let mut op = json!({"summary": r.summary, "responses": responses});
-    let params = parameters(r);
+    let mut op = json!({"summary": route.summary, "responses": responses});
+    let params = parameters(route);
     if !params.is_empty() {
         op["parameters"] = Value::Array(params);
     }
-    match r.request {
+    match route.request {
         Some(RequestBody::Json(schema)) => {
             let mut content = json!({"schema": reference(schema)});
             if let Some(example) = example(schema) {
@@ -184,7 +184,7 @@ fn operation(r: &Route) -> Value {
         }
         None => {}
     }
-    if r.auth {
+    if route.auth {
         // Bearer token when the server has tokens, nothing when it has none.
         op["security"] = json!([{"bearer": []}, {}]);
     }
@@ -270,6 +270,11 @@ mod tests {
             artifact.get("security").is_none(),
             "the signature is the credential"
         );
+        let loras = &doc["paths"]["/sdapi/v1/loras"]["get"]["responses"]["200"];
+        assert_eq!(
+            loras["content"]["application/json"]["schema"]["items"],
+            reference("A1111Lora")
+        );
         let options = &doc["paths"]["/sdapi/v1/options"];
         assert!(options["get"].is_object() && options["post"].is_object());
         let w = &doc["components"]["schemas"]["Txt2ImgRequest"]["properties"]["width"];
@@ -287,7 +292,7 @@ mod tests {
             .as_object()
             .map(|p| p.keys().map(String::as_str).collect())
             .unwrap_or_default();
-        let mut expected = crate::api::edit::EDIT_FORM_FIELDS.to_vec();
+        let mut expected = crate::api::edit_form::EDIT_FORM_FIELDS.to_vec();
         expected.sort_unstable();
         let mut names = names;
         names.sort_unstable();

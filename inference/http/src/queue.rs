@@ -134,7 +134,7 @@ impl Queue {
         let (tx, rx) = mpsc::channel::<Job>();
         let capacity = limits.queue_size.max(1);
         let permits = Arc::new(Semaphore::new(capacity));
-        let m = metrics.clone();
+        let worker_metrics = metrics.clone();
         let depth = Depth {
             permits: permits.clone(),
             capacity,
@@ -146,7 +146,7 @@ impl Queue {
                 Ok(backend) => {
                     let info = backend.info();
                     if loaded.send(Ok(info)).is_ok() {
-                        worker(backend, rx, max_batch, &m, &depth);
+                        worker(backend, rx, max_batch, &worker_metrics, &depth);
                     }
                 }
                 Err(e) => {
@@ -298,7 +298,7 @@ fn worker(
     mut backend: Box<dyn Backend>,
     rx: mpsc::Receiver<Job>,
     max_batch: usize,
-    m: &Metrics,
+    metrics: &Metrics,
     depth: &Depth,
 ) {
     let mut pending: VecDeque<Job> = VecDeque::new();
@@ -317,8 +317,8 @@ fn worker(
         // Drop what nobody waits for before spending compute on it.
         pending.retain(|j| {
             if j.abandoned() {
-                m.cancelled.inc();
-                m.steps_outstanding.dec_by(i64::from(j.params.sampled_steps()));
+                metrics.cancelled.inc();
+                metrics.steps_outstanding.dec_by(i64::from(j.params.sampled_steps()));
                 tracing::info!(request_id = %j.request_id, "dropped from the queue: client gone or deadline passed");
                 false
             } else {
@@ -348,16 +348,17 @@ fn worker(
         }
         let now = Instant::now();
         for j in &batch {
-            m.queue_seconds
+            metrics
+                .queue_seconds
                 .observe(now.duration_since(j.enqueued).as_secs_f64());
         }
-        m.batch_size.observe(batch.len() as f64);
-        m.images_in_flight.set(batch.len() as i64);
+        metrics.batch_size.observe(batch.len() as f64);
+        metrics.images_in_flight.set(batch.len() as i64);
         let params: Vec<GenParams> = batch.iter().map(|j| j.params.clone()).collect();
         let (results, done) = {
             let mut control = Control {
                 jobs: &batch,
-                metrics: m,
+                metrics,
                 live: vec![false; batch.len()],
                 done: vec![0; batch.len()],
             };
@@ -366,16 +367,17 @@ fn worker(
         };
         for ((job, result), done) in batch.into_iter().zip(results).zip(done) {
             // Steps it will never run (cancelled early, or a backend that ran fewer).
-            m.steps_outstanding
+            metrics
+                .steps_outstanding
                 .dec_by(i64::from(job.params.sampled_steps().saturating_sub(done)));
-            m.images_in_flight.dec();
+            metrics.images_in_flight.dec();
             let reply = match result {
                 Ok(png) => {
-                    m.images.inc();
+                    metrics.images.inc();
                     Ok(png)
                 }
                 Err(GenFailure::Cancelled) => {
-                    m.cancelled.inc();
+                    metrics.cancelled.inc();
                     tracing::info!(request_id = %job.request_id, "generation stopped: client gone or deadline passed");
                     Err(if Instant::now() >= job.deadline {
                         QueueError::Timeout
@@ -395,7 +397,7 @@ fn worker(
             drop(_permit);
             let _ = tx.send(reply);
         }
-        m.queue_depth.set(depth.now() as i64);
+        metrics.queue_depth.set(depth.now() as i64);
     }
 }
 

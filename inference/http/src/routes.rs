@@ -158,7 +158,7 @@ pub const ROUTES: &[Route] = &[
         summary: "Generate one image",
         auth: true,
         request: Some(RequestBody::Json("Txt2ImgRequest")),
-        upload: false,
+        upload: true,
         query: &[],
         ok: Body::ImageOrJson("Txt2ImgResponse"),
         errors: GENERATION_ERRORS,
@@ -182,7 +182,7 @@ pub const ROUTES: &[Route] = &[
         summary: "Generate images (OpenAI Images API shape)",
         auth: true,
         request: Some(RequestBody::Json("ImagesRequest")),
-        upload: false,
+        upload: true,
         query: &[],
         ok: Body::JsonOrEvents("ImagesResponse", "ImageStreamEvent", GENERATION_EVENTS),
         errors: IMAGES_ERRORS,
@@ -247,6 +247,18 @@ pub const ROUTES: &[Route] = &[
         ok: Body::JsonList("A1111Model"),
         errors: &[401, 503],
         handler: || get(handlers::sdapi_models),
+    },
+    Route {
+        method: "GET",
+        path: "/sdapi/v1/loras",
+        summary: "The LoRA adapters a prompt may name as <lora:NAME:WEIGHT> (AUTOMATIC1111 shape)",
+        auth: true,
+        request: None,
+        upload: false,
+        query: &[],
+        ok: Body::JsonList("A1111Lora"),
+        errors: &[401, 503],
+        handler: || get(handlers::sdapi_loras),
     },
     Route {
         method: "GET",
@@ -366,7 +378,9 @@ pub fn status_description(status: u16) -> &'static str {
         }
         422 => {
             "A field is out of range (the field is named): an image claiming more pixels than \
-             are decoded, a mask of another size than its image, a strength outside (0, 1]"
+             are decoded, a mask of another size than its image, a strength outside (0, 1], an \
+             adapter or a ControlNet mode that is not served (the message lists the served \
+             ones)"
         }
         429 => "Queue full; retry after Retry-After seconds",
         500 => "The model failed on this request",

@@ -9,13 +9,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use sd35_contract::ExitReason;
+use sd35_contract::{ExitError, ExitReason, one_line, write_termination_message};
+use sd35_pipeline::ModelSource;
 use tokio::sync::oneshot;
 
 use crate::api::Limits;
 use crate::artifacts::{ArtifactStore as _, Opened};
 use crate::backend::{Backend, Defaults, GenControl, GenParams, StepControl};
-use crate::candle::{CandleBackend, CandleOptions};
+use crate::candle::{CandleBackend, pipeline_failure};
 use crate::config::{LogFormat, ServeConfig};
 use crate::edge::{self, EdgeLimits};
 use crate::metrics::Metrics;
@@ -52,62 +53,33 @@ impl GenControl for Quiet {
     fn partial_image(&mut self, _: usize, _: usize, _: Vec<u8>) {}
 }
 
-/// A start-up failure of `serve`, with the documented exit code it ends with (17: no usable
-/// GPU, 18: the engine is not what was asked for, 16: the model cannot be loaded).
-#[derive(Debug)]
-pub struct StartupError {
-    /// The exit reason (and code).
-    pub reason: ExitReason,
-    /// What went wrong and what to change, on one line.
-    pub message: String,
-}
-
-impl std::fmt::Display for StartupError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for StartupError {}
-
-impl StartupError {
-    /// A failure of `reason`.
-    pub fn new(reason: ExitReason, message: impl Into<String>) -> Self {
-        Self {
-            reason,
-            message: message.into(),
-        }
-    }
-
-    fn pipeline(what: &str, e: &sd35_pipeline::Error) -> Self {
-        Self::new(e.exit_reason(), format!("{what}: {e}"))
-    }
-}
-
-/// Opens the device and returns the loader of the candle pipeline for `config`, which warms
-/// the model up with one small image. Fails at once when the device or the engine is not what
-/// the command line asks for.
+/// Opens the device and the model's manifests (the engine's checked now, so a wrong engine
+/// never passes as loading) and returns the loader of the candle pipeline for `config`, which
+/// loads the model with its adapters and warms it up with one small image. A failure is an
+/// [`ExitError`] with the documented exit code.
 pub fn candle_loader(config: &ServeConfig) -> anyhow::Result<LoadFn> {
-    let a = &config.args;
-    if !a.model.exists() {
-        return Err(StartupError::new(
+    let args = &config.args;
+    if !args.model.exists() {
+        return Err(ExitError::new(
             ExitReason::NotFound,
-            format!("--model {}: no such directory", a.model.display()),
+            format!("--model {}: no such directory", args.model.display()),
         )
         .into());
     }
-    if let Some(engine) = &a.engine {
-        // Checked before listening, so a wrong engine never passes as loading.
-        sd35_pipeline::engine::open(engine, false)
-            .map_err(|e| StartupError::pipeline(&format!("--engine {}", engine.display()), &e))?;
-    }
+    let source = ModelSource::serving(&args.model, args.engine.as_deref()).map_err(|e| {
+        let flag = match &args.engine {
+            Some(engine) => format!("--engine {}", engine.display()),
+            None => format!("--model {}", args.model.display()),
+        };
+        pipeline_failure(&flag, &e)
+    })?;
     // The op graph is chosen once, before any model is loaded (SD35_GENERIC_OPS=1: on the
     // CPU, the operations a GPU runs).
     let graph = sd35_pipeline::op_graph::OpGraph::from_env()
         .and_then(sd35_pipeline::op_graph::install)
-        .map_err(|e| StartupError::pipeline("the op graph", &e))?;
-    let device = sd35_pipeline::device::open(a.device)
-        .map_err(|e| StartupError::pipeline("cannot open the device", &e))?;
+        .map_err(|e| pipeline_failure("the op graph", &e))?;
+    let device = sd35_pipeline::device::open(args.device)
+        .map_err(|e| pipeline_failure("cannot open the device", &e))?;
     if let Some(w) = &device.warning {
         tracing::warn!("{w}");
     }
@@ -118,43 +90,27 @@ pub fn candle_loader(config: &ServeConfig) -> anyhow::Result<LoadFn> {
         chunk_elements = graph.chunk_elements,
         "device opened"
     );
-    let options = CandleOptions {
-        model: a.model.clone(),
-        engine: a.engine.clone(),
-        variant: a.variant,
-        precision: a.precision,
-        served_names: a.served_model_names.clone(),
-        device,
-        load_t5: !a.no_t5,
-        t5_max_tokens: a.t5_max_tokens as usize,
-        memory_limit: config.memory_limit,
-    };
-    let warmup = !config.no_warmup;
-    let min_psnr = config.engine_check_min_psnr_db;
+    let config = config.clone();
     Ok(Box::new(move || {
         let started = Instant::now();
-        let dir = options
-            .engine
-            .clone()
-            .unwrap_or_else(|| options.model.clone());
-        let mut backend = CandleBackend::load(options).map_err(|e| {
-            StartupError::pipeline(&format!("cannot load the model {}", dir.display()), &e)
-        })?;
+        let mut backend = CandleBackend::load(&config, &source, &device)?;
         let info = backend.info();
-        for w in &info.warnings {
+        for w in &info.served.warnings {
             tracing::warn!("{w}");
         }
         tracing::info!(
             seconds = started.elapsed().as_secs_f64(),
-            variant = info.variant.as_str(),
-            precision = info.precision.as_str(),
-            device = info.device.as_str(),
+            variant = info.served.variant.as_str(),
+            precision = info.served.precision.as_str(),
+            device = info.served.device.as_str(),
+            loras = info.served.adapters.len(),
+            controlnets = info.served.control_modes.len(),
             weights_bytes = info.memory.as_ref().map(|m| m.weights.total()),
             activation_budget_bytes = info.memory.as_ref().map(|m| m.activation_budget_bytes),
             "model loaded"
         );
-        check_engine(&backend, &dir, min_psnr)?;
-        if warmup {
+        check_engine(&backend, &source.weights, config.engine_check_min_psnr_db)?;
+        if !config.no_warmup {
             let size = 64.min(info.max_size);
             let params = GenParams {
                 prompt: "warm-up".into(),
@@ -166,7 +122,7 @@ pub fn candle_loader(config: &ServeConfig) -> anyhow::Result<LoadFn> {
             };
             let out = backend.generate(&[params], &mut Quiet);
             if let Some(Err(e)) = out.into_iter().next() {
-                return Err(StartupError::new(
+                return Err(ExitError::new(
                     ExitReason::InvalidModel,
                     format!("warm-up generation failed: {e:?}"),
                 )
@@ -187,7 +143,7 @@ fn check_engine(
     min_psnr: Option<f64>,
 ) -> anyhow::Result<()> {
     if backend.engine_has_smoke() == Some(false) {
-        return Err(StartupError::new(
+        return Err(ExitError::new(
             ExitReason::EngineMismatch,
             format!(
                 "the engine {} has no smoke image in its engine.json: it was not built to \
@@ -197,15 +153,15 @@ fn check_engine(
         )
         .into());
     }
+    let started = Instant::now();
     let Some(result) = backend.check_smoke(min_psnr) else {
         return Ok(());
     };
-    let started = Instant::now();
-    let check = result
-        .map_err(|e| StartupError::pipeline("the engine's smoke image could not be made", &e))?;
-    let info = backend.info();
+    let check =
+        result.map_err(|e| pipeline_failure("the engine's smoke image could not be made", &e))?;
+    let served = &backend.info().served;
     if !check.passed() {
-        return Err(StartupError::new(
+        return Err(ExitError::new(
             ExitReason::EngineMismatch,
             format!(
                 "the engine {} fails its smoke check: its image is {:.1} dB PSNR from the one \
@@ -215,8 +171,8 @@ fn check_engine(
                 dir.display(),
                 check.psnr_db,
                 check.min_psnr_db,
-                info.device.as_str(),
-                info.precision.as_str()
+                served.device.as_str(),
+                served.precision.as_str()
             ),
         )
         .into());
@@ -232,7 +188,7 @@ fn check_engine(
 }
 
 /// Runs `serve` and exits: 0 after a drain (cut short by `--drain-seconds` or not), the
-/// documented code of a [`StartupError`], or 1.
+/// documented code of an [`ExitError`], or 1.
 /// A failure's one-line reason also goes to `--termination-message-path`, where Kubernetes
 /// shows it as the container's termination message.
 pub fn run_and_exit(config: ServeConfig) -> ! {
@@ -240,18 +196,18 @@ pub fn run_and_exit(config: ServeConfig) -> ! {
     let Err(e) = run(config) else {
         std::process::exit(0)
     };
-    let (code, line) = match e.downcast_ref::<StartupError>() {
-        Some(s) => (
-            s.reason.code(),
-            format!("{}: {}", s.reason.as_str(), s.message),
+    let (code, line) = match e.downcast_ref::<ExitError>() {
+        Some(failure) => (
+            failure.reason.code(),
+            format!("{}: {}", failure.reason.as_str(), failure.message),
         ),
         None => (1, format!("{e:#}")),
     };
-    let line = line.replace('\n', " ");
+    let line = one_line(&line);
     tracing::error!(exit_code = code, "{line}");
     eprintln!("sd35-server serve: {line}");
     if let Some(path) = termination
-        && let Err(err) = std::fs::write(&path, format!("{line}\n"))
+        && let Err(err) = write_termination_message(&path, &line)
     {
         eprintln!(
             "sd35-server serve: cannot write the termination message to {}: {err}",
@@ -274,7 +230,7 @@ fn check_defaults(limits: &Limits) -> anyhow::Result<()> {
             Some(f) => format!("--default-{f}"),
             None => "a default".to_owned(),
         };
-        StartupError::new(
+        ExitError::new(
             ExitReason::Usage,
             format!("{flag} does not suit the model: {}", e.message),
         )
@@ -350,7 +306,7 @@ pub async fn serve(
         );
     }
     let store = crate::artifacts::open(&config.args.artifacts, &config.store_options()?)
-        .map_err(|e| StartupError::new(ExitReason::Usage, e))?;
+        .map_err(|e| ExitError::new(ExitReason::Usage, e))?;
     if let Some(Opened::S3(s3)) = &store {
         // A bucket that is missing now may exist by the first request: warn, do not refuse.
         match s3.check().await {
@@ -383,9 +339,7 @@ pub async fn serve(
         max_body_bytes: config.max_body_bytes,
         max_upload_bytes: usize::try_from(config.max_upload_bytes).unwrap_or(usize::MAX),
         max_prompt_bytes: config.max_prompt_bytes,
-        started_unix: std::time::SystemTime::now()
-            .duration_since(std::time::SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        started_unix: crate::unix_now(),
         artifacts: store.as_ref().map(Opened::store),
         local_artifacts: store.as_ref().and_then(Opened::local),
         public_url: config.artifacts_public_url.clone(),
@@ -402,7 +356,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let error = match loaded_rx.await {
                 Ok(Ok(info)) => {
-                    let variant = info.variant;
+                    let variant = info.served.variant;
                     let defaults = Defaults {
                         steps: config.args.default_steps.unwrap_or(info.defaults.steps),
                         guidance_scale: config
@@ -424,7 +378,7 @@ pub async fn serve(
                         Ok(()) => {
                             let seconds = started.elapsed().as_secs_f64();
                             metrics.model_load_seconds.set(seconds);
-                            let (model, variant) = (&limits.model.id, limits.model.variant);
+                            let (model, variant) = (&limits.model.id, limits.model.served.variant);
                             tracing::info!(%model, %variant, seconds, "ready");
                             let _ = state.limits.set(limits);
                             return;

@@ -4,11 +4,12 @@
 
 use std::path::Path;
 
+use sd35_http::ServeConfig;
 use sd35_http::backend::{
     Backend, GenControl, GenFailure, GenParams, StepControl, decode_png, pixel_difference,
 };
-use sd35_http::candle::{CandleBackend, CandleOptions};
-use sd35_pipeline::Precision;
+use sd35_http::candle::CandleBackend;
+use sd35_pipeline::ModelSource;
 use sd35_pipeline::device::OpenedDevice;
 
 /// Wants every item, except item 1 after the first step when `drop_second` is set.
@@ -59,18 +60,11 @@ fn load(model: &str) -> CandleBackend {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../testdata")
         .join(model);
-    CandleBackend::load(CandleOptions {
-        model: dir,
-        engine: None,
-        variant: None,
-        precision: Some(Precision::F32),
-        served_names: Vec::new(),
-        device: OpenedDevice::cpu(),
-        load_t5: true,
-        t5_max_tokens: 256,
-        memory_limit: None,
-    })
-    .expect("load")
+    let model = dir.display().to_string();
+    let argv = ["serve", "--precision", "f32", "--model", model.as_str()];
+    let config = ServeConfig::try_parse_from(argv).expect("flags parse");
+    let source = ModelSource::serving(&dir, None).expect("the model's manifests");
+    CandleBackend::load(&config, &source, &OpenedDevice::cpu()).expect("load")
 }
 
 fn batch_equals_singles(model: &str) {

@@ -65,7 +65,7 @@ fn stored_images_come_back_on_signed_urls_that_refuse_tampering_and_expiry() {
     assert_eq!(r.status, 200, "{}", r.text());
     let data = r.json()["data"].as_array().cloned().unwrap_or_default();
     assert_eq!(data.len(), 2);
-    let now = sd35_http::artifacts::unix_now();
+    let now = sd35_http::unix_now();
     for (i, d) in data.iter().enumerate() {
         assert!(d.get("b64_json").is_none(), "{d}");
         let url = d["url"].as_str().unwrap_or_default();

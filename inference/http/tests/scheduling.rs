@@ -1,112 +1,13 @@
 //! Scheduling, validation, auth and shutdown over real HTTP on loopback, against the server
 //! running in this process with the fake backend (steps of a known duration).
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use sd35_http::backend::{Backend, FakeBackend, fake_png};
+use common::{TestServer, wait_until};
+use sd35_http::backend::{FakeBackend, fake_png};
 use sd35_http::client::{self, metric};
-use sd35_http::{ServeConfig, server};
-
-struct TestServer {
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<anyhow::Result<()>>>,
-    batches: Arc<Mutex<Vec<usize>>>,
-}
-
-impl TestServer {
-    fn start(step_ms: u64, flags: &[&str]) -> Self {
-        Self::start_fake(FakeBackend::new(Duration::from_millis(step_ms)), flags)
-    }
-
-    fn start_fake(fake: FakeBackend, flags: &[&str]) -> Self {
-        let mut argv = vec!["serve", "--model", "unused", "--host", "127.0.0.1"];
-        argv.extend_from_slice(flags);
-        let config = ServeConfig::try_parse_from(argv).expect("flags parse");
-        let batches = fake.batches.clone();
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-                addr_tx.send(listener.local_addr()?)?;
-                let load = Box::new(move || Ok(Box::new(fake) as Box<dyn Backend>));
-                server::serve(config, load, listener, async {
-                    let _ = stop_rx.await;
-                })
-                .await
-            })
-        });
-        let addr = addr_rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("server listens");
-        let s = Self {
-            addr,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-            batches,
-        };
-        s.wait_ready();
-        s
-    }
-
-    fn wait_ready(&self) {
-        for _ in 0..200 {
-            if client::get(self.addr, "/readyz").is_ok_and(|r| r.status == 200) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("server not ready");
-    }
-
-    fn metric(&self, name: &str) -> f64 {
-        let text = client::get(self.addr, "/metrics").expect("metrics").text();
-        metric(&text, name).unwrap_or(0.0)
-    }
-
-    fn post(&self, path: &str, body: &str) -> client::Response {
-        client::post_json(self.addr, path, body).expect("request")
-    }
-
-    /// Begins shutdown and waits for `serve` to return.
-    fn shutdown(mut self) -> anyhow::Result<()> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        self.thread
-            .take()
-            .expect("running")
-            .join()
-            .expect("server thread")
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(20) {
-        if cond() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("timed out waiting for {what}");
-}
 
 fn params(prompt: &str, w: u32, steps: u32, seed: u64) -> sd35_http::backend::GenParams {
     sd35_http::backend::GenParams {
@@ -213,7 +114,14 @@ fn endpoints_answer() {
 fn every_validation_error_has_its_status_and_field() {
     let s = TestServer::start(
         0,
-        &["--max-body-bytes", "2048", "--max-prompt-bytes", "100"],
+        &[
+            "--max-body-bytes",
+            "2048",
+            "--max-upload-bytes",
+            "3K",
+            "--max-prompt-bytes",
+            "100",
+        ],
     );
     let cases: &[(&str, &str, u16, Option<&str>)] = &[
         ("/v1/txt2img", "{", 400, None),
@@ -353,8 +261,13 @@ fn every_validation_error_has_its_status_and_field() {
         (r.status, r.json()["error"]["field"].as_str()),
         (422, Some("prompt"))
     );
+    // The routes that may carry a control image are held to --max-upload-bytes, the others
+    // to --max-body-bytes.
     let huge = format!(r#"{{"prompt":"{}"}}"#, "a".repeat(4096));
     assert_eq!(s.post("/v1/txt2img", &huge).status, 413);
+    let large = format!(r#"{{"prompt":"{}"}}"#, "a".repeat(2500));
+    assert_eq!(s.post("/v1/txt2img", &large).status, 422);
+    assert_eq!(s.post("/sdapi/v1/txt2img", &large).status, 413);
     let r = client::request(s.addr, "POST", "/v1/txt2img", &[], br#"{"prompt":"a"}"#)
         .expect("no content type");
     assert_eq!(r.status, 415);
@@ -516,6 +429,72 @@ fn same_shape_requests_are_batched_with_the_images_they_get_alone() {
         200
     );
     assert_eq!(*s.batches.lock().expect("batches"), vec![1, 3]);
+}
+
+#[test]
+fn only_requests_with_the_same_adapters_and_condition_share_a_batch() {
+    use base64::Engine as _;
+    use sd35_http::api::AdapterInfo;
+    use sd35_http::sample_images;
+    let mut fake = FakeBackend::new(Duration::from_millis(20));
+    fake.adapters = ["style", "detail"]
+        .into_iter()
+        .map(|name| AdapterInfo {
+            name: name.into(),
+            scale: 1.0,
+            text_encoders: false,
+            path: String::new(),
+            metadata: Default::default(),
+        })
+        .collect();
+    fake.control_modes = vec![sd35_contract::ControlMode::Canny];
+    let s = TestServer::start_fake(fake, &["--max-batch-size", "4", "--queue-size", "8"]);
+    let addr = s.addr;
+    let blocker = std::thread::spawn(move || {
+        client::post_json(
+            addr,
+            "/v1/txt2img",
+            r#"{"prompt":"b","steps":10,"width":32,"height":32}"#,
+        )
+    });
+    wait_until("blocker running", || s.metric("sd35_steps_total") >= 1.0);
+    let picture =
+        |side| base64::engine::general_purpose::STANDARD.encode(sample_images::png(side, side));
+    let control = |side| {
+        format!(
+            r#""control":{{"mode":"canny","image":"{}"}}"#,
+            picture(side)
+        )
+    };
+    // Queued in this order: the batches are (a, c), (b), (d, e), (f).
+    let extras = [
+        r#""loras":[{"name":"style","scale":0.5}]"#.to_owned(),
+        r#""loras":[{"name":"style","scale":0.6}]"#.to_owned(),
+        r#""loras":[{"name":"style","scale":0.5}]"#.to_owned(),
+        control(16),
+        control(32),
+        r#""loras":[{"name":"style","scale":0.5},{"name":"detail"}]"#.to_owned(),
+    ];
+    let mut threads = Vec::new();
+    for (i, extra) in extras.into_iter().enumerate() {
+        threads.push(std::thread::spawn(move || {
+            client::post_json(
+                addr,
+                "/v1/txt2img",
+                &format!(r#"{{"prompt":"p{i}","steps":3,"width":16,"height":16,{extra}}}"#),
+            )
+        }));
+        wait_until("queued", || s.metric("sd35_queue_depth") >= (i + 2) as f64);
+    }
+    for t in threads {
+        let r = t.join().expect("client").expect("response");
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(
+        blocker.join().expect("client").expect("response").status,
+        200
+    );
+    assert_eq!(*s.batches.lock().expect("batches"), vec![1, 2, 1, 2, 1]);
 }
 
 #[test]

@@ -1,18 +1,23 @@
 //! `sd35-server generate`: one image from the command line, with progress per step — drawn
-//! from a prompt, or an edit of an image (`--image`, and `--mask` to inpaint).
+//! from a prompt, or an edit of an image (`--image`, and `--mask` to inpaint); with LoRA
+//! adapters (`--lora`) and a ControlNet condition (`--controlnet`).
 //!
-//! An image to edit is read exactly as the server reads an upload (the same decoding, EXIF
-//! orientation, size defaults and resizing), so `generate` and the server make the same image
-//! for the same request.
+//! An image to edit and a control picture are read exactly as the server reads an upload (the
+//! same decoding, EXIF orientation, size defaults and resizing), and the parameters become the
+//! pipeline's request through the server's own conversion (`sd35_http::to_pipeline`), so
+//! `generate` and the server make the same image for the same request.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
 use candle_core::{DType, Device};
-use sd35_http::api::GenParams;
+use sd35_contract::ControlMode;
 use sd35_http::api::edit::{self, EditUpload, MaskRule, MaskUpload};
-use sd35_pipeline::{DeviceKind, Pipeline, PipelineOptions, Precision, SkipLayerGuidance, Variant};
+use sd35_http::api::{ApiError, ControlParams, GenParams, PreprocessRequest, adapters};
+use sd35_http::to_pipeline::{card_slg, generate_request};
+use sd35_pipeline::{DeviceKind, Pipeline, PipelineOptions, Precision, Variant};
 
 /// Arguments of `generate`. Unset sampling options take the variant's model-card defaults.
 #[derive(Debug, clap::Args)]
@@ -81,6 +86,35 @@ pub struct GenerateArgs {
     /// region) anew, 0.6 runs the last 60 % of the steps [default: 0.6]. Needs --image.
     #[arg(long, requires = "image")]
     strength: Option<f64>,
+    /// A LoRA adapter, `FILE[:SCALE]` (repeatable, applied in the order given; SCALE 1 by
+    /// default): a PEFT or sd-scripts (kohya) safetensors file.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]")]
+    loras: Vec<String>,
+    /// An SD3.5 ControlNet: a diffusers folder or one safetensors file. Needs
+    /// --control-image and --control-mode.
+    #[arg(long, requires_all = ["control_image", "control_mode"])]
+    controlnet: Option<PathBuf>,
+    /// The control picture (PNG, JPEG or WebP), resized to the image's size: the control
+    /// image itself (edges, a blur, a depth map), unless --control-preprocess makes it.
+    #[arg(long, requires = "controlnet")]
+    control_image: Option<PathBuf>,
+    /// What the ControlNet conditions on: canny, depth or blur.
+    #[arg(long, requires = "controlnet")]
+    control_mode: Option<ControlMode>,
+    /// `controlnet_conditioning_scale` [default: 1].
+    #[arg(long, requires = "controlnet")]
+    control_scale: Option<f64>,
+    /// The fraction of the steps before which the condition is off [default: 0].
+    #[arg(long, requires = "controlnet")]
+    control_start: Option<f64>,
+    /// The fraction of the steps after which the condition is off [default: 1].
+    #[arg(long, requires = "controlnet")]
+    control_end: Option<f64>,
+    /// Make the control image from the picture: alone, the mode's defaults (canny thresholds
+    /// 100 and 200, blur σ 2); `LOW,HIGH` canny thresholds; `SIGMA` a blur's σ in pixels.
+    #[arg(long, requires = "controlnet", num_args = 0..=1, default_missing_value = "",
+          value_name = "LOW,HIGH | SIGMA")]
+    control_preprocess: Option<String>,
     /// Do not load T5 (its embedding is then zeros).
     #[arg(long)]
     no_t5: bool,
@@ -95,19 +129,62 @@ pub struct GenerateArgs {
     cuda: bool,
 }
 
-fn parse_layers(s: &str) -> anyhow::Result<Option<Vec<usize>>> {
+/// `--slg-layers`: `none` (or nothing) turns skip-layer guidance off, else block indices.
+fn parse_layers(s: &str) -> anyhow::Result<Vec<u32>> {
     if s.trim().eq_ignore_ascii_case("none") || s.trim().is_empty() {
-        return Ok(None);
+        return Ok(Vec::new());
     }
-    let layers = s
-        .split(',')
+    s.split(',')
         .map(|l| {
             l.trim()
-                .parse::<usize>()
+                .parse::<u32>()
                 .with_context(|| format!("--slg-layers: `{l}` is not a layer index"))
         })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(Some(layers))
+        .collect()
+}
+
+/// `--lora FILE[:SCALE]`: the file and its scale (1 when none is given; a suffix that is not a
+/// number is part of the file's name).
+fn parse_lora(arg: &str) -> anyhow::Result<(PathBuf, f64)> {
+    if let Some((file, scale)) = arg.rsplit_once(':')
+        && let Ok(scale) = scale.parse::<f64>()
+    {
+        if !scale.is_finite() {
+            bail!("--lora {arg}: the scale is not a number");
+        }
+        return Ok((PathBuf::from(file), scale));
+    }
+    Ok((PathBuf::from(arg), 1.0))
+}
+
+/// `--control-preprocess [LOW,HIGH | SIGMA]` as the API's preprocessing field.
+fn parse_preprocess(text: &str) -> anyhow::Result<PreprocessRequest> {
+    let number = |v: &str| {
+        v.trim()
+            .parse::<f64>()
+            .with_context(|| format!("--control-preprocess: `{v}` is not a number"))
+    };
+    Ok(match text.split_once(',') {
+        _ if text.trim().is_empty() => PreprocessRequest::Switch(true),
+        Some((low, high)) => PreprocessRequest::Canny {
+            low: number(low)?,
+            high: number(high)?,
+        },
+        None => PreprocessRequest::Blur {
+            sigma: number(text)?,
+        },
+    })
+}
+
+/// An error of the API's validation, as a command-line error naming `flag`.
+fn flag_error(flag: &str, e: ApiError) -> anyhow::Error {
+    anyhow::anyhow!("{}: {}", e.field.as_deref().unwrap_or(flag), e.message)
+}
+
+/// Reads a file a flag names.
+fn read(flag: &str, path: Option<&PathBuf>) -> anyhow::Result<Option<Vec<u8>>> {
+    path.map(|p| std::fs::read(p).with_context(|| format!("{flag} {}", p.display())))
+        .transpose()
 }
 
 /// Runs `generate`.
@@ -136,7 +213,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         variant: args.variant,
     };
     let started = Instant::now();
-    let pipeline = Pipeline::load(&args.model, &opts)
+    let mut pipeline = Pipeline::load(&args.model, &opts)
         .with_context(|| format!("loading {}", args.model.display()))?;
     tracing::info!(
         variant = %pipeline.variant(),
@@ -146,21 +223,25 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         seconds = started.elapsed().as_secs_f64(),
         "model loaded"
     );
+    let mut loras = Vec::with_capacity(args.loras.len());
+    for (i, arg) in args.loras.iter().enumerate() {
+        let (file, scale) = parse_lora(arg)?;
+        let name = format!("{i}-{}", file.display());
+        pipeline
+            .add_lora(&name, &file)
+            .with_context(|| format!("--lora {arg}"))?;
+        loras.push((name, scale));
+    }
+    if let (Some(path), Some(mode)) = (&args.controlnet, args.control_mode) {
+        pipeline
+            .add_controlnet(mode, path)
+            .with_context(|| format!("--controlnet {}", path.display()))?;
+    }
 
-    let mut req = pipeline.default_request(&args.prompt);
-    req.negative_prompt.clone_from(&args.negative_prompt);
-    req.seed = args.seed;
-    // The files of an edit, read before anything is sampled.
-    let image = args
-        .image
-        .as_ref()
-        .map(|p| std::fs::read(p).with_context(|| format!("--image {}", p.display())))
-        .transpose()?;
-    let mask = args
-        .mask
-        .as_ref()
-        .map(|p| std::fs::read(p).with_context(|| format!("--mask {}", p.display())))
-        .transpose()?;
+    // The files of an edit and of a condition, read before anything is sampled.
+    let image = read("--image", args.image.as_ref())?;
+    let mask = read("--mask", args.mask.as_ref())?;
+    let control_picture = read("--control-image", args.control_image.as_ref())?;
     let upload = image
         .as_deref()
         .map(|bytes| {
@@ -175,58 +256,82 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             )
         })
         .transpose()
-        .map_err(|e| {
-            anyhow::anyhow!("{}: {}", e.field.as_deref().unwrap_or("--image"), e.message)
-        })?;
-    if let Some(upload) = &upload {
-        // An edit's size defaults to its image's.
-        let (w, h) = upload
+        .map_err(|e| flag_error("--image", e))?;
+    let card = pipeline.default_request(&args.prompt);
+    // An edit's size defaults to its image's.
+    let (width, height) = match &upload {
+        Some(upload) => upload
             .default_size()
-            .map_err(|e| anyhow::anyhow!("--image: {}", e.message))?;
-        (req.width, req.height) = (w as usize, h as usize);
-    }
-    if let Some(w) = args.width {
-        req.width = w;
-    }
-    if let Some(h) = args.height {
-        req.height = h;
-    }
-    if let Some(s) = args.steps {
-        req.steps = s;
-    }
-    if let Some(g) = args.guidance {
-        req.guidance = g;
-    }
-    let base = req.slg.clone().unwrap_or(SkipLayerGuidance {
-        layers: Vec::new(),
-        scale: 2.8,
-        start: 0.01,
-        stop: 0.2,
-    });
-    let blocks = pipeline.mmdit().config().depth;
-    let layers = match &args.slg_layers {
-        // Named on the command line: used as named (a block that does not exist is an error).
-        Some(s) => parse_layers(s)?,
-        // The model card's, unless this transformer lacks a block it names.
-        None => match &req.slg {
-            Some(slg) if slg.layers.iter().any(|&l| l >= blocks) => {
-                tracing::warn!(
-                    layers = ?slg.layers,
-                    blocks,
-                    "the model card's skip-layer guidance names blocks this transformer does \
-                     not have: generating without it (--slg-layers names blocks that exist)"
-                );
-                None
-            }
-            slg => slg.as_ref().map(|s| s.layers.clone()),
-        },
+            .map_err(|e| flag_error("--image", e))?,
+        None => (card.width as u32, card.height as u32),
     };
-    req.slg = layers.map(|layers| SkipLayerGuidance {
-        layers,
-        scale: args.slg_scale.unwrap_or(base.scale),
-        start: args.slg_start.unwrap_or(base.start),
-        stop: args.slg_stop.unwrap_or(base.stop),
-    });
+    let mut params = GenParams {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        width: args
+            .width
+            .map_or(Ok(width), u32::try_from)
+            .context("--width")?,
+        height: args
+            .height
+            .map_or(Ok(height), u32::try_from)
+            .context("--height")?,
+        steps: args
+            .steps
+            .map_or(Ok(card.steps as u32), u32::try_from)
+            .context("--steps")?,
+        guidance_scale: args.guidance.unwrap_or(card.guidance),
+        seed: args.seed,
+        slg_layers: args.slg_layers.as_deref().map(parse_layers).transpose()?,
+        edit: None,
+        loras,
+        control: None,
+    };
+    if let Some(upload) = &upload {
+        let field = if args.strength.is_some() {
+            "--strength"
+        } else {
+            "strength"
+        };
+        let strength = args.strength.unwrap_or(edit::DEFAULT_STRENGTH);
+        params.edit = Some(
+            upload
+                .prepare(&params, field, strength)
+                .map_err(|e| flag_error("--image", e))?,
+        );
+    }
+    if let (Some(bytes), Some(mode)) = (&control_picture, args.control_mode) {
+        let preprocess = match &args.control_preprocess {
+            Some(text) => parse_preprocess(text)?
+                .resolve(mode)
+                .map_err(|e| flag_error("--control-preprocess", e))?,
+            None => None,
+        };
+        let picture =
+            adapters::control_picture("--control-image", bytes, params.width, params.height)
+                .map_err(|e| flag_error("--control-image", e))?;
+        params.control = Some(ControlParams {
+            mode,
+            image: Arc::new(picture),
+            preprocess,
+            scale: args.control_scale.unwrap_or(1.0),
+            start: args.control_start.unwrap_or(0.0),
+            end: args.control_end.unwrap_or(1.0),
+        });
+    }
+
+    // The model card's skip-layer guidance, unless this transformer lacks a block it names.
+    let mut warnings = Vec::new();
+    let default_slg = card_slg(&pipeline, &mut warnings);
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    let mut req = generate_request(&pipeline, &params, default_slg.as_ref())?;
+    if let Some(slg) = &mut req.slg {
+        slg.scale = args.slg_scale.unwrap_or(slg.scale);
+        slg.start = args.slg_start.unwrap_or(slg.start);
+        slg.stop = args.slg_stop.unwrap_or(slg.stop);
+    }
     if let Some(path) = &args.init_latents {
         let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)
             .with_context(|| format!("--init-latents {}", path.display()))?;
@@ -245,29 +350,6 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         }
         req.init_latents = Some(latents);
     }
-    if let Some(upload) = &upload {
-        let params = GenParams {
-            width: u32::try_from(req.width).context("--width")?,
-            height: u32::try_from(req.height).context("--height")?,
-            steps: u32::try_from(req.steps).context("--steps")?,
-            ..GenParams::default()
-        };
-        let field = if args.strength.is_some() {
-            "--strength"
-        } else {
-            "strength"
-        };
-        let edit = upload
-            .prepare(
-                &params,
-                field,
-                args.strength.unwrap_or(edit::DEFAULT_STRENGTH),
-            )
-            .map_err(|e| {
-                anyhow::anyhow!("{}: {}", e.field.as_deref().unwrap_or("--image"), e.message)
-            })?;
-        req.edit = Some(sd35_http::candle::edit_tensors(&edit)?);
-    }
 
     tracing::info!(
         width = req.width,
@@ -278,6 +360,8 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         slg = ?req.slg.as_ref().map(|s| &s.layers),
         strength = req.edit.as_ref().map(|e| e.strength),
         inpainting = req.edit.as_ref().is_some_and(|e| e.mask.is_some()),
+        loras = ?req.loras,
+        control = ?req.control.as_ref().map(|c| (c.mode, c.scale, c.start, c.end)),
         "generating"
     );
     let started = Instant::now();
@@ -304,13 +388,50 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_layers;
+    use super::*;
 
     #[test]
     fn slg_layers_parse() {
-        assert_eq!(parse_layers("7,8,9").unwrap(), Some(vec![7, 8, 9]));
-        assert_eq!(parse_layers(" 7 , 8 ").unwrap(), Some(vec![7, 8]));
-        assert_eq!(parse_layers("none").unwrap(), None);
+        assert_eq!(parse_layers("7,8,9").unwrap(), vec![7, 8, 9]);
+        assert_eq!(parse_layers(" 7 , 8 ").unwrap(), vec![7, 8]);
+        assert_eq!(parse_layers("none").unwrap(), Vec::<u32>::new());
         assert!(parse_layers("7,x").unwrap_err().to_string().contains("`x`"));
+    }
+
+    #[test]
+    fn lora_flags_parse() {
+        assert_eq!(
+            parse_lora("a/style.safetensors").unwrap(),
+            ("a/style.safetensors".into(), 1.0)
+        );
+        assert_eq!(
+            parse_lora("a/style.safetensors:0.7").unwrap(),
+            ("a/style.safetensors".into(), 0.7)
+        );
+        assert_eq!(
+            parse_lora("c:/x.safetensors").unwrap(),
+            ("c:/x.safetensors".into(), 1.0)
+        );
+        assert!(parse_lora("x.safetensors:inf").is_err());
+    }
+
+    #[test]
+    fn preprocess_flags_parse() {
+        assert_eq!(
+            parse_preprocess("").unwrap(),
+            PreprocessRequest::Switch(true)
+        );
+        assert_eq!(
+            parse_preprocess("50,150").unwrap(),
+            PreprocessRequest::Canny {
+                low: 50.0,
+                high: 150.0
+            }
+        );
+        assert_eq!(
+            parse_preprocess("3").unwrap(),
+            PreprocessRequest::Blur { sigma: 3.0 }
+        );
+        assert!(parse_preprocess("x").is_err());
     }
 }

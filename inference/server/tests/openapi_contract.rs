@@ -6,7 +6,8 @@
 //! that validation refuses most of what the document allows (but for the editing routes,
 //! whose images no schema can make decodable). The server stores
 //! images in a local directory, so every route is reached: `/v1/txt2img` (`store`),
-//! `/v1/images/generations` (`b64_json`, `url`, `stream`), the editing routes, `/sdapi/v1/*`.
+//! `/v1/images/generations` (`b64_json`, `url`, `stream`), the editing routes, `/sdapi/v1/*`;
+//! it serves a LoRA, so requests naming it are generated.
 //! A fixed seed, 100 s of budget.
 
 mod common;
@@ -51,10 +52,17 @@ fn schemathesis_finds_the_server_true_to_its_openapi_document() {
     // refused), so their answers are held to the document too.
     let artifacts = tempfile::tempdir().expect("temp dir");
     let store = format!("--artifacts-dir={}", artifacts.path().display());
+    // A LoRA served, so the document's `loras` (its served names and scales) is held to what
+    // the server does too.
+    let lora = format!(
+        "--lora=style={}",
+        common::testdata("lora/style.safetensors").display()
+    );
     let s = Server::start(
         "sd35-tiny-large",
         &[
             &store,
+            &lora,
             "--no-warmup",
             "--max-size",
             "64",

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -10,19 +11,28 @@ use sd35_http::backend::{Backend, FakeBackend};
 use sd35_http::client::{self, metric};
 use sd35_http::{ServeConfig, server};
 
-/// `serve` with the fake backend (steps of `step_ms`) and `flags`, until dropped.
+/// `serve` with the fake backend and `flags`, in this process on loopback, until dropped (or
+/// [`TestServer::shutdown`]).
 pub struct TestServer {
     pub addr: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<anyhow::Result<()>>>,
+    /// The batch sizes the fake backend saw, in order.
+    pub batches: Arc<Mutex<Vec<usize>>>,
 }
 
 impl TestServer {
+    /// The fake backend with steps of `step_ms`.
     pub fn start(step_ms: u64, flags: &[&str]) -> Self {
+        Self::start_fake(FakeBackend::new(Duration::from_millis(step_ms)), flags)
+    }
+
+    /// `fake` as the backend.
+    pub fn start_fake(fake: FakeBackend, flags: &[&str]) -> Self {
         let mut argv = vec!["serve", "--model", "unused", "--host", "127.0.0.1"];
         argv.extend_from_slice(flags);
         let config = ServeConfig::try_parse_from(argv).expect("flags parse");
-        let fake = FakeBackend::new(Duration::from_millis(step_ms));
+        let batches = fake.batches.clone();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -47,6 +57,7 @@ impl TestServer {
             addr,
             stop: Some(stop_tx),
             thread: Some(thread),
+            batches,
         };
         wait_until("ready", || {
             client::get(s.addr, "/readyz").is_ok_and(|r| r.status == 200)
@@ -61,6 +72,18 @@ impl TestServer {
 
     pub fn post(&self, path: &str, body: &str) -> client::Response {
         client::post_json(self.addr, path, body).expect("request")
+    }
+
+    /// Begins shutdown and waits for `serve` to return.
+    pub fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.thread
+            .take()
+            .expect("running")
+            .join()
+            .expect("server thread")
     }
 }
 

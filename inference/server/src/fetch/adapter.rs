@@ -65,17 +65,20 @@ struct AdapterPlan {
 }
 
 /// `kind name`, as messages name the adapter: `lora detail`, `controlnet canny`.
-fn what(a: &FetchAdapterArgs) -> String {
-    format!("{} {}", a.kind, a.name)
+fn what(args: &FetchAdapterArgs) -> String {
+    format!("{} {}", args.kind, args.name)
 }
 
-fn invalid(a: &FetchAdapterArgs, message: impl std::fmt::Display) -> ExitError {
-    ExitError::new(ExitReason::InvalidModel, format!("{}: {message}", what(a)))
+fn invalid(args: &FetchAdapterArgs, message: impl std::fmt::Display) -> ExitError {
+    ExitError::new(
+        ExitReason::InvalidModel,
+        format!("{}: {message}", what(args)),
+    )
 }
 
 /// The `--sha256` given, checked to be one.
-fn expected_sha256(a: &FetchAdapterArgs) -> Result<Option<String>, ExitError> {
-    match &a.sha256 {
+fn expected_sha256(args: &FetchAdapterArgs) -> Result<Option<String>, ExitError> {
+    match &args.sha256 {
         None => Ok(None),
         Some(s) if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) => {
             Ok(Some(s.to_ascii_lowercase()))
@@ -99,12 +102,12 @@ fn folder_file(path: &str) -> bool {
 /// Picks what to fetch from a folder's `files` (repository root or mounted directory): a
 /// LoRA's one `.safetensors` file, or a ControlNet's diffusers folder.
 fn pick_from_folder(
-    a: &FetchAdapterArgs,
+    args: &FetchAdapterArgs,
     files: Vec<RemoteFile>,
     folder: &str,
     name_it: &str,
 ) -> Result<Vec<(RemoteFile, String)>, ExitError> {
-    match a.kind {
+    match args.kind {
         AdapterKind::Lora => {
             let mut weights: Vec<RemoteFile> = files
                 .into_iter()
@@ -113,11 +116,11 @@ fn pick_from_folder(
             match weights.len() {
                 1 => Ok(vec![(weights.remove(0), ADAPTER_FILE.to_owned())]),
                 0 => Err(invalid(
-                    a,
+                    args,
                     format!("{folder} has no .safetensors file at its root; {name_it}"),
                 )),
                 _ => Err(invalid(
-                    a,
+                    args,
                     format!(
                         "{folder} has several .safetensors files at its root ({}): {name_it}",
                         weights
@@ -141,7 +144,7 @@ fn pick_from_folder(
             let has = |p: &dyn Fn(&str) -> bool| picked.iter().any(|(f, _)| p(&f.path));
             if !has(&|p| p == "config.json") || !has(&|p| p.ends_with(".safetensors")) {
                 return Err(invalid(
-                    a,
+                    args,
                     format!(
                         "{folder} is not a ControlNet in diffusers' layout (config.json and \
                          .safetensors weights at its root); {name_it}"
@@ -154,11 +157,11 @@ fn pick_from_folder(
 }
 
 async fn plan(
-    a: &FetchAdapterArgs,
+    args: &FetchAdapterArgs,
     client: &reqwest::Client,
     policy: &TransferPolicy,
 ) -> Result<AdapterPlan, ExitError> {
-    let sha256 = expected_sha256(a)?;
+    let sha256 = expected_sha256(args)?;
     let single = |mut file: RemoteFile, from: Origin| {
         if sha256.is_some() {
             file.sha256.clone_from(&sha256);
@@ -169,12 +172,12 @@ async fn plan(
             stored_as: ADAPTER_FILE.to_owned(),
         }]
     };
-    if let Some(repo) = &a.source.hf_repo {
-        let listing = hub_listing(client, policy, &a.hf_endpoint, repo, &a.revision).await?;
-        let at = format!("{repo}@{}", a.revision);
+    if let Some(repo) = &args.source.hf_repo {
+        let listing = hub_listing(client, policy, &args.hf_endpoint, repo, &args.revision).await?;
+        let at = format!("{repo}@{}", args.revision);
         let url =
             |path: &str| Origin::Url(format!("{}/{}", listing.base, super::encode(path, true)));
-        let files = match &a.hf_file {
+        let files = match &args.hf_file {
             Some(wanted) => {
                 let file = listing
                     .files
@@ -184,14 +187,14 @@ async fn plan(
                     .ok_or_else(|| {
                         ExitError::new(
                             ExitReason::NotFound,
-                            format!("{}: {at} has no file {wanted}", what(a)),
+                            format!("{}: {at} has no file {wanted}", what(args)),
                         )
                     })?;
                 let from = url(&file.path);
                 single(file, from)
             }
             None => pick_from_folder(
-                a,
+                args,
                 listing.files.clone(),
                 &at,
                 "name the file with huggingFace.file",
@@ -212,7 +215,7 @@ async fn plan(
             resolved_revision: listing.commit.clone(),
             files,
         })
-    } else if let Some(url) = &a.source.http_url {
+    } else if let Some(url) = &args.source.http_url {
         let name = url
             .split(['?', '#'])
             .next()
@@ -229,8 +232,8 @@ async fn plan(
             resolved_revision: None,
             files: single(file, Origin::Url(url.clone())),
         })
-    } else if let Some(path) = &a.source.import_path {
-        let files = import_plan(a, path, single)?;
+    } else if let Some(path) = &args.source.import_path {
+        let files = import_plan(args, path, single)?;
         Ok(AdapterPlan {
             source: SourceRecord::Import {
                 dir: path.display().to_string(),
@@ -250,7 +253,7 @@ async fn plan(
 /// ControlNet folder it is. A path whose kind disagrees with its name is refused, since the
 /// operator serves by the name ([`names_one_file`]).
 fn import_plan(
-    a: &FetchAdapterArgs,
+    args: &FetchAdapterArgs,
     path: &Path,
     single: impl FnOnce(RemoteFile, Origin) -> Vec<Planned>,
 ) -> Result<Vec<Planned>, ExitError> {
@@ -258,7 +261,7 @@ fn import_plan(
     if names_one_file(&path.to_string_lossy()) {
         if !meta.is_file() {
             return Err(invalid(
-                a,
+                args,
                 format!("{} ends in .safetensors but is not a file", path.display()),
             ));
         }
@@ -271,9 +274,9 @@ fn import_plan(
         };
         return Ok(single(file, Origin::File(path.to_path_buf())));
     }
-    if a.kind == AdapterKind::Lora {
+    if args.kind == AdapterKind::Lora {
         return Err(invalid(
-            a,
+            args,
             format!(
                 "{} is not a .safetensors file: a LoRA is one file; name it with a path ending \
                  in .safetensors",
@@ -283,7 +286,7 @@ fn import_plan(
     }
     if !meta.is_dir() {
         return Err(invalid(
-            a,
+            args,
             format!(
                 "{} is neither a .safetensors file nor a ControlNet folder",
                 path.display()
@@ -300,7 +303,7 @@ fn import_plan(
         .collect();
     let name_it = "give the path of its single .safetensors file instead";
     Ok(
-        pick_from_folder(a, listed, &path.display().to_string(), name_it)?
+        pick_from_folder(args, listed, &path.display().to_string(), name_it)?
             .into_iter()
             .map(|(file, stored_as)| Planned {
                 from: Origin::File(path.join(&file.path)),
@@ -313,18 +316,18 @@ fn import_plan(
 
 /// Fetches (or confirms) the adapter.
 pub async fn run(cmd: &FetchAdapterCommand) -> Result<(), ExitError> {
-    let a = &cmd.args;
-    let dir = adapter_dir(&a.cache_root, &a.adapter_key);
+    let args = &cmd.args;
+    let dir = adapter_dir(&args.cache_root, &args.adapter_key);
     if prepare_dir(&dir)? {
         return Ok(());
     }
     let (policy, client) = transfers(&cmd.transfer)?;
-    let plan = plan(a, &client, &policy).await?;
+    let plan = plan(args, &client, &policy).await?;
     let progress = Arc::new(Progress::default());
     let total: u64 = plan.files.iter().filter_map(|p| p.file.size).sum();
     progress.total.store(total, Ordering::Relaxed);
     tracing::info!(
-        adapter = %what(a),
+        adapter = %what(args),
         source = ?plan.source,
         files = plan.files.len(),
         bytes = total,
@@ -348,7 +351,7 @@ pub async fn run(cmd: &FetchAdapterCommand) -> Result<(), ExitError> {
             &progress,
         )
         .await
-        .map_err(|e| ExitError::new(e.reason, format!("{}: {}", what(a), e.message)));
+        .map_err(|e| ExitError::new(e.reason, format!("{}: {}", what(args), e.message)));
         let (size, sha256) = match result {
             Ok(done) => done,
             Err(e) => {
@@ -366,22 +369,22 @@ pub async fn run(cmd: &FetchAdapterCommand) -> Result<(), ExitError> {
     ticker.abort();
     // Refuse what is not a safetensors file before anything can serve it.
     for (planned, dest) in &fetched {
-        check_file(a, &planned.file.path, &planned.stored_as, dest)?;
+        check_file(args, &planned.file.path, &planned.stored_as, dest)?;
     }
     cached.sort_by(|x, y| x.path.cmp(&y.path));
     let manifest = CacheManifest {
         source: plan.source,
-        revision: a.revision.clone(),
+        revision: args.revision.clone(),
         resolved_revision: plan.resolved_revision,
-        variant: a.variant,
+        variant: args.variant,
         files: cached,
         completed_at: unix_now(),
     };
     write_marker(&manifest, &dir)?;
     tracing::info!(
-        adapter = %what(a),
+        adapter = %what(args),
         files = manifest.files.len(),
-        served = %a.served_path().display(),
+        served = %args.served_path().display(),
         "adapter cached"
     );
     Ok(())
@@ -390,7 +393,7 @@ pub async fn run(cmd: &FetchAdapterCommand) -> Result<(), ExitError> {
 /// Checks one fetched file: a `.safetensors` file's header, a ControlNet's `config.json` as a
 /// JSON object. The message names the file as its source calls it.
 fn check_file(
-    a: &FetchAdapterArgs,
+    args: &FetchAdapterArgs,
     source_name: &str,
     stored_as: &str,
     dest: &Path,
@@ -398,14 +401,14 @@ fn check_file(
     if stored_as.ends_with(".safetensors") {
         read_safetensors_header(dest).map_err(|why| {
             invalid(
-                a,
+                args,
                 format!("{source_name} is not a valid safetensors file: {why}"),
             )
         })?;
     } else if stored_as == "config.json" {
         let text = std::fs::read(dest).map_err(|e| ExitError::io(dest, &e))?;
         serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&text)
-            .map_err(|e| invalid(a, format!("{source_name} is not a JSON object: {e}")))?;
+            .map_err(|e| invalid(args, format!("{source_name} is not a JSON object: {e}")))?;
     }
     Ok(())
 }

@@ -169,16 +169,16 @@ struct Plan {
 
 /// Fetches (or confirms) the cache.
 pub async fn run(cmd: &FetchCommand) -> Result<(), ExitError> {
-    let a = &cmd.args;
-    let dir = model_dir(&a.cache_root, &a.cache_key);
+    let args = &cmd.args;
+    let dir = model_dir(&args.cache_root, &args.cache_key);
     if prepare_dir(&dir)? {
         return Ok(());
     }
     let (policy, client) = transfers(&cmd.transfer)?;
 
-    let plan = plan(a, &client, &policy).await?;
+    let plan = plan(args, &client, &policy).await?;
     let paths: Vec<String> = plan.files.iter().map(|f| f.path.clone()).collect();
-    let selected = select::select(&paths, a.variant)
+    let selected = select::select(&paths, args.variant)
         .map_err(|e| ExitError::new(ExitReason::InvalidModel, e))?;
     let files: Vec<RemoteFile> = plan
         .files
@@ -189,7 +189,7 @@ pub async fn run(cmd: &FetchCommand) -> Result<(), ExitError> {
     let total: u64 = files.iter().filter_map(|f| f.size).sum();
     tracing::info!(
         source = ?plan.source,
-        revision = %a.revision,
+        revision = %args.revision,
         resolved = plan.resolved_revision.as_deref().unwrap_or("-"),
         files = files.len(),
         bytes = total,
@@ -233,9 +233,9 @@ pub async fn run(cmd: &FetchCommand) -> Result<(), ExitError> {
     let bytes: u64 = cached.iter().map(|c| c.size).sum();
     let manifest = CacheManifest {
         source: plan.source,
-        revision: a.revision.clone(),
+        revision: args.revision.clone(),
         resolved_revision: plan.resolved_revision,
-        variant: a.variant,
+        variant: args.variant,
         files: cached,
         completed_at: unix_now(),
     };
@@ -251,12 +251,12 @@ pub async fn run(cmd: &FetchCommand) -> Result<(), ExitError> {
 }
 
 async fn plan(
-    a: &FetchArgs,
+    args: &FetchArgs,
     client: &reqwest::Client,
     policy: &TransferPolicy,
 ) -> Result<Plan, ExitError> {
-    if let Some(repo) = &a.source.hf_repo {
-        let listing = hub_listing(client, policy, &a.hf_endpoint, repo, &a.revision).await?;
+    if let Some(repo) = &args.source.hf_repo {
+        let listing = hub_listing(client, policy, &args.hf_endpoint, repo, &args.revision).await?;
         Ok(Plan {
             source: SourceRecord::HuggingFace {
                 endpoint: listing.endpoint,
@@ -266,7 +266,7 @@ async fn plan(
             files: listing.files,
             origin: Ok(listing.base),
         })
-    } else if let Some(base) = &a.source.http_url {
+    } else if let Some(base) = &args.source.http_url {
         let base = base.trim_end_matches('/');
         let url = format!("{base}/{SHA256SUMS}");
         let body = String::from_utf8(get_bytes(client, &url, policy).await?).map_err(|_| {
@@ -282,7 +282,7 @@ async fn plan(
             files,
             origin: Ok(base.to_owned()),
         })
-    } else if let Some(dir) = &a.source.import_dir {
+    } else if let Some(dir) = &args.source.import_dir {
         let listed = list_dir(dir)?;
         let sums = match std::fs::read_to_string(dir.join(SHA256SUMS)) {
             Ok(t) => Some(parse_sha256sums(&t).map_err(|e| {

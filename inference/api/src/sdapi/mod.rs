@@ -15,12 +15,20 @@ use http::StatusCode;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::adapters::{LoraRequest, prompt_lora_tags};
 use crate::bounds::{Limits, MAX_IMAGES_PER_REQUEST};
 use crate::edit::{EditUpload, MAX_MASK_BLUR, MaskRule, MaskUpload, base64_file};
 use crate::error::ApiError;
 use crate::output::Output;
 use crate::params::{GenParams, ModelInfo};
-use crate::request::{Sampling, check_model, fan_out};
+use crate::sampling::{Sampling, check_model, fan_out};
+
+mod answer;
+
+pub use answer::{
+    A1111Info, A1111Lora, A1111Model, A1111Options, A1111OptionsUpdate, A1111Parameters,
+    A1111Txt2ImgResponse, describe, loras, models,
+};
 
 /// The sampler SD3.5 is sampled with here, whatever `sampler_name` asks for.
 pub const SAMPLER: &str = "Euler";
@@ -233,141 +241,6 @@ pub struct A1111Img2ImgRequest {
     pub output_compression: Option<u32>,
 }
 
-/// The parameters of a `/sdapi/v1/txt2img` answer: what was generated.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct A1111Parameters {
-    /// Prompt.
-    pub prompt: String,
-    /// Negative prompt.
-    pub negative_prompt: String,
-    /// Width in pixels.
-    pub width: u32,
-    /// Height in pixels.
-    pub height: u32,
-    /// Steps.
-    pub steps: u32,
-    /// Guidance scale.
-    pub cfg_scale: f64,
-    /// Seed of the first image.
-    pub seed: u64,
-    /// Images per batch.
-    pub batch_size: u32,
-    /// Batches.
-    pub n_iter: u32,
-    /// The sampler used (always `Euler`).
-    pub sampler_name: String,
-    /// The model that made the images (the served model's primary name).
-    pub sd_model_checkpoint: String,
-    /// `img2img`: how much of the schedule ran.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub denoising_strength: Option<f64>,
-}
-
-/// `POST /sdapi/v1/txt2img` answer.
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct A1111Txt2ImgResponse {
-    /// One base64 PNG per image, in seed order.
-    pub images: Vec<String>,
-    /// What was generated.
-    pub parameters: A1111Parameters,
-    /// [`A1111Info`] as a JSON string, as AUTOMATIC1111 sends it.
-    pub info: String,
-}
-
-/// What the `info` string of a `/sdapi/v1/txt2img` answer holds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct A1111Info {
-    /// Prompt.
-    pub prompt: String,
-    /// The prompt of each image.
-    pub all_prompts: Vec<String>,
-    /// Negative prompt.
-    pub negative_prompt: String,
-    /// The negative prompt of each image.
-    pub all_negative_prompts: Vec<String>,
-    /// Seed of the first image.
-    pub seed: u64,
-    /// The seed of each image.
-    pub all_seeds: Vec<u64>,
-    /// Width.
-    pub width: u32,
-    /// Height.
-    pub height: u32,
-    /// Sampler.
-    pub sampler_name: String,
-    /// Guidance scale.
-    pub cfg_scale: f64,
-    /// Steps.
-    pub steps: u32,
-    /// Images per batch.
-    pub batch_size: u32,
-    /// Batches.
-    pub n_iter: u32,
-    /// The model's primary name.
-    pub sd_model_name: String,
-    /// The engine key, when a prebuilt engine is served.
-    pub sd_model_hash: Option<String>,
-    /// One AUTOMATIC1111 "infotext" line block per image.
-    pub infotexts: Vec<String>,
-}
-
-/// One entry of `GET /sdapi/v1/sd-models`: a name the server answers to.
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct A1111Model {
-    /// The name to send as `sd_model_checkpoint`.
-    pub title: String,
-    /// The same name.
-    pub model_name: String,
-    /// The first 10 characters of the engine key, when a prebuilt engine is served.
-    pub hash: Option<String>,
-    /// The engine key, when a prebuilt engine is served.
-    pub sha256: Option<String>,
-    /// The variant served (`large`, `large-turbo` or `medium`).
-    pub filename: String,
-    /// Always null.
-    pub config: Option<String>,
-}
-
-/// `GET /sdapi/v1/options` (and the answer of `POST`): the model name only.
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct A1111Options {
-    /// The name of the model the server generates with.
-    pub sd_model_checkpoint: String,
-}
-
-/// `POST /sdapi/v1/options`: the model name only; other options are refused.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct A1111OptionsUpdate {
-    /// One of the served names (`GET /sdapi/v1/sd-models`); left out, nothing changes.
-    #[serde(default)]
-    pub sd_model_checkpoint: Option<String>,
-}
-
-/// The served names as `GET /sdapi/v1/sd-models` lists them.
-pub fn models(model: &ModelInfo) -> Vec<A1111Model> {
-    model
-        .served_names
-        .iter()
-        .map(|name| A1111Model {
-            title: name.clone(),
-            model_name: name.clone(),
-            hash: model
-                .engine_key
-                .as_ref()
-                .map(|k| k.chars().take(10).collect()),
-            sha256: model.engine_key.clone(),
-            filename: model.variant.as_str().to_owned(),
-            config: None,
-        })
-        .collect()
-}
-
 /// A checked `sd_model_checkpoint`: a served name, else a 404 naming `field` (the message
 /// lists the served names).
 pub fn check_checkpoint(name: &str, model: &ModelInfo, field: &str) -> Result<(), ApiError> {
@@ -396,16 +269,22 @@ impl A1111Txt2ImgRequest {
         random_seed: impl FnOnce() -> u64,
     ) -> Result<(Vec<GenParams>, u32, u32), ApiError> {
         let (batch, iterations) = self.checked_batch(limits)?;
+        let (prompt, loras) = prompt_lora_tags(&self.prompt)?;
         let first = self
-            .sampling()?
+            .sampling(&prompt, &loras)?
             .resolve(limits, || random_seed().min(MAX_RANDOM_SEED))
-            .map_err(cfg_scale_field)?;
+            .map_err(a1111_field)?;
         // i64 seeds are far from wrapping when `n - 1` is added.
         Ok((fan_out(&first, batch * iterations), batch, iterations))
     }
 
-    /// The sampling fields (the seed checked).
-    fn sampling(&self) -> Result<Sampling<'_>, ApiError> {
+    /// The sampling fields, with `prompt` (the prompt without its `<lora:…>` tags) and the
+    /// adapters its tags name (the seed checked).
+    fn sampling<'a>(
+        &'a self,
+        prompt: &'a str,
+        loras: &'a [LoraRequest],
+    ) -> Result<Sampling<'a>, ApiError> {
         let seed = match self.seed {
             None | Some(-1) => None,
             Some(s) => match u64::try_from(s) {
@@ -419,7 +298,7 @@ impl A1111Txt2ImgRequest {
             },
         };
         Ok(Sampling {
-            prompt: &self.prompt,
+            prompt,
             negative_prompt: self.negative_prompt.as_deref(),
             width: self.width,
             height: self.height,
@@ -427,6 +306,8 @@ impl A1111Txt2ImgRequest {
             guidance_scale: self.cfg_scale,
             seed,
             slg_layers: None,
+            loras,
+            control: None,
         })
     }
 
@@ -487,10 +368,11 @@ impl A1111Txt2ImgRequest {
     }
 }
 
-/// This API calls the guidance scale `cfg_scale`.
-fn cfg_scale_field(e: ApiError) -> ApiError {
+/// This API calls the guidance scale `cfg_scale`, and names adapters in the prompt.
+fn a1111_field(e: ApiError) -> ApiError {
     match e.field.as_deref() {
         Some("guidance_scale") => e.with_field("cfg_scale"),
+        Some("loras") => e.with_field("prompt"),
         _ => e,
     }
 }
@@ -585,6 +467,7 @@ impl A1111Img2ImgRequest {
                 ),
             ));
         };
+        let (prompt, loras) = prompt_lora_tags(&self.prompt)?;
         let image = base64_file("init_images", image)?;
         let mask = self
             .mask
@@ -605,10 +488,10 @@ impl A1111Img2ImgRequest {
             }),
         )?;
         let mut first = upload
-            .resolve_sampling(txt2img.sampling()?, limits, || {
+            .resolve_sampling(txt2img.sampling(&prompt, &loras)?, limits, || {
                 random_seed().min(MAX_RANDOM_SEED)
             })
-            .map_err(cfg_scale_field)?;
+            .map_err(a1111_field)?;
         let strength = self
             .denoising_strength
             .unwrap_or(DEFAULT_DENOISING_STRENGTH);
@@ -617,86 +500,16 @@ impl A1111Img2ImgRequest {
     }
 }
 
-/// The answer's parameters and `info` for images made from `images` in `batch × iterations`.
-pub fn describe(
-    images: &[GenParams],
-    batch: u32,
-    iterations: u32,
-    model: &ModelInfo,
-) -> (A1111Parameters, A1111Info) {
-    let none;
-    let first = match images.first() {
-        Some(first) => first,
-        // `resolve` always makes at least one image.
-        None => {
-            none = GenParams::default();
-            &none
-        }
-    };
-    let parameters = A1111Parameters {
-        prompt: first.prompt.clone(),
-        negative_prompt: first.negative_prompt.clone(),
-        width: first.width,
-        height: first.height,
-        steps: first.steps,
-        cfg_scale: first.guidance_scale,
-        seed: first.seed,
-        batch_size: batch,
-        n_iter: iterations,
-        sampler_name: SAMPLER.to_owned(),
-        sd_model_checkpoint: model.id.clone(),
-        denoising_strength: first.edit.as_ref().map(|e| e.strength),
-    };
-    let infotexts = images
-        .iter()
-        .map(|p| {
-            let negative = if p.negative_prompt.is_empty() {
-                String::new()
-            } else {
-                format!("\nNegative prompt: {}", p.negative_prompt)
-            };
-            let strength = p
-                .edit
-                .as_ref()
-                .map(|e| format!(", Denoising strength: {}", e.strength))
-                .unwrap_or_default();
-            format!(
-                "{}{negative}\nSteps: {}, Sampler: {SAMPLER}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}{strength}",
-                p.prompt, p.steps, p.guidance_scale, p.seed, p.width, p.height, model.id
-            )
-        })
-        .collect();
-    let info = A1111Info {
-        prompt: first.prompt.clone(),
-        all_prompts: images.iter().map(|p| p.prompt.clone()).collect(),
-        negative_prompt: first.negative_prompt.clone(),
-        all_negative_prompts: images.iter().map(|p| p.negative_prompt.clone()).collect(),
-        seed: first.seed,
-        all_seeds: images.iter().map(|p| p.seed).collect(),
-        width: first.width,
-        height: first.height,
-        sampler_name: SAMPLER.to_owned(),
-        cfg_scale: first.guidance_scale,
-        steps: first.steps,
-        batch_size: batch,
-        n_iter: iterations,
-        sd_model_name: model.id.clone(),
-        sd_model_hash: model.engine_key.clone(),
-        infotexts,
-    };
-    (parameters, info)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::request::parse_json;
+    use crate::parse::parse_json;
 
     /// (seeds, batch_size, n_iter), or (status, field).
     type Outcome = Result<(Vec<u64>, u32, u32), (u16, Option<String>)>;
 
     fn resolve(body: &str, random: u64) -> Outcome {
-        let limits = crate::request::tests::limits();
+        let limits = crate::properties::limits();
         parse_json::<A1111Txt2ImgRequest>(body.as_bytes())
             .and_then(|r| r.resolve(&limits, || random))
             .map(|(images, b, n)| (images.iter().map(|p| p.seed).collect(), b, n))
@@ -755,11 +568,11 @@ mod tests {
 
     #[test]
     fn info_is_what_a1111_clients_read() {
-        let limits = crate::request::tests::limits();
+        let limits = crate::properties::limits();
         let req: A1111Txt2ImgRequest =
             parse_json(br#"{"prompt":"a cat","seed":3,"batch_size":2}"#).unwrap_or_default();
         let (images, b, n) = req.resolve(&limits, || 0).unwrap_or_else(|e| panic!("{e}"));
-        let (params, info) = describe(&images, b, n, &limits.model);
+        let (params, info) = describe(&images, b, n, &limits.model, &req.prompt);
         assert_eq!((params.seed, params.batch_size, params.n_iter), (3, 2, 1));
         assert_eq!(info.all_seeds, [3, 4]);
         assert_eq!(info.sampler_name, "Euler");
