@@ -5,7 +5,9 @@
 //! tiny-model SD35Deployment with no GPU request, sourced from an `http` mirror this test
 //! serves, really fetches, builds and serves there; a request through the Service returns a
 //! PNG byte-identical to `sd35-server generate` with the same model, seed and parameters; a
-//! killed server pod is replaced and serves again; a fetch Job killed mid-download resumes;
+//! killed server pod is replaced and serves again; two LoRA adapters and a canny ControlNet
+//! declared beside the model are fetched by Jobs of their own and served per request, the
+//! same bytes as `generate` with the same files; a fetch Job killed mid-download resumes;
 //! a precision change rolls out without one failed request from a client polling the
 //! Service.
 //!
@@ -642,6 +644,186 @@ async fn a_tiny_model_is_fetched_built_and_served_for_real_and_a_killed_server_p
     assert!(
         again == reference,
         "the replacement pod serves a different image"
+    );
+    let _ = std::fs::remove_dir_all(mirror_dir);
+}
+
+/// A file of the test data put in the mirror under `extra/`: its URL and sha256.
+fn mirror_file(mirror: &ModelMirror, testdata: &str) -> (String, String) {
+    use sha2::Digest as _;
+    let from = repo_root().join("inference/testdata").join(testdata);
+    let name = from.file_name().unwrap().to_str().unwrap().to_owned();
+    let to = mirror.root().join("extra").join(&name);
+    std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+    std::fs::copy(&from, &to).unwrap();
+    let sha = sha2::Sha256::digest(std::fs::read(&from).unwrap());
+    let hex: String = sha.iter().map(|b| format!("{b:02x}")).collect();
+    (format!("{}extra/{name}", mirror.url()), hex)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_adapters_and_a_canny_controlnet_are_fetched_and_served_for_real_as_generate_makes_them()
+ {
+    use base64::Engine as _;
+    let Some(cluster) = shared_real_node_cluster() else {
+        return;
+    };
+    let namespace = app_namespace(cluster, "real-adapters").await;
+    let (mirror, mirror_dir) = serve_tiny_model(None).await;
+    let (style_url, style_sha) = mirror_file(&mirror, "lora/style.safetensors");
+    let (detail_url, detail_sha) = mirror_file(&mirror, "lora/detail.safetensors");
+    let (canny_url, canny_sha) = mirror_file(
+        &mirror,
+        "controlnet/sd3.5_large_controlnet_canny.safetensors",
+    );
+    let extra = format!(
+        "  adapters:\n\
+         \x20   - {{name: style, scale: 0.7, source: {{http: {{url: \"{style_url}\", sha256: {style_sha}}}}}}}\n\
+         \x20   - {{name: detail, source: {{http: {{url: \"{detail_url}\", sha256: {detail_sha}}}}}}}\n\
+         \x20 controlNets:\n\
+         \x20   - {{mode: canny, source: {{http: {{url: \"{canny_url}\", sha256: {canny_sha}}}}}}}\n"
+    );
+    apply(
+        cluster,
+        namespace.name(),
+        &tiny_manifest("adapted", &mirror, "bf16", &extra),
+    );
+    let api: Api<SD35Deployment> = namespace.api();
+    let ready = wait_for(&api, "adapted", "Ready with its adapters", TIMEOUT, |o| {
+        let Some(status) = o.status.as_ref() else {
+            return false;
+        };
+        status.adapters.len() == 3
+            && status.adapters.iter().all(|a| a.ready)
+            && status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+    })
+    .await
+    .unwrap();
+    let status = ready.status.unwrap();
+    let adapters_ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "AdaptersReady")
+        .unwrap();
+    assert_eq!(adapters_ready.status, "True", "{adapters_ready:?}");
+    let cache = status.cache.unwrap();
+    let volume = cache_dir(&namespace, &cache.claim_name).await;
+    let mut cached = std::collections::BTreeMap::new();
+    for adapter in &status.adapters {
+        // Each was fetched by a Job of its own on the real node, from the mirror.
+        assert_job_succeeded_on_real_node(&namespace, &format!("sd35-adapter-{}", adapter.key))
+            .await;
+        let file =
+            sd35_contract::adapter_dir(&volume, &adapter.key).join(sd35_contract::ADAPTER_FILE);
+        assert!(
+            file.is_file(),
+            "{} is not cached at {}",
+            adapter.name,
+            file.display()
+        );
+        cached.insert(adapter.name.clone(), file);
+    }
+    for url in [&style_url, &detail_url, &canny_url] {
+        let path = url.strip_prefix(&mirror.url()).unwrap();
+        assert!(
+            mirror
+                .requests()
+                .iter()
+                .any(|r| r.path == path && r.status == 200),
+            "{path} was never fetched: {:?}",
+            mirror.requests()
+        );
+    }
+
+    // One request with both adapters (style at its declared scale, detail at 1.3) and a canny
+    // condition made from a picture, through the Service.
+    let picture = repo_root().join("inference/testdata/golden/controlnet_blur.png");
+    let body = serde_json::json!({
+        "prompt": PROMPT, "seed": SEED, "steps": STEPS, "width": 64, "height": 48,
+        "guidance_scale": GUIDANCE,
+        "loras": [{"name": "style"}, {"name": "detail", "scale": 1.3}],
+        "control": {
+            "mode": "canny",
+            "image": base64::engine::general_purpose::STANDARD.encode(std::fs::read(&picture).unwrap()),
+            "scale": 0.8,
+            "preprocess": true,
+        },
+    });
+    let client = reqwest::Client::new();
+    let served = poll_until(
+        "an adapted PNG through kubectl port-forward",
+        Duration::from_secs(60),
+        || async {
+            let forward = PortForward::start(cluster, namespace.name(), "adapted");
+            let response = client
+                .post(format!("{}/v1/txt2img", forward.url()))
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await;
+            Ok(match response {
+                Ok(r) if r.status().is_success() => Probe::Ready(r.bytes().await?.to_vec()),
+                Ok(r) => Probe::Pending(format!("{}: {}", r.status(), r.text().await?)),
+                Err(error) => Probe::Pending(format!("{error:#}")),
+            })
+        },
+    )
+    .await
+    .unwrap();
+    assert!(served.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+
+    // `generate` with the files the pod loaded from the cache: the same bytes.
+    let model = volume.join("models").join(&cache.key);
+    let out = std::env::temp_dir().join(format!(
+        "sd35-real-node-adapters-{}.png",
+        std::process::id()
+    ));
+    let output = Command::new(server_binary().unwrap())
+        .arg("generate")
+        .arg("--model")
+        .arg(&model)
+        .args(["--precision", "bf16", "--prompt", PROMPT])
+        .args(["--seed", &SEED.to_string(), "--steps", &STEPS.to_string()])
+        .args(["--width", "64", "--height", "48"])
+        .args(["--guidance", &GUIDANCE.to_string()])
+        .arg("--lora")
+        .arg(format!("{}:0.7", cached["style"].display()))
+        .arg("--lora")
+        .arg(format!("{}:1.3", cached["detail"].display()))
+        .arg("--controlnet")
+        .arg(&cached["canny"])
+        .args([
+            "--control-mode",
+            "canny",
+            "--control-scale",
+            "0.8",
+            "--control-preprocess",
+        ])
+        .arg("--control-image")
+        .arg(&picture)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "generate: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let reference = std::fs::read(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    assert!(
+        served == reference,
+        "the served adapted PNG differs from `sd35-server generate`'s"
+    );
+    // And the adapters changed the image: the plain request differs.
+    let plain = png_through_port_forward(cluster, namespace.name(), "adapted").await;
+    assert!(
+        plain != served,
+        "the adapters and the condition changed nothing"
     );
     let _ = std::fs::remove_dir_all(mirror_dir);
 }
