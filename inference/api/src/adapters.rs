@@ -21,7 +21,6 @@ use crate::bounds::{
     DEFAULT_BLUR_SIGMA, DEFAULT_CANNY, MAX_BLUR_SIGMA, MAX_CANNY_THRESHOLD, MAX_CONTROL_SCALE,
     MAX_LORA_SCALE,
 };
-use crate::edit::base64_file;
 use crate::error::ApiError;
 use crate::params::{ControlParams, ModelInfo, Preprocess};
 use crate::picture::{self, Picture};
@@ -287,7 +286,7 @@ impl ControlRequest {
             None => None,
         };
         const IMAGE: &str = "control.image";
-        let bytes = base64_file(IMAGE, &self.image)?;
+        let bytes = picture::base64_file(IMAGE, &self.image)?;
         Ok(ControlParams {
             mode,
             image: Arc::new(control_picture(IMAGE, &bytes, width, height)?),

@@ -15,9 +15,6 @@
 
 use std::sync::Arc;
 
-use base64::Engine as _;
-use http::StatusCode;
-
 use crate::bounds::{Limits, SIZE_MULTIPLE};
 use crate::error::ApiError;
 use crate::params::{EditParams, GenParams, first_step};
@@ -248,41 +245,6 @@ fn read_mask(m: &MaskUpload<'_>) -> Result<Mask, ApiError> {
         mask = mask.blurred(blur_x, blur_y);
     }
     Ok(mask)
-}
-
-/// An image sent as base64 in a JSON body (a `data:` URL's prefix, white space and missing
-/// padding are accepted); a 400 naming the field when it is not base64.
-pub fn base64_file(field: &str, text: &str) -> Result<Vec<u8>, ApiError> {
-    let body = match text.trim_start().strip_prefix("data:") {
-        Some(url) => url
-            .split_once(',')
-            .filter(|(meta, _)| meta.ends_with(";base64"))
-            .map(|(_, data)| data)
-            .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "is a data: URL that is not base64 (`data:image/png;base64,...` expected)",
-                )
-                .with_field(field)
-            })?,
-        None => text,
-    };
-    let compact: Vec<u8> = body.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-    if compact.is_empty() {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "is empty").with_field(field));
-    }
-    let engine = base64::engine::GeneralPurpose::new(
-        &base64::alphabet::STANDARD,
-        base64::engine::GeneralPurposeConfig::new()
-            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
-    );
-    engine.decode(&compact).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("is not base64 (standard alphabet): {e}"),
-        )
-        .with_field(field)
-    })
 }
 
 #[cfg(test)]

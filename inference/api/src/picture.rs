@@ -11,7 +11,10 @@
 //! Resizing is Lanczos with a = 3 (as diffusers' `VaeImageProcessor` resizes with PIL's
 //! Lanczos; the 8-bit results can differ from PIL's by a level or so); an image already at the
 //! size asked for is used as it is, bit for bit.
+//!
+//! A file sent inside a JSON body comes as base64 ([`base64_file`]).
 
+use base64::Engine as _;
 use http::StatusCode;
 use image::imageops::FilterType;
 use image::{DynamicImage, ImageBuffer, ImageDecoder, ImageFormat, ImageReader, Luma, Rgb};
@@ -90,6 +93,41 @@ pub struct Decoded {
     /// The alpha channel (`width × height` bytes) when the file has one (a PNG or WebP with
     /// alpha, or a PNG with a transparent palette entry).
     pub alpha: Option<Vec<u8>>,
+}
+
+/// An image sent as base64 in a JSON body (a `data:` URL's prefix, white space and missing
+/// padding are accepted); a 400 naming the field when it is not base64.
+pub fn base64_file(field: &str, text: &str) -> Result<Vec<u8>, ApiError> {
+    let body = match text.trim_start().strip_prefix("data:") {
+        Some(url) => url
+            .split_once(',')
+            .filter(|(meta, _)| meta.ends_with(";base64"))
+            .map(|(_, data)| data)
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "is a data: URL that is not base64 (`data:image/png;base64,...` expected)",
+                )
+                .with_field(field)
+            })?,
+        None => text,
+    };
+    let compact: Vec<u8> = body.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    if compact.is_empty() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "is empty").with_field(field));
+    }
+    let engine = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
+    engine.decode(&compact).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("is not base64 (standard alphabet): {e}"),
+        )
+        .with_field(field)
+    })
 }
 
 fn not_an_image(field: &str, bytes: &[u8]) -> ApiError {

@@ -7,10 +7,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::adapters::{ControlRequest, LoraRequest, refuse_control_with_edit};
 use crate::bounds::Limits;
-use crate::edit::{DEFAULT_STRENGTH, EditUpload, MaskRule, MaskUpload, base64_file};
+use crate::edit::{DEFAULT_STRENGTH, EditUpload, MaskRule, MaskUpload};
 use crate::error::ApiError;
 use crate::output::Output;
 use crate::params::GenParams;
+use crate::picture;
 use crate::sampling::Sampling;
 
 /// `POST /v1/txt2img`: the body diffusers-based services accept today.
@@ -176,11 +177,11 @@ impl Img2ImgRequest {
     ) -> Result<GenParams, ApiError> {
         self.output(None)?;
         refuse_control_with_edit(self.control.as_ref())?;
-        let image = base64_file("image", &self.image)?;
+        let image = picture::base64_file("image", &self.image)?;
         let mask = self
             .mask
             .as_deref()
-            .map(|m| base64_file("mask", m))
+            .map(|m| picture::base64_file("mask", m))
             .transpose()?;
         let upload = EditUpload::probe(
             "image",

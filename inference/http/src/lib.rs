@@ -12,7 +12,8 @@
 //! - [`routes`]: the axum router built from one route table, with auth, request ids, metrics,
 //!   the OpenAPI document ([`openapi`]) and the playground page; the handlers read and validate
 //!   bodies with the request and response types, bounds and validation of the `sd35-api`
-//!   crate ([`api`]);
+//!   crate ([`api`]), and share the server's [`state`] (the OpenAPI document made once before
+//!   the model loads and once after);
 //! - [`artifacts`]: where images go when a client asks for URLs — a local directory served
 //!   back on signed, expiring URLs, or an S3-compatible bucket with presigned URLs;
 //! - [`encode`]: the answers' images in the format asked for (PNG, JPEG, WebP).
@@ -35,6 +36,7 @@ pub mod queue;
 pub mod routes;
 pub mod sample_images;
 pub mod server;
+pub mod state;
 pub mod to_pipeline;
 
 pub use config::ServeConfig;

@@ -8,9 +8,6 @@ use crate::api::Bounds;
 use crate::api::schema::{components, reference};
 use crate::routes::{Body, ROUTES, RequestBody, Route, status_description};
 
-/// The playground page served at `/` (no external resources).
-pub const PLAYGROUND: &str = include_str!("playground.html");
-
 /// A binary image body.
 fn binary() -> Value {
     json!({"schema": {"type": "string", "format": "binary"}})

@@ -5,9 +5,9 @@
 //! A route added to [`ROUTES`] is served, guarded by the token when it says so, and
 //! documented with every status it lists; nothing else is needed.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
@@ -17,62 +17,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use tracing::Instrument;
 
-use crate::api::{ApiError, EDIT_EVENTS, GENERATION_EVENTS, Limits, StreamEvents};
-use crate::artifacts::{ArtifactStore, LocalStore};
-use crate::auth::Tokens;
+use crate::api::{ApiError, EDIT_EVENTS, GENERATION_EVENTS, StreamEvents};
 use crate::handlers;
-use crate::metrics::{Metrics, RequestLabels};
-use crate::queue::Queue;
-
-/// Shared state of the handlers.
-#[derive(Debug)]
-pub struct AppState {
-    /// The model queue.
-    pub queue: Queue,
-    /// Set once the model is loaded and warmed up.
-    pub limits: OnceLock<Limits>,
-    /// Set when shutdown began: readiness fails and new work is refused.
-    pub draining: AtomicBool,
-    /// Turns `true` when the drain deadline passes: every request still waiting for the
-    /// model is answered 503 at once.
-    pub drain_expired: tokio::sync::watch::Sender<bool>,
-    /// Requests answered 503 because the drain deadline passed.
-    pub cut_at_drain: AtomicU64,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// Accepted bearer tokens.
-    pub tokens: Tokens,
-    /// Per-request deadline.
-    pub request_timeout: Duration,
-    /// How long a client may take to send a request body.
-    pub body_read_timeout: Duration,
-    /// Images per batch at most.
-    pub max_batch_size: usize,
-    /// Log prompts.
-    pub log_prompts: bool,
-    /// Largest body of the text and JSON routes.
-    pub max_body_bytes: usize,
-    /// Largest body of the routes that take an image ([`Route::upload`]).
-    pub max_upload_bytes: usize,
-    /// Largest prompt in bytes (for the document served before the model is loaded).
-    pub max_prompt_bytes: usize,
-    /// When the server started, in Unix seconds (the models' `created`).
-    pub started_unix: u64,
-    /// Where images are stored when a client asks for URLs; `None`: nowhere.
-    pub artifacts: Option<Arc<dyn ArtifactStore>>,
-    /// The local store, whose files `GET /v1/artifacts/{name}` serves.
-    pub local_artifacts: Option<Arc<LocalStore>>,
-    /// Base URL of this server for locally stored artifacts (unset: from the Host header).
-    pub public_url: Option<String>,
-    /// The model name `POST /sdapi/v1/options` chose last (unset: the primary name).
-    pub checkpoint: Mutex<Option<String>>,
-    /// Uploads being decoded at once, at most ([`DECODING_AT_ONCE`]): decoding one may take
-    /// hundreds of megabytes, so a burst of uploads waits here instead of adding up.
-    pub decoding: tokio::sync::Semaphore,
-}
-
-/// Uploads decoded at once, at most.
-pub const DECODING_AT_ONCE: usize = 2;
+use crate::metrics::RequestLabels;
+use crate::state::{AppState, BodyLimit, RequestId};
 
 /// What a 200 answer carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,15 +72,6 @@ pub struct Route {
     pub errors: &'static [u16],
     /// The handler.
     pub handler: fn() -> MethodRouter<Arc<AppState>>,
-}
-
-/// The body limit of a route and the flag that sets it, in the request's extensions.
-#[derive(Debug, Clone, Copy)]
-pub struct BodyLimit {
-    /// Largest body in bytes.
-    pub bytes: usize,
-    /// The flag that sets it.
-    pub flag: &'static str,
 }
 
 /// A request body: its media type and the name of its schema.
@@ -392,10 +331,6 @@ pub fn status_description(status: u16) -> &'static str {
         _ => "Error",
     }
 }
-
-/// The request id of the current request, put in the request's extensions.
-#[derive(Debug, Clone)]
-pub struct RequestId(pub String);
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 

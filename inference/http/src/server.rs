@@ -13,7 +13,7 @@ use sd35_contract::{ExitError, ExitReason, one_line, write_termination_message};
 use sd35_pipeline::ModelSource;
 use tokio::sync::oneshot;
 
-use crate::api::Limits;
+use crate::api::{Bounds, Limits};
 use crate::artifacts::{ArtifactStore as _, Opened};
 use crate::backend::{Backend, Defaults, GenControl, GenParams, StepControl};
 use crate::candle::{CandleBackend, pipeline_failure};
@@ -21,7 +21,8 @@ use crate::config::{LogFormat, ServeConfig};
 use crate::edge::{self, EdgeLimits};
 use crate::metrics::Metrics;
 use crate::queue::{LoadFn, Queue, QueueLimits};
-use crate::routes::{AppState, router};
+use crate::routes::router;
+use crate::state::{AppState, DECODING_AT_ONCE};
 
 /// Installs the global log subscriber (text or JSON lines on stderr, `RUST_LOG` filter).
 pub fn init_logging(format: LogFormat) {
@@ -344,7 +345,11 @@ pub async fn serve(
         local_artifacts: store.as_ref().and_then(Opened::local),
         public_url: config.artifacts_public_url.clone(),
         checkpoint: Mutex::new(None),
-        decoding: tokio::sync::Semaphore::new(crate::routes::DECODING_AT_ONCE),
+        decoding: tokio::sync::Semaphore::new(DECODING_AT_ONCE),
+        document_before_load: crate::openapi::document(&Bounds::before_load(
+            config.max_prompt_bytes,
+        )),
+        document: OnceLock::new(),
     });
     let load_error: Arc<Mutex<Option<anyhow::Error>>> = Arc::default();
     let (failed_tx, failed_rx) = oneshot::channel::<()>();
@@ -380,6 +385,9 @@ pub async fn serve(
                             metrics.model_load_seconds.set(seconds);
                             let (model, variant) = (&limits.model.id, limits.model.served.variant);
                             tracing::info!(%model, %variant, seconds, "ready");
+                            let _ = state
+                                .document
+                                .set(crate::openapi::document(&limits.bounds()));
                             let _ = state.limits.set(limits);
                             return;
                         }

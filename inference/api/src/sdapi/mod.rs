@@ -17,10 +17,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::adapters::{LoraRequest, prompt_lora_tags};
 use crate::bounds::{Limits, MAX_IMAGES_PER_REQUEST};
-use crate::edit::{EditUpload, MAX_MASK_BLUR, MaskRule, MaskUpload, base64_file};
+use crate::edit::{EditUpload, MAX_MASK_BLUR, MaskRule, MaskUpload};
 use crate::error::ApiError;
 use crate::output::Output;
 use crate::params::{GenParams, ModelInfo};
+use crate::picture;
 use crate::sampling::{Sampling, check_model, fan_out};
 
 mod answer;
@@ -468,11 +469,11 @@ impl A1111Img2ImgRequest {
             ));
         };
         let (prompt, loras) = prompt_lora_tags(&self.prompt)?;
-        let image = base64_file("init_images", image)?;
+        let image = picture::base64_file("init_images", image)?;
         let mask = self
             .mask
             .as_deref()
-            .map(|m| base64_file("mask", m))
+            .map(|m| picture::base64_file("mask", m))
             .transpose()?;
         let upload = EditUpload::probe(
             "init_images",

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::api::{ApiError, Output};
 use crate::artifacts::{self, Refusal, Stored};
-use crate::routes::AppState;
+use crate::state::AppState;
 use crate::unix_now;
 
 /// This server's base URL as the client reached it, for locally stored images.

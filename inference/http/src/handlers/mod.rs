@@ -30,8 +30,8 @@ pub(crate) use sdapi::{
 };
 pub(crate) use v1::{img2img, txt2img};
 
-use crate::api::{self, ApiError, Bounds, Limits, multipart};
-use crate::routes::{AppState, BodyLimit, RequestId};
+use crate::api::{self, ApiError, Limits, multipart};
+use crate::state::{AppState, BodyLimit, RequestId};
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -59,17 +59,15 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-/// The document, with the loaded model's bounds (before loading: the bounds known without it).
+/// The OpenAPI document, with the loaded model's bounds (before loading: the bounds known
+/// without it).
 pub(crate) async fn openapi(State(state): State<Arc<AppState>>) -> Response {
-    let bounds = state.limits.get().map_or_else(
-        || Bounds::before_load(state.max_prompt_bytes),
-        Limits::bounds,
-    );
-    axum::Json(crate::openapi::document(&bounds)).into_response()
+    axum::Json(state.openapi()).into_response()
 }
 
+/// The playground page: a form for every generation and editing route, in one HTML file.
 pub(crate) async fn playground() -> Html<&'static str> {
-    Html(crate::openapi::PLAYGROUND)
+    Html(include_str!("../playground.html"))
 }
 
 pub(crate) async fn models(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {

@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use crate::api::ApiError;
 use crate::backend::GenParams;
 use crate::queue::{ImageResult, PreviewRequest, QueueError, retry_after};
-use crate::routes::AppState;
+use crate::state::AppState;
 
 /// The 503 of a request still unanswered when the drain deadline passed.
 pub(super) fn cut_at_drain(state: &AppState) -> ApiError {

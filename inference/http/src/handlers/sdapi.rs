@@ -14,7 +14,7 @@ use crate::api::sdapi::{
 use crate::api::{self, ApiError, Limits, Output};
 use crate::backend::GenParams;
 use crate::encode;
-use crate::routes::AppState;
+use crate::state::AppState;
 
 /// `POST /sdapi/v1/txt2img`.
 pub(crate) async fn sdapi_txt2img(

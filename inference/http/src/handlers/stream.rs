@@ -15,7 +15,7 @@ use crate::api::{ApiError, ImageStreamEvent, Output, StreamEvents};
 use crate::backend::GenParams;
 use crate::encode;
 use crate::queue::{ImageResult, Partial, PreviewRequest};
-use crate::routes::AppState;
+use crate::state::AppState;
 use crate::unix_now;
 
 /// One server-sent event.

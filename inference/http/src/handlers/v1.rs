@@ -16,7 +16,7 @@ use crate::api::{
 };
 use crate::backend::GenParams;
 use crate::encode;
-use crate::routes::AppState;
+use crate::state::AppState;
 
 fn wants_json(headers: &HeaderMap) -> bool {
     headers
