@@ -112,6 +112,10 @@ bench-cpu: ## CPU benchmark: our pipeline and diffusers side by side (reference 
 	"$${SD35_REFERENCE_PYTHON:-$$HOME/.cache/sd35-reference/bin/python}" inference/reference/benchmark.py \
 	  --threads $${THREADS:-2}
 
+.PHONY: bench-adapters
+bench-adapters: ## What a LoRA adds to a request: SD3.5 Medium (published shapes, random weights) on the CPU without and with a rank-16 LoRA, alternating (RUNS=2)
+	bash tools/bench-adapters.sh
+
 .PHONY: bench-kernels
 bench-kernels: ## CPU kernels side by side: sgemm, the block's linears, fused vs unfused attention, then torch's (THREADS=2)
 	RAYON_NUM_THREADS=$${THREADS:-2} $(CARGO) bench --locked -q -p sd35-pipeline --bench cpu_kernels

@@ -51,6 +51,23 @@ enum Command {
         #[arg(long)]
         variant: Model,
     },
+    /// Write a random LoRA in diffusers' PEFT format on every attention and MLP linear of the
+    /// model's transformer (`transformer.<module>.lora_A.weight` / `lora_B.weight`, bf16, no
+    /// metadata so its scale is 1), to time adapters at the published shapes.
+    Lora {
+        /// Which model.
+        #[arg(long)]
+        variant: Model,
+        /// The adapter's rank.
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+        /// The safetensors file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of the values.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Serve a directory as an `http` model mirror on loopback until killed; prints its URL.
     Mirror {
         /// The directory served.
@@ -948,6 +965,43 @@ fn mirror(root: &Path, port: u16) -> Result<()> {
     Ok(())
 }
 
+/// A random rank-`rank` LoRA on the transformer's attention and MLP linears (every 2-D weight
+/// of `attn`, `attn2`, `ff` and `ff_context`): `A` drawn at the scale of its input, `B` small,
+/// so the adapter changes the image without swamping it.
+fn lora(model: Model, rank: usize, out: &Path, seed: u64) -> Result<()> {
+    let mut t = Tensors::default();
+    for weight in &transformer(model).0 {
+        let Some(module) = weight.name.strip_suffix(".weight") else {
+            continue;
+        };
+        let adapted = [".attn.", ".attn2.", ".ff.", ".ff_context."]
+            .iter()
+            .any(|part| module.contains(part));
+        if let ([rows, cols], true) = (weight.shape.as_slice(), adapted) {
+            t.weight(
+                format!("transformer.{module}.lora_A.weight"),
+                &[rank, *cols],
+                *cols,
+            );
+            t.push(
+                format!("transformer.{module}.lora_B.weight"),
+                &[*rows, rank],
+                Fill::Normal(EMBEDDING_STD),
+            );
+        }
+    }
+    let all: Vec<&TensorSpec> = t.0.iter().collect();
+    let bytes = write_safetensors(out, &all, &mut Values::new(seed))?;
+    eprintln!(
+        "{}: {} tensors ({} adapted linears), rank {rank}, {}",
+        out.display(),
+        all.len(),
+        all.len() / 2,
+        gb(bytes)
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Write(args) => write(&args),
@@ -964,5 +1018,11 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Mirror { root, port } => mirror(&root, port),
+        Command::Lora {
+            variant,
+            rank,
+            out,
+            seed,
+        } => lora(variant, rank, &out, seed),
     }
 }
