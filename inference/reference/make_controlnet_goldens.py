@@ -237,6 +237,7 @@ def main():
         dict(id="canny_50", mode="canny", scale=0.5, guidance=0.0, negative_prompt=""),
         dict(id="canny_100", mode="canny", scale=1.0, guidance=0.0, negative_prompt=""),
         dict(id="blur_70_cfg", mode="blur", scale=0.7, guidance=3.5, negative_prompt=NEGATIVE),
+        dict(id="blur_100", mode="blur", scale=1.0, guidance=0.0, negative_prompt=""),
         dict(id="canny_window", mode="canny", scale=1.0, guidance=0.0, negative_prompt="",
              control_guidance_start=0.2, control_guidance_end=0.8),
     ]

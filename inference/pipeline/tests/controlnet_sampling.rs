@@ -86,7 +86,7 @@ fn controlnets_in_the_sampler_match_the_reference() {
             ran += 1;
         }
     }
-    assert_eq!(ran, 7);
+    assert_eq!(ran, 8);
 }
 
 #[test]
