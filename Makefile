@@ -54,9 +54,14 @@ loadcheck: ## Overload, slow clients and SIGTERM against the server on the tiny 
 e2e: ## End-to-end tests on a real local control plane with kwok GPU nodes, the real node real-0 and Flux
 	bin="$$(bash tests/controlplane/build.sh)"; \
 	argocd="$$(bash tests/argocd/build.sh)"; \
-	$(CARGO) build --locked -q -p sd35-operator --bin sd35-operator -p sd35-server --bin sd35-server; \
+	$(CARGO) build --locked -q -p sd35-operator --bin sd35-operator -p sd35-server --bin sd35-server \
+	  -p sd35-e2e --bin sd35-localcluster; \
 	flux=""; \
 	if [ "$$(id -u)" = 0 ]; then \
+	  if ./target/debug/sd35-localcluster kubeconfig >/dev/null 2>&1; then \
+	    echo "e2e: the demo's cluster (make demo) holds this machine's real node; stopping it first (make demo-stop)"; \
+	    bash tests/demo/demo.sh stop >/dev/null; \
+	  fi; \
 	  REGISTRY=$(REGISTRY) VERSION=$(VERSION) bash images/build.sh --profile dev >/dev/null; \
 	  flux="$$(bash tests/controlplane/flux/build.sh)"; \
 	else echo "e2e: not root, so no images and the real-node and Flux tests skip"; fi; \
