@@ -89,15 +89,24 @@ async fn helm_adopts_upgrades_and_keeps_the_crd() {
         cluster,
         &["apply", "-f", repo_root().join("crds").to_str().unwrap()],
     );
-    kubectl(
-        cluster,
-        &[
-            "wait",
-            "--for=condition=Established",
-            &format!("crd/{CRD}"),
-            "--timeout=60s",
-        ],
-    );
+    // Polled rather than `kubectl wait --for=condition=Established`, which fails outright
+    // while the new CRD's status has no conditions yet.
+    poll_until("the CRD to be Established", TIMEOUT, || async {
+        let crd = crds.get(CRD).await?;
+        let established = crd
+            .status
+            .and_then(|status| status.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
+        Ok(if established {
+            Probe::Ready(())
+        } else {
+            Probe::Pending("not Established yet".to_owned())
+        })
+    })
+    .await
+    .unwrap();
     let app = cluster.temp_namespace("keep-me").await;
     let out = kubectl_apply(
         cluster,
