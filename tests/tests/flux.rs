@@ -347,6 +347,16 @@ fn diagnostics(cluster: &Cluster) -> String {
             "-A",
         ]),
         kubectl(&["get", "sd35,pods,jobs", "-A", "-o", "wide"]),
+        // Why a pod does not start (a full disk, a missing image, a failed mount).
+        kubectl(&[
+            "get",
+            "events",
+            "-A",
+            "--field-selector",
+            "type=Warning",
+            "--sort-by",
+            ".lastTimestamp",
+        ]),
     ]
     .join("\n")
 }

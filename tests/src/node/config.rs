@@ -25,6 +25,10 @@ pub(crate) const NODE_LABELS: &str = "sd35.io/node=real,node.kubernetes.io/insta
 /// GPU examples' Jobs stay on the kwok nodes (where they "succeed" without running).
 pub const REAL_NODE_TAINT: &str = "sd35.io/real-node=true:NoSchedule";
 
+/// The free disk space below which the kubelet evicts pods (its `nodefs` and `imagefs`
+/// thresholds).
+pub(crate) const EVICTION_DISK_FREE: &str = "512Mi";
+
 /// What the node's files and command lines are made from.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct NodeInputs<'a> {
@@ -161,11 +165,13 @@ oomScoreAdj: 0
 # Images are imported, never pulled: none may be collected.
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
+# Absolute disk thresholds: a share of a large disk (2% of 250 GB is 5 GB) would put the
+# node under disk pressure with gigabytes free, evicting the pods a test waits for.
 evictionHard:
   memory.available: 100Mi
-  nodefs.available: 2%
-  nodefs.inodesFree: 2%
-  imagefs.available: 2%
+  nodefs.available: {min_free}
+  nodefs.inodesFree: 1%
+  imagefs.available: {min_free}
 "#,
         address = NODE_ADDRESS,
         port = KUBELET_PORT,
@@ -174,6 +180,7 @@ evictionHard:
         socket = display(&layout.containerd_socket()),
         resolv = display(&layout.node_path("resolv.conf")),
         pod_logs = display(&layout.node_path("pod-logs")),
+        min_free = EVICTION_DISK_FREE,
     )
 }
 
@@ -347,6 +354,10 @@ mod tests {
             Some(false)
         );
         assert_eq!(yaml["resolvConf"].as_str(), Some("/state/node/resolv.conf"));
+        // Disk thresholds in bytes, never a share of the disk.
+        for signal in ["nodefs.available", "imagefs.available"] {
+            assert_eq!(yaml["evictionHard"][signal].as_str(), Some("512Mi"));
+        }
         let spec = kubelet(inputs(&layout));
         let args: Vec<String> = spec
             .args

@@ -159,6 +159,60 @@ fn on_path(name: &str) -> Option<PathBuf> {
     })
 }
 
+/// The free space the real node needs on its state directory's filesystem when it starts:
+/// its images unpacked, the pods' volumes and the models they cache take about half a
+/// gigabyte, and the kubelet evicts pods below [`config::EVICTION_DISK_FREE`].
+const NODE_DISK_FREE_BYTES: u64 = 2 << 30;
+
+/// The bytes free to unprivileged users on the filesystem holding `path` (or its nearest
+/// existing ancestor), as `df` reports them.
+fn free_bytes(path: &Path) -> Result<u64> {
+    let existing = path
+        .ancestors()
+        .find(|dir| dir.exists())
+        .unwrap_or(Path::new("/"));
+    let output = Command::new("df")
+        .args(["-B1", "--output=avail"])
+        .arg(existing)
+        .output()
+        .context("running df (coreutils)")?;
+    ensure!(
+        output.status.success(),
+        "df {} failed: {}",
+        existing.display(),
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    parse_df_avail(&String::from_utf8_lossy(&output.stdout))
+        .with_context(|| format!("reading df's answer for {}", existing.display()))
+}
+
+/// The number in `df --output=avail`'s answer (a header line, then the bytes).
+fn parse_df_avail(answer: &str) -> Result<u64> {
+    answer
+        .lines()
+        .nth(1)
+        .and_then(|line| line.trim().parse().ok())
+        .with_context(|| format!("unexpected answer {answer:?}"))
+}
+
+/// Fails, saying how much to free, when `free` bytes on `dir`'s filesystem are too few for
+/// a real node.
+fn check_disk_space(dir: &Path, free: u64) -> Result<()> {
+    const MIB: u64 = 1 << 20;
+    ensure!(
+        free >= NODE_DISK_FREE_BYTES,
+        "only {} MiB are free on the filesystem of {}; the real node needs {} MiB there (its \
+         images, the pods' volumes and cached models), and its kubelet evicts pods below {}: \
+         free {} MiB or more (old clones' target directories, state directories left in /tmp)",
+        free / MIB,
+        dir.display(),
+        NODE_DISK_FREE_BYTES / MIB,
+        config::EVICTION_DISK_FREE,
+        (NODE_DISK_FREE_BYTES - free).div_ceil(MIB)
+    );
+    Ok(())
+}
+
 /// The CNI plugin directory (Debian's, or the upstream default).
 fn cni_bin_dir() -> Option<PathBuf> {
     ["/usr/lib/cni", "/opt/cni/bin"]
@@ -211,6 +265,7 @@ pub(crate) fn check_host(layout: &Layout) -> Result<PathBuf> {
             layout.root().display()
         );
     }
+    check_disk_space(layout.root(), free_bytes(layout.root())?)?;
     take_machine_lock(layout)?;
     cni.context("no CNI plugins")
 }
@@ -556,5 +611,38 @@ pub fn container_processes() -> Vec<(u32, Vec<String>)> {
 pub fn hold_namespaces() -> ! {
     loop {
         std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn df_answers_are_read_and_malformed_ones_named() {
+        assert_eq!(
+            parse_df_avail("   Avail\n21928407040\n").unwrap(),
+            21_928_407_040
+        );
+        let error = parse_df_avail("Avail\n").unwrap_err();
+        assert!(
+            format!("{error:#}").contains("unexpected answer"),
+            "{error:#}"
+        );
+        assert!(free_bytes(Path::new("/no/such/dir/anywhere")).unwrap() > 0);
+    }
+
+    #[test]
+    fn too_little_disk_space_is_refused_naming_how_much_to_free() {
+        let dir = Path::new("/tmp/sd35-cluster-1-0");
+        check_disk_space(dir, NODE_DISK_FREE_BYTES).unwrap();
+        let message = format!(
+            "{:#}",
+            check_disk_space(dir, NODE_DISK_FREE_BYTES - (300 << 20)).unwrap_err()
+        );
+        assert!(message.contains("only 1748 MiB are free"), "{message}");
+        assert!(message.contains("/tmp/sd35-cluster-1-0"), "{message}");
+        assert!(message.contains("free 300 MiB or more"), "{message}");
+        assert!(message.contains("below 512Mi"), "{message}");
     }
 }
