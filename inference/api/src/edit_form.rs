@@ -5,14 +5,14 @@ use http::StatusCode;
 use schemars::JsonSchema;
 
 use crate::adapters::{ControlRequest, LoraRequest, form_json, refuse_control_with_edit};
-use crate::bounds::{Bounds, Limits, max_first_seed};
+use crate::bounds::Limits;
 use crate::edit::{DEFAULT_MASKED_STRENGTH, DEFAULT_STRENGTH, EditUpload, MaskRule, MaskUpload};
 use crate::error::ApiError;
 use crate::multipart::Part;
-use crate::openai::{Delivery, openai_delivery, openai_size, size_field};
+use crate::openai::{Delivery, Shape, openai_delivery, size_field};
 use crate::output::Output;
 use crate::params::GenParams;
-use crate::sampling::{Sampling, check_first_seed, check_model, fan_out};
+use crate::sampling::{Sampling, fan_out};
 
 /// `POST /v1/images/edits` (OpenAI Images API, `multipart/form-data`): the image to edit, an
 /// optional mask, and the generation fields, plus our sampling fields as extra form fields.
@@ -216,15 +216,17 @@ impl ImageEditRequest {
         limits: &Limits,
         random_seed: impl FnOnce() -> u64,
     ) -> Result<Vec<GenParams>, ApiError> {
-        let bounds: Bounds = limits.bounds();
-        let n = bounds.images.check("n", self.n.unwrap_or(1))?;
-        self.delivery()?;
-        self.output()?;
-        if let Some(m) = &self.model {
-            check_model(m, &limits.model)?;
-        }
-        let size = openai_size(self.size.as_deref(), &bounds)?;
-        check_first_seed(self.seed, n)?;
+        let Shape { n, size, max_seed } = Shape::check(
+            limits,
+            self.n,
+            || {
+                self.delivery()?;
+                self.output().map(drop)
+            },
+            self.model.as_deref(),
+            self.size.as_deref(),
+            self.seed,
+        )?;
         refuse_control_with_edit(self.control.as_ref())?;
         let upload = EditUpload::probe(
             "image",
@@ -235,7 +237,6 @@ impl ImageEditRequest {
                 rule: MaskRule::Transparent,
             }),
         )?;
-        let max_seed = max_first_seed(n);
         let mut first = upload
             .resolve_sampling(
                 Sampling {

@@ -175,6 +175,43 @@ pub fn openai_delivery(
     })
 }
 
+/// What an OpenAI Images request (a generation or an edit) asks for before sampling.
+pub(crate) struct Shape {
+    /// The number of images.
+    pub n: u32,
+    /// The size, when one is given (not `auto`).
+    pub size: Option<(u32, u32)>,
+    /// The largest first seed that leaves room for `n` seeds.
+    pub max_seed: u64,
+}
+
+impl Shape {
+    /// Checks, in this order: `n`, what `formats` checks (the delivery and the output
+    /// format), the model name, `size`, and that `n` seeds from `seed` on fit.
+    pub(crate) fn check(
+        limits: &Limits,
+        n: Option<u32>,
+        formats: impl FnOnce() -> Result<(), ApiError>,
+        model: Option<&str>,
+        size: Option<&str>,
+        seed: Option<u64>,
+    ) -> Result<Self, ApiError> {
+        let bounds: Bounds = limits.bounds();
+        let n = bounds.images.check("n", n.unwrap_or(1))?;
+        formats()?;
+        if let Some(m) = model {
+            check_model(m, &limits.model)?;
+        }
+        let size = openai_size(size, &bounds)?;
+        check_first_seed(seed, n)?;
+        Ok(Self {
+            n,
+            size,
+            max_seed: max_first_seed(n),
+        })
+    }
+}
+
 /// An OpenAI `size` checked against the bounds: `(width, height)`, or `None` for a size left
 /// out or `auto` (the default).
 pub fn openai_size(size: Option<&str>, bounds: &Bounds) -> Result<Option<(u32, u32)>, ApiError> {
@@ -222,16 +259,17 @@ impl ImagesRequest {
         limits: &Limits,
         random_seed: impl FnOnce() -> u64,
     ) -> Result<Vec<GenParams>, ApiError> {
-        let bounds: Bounds = limits.bounds();
-        let n = bounds.images.check("n", self.n.unwrap_or(1))?;
-        self.delivery()?;
-        self.output()?;
-        if let Some(m) = &self.model {
-            check_model(m, &limits.model)?;
-        }
-        let size = openai_size(self.size.as_deref(), &bounds)?;
-        check_first_seed(self.seed, n)?;
-        let max_seed = max_first_seed(n);
+        let Shape { n, size, max_seed } = Shape::check(
+            limits,
+            self.n,
+            || {
+                self.delivery()?;
+                self.output().map(drop)
+            },
+            self.model.as_deref(),
+            self.size.as_deref(),
+            self.seed,
+        )?;
         let first = Sampling {
             prompt: &self.prompt,
             negative_prompt: self.negative_prompt.as_deref(),
