@@ -19,7 +19,7 @@ use std::process::Command;
 
 use base64::Engine as _;
 use candle_core::Device;
-use common::serving::{BIN, Server, tiny};
+use common::serving::{BIN, Server, generate, tiny};
 use sd35_contract::ExitReason;
 use sd35_http::backend::decode_png;
 use sd35_http::client;
@@ -30,29 +30,6 @@ fn temp_file(name: &str) -> PathBuf {
 
 fn path(p: &Path) -> String {
     p.display().to_string()
-}
-
-/// Runs `generate` on `model` with `args` and returns the PNG it wrote.
-fn generate(model: &str, args: &[String]) -> Vec<u8> {
-    static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let out = temp_file(&format!("generate-{n}.png"));
-    let run = Command::new(BIN)
-        .args(["generate", "--model"])
-        .arg(tiny(model))
-        .args(args)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .expect("generate");
-    assert!(
-        run.status.success(),
-        "generate {args:?}: {}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let png = std::fs::read(&out).unwrap();
-    let _ = std::fs::remove_file(&out);
-    png
 }
 
 fn manifest(name: &str) -> serde_json::Value {

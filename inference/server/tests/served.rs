@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use candle_core::Device;
-use common::serving::{BIN, Server, tiny};
+use common::serving::{BIN, Server, generate, tiny};
 use sd35_contract::ExitReason;
 use sd35_http::backend::decode_png;
 use sd35_http::client;
@@ -36,29 +36,6 @@ fn case(id: &str) -> serde_json::Value {
 
 fn temp_file(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("sd35-served-{}-{name}", std::process::id()))
-}
-
-/// Runs `generate` with `args` and returns the PNG it wrote.
-fn generate(model: &str, args: &[&str]) -> Vec<u8> {
-    static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let out = temp_file(&format!("generate-{n}.png"));
-    let run = Command::new(BIN)
-        .args(["generate", "--model"])
-        .arg(tiny(model))
-        .args(args)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .expect("generate");
-    assert!(
-        run.status.success(),
-        "generate {args:?}: {}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let png = std::fs::read(&out).unwrap();
-    let _ = std::fs::remove_file(&out);
-    png
 }
 
 /// Largest per-byte difference between a PNG's pixels and a golden case's pixels.
