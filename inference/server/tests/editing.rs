@@ -17,7 +17,7 @@ use std::process::Command;
 
 use base64::Engine as _;
 use candle_core::{DType, Device, Tensor};
-use common::serving::{BIN, Server, tiny};
+use common::serving::{BIN, Server, generate, generate_from, tiny};
 use sd35_http::backend::decode_png;
 use sd35_http::{client, sample_images};
 
@@ -33,26 +33,6 @@ fn unb64(v: &serde_json::Value) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD
         .decode(v.as_str().unwrap_or(""))
         .unwrap()
-}
-
-/// Runs `sd35-server generate <args>` into a temporary PNG and returns its bytes.
-fn generate(model: &Path, args: &[&str]) -> Vec<u8> {
-    let out = tempfile::NamedTempFile::new().unwrap();
-    let run = Command::new(BIN)
-        .arg("generate")
-        .arg("--model")
-        .arg(model)
-        .args(args)
-        .arg("--out")
-        .arg(out.path())
-        .output()
-        .expect("generate");
-    assert!(
-        run.status.success(),
-        "generate {args:?}: {}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    std::fs::read(out.path()).unwrap()
 }
 
 #[test]
@@ -96,7 +76,7 @@ fn generate_edits_are_the_reference_images_within_one_level() {
         if case["kind"] == "inpaint" {
             args.extend(["--mask", mask]);
         }
-        let png = generate(&tiny(case["model"].as_str().unwrap()), &args);
+        let png = generate(case["model"].as_str().unwrap(), &args);
         let pixels = decode_png(&png).unwrap();
         // The reference's image, [1, 3, H, W] in [0, 1], as 8-bit pixels row by row.
         let tensors =
@@ -155,9 +135,7 @@ fn served_edits_are_the_png_generate_makes_for_the_same_seed() {
         if mask {
             args.extend(["--mask", msk.to_str().unwrap()]);
         }
-        let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        generate(&model, &refs)
+        generate_from(&model, &args)
     };
     let (plain, inpainted) = (cli(false), cli(true));
     assert_ne!(plain, inpainted);
@@ -318,7 +296,7 @@ fn a_medium_model_with_fewer_blocks_than_the_card_names_serves_without_skip_laye
     );
 
     // `generate` falls back the same way, and refuses a block that does not exist.
-    let png = generate(
+    let png = generate_from(
         &model,
         &[
             "--prompt", "a fox", "--width", "32", "--height", "32", "--steps", "10", "--seed", "1",

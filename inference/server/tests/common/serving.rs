@@ -24,15 +24,21 @@ pub fn tiny(name: &str) -> PathBuf {
 /// Runs `sd35-server generate --model <tiny model> <args> --out <a temporary file>` and
 /// returns the PNG it wrote; a failed run fails the test with its stderr.
 pub fn generate<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(model: &str, args: &[S]) -> Vec<u8> {
-    static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let out = std::env::temp_dir().join(format!("sd35-generate-{}-{n}.png", std::process::id()));
+    generate_from(&tiny(model), args)
+}
+
+/// [`generate`] with the model folder at `model`.
+pub fn generate_from<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(
+    model: &Path,
+    args: &[S],
+) -> Vec<u8> {
+    let out = tempfile::NamedTempFile::new().unwrap();
     let run = Command::new(BIN)
         .args(["generate", "--model"])
-        .arg(tiny(model))
+        .arg(model)
         .args(args)
         .arg("--out")
-        .arg(&out)
+        .arg(out.path())
         .output()
         .expect("generate");
     assert!(
@@ -40,9 +46,7 @@ pub fn generate<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(model: &str, args: 
         "generate {args:?}: {}",
         String::from_utf8_lossy(&run.stderr)
     );
-    let png = std::fs::read(&out).unwrap();
-    let _ = std::fs::remove_file(&out);
-    png
+    std::fs::read(out.path()).unwrap()
 }
 
 /// `sd35-server serve` running as a process on loopback, its JSON log lines collected.
