@@ -177,9 +177,10 @@ mod tests {
     fn check(bytes: &[u8]) -> Result<SafetensorsHeader, String> {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("sd35-contract-st-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!("{n}.safetensors"));
+        let path = std::env::temp_dir().join(format!(
+            "sd35-contract-st-{}-{n}.safetensors",
+            std::process::id()
+        ));
         std::fs::write(&path, bytes).unwrap();
         let header = read_safetensors_header(&path);
         let _ = std::fs::remove_file(&path);

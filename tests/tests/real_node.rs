@@ -323,10 +323,8 @@ async fn cache_dir(namespace: &TestNamespace, claim: &str) -> PathBuf {
 
 /// `sd35-server generate` with the same model, seed and parameters as [`txt2img_body`].
 fn generate(model: &Path, precision: &str) -> Vec<u8> {
-    let out_dir =
-        std::env::temp_dir().join(format!("sd35-real-node-generate-{}", std::process::id()));
-    std::fs::create_dir_all(&out_dir).unwrap();
-    let out = out_dir.join(format!("{precision}.png"));
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join(format!("{precision}.png"));
     let output = Command::new(server_binary().unwrap())
         .arg("generate")
         .arg("--model")

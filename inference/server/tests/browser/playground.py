@@ -9,6 +9,7 @@ painted by mouse strokes. Prints a JSON report on stdout; screenshots go to the 
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -241,3 +242,4 @@ finally:
     except Exception:
         pass
     browser.wait(timeout=30)
+    shutil.rmtree(profile, ignore_errors=True)
