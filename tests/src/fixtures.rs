@@ -1,5 +1,5 @@
 //! Helpers the end-to-end tests share: the repository root, installing the CRD once per
-//! cluster, and `kubectl apply` of a manifest given as text.
+//! cluster, whether a CRD is Established, and `kubectl apply` of a manifest given as text.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -7,8 +7,11 @@ use std::process::{Output, Stdio};
 use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Api;
 
 use crate::Cluster;
+use crate::wait::Probe;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -60,6 +63,27 @@ pub fn install_crd(cluster: &Cluster) -> Result<()> {
     }
     installed.push(cluster.server_url().to_owned());
     Ok(())
+}
+
+/// Whether the CRD `name` is Established, as a probe for [`crate::poll_until`]. Polled
+/// rather than `kubectl wait --for=condition=Established`, which fails outright while a new
+/// CRD's status has no conditions yet.
+pub async fn crd_established(
+    crds: &Api<CustomResourceDefinition>,
+    name: &str,
+) -> Result<Probe<()>> {
+    let crd = crds.get(name).await?;
+    let established = crd
+        .status
+        .and_then(|status| status.conditions)
+        .into_iter()
+        .flatten()
+        .any(|c| c.type_ == "Established" && c.status == "True");
+    Ok(if established {
+        Probe::Ready(())
+    } else {
+        Probe::Pending("not Established yet".into())
+    })
 }
 
 /// `kubectl apply -n NAMESPACE -f -` with `yaml` on stdin.

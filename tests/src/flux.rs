@@ -310,20 +310,7 @@ async fn install_crds(
             &format!("CRD {name} to be Established"),
             MILESTONE_TIMEOUT,
             health,
-            || async {
-                let crd = crds.get(name).await?;
-                let established = crd
-                    .status
-                    .and_then(|status| status.conditions)
-                    .into_iter()
-                    .flatten()
-                    .any(|c| c.type_ == "Established" && c.status == "True");
-                Ok(if established {
-                    Probe::Ready(())
-                } else {
-                    Probe::Pending("not Established".into())
-                })
-            },
+            || crate::fixtures::crd_established(&crds, name),
         )
         .await?;
     }

@@ -40,7 +40,7 @@ pub mod wait;
 pub use binaries::{BIN_DIR_ENV, Binaries};
 pub use cluster::{Cluster, ClusterOptions, LOCALCLUSTER_EXE};
 pub use components::{KWOK_NODE_ANNOTATION, LOCAL_PROVISIONER, SERVICE_ACCOUNT_ISSUER};
-pub use fixtures::{install_crd, kubectl_apply, repo_root};
+pub use fixtures::{crd_established, install_crd, kubectl_apply, repo_root};
 pub use flux::{FLUX_NAMESPACE, FluxBinaries, flux_user};
 pub use git_server::GitServer;
 pub use namespace::{TEST_NAMESPACE_LABEL, TestNamespace};

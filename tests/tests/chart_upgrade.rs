@@ -13,7 +13,9 @@ use std::time::Duration;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Api;
 use sd35_crds::SD35Deployment;
-use sd35_e2e::{Cluster, Probe, kubectl_apply, poll_until, repo_root, shared_cluster};
+use sd35_e2e::{
+    Cluster, Probe, crd_established, kubectl_apply, poll_until, repo_root, shared_cluster,
+};
 use serde_json::{Value, json};
 
 const CRD: &str = "sd35deployments.sd35.io";
@@ -89,21 +91,8 @@ async fn helm_adopts_upgrades_and_keeps_the_crd() {
         cluster,
         &["apply", "-f", repo_root().join("crds").to_str().unwrap()],
     );
-    // Polled rather than `kubectl wait --for=condition=Established`, which fails outright
-    // while the new CRD's status has no conditions yet.
-    poll_until("the CRD to be Established", TIMEOUT, || async {
-        let crd = crds.get(CRD).await?;
-        let established = crd
-            .status
-            .and_then(|status| status.conditions)
-            .unwrap_or_default()
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True");
-        Ok(if established {
-            Probe::Ready(())
-        } else {
-            Probe::Pending("not Established yet".to_owned())
-        })
+    poll_until("the CRD to be Established", TIMEOUT, || {
+        crd_established(&crds, CRD)
     })
     .await
     .unwrap();
